@@ -1,0 +1,16 @@
+"""kvmem: the FFN layers of pretrained decoder LMs read as key-value memories.
+
+    import kvmem
+    model = kvmem.load("smollm2-135m")            # or a HF dir, a .gguf file, a Hub id
+    res = kvmem.query(model, "The capital of France is")
+    res.neurons                                    # pandas DataFrame
+"""
+
+from kvmem.capture import capture, run_capture
+from kvmem.errors import KvmemError
+from kvmem.models import FFNLayer, KVModel, from_hf, load, supported
+from kvmem.query import query
+
+__version__ = "0.1.0"
+
+__all__ = ["FFNLayer", "KVModel", "KvmemError", "capture", "from_hf", "load", "query", "run_capture", "supported"]
