@@ -154,5 +154,5 @@ def from_hf(hf, tokenizer, *, spec: str = "<in-memory>", source: str = "<in-memo
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVModel:
     """Wrap an already-loaded Hugging Face causal LM (and tokenizer) as a KVModel."""
     device = torch.device(device)
-    hf = hf.to(device=device, dtype=dtype).eval()
+    hf = hf.to(device=device, dtype=dtype).eval().requires_grad_(False)  # kvmem reads, never trains
     return KVModel(hf, tokenizer, adapter_for(hf), spec, source, device, dtype)
