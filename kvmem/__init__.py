@@ -9,8 +9,10 @@
 from kvmem.capture import capture, run_capture
 from kvmem.errors import KvmemError
 from kvmem.models import FFNLayer, KVModel, from_hf, load, supported
+from kvmem.profile import ProfileConfig, merge, open_run, profile
 from kvmem.query import query
 
 __version__ = "0.1.0"
 
-__all__ = ["FFNLayer", "KVModel", "KvmemError", "capture", "from_hf", "load", "query", "run_capture", "supported"]
+__all__ = ["FFNLayer", "KVModel", "KvmemError", "ProfileConfig", "capture", "from_hf", "load", "merge", "open_run",
+           "profile", "query", "run_capture", "supported"]

@@ -1,0 +1,208 @@
+"""Corpus commands: ``kvmem profile``, ``kvmem merge``, ``kvmem top``, ``kvmem rank``."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from kvmem.cli import app
+from kvmem.cli.common import DeviceOpt, DtypeOpt, JsonOpt, console, err_console, handle_errors, print_json
+from kvmem.errors import KvmemError
+from kvmem.models.load import DEFAULT_MODEL
+
+RunArg = Annotated[Path, typer.Argument(help="A run folder written by kvmem profile.")]
+
+
+def _config(config: Path | None, **given):
+    """ProfileConfig from a TOML file in configs/ (optional) overridden by the options given."""
+    from kvmem.profile.runner import ProfileConfig
+
+    values = {}
+    if config is not None:
+        try:
+            values = tomllib.loads(config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise KvmemError(f"config {config}: {e}") from None
+        known = {f.name for f in fields(ProfileConfig)}
+        unknown = set(values) - known
+        if unknown:
+            raise KvmemError(f"config {config}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    values.update({k: v for k, v in given.items() if v is not None})
+    if isinstance(values.get("layers"), list):
+        values["layers"] = tuple(values["layers"])
+    return ProfileConfig(**values)
+
+
+class TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} tok/s" if task.speed else "… tok/s")
+
+
+def _progress_bar(progress: Progress):
+    def factory(total: int, done: int):
+        task = progress.add_task("profiling", total=total, completed=done)
+        return lambda n: progress.advance(task, n)
+
+    return factory
+
+
+@app.command()
+@handle_errors
+def profile(
+    model: Annotated[str | None, typer.Argument(help=f"Model spec (default {DEFAULT_MODEL}).")] = None,
+    corpus: Annotated[str | None, typer.Option(help="pydoc (default), FILE.txt, FOLDER, FILE.jsonl, FILE.parquet, hf:NAME[:CONFIG[:SPLIT]]")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Stop after this many tokens (default: the whole corpus).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/default"),
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per model input row (default 512).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass (default: auto).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers to profile, e.g. 0-5,20 (default all).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Examples kept per neuron per store (default 20).")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Text field of .jsonl/.parquet/hf corpora.")] = None,
+    checkpoint_every: Annotated[float | None, typer.Option(help="Seconds between checkpoints (default 300).")] = None,
+    config: Annotated[Path | None, typer.Option(help="A TOML run config, e.g. configs/smollm2-pydoc.toml.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace whatever --out holds.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Profile every FFN neuron over a corpus in one streaming pass: top examples, firing rates, histograms."""
+    from kvmem.neurons import parse_layers
+    from kvmem.profile.job import profile as run_profile
+
+    cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                  top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, device=device, dtype=dtype)
+    with err_console.status(f"loading {cfg.model} ..."):
+        import kvmem
+
+        kv = kvmem.load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if layers is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, layers=tuple(parse_layers(layers, kv.n_layers)))
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
+               TokensPerSecond(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        run = run_profile(cfg, out, resume=resume, force=force, model=kv, progress_factory=_progress_bar(bar))
+    summary = run_summary(run)
+    if json_out:
+        return print_json(summary)
+    print_summary(run, summary)
+
+
+def run_summary(run) -> dict:
+    m = run.manifest
+    layers = run.layers
+    return {
+        "out": str(run.path),
+        "model": m["model"]["model"],
+        "tokens": m["corpus"]["n_tokens"],
+        "docs": m["corpus"]["n_docs"],
+        "seconds": m["time"]["seconds"],
+        "tokens_per_second": m["time"]["tokens_per_second"],
+        "ran_out": m["corpus"]["ran_out"],
+        "invalid_utf8_docs": m["corpus"]["invalid_utf8_docs"],
+        "layers": layers.to_dict(orient="records"),
+    }
+
+
+def print_summary(run, s: dict) -> None:
+    if s["ran_out"]:
+        console.print(f"the corpus ended after {s['tokens']:,} tokens (fewer than --tokens asked for)")
+    if s["invalid_utf8_docs"]:
+        console.print(f"{s['invalid_utf8_docs']} documents held invalid UTF-8 (decoded with replacement characters)")
+    console.print(f"profiled {s['tokens']:,} tokens in {s['docs']:,} documents in {s['seconds']:.1f} s "
+                  f"({s['tokens_per_second']:,.0f} tokens/s) -> {s['out']}")
+    table = Table("layer", "firing rate (m>0)", "dead", "dense (>50%)", "mean L0", "densest neuron",
+                  title="per layer (firing = coefficient > 0)")
+    for row in run.layers.itertuples():
+        table.add_row(str(row.layer), f"{row.firing_rate:.1%}", str(row.dead), str(row.dense),
+                      f"{row.l0_mean:.1f} / {row.d_mlp}", f"{row.densest} ({row.densest_rate:.0%})")
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def merge(
+    runs: Annotated[list[Path], typer.Argument(help="Runs over disjoint token streams, in order.")],
+    out: Annotated[Path, typer.Option(help="Folder for the merged run.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace whatever --out holds.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge runs (e.g. shards of one corpus) into the run one pass over all of them would give."""
+    from kvmem.profile.job import merge as run_merge
+
+    run = run_merge(runs, out, force=force)
+    summary = run_summary(run)
+    if json_out:
+        return print_json(summary)
+    print_summary(run, summary)
+
+
+@app.command()
+@handle_errors
+def top(
+    run: RunArg,
+    neuron: Annotated[str, typer.Argument(help="The neuron, LAYER.NEURON (e.g. 17.1234).")],
+    kind: Annotated[str, typer.Option(help="top (per token), top_docs (one per document), bottom (most negative m), sample.")] = "top",
+    before: Annotated[int, typer.Option(help="Context tokens shown before the activating token.")] = 12,
+    after: Annotated[int, typer.Option(help="Context tokens shown after it.")] = 4,
+    json_out: JsonOpt = False,
+) -> None:
+    """A neuron's top examples with their context, the activating token marked."""
+    from kvmem.profile.run import open_run
+
+    r = open_run(run)
+    layer, n = r.neuron(neuron)
+    df = r.examples(layer, n, kind, before=before, after=after)
+    if json_out:
+        return print_json({"neuron": f"{layer}.{n}", "kind": kind, "examples": df.to_dict(orient="records")})
+    table = Table("#", "m", "doc", "context (activating token in brackets)", title=f"{layer}.{n}: {kind} examples")
+    for row in df.itertuples():
+        text = Text()
+        for j, tok in enumerate(row.context):
+            shown = tok.replace("\n", "⏎")
+            text.append(f"[{shown}]" if j == row.at else shown, style="bold reverse" if j == row.at else None)
+        table.add_row(str(row.rank), f"{row.value:+.3f}", str(row.doc), text)
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def rank(
+    run: RunArg,
+    by: Annotated[str, typer.Option(help="max (top activation), mean, or rate (firing rate, m > 0).")] = "max",
+    top_n: Annotated[int, typer.Option("--top", help="How many neurons.")] = 20,
+    layers: Annotated[str | None, typer.Option(help="Only these layers, e.g. 0-5.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The neurons of a run ranked by max activation, mean activation or firing rate."""
+    from kvmem.neurons import parse_layers
+    from kvmem.profile.run import open_run
+
+    column = {"max": "max", "mean": "mean", "rate": "firing_rate"}.get(by)
+    if column is None:
+        raise KvmemError(f"--by must be max, mean or rate, not {by!r}")
+    r = open_run(run)
+    df = r.neurons
+    chosen = parse_layers(layers, r.manifest["model"]["n_layers"])
+    if chosen is not None:
+        df = df[df.layer.isin(chosen)]
+    df = df.sort_values([column, "layer", "neuron"], ascending=[False, True, True]).head(top_n)
+    cols = ["id", "layer", "neuron", "max", "mean", "firing_rate", "top_token", "top_context"]
+    if json_out:
+        return print_json({"by": by, "neurons": df[cols].to_dict(orient="records")})
+    table = Table("neuron", "max", "mean", "firing rate", "top example", title=f"top {len(df)} neurons by {by}")
+    for row in df.itertuples():
+        table.add_row(row.id, f"{row.max:.3f}", f"{row.mean:.4f}", f"{row.firing_rate:.2%}",
+                      Text(row.top_context.replace("\n", "⏎")))
+    console.print(table)

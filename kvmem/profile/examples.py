@@ -1,0 +1,36 @@
+"""A neuron's stored examples, shown with their context from the token store.
+
+Kinds: ``top`` (highest m per token), ``bottom`` (most negative m), ``top_docs`` (one per document,
+its max), ``sample`` (a uniform sample of activating tokens, for quantile bands).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from kvmem.errors import KvmemError
+
+KINDS = ("top", "bottom", "top_docs", "sample")
+
+
+def examples(run, layer: int, neuron: int, kind: str = "top", *, before: int = 12, after: int = 4) -> pd.DataFrame:
+    """One row per stored example, best first: value, index, doc, token, context tokens, marked text."""
+    if kind not in KINDS:
+        raise KvmemError(f"unknown example kind {kind!r}; choose from {', '.join(KINDS)}")
+    values, index = run.stats[layer].store(kind)
+    v, idx = values[neuron], index[neuron]
+    keep = idx >= 0
+    v, idx = v[keep].tolist(), idx[keep].tolist()
+    store, vocab = run.tokens, run.vocab
+    rows = []
+    for rank, (value, i) in enumerate(zip(v, idx)):  # at most top_k rows: not a hot path
+        ids, at = store.context(i, before, after)
+        tokens = [vocab[t] for t in ids]
+        doc = int(store.doc_of(torch.tensor([i]))[0])
+        rows.append({
+            "rank": rank, "value": value, "index": i, "doc": doc, "position": i - int(store.doc_offsets[doc]),
+            "token": tokens[at], "context": tokens, "at": at,
+            "text": "".join(tokens[:at]) + "⟦" + tokens[at] + "⟧" + "".join(tokens[at + 1:]),
+        })
+    return pd.DataFrame(rows, columns=["rank", "value", "index", "doc", "position", "token", "context", "at", "text"])

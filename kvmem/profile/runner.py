@@ -1,0 +1,171 @@
+"""The profiling pass: stream the token store through the model once, updating LayerStats per layer.
+
+Per batch of rows [batch, seq_len]: one forward pass that stops after the last profiled layer (no
+LM head), coefficient hooks hand each layer's m [batch*seq_len, d_mlp] (and gate/up for gated FFNs)
+straight to that layer's statistics, and nothing is kept. Checkpoints (stats state + next row) are
+written every ``checkpoint_every`` seconds at batch boundaries, so ``--resume`` continues with the
+same batches and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from kvmem.capture import capture, check_layers
+from kvmem.errors import KvmemError
+from kvmem.models.load import DEFAULT_MODEL
+from kvmem.profile import run as runfiles
+from kvmem.profile.corpus import DEFAULT_CORPUS, Corpus
+from kvmem.profile.tokens import TokenStore, tokenize
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    model: str = DEFAULT_MODEL  # model spec (see kvmem.load)
+    corpus: str = DEFAULT_CORPUS  # corpus source (see kvmem.profile.corpus)
+    text_field: str = "text"  # field/column holding the text in .jsonl/.parquet/hf corpora
+    tokens: int | None = None  # stop after this many tokens (None: the whole corpus)
+    seq_len: int = 512  # tokens per model input row
+    batch_size: int | None = None  # rows per forward pass (None: auto, backing off on out-of-memory)
+    layers: tuple[int, ...] | None = None  # layers to profile (None: all)
+    top_k: int = 20  # examples kept per neuron in each top-k store
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16
+    checkpoint_every: float = 300.0  # seconds between checkpoints (0: after every batch)
+
+    def validate(self) -> "ProfileConfig":
+        for name in ("seq_len", "top_k"):
+            if getattr(self, name) < 1:
+                raise KvmemError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.tokens is not None and self.tokens < 1:
+            raise KvmemError("--tokens must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise KvmemError("--batch-size must be at least 1")
+        return self
+
+
+@dataclass
+class Progress:
+    next_row: int = 0
+    elapsed: float = 0.0  # seconds spent in earlier sessions of this run
+
+
+def auto_batch_size(model, seq_len: int) -> int:
+    """Rows per batch: ~8k tokens per pass on a GPU (backed off on OOM by the caller), 2k on CPU."""
+    target = 8192 if model.device.type == "cuda" else 2048
+    return max(1, target // seq_len)
+
+
+class Profiler:
+    """One profiling job over a token store (or a shard of it). ``run()`` returns the stats."""
+
+    def __init__(self, model, cfg: ProfileConfig, store: TokenStore, out: Path, *, progress=None):
+        from kvmem.stats import LayerStats
+
+        self.model, self.cfg, self.store, self.out = model, cfg, store, out
+        self.layers = check_layers(model, cfg.layers)
+        self.progress = progress
+        self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
+                                        device=model.device) for layer in self.layers}
+        self.state = Progress()
+        self.batch_size = cfg.batch_size or auto_batch_size(model, cfg.seq_len)
+        self.doc_offsets = store.doc_offsets.to(model.device)
+        self.what = ("coef", "gate", "pre") if model.gated else ("coef",)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    @property
+    def ckpt(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save_checkpoint(self, elapsed: float) -> None:
+        runfiles.save_stats(self.ckpt / "stats.safetensors", self.stats)
+        runfiles.write_json(self.ckpt / "progress.json", {
+            "next_row": self.state.next_row, "elapsed": elapsed, "batch_size": self.batch_size,
+            "config": asdict(self.cfg) | {"layers": self.layers}})
+
+    def load_checkpoint(self) -> None:
+        progress = json.loads((self.ckpt / "progress.json").read_text())
+        saved = progress["config"]
+        mine = asdict(self.cfg) | {"layers": self.layers}
+        for key in ("model", "corpus", "text_field", "tokens", "seq_len", "layers", "top_k"):
+            if saved[key] != (list(mine[key]) if isinstance(mine[key], tuple) else mine[key]):
+                raise KvmemError(f"--resume: the checkpoint was made with {key}={saved[key]!r}, not {mine[key]!r}")
+        self.batch_size = progress["batch_size"]  # same batches -> bit-identical statistics
+        self.stats = runfiles.load_stats(self.ckpt / "stats.safetensors", device=self.model.device)
+        self.state = Progress(progress["next_row"], progress["elapsed"])
+
+    # --- the pass -------------------------------------------------------------------------
+    def batches(self):
+        """(first_row, ids [rows, len]) from state.next_row on; the short last row on its own."""
+        S, n_rows = self.cfg.seq_len, self.store.rows(self.cfg.seq_len)
+        full_rows = self.store.n_tokens // S
+        row = self.state.next_row
+        while row < n_rows:
+            end = min(row + self.batch_size, full_rows) if row < full_rows else n_rows
+            a, b = row * S, min(end * S, self.store.n_tokens)
+            ids = self.store.ids[a:b].view(end - row, -1).long()
+            if self.model.device.type == "cuda":
+                ids = ids.pin_memory().to(self.model.device, non_blocking=True)
+            yield row, ids
+            row = end
+
+    def step(self, row: int, ids: torch.Tensor) -> None:
+        S = self.cfg.seq_len
+        n_rows, length = ids.shape
+        index = (row * S + torch.arange(n_rows, device=ids.device)[:, None] * S
+                 + torch.arange(length, device=ids.device)).flatten()
+        doc = torch.searchsorted(self.doc_offsets, index, right=True) - 1
+        pos = torch.arange(length, device=ids.device).repeat(n_rows)
+
+        def on_layer(layer, t):
+            flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
+            self.stats[layer].update(flat["coef"], index, doc, pos, gate=flat.get("gate"), up=flat.get("pre"))
+
+        with torch.inference_mode(), capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer):
+            self.model.hf(input_ids=ids, use_cache=False)
+
+    def run(self) -> float:
+        """Process every remaining batch; returns the total seconds spent (over all sessions)."""
+        start, last_ckpt = time.monotonic(), time.monotonic()
+        for row, ids in self.batches():
+            self.step(row, ids)
+            self.state.next_row = row + ids.shape[0]
+            if self.progress is not None:
+                self.progress(ids.numel())
+            if time.monotonic() - last_ckpt >= self.cfg.checkpoint_every:
+                self.save_checkpoint(self.state.elapsed + time.monotonic() - start)
+                last_ckpt = time.monotonic()
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return self.state.elapsed + time.monotonic() - start
+
+
+def find_batch_size(model, cfg: ProfileConfig, store: TokenStore, out: Path) -> int:
+    """Largest rows-per-batch (from the auto guess down) whose forward pass and statistics update
+    fit in GPU memory, probed on throw-away statistics. On CPU the guess is used as is."""
+    guess = auto_batch_size(model, cfg.seq_len)
+    if model.device.type != "cuda" or cfg.batch_size:
+        return cfg.batch_size or guess
+    rows = min(guess, max(1, store.n_tokens // cfg.seq_len))
+    while True:
+        probe = Profiler(model, replace(cfg, batch_size=rows), store, out)
+        try:
+            row, ids = next(probe.batches())
+            probe.step(row, ids)
+            return rows
+        except torch.OutOfMemoryError:
+            del probe
+            torch.cuda.empty_cache()
+            if rows == 1:
+                raise KvmemError("out of GPU memory even with one row per batch: lower --seq-len or --layers")
+            rows //= 2
+
+
+def remove_checkpoint(out: Path) -> None:
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)

@@ -1,0 +1,103 @@
+"""The token store: the corpus tokenized once, as one flat stream with document offsets.
+
+  ids          [n_tokens] int32   token ids, documents back to back (each followed by EOS if the
+                                  tokenizer has one, so a document never runs into the next unmarked)
+  doc_offsets  [n_docs + 1] int64 document d is ids[doc_offsets[d]:doc_offsets[d+1]]
+
+The stream is cut into model input rows of ``seq_len`` tokens (the last row may be shorter); a
+token's global index is its place in the stream, its position is index % seq_len. A document
+longer than ``seq_len`` simply spans rows. Saved as ``tokens.safetensors``; ``continues_doc``
+marks a shard whose first document started in the previous shard (set by torchrun sharding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvmem.errors import KvmemError
+
+
+@dataclass
+class TokenStore:
+    ids: torch.Tensor  # [n_tokens] int32
+    doc_offsets: torch.Tensor  # [n_docs + 1] int64
+    continues_doc: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.doc_offsets.numel() - 1)
+
+    def doc_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Document id of each global token index (same shape)."""
+        return torch.searchsorted(self.doc_offsets, index, right=True) - 1
+
+    def rows(self, seq_len: int) -> int:
+        return -(-self.n_tokens // seq_len)
+
+    def context(self, index: int, before: int = 12, after: int = 4) -> tuple[list[int], int]:
+        """Token ids around ``index`` inside its document, and the place of ``index`` in them."""
+        doc = int(self.doc_of(torch.tensor([index]))[0])
+        lo = max(int(self.doc_offsets[doc]), index - before)
+        hi = min(int(self.doc_offsets[doc + 1]), index + after + 1)
+        return self.ids[lo:hi].tolist(), index - lo
+
+    def slice_rows(self, start_row: int, end_row: int, seq_len: int) -> "TokenStore":
+        """The shard holding rows [start_row, end_row): ids, local doc offsets, continues_doc."""
+        a, b = start_row * seq_len, min(end_row * seq_len, self.n_tokens)
+        first, last = int(self.doc_of(torch.tensor([a]))[0]), int(self.doc_of(torch.tensor([max(b - 1, a)]))[0])
+        offsets = self.doc_offsets[first:last + 2].clone().clamp(a, b) - a
+        return TokenStore(self.ids[a:b].clone(), offsets, continues_doc=int(self.doc_offsets[first]) < a)
+
+    def concat(self, other: "TokenStore") -> "TokenStore":
+        """This stream followed by ``other``'s (merging a document that ``other`` continues)."""
+        tail = other.doc_offsets[1:] if other.continues_doc else other.doc_offsets
+        offsets = torch.cat([self.doc_offsets[:-1], tail + self.n_tokens])
+        return TokenStore(torch.cat([self.ids, other.ids]), offsets, self.continues_doc)
+
+    def save(self, path: Path) -> None:
+        save_file({"ids": self.ids.contiguous(), "doc_offsets": self.doc_offsets.contiguous()}, str(path),
+                  metadata={"continues_doc": str(int(self.continues_doc))})
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenStore":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        t = load_file(str(path))
+        return cls(t["ids"], t["doc_offsets"], meta.get("continues_doc") == "1")
+
+
+def tokenize(corpus, tokenizer, max_tokens: int | None, *, batch_docs: int = 64) -> tuple[TokenStore, bool]:
+    """Tokenize documents until ``max_tokens``; returns the store and whether the corpus ran out
+    before ``max_tokens`` were reached."""
+    eos = tokenizer.eos_token_id
+    ids: list[torch.Tensor] = []
+    offsets, total = [0], 0
+    docs = corpus.documents()
+    while max_tokens is None or total < max_tokens:
+        chunk = [d for _, d in zip(range(batch_docs), docs)]
+        if not chunk:
+            break
+        for toks in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            toks = toks + [eos] if eos is not None else toks
+            if max_tokens is not None:
+                toks = toks[: max_tokens - total]
+            if toks:
+                ids.append(torch.tensor(toks, dtype=torch.int32))
+                total += len(toks)
+                offsets.append(total)
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if total == 0:
+        raise KvmemError("the corpus gives no tokens")
+    ran_out = max_tokens is not None and total < max_tokens
+    return TokenStore(torch.cat(ids), torch.tensor(offsets, dtype=torch.int64)), ran_out
