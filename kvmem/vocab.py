@@ -1,0 +1,321 @@
+"""Value vectors in the vocabulary: v_i·W_U for every neuron of a model (Geva et al. 2022).
+
+``project_values(model)`` projects every value vector (row i of W_out, [d_model]) through the
+unembedding W_U [d_model, d_vocab], optionally after the final norm (``through_norm``: the
+value vector is normalised as if it were the residual stream), and keeps per neuron:
+
+  top_ids, top_logits        [n_layers, d_mlp, k]  the k most promoted tokens (descending logit;
+                                                   ids int64 in memory, int32 on disk)
+  bottom_ids, bottom_logits  [n_layers, d_mlp, k]  the k most suppressed tokens (ascending logit)
+  mean, std                  [n_layers, d_mlp]     mean and (population) std of the neuron's
+                                                   projection row over the whole vocabulary
+  norm                       [n_layers, d_mlp]     ‖v_i‖ (of the raw value vector)
+
+The product is computed on the model's device, one layer at a time, in chunks of c neurons:
+[c, d_model] @ [d_model, d_vocab] with c·d_vocab·4 bytes ≤ ``chunk_mb`` MiB (the float32 logits
+slice; matmul output in the model's dtype and the std/top-k temporaries add at most about
+the same again). Nothing else of size [d_mlp, d_vocab] is ever held. ``chunk_mb=None`` does a
+whole layer at once (the unchunked reference path). Bias terms of the LM head are left out:
+they do not depend on the neuron.
+
+On-disk cache (computed once per model): ``kvmem.models.load.cache_dir()/"vocab"/NAME/`` with
+NAME = ``{fingerprint}-{dtype}-{raw|norm}-k{k}`` (fingerprint = ``model.fingerprint()``):
+  manifest.json        {"format": "kvmem-vocab/1", model, fingerprint, dtype, through_norm, k,
+                        n_layers, d_mlp, d_vocab, device, seconds, created}
+  tensors.safetensors  the tensors above (ids int32, the rest float32)
+  table.parquet        the same as one row per neuron: layer, neuron, id, norm, mean, std,
+                       top_tokens, top_logits, top_ids, bottom_tokens, bottom_logits, bottom_ids
+                       (list columns; tokens decoded one by one, so ' Paris' keeps its space)
+A cached projection with a larger k serves any smaller k. The folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kvmem.errors import KvmemError
+
+FORMAT = "kvmem-vocab/1"
+TENSORS = ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "mean", "std", "norm")
+GATED_NOTE = ("gated FFN: the coefficient m_i = act(gate)·up is negative whenever gate and up disagree in sign "
+              "(SiLU/GELU are nearly linear for positive gates), and then the neuron writes -v_i: its bottom "
+              "tokens are promoted and its top tokens suppressed")
+
+
+def vocab_strings(model) -> np.ndarray:
+    """Every token id decoded on its own, [d_vocab] (object array, cached on the model).
+    Ids past the tokenizer's vocabulary (padded unembeddings) read '<id N>'."""
+    strings = model.__dict__.get("_vocab_strings")
+    if strings is None:
+        n = min(len(model.tokenizer), model.d_vocab)
+        decoded = model.tokenizer.batch_decode([[i] for i in range(n)])
+        strings = np.array(decoded + [f"<id {i}>" for i in range(n, model.d_vocab)], dtype=object)
+        model.__dict__["_vocab_strings"] = strings
+    return strings
+
+
+def chunk_rows(d_vocab: int, chunk_mb: float | None, d_mlp: int) -> int:
+    """Neurons per chunk so that a float32 [c, d_vocab] slice stays under ``chunk_mb`` MiB."""
+    if chunk_mb is None:
+        return d_mlp
+    if chunk_mb <= 0:
+        raise KvmemError("the chunk size must be positive")
+    return max(1, min(d_mlp, int(chunk_mb * 2**20 // (d_vocab * 4))))
+
+
+def value_matrix(model, layer: int, through_norm: bool, rows: slice | None = None) -> torch.Tensor:
+    """Value vectors of one layer, [d_mlp, d_model] (or a slice of rows), in the model's dtype,
+    after the final norm when ``through_norm``."""
+    W = model.layers[layer].W_out
+    if rows is not None:
+        W = W[rows]
+    return model.final_norm(W) if through_norm else W
+
+
+@dataclass
+class ValueProjection:
+    """The whole model's value vectors projected to the vocabulary (see the module docstring)."""
+
+    model: str
+    fingerprint: str
+    through_norm: bool
+    k: int
+    tensors: dict[str, torch.Tensor]  # CPU tensors, shapes in the module docstring
+    strings: np.ndarray = field(repr=False)  # [d_vocab] token strings
+    seconds: float = 0.0  # time the projection took to compute
+    cached: bool = False  # loaded from disk
+    path: Path | None = None  # cache folder, if written or read
+    _table: pd.DataFrame | None = field(default=None, repr=False)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    @property
+    def n_layers(self) -> int:
+        return self.tensors["norm"].shape[0]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.tensors["norm"].shape[1]
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per neuron (layer-major), with token strings; built on first use."""
+        if self._table is None:
+            self._table = _table(self.tensors, self.strings)
+        return self._table
+
+    def manifest(self) -> dict:
+        return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint,
+                "through_norm": self.through_norm, "k": self.k, "n_layers": self.n_layers, "d_mlp": self.d_mlp,
+                "d_vocab": len(self.strings), "seconds": self.seconds, "path": str(self.path) if self.path else None,
+                "cached": self.cached}
+
+
+def _table(t: dict[str, torch.Tensor], strings: np.ndarray) -> pd.DataFrame:
+    n_layers, d_mlp = t["norm"].shape
+    layer = np.repeat(np.arange(n_layers), d_mlp)
+    neuron = np.tile(np.arange(d_mlp), n_layers)
+    flat = {name: t[name].reshape(n_layers * d_mlp, -1).numpy() for name in TENSORS[:4]}
+    return pd.DataFrame({
+        "layer": layer,
+        "neuron": neuron,
+        "id": [f"{a}.{b}" for a, b in zip(layer.tolist(), neuron.tolist())],
+        "norm": t["norm"].flatten().numpy(),
+        "mean": t["mean"].flatten().numpy(),
+        "std": t["std"].flatten().numpy(),
+        "top_tokens": list(strings[flat["top_ids"]]),
+        "top_logits": list(flat["top_logits"]),
+        "top_ids": list(flat["top_ids"]),
+        "bottom_tokens": list(strings[flat["bottom_ids"]]),
+        "bottom_logits": list(flat["bottom_logits"]),
+        "bottom_ids": list(flat["bottom_ids"]),
+    })
+
+
+@torch.inference_mode()
+def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_mb: float | None = 256,
+                       layers=None, progress=None) -> dict[str, torch.Tensor]:
+    """The projection tensors for ``layers`` (default all), without any caching.
+    Per chunk: one matmul, two top-k and one std_mean on the device; results go to the CPU."""
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    d_mlp, d_vocab = model.d_mlp, model.d_vocab
+    if not 1 <= k <= d_vocab:
+        raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}")
+    c = chunk_rows(d_vocab, chunk_mb, d_mlp)
+    W_U = model.W_U
+    out = {name: [] for name in TENSORS}
+    for layer in layers:
+        parts = {name: [] for name in TENSORS[:6]}
+        for start in range(0, d_mlp, c):
+            logits = (value_matrix(model, layer, through_norm, slice(start, start + c)) @ W_U).float()  # [c, d_vocab]
+            top = logits.topk(k, dim=1)
+            bottom = logits.topk(k, dim=1, largest=False)
+            std, mean = torch.std_mean(logits, dim=1, correction=0)
+            del logits
+            for name, value in zip(TENSORS[:6], (top.indices, top.values, bottom.indices, bottom.values, mean, std)):
+                parts[name].append(value.cpu())
+        for name, chunks in parts.items():
+            value = torch.cat(chunks)
+            out[name].append(value)
+        out["norm"].append(model.value_norms(layer).cpu())
+        if progress is not None:
+            progress(layer)
+    return {name: torch.stack(values) for name, values in out.items()}
+
+
+def project_values(model, *, k: int = 10, through_norm: bool = False, chunk_mb: float | None = 256,
+                   cache: bool = True, progress=None) -> ValueProjection:
+    """Every neuron's top-k and bottom-k tokens, for the whole model; cached on disk per model.
+    ``result.table`` is the pandas DataFrame (one row per neuron), ``result["top_ids"]`` etc. the tensors."""
+    fp = model.fingerprint()
+    strings = vocab_strings(model)
+    if cache:
+        found = _find_cached(fp, model.dtype, through_norm, k)
+        if found is not None:
+            tensors, seconds, path = found
+            return ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds, cached=True, path=path)
+    t0 = time.perf_counter()
+    tensors = compute_projection(model, k=k, through_norm=through_norm, chunk_mb=chunk_mb, progress=progress)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    proj = ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds=time.perf_counter() - t0)
+    if cache:
+        proj.path = _write_cache(proj, model)
+    return proj
+
+
+# --- cache ----------------------------------------------------------------------------------
+def _cache_root() -> Path:
+    from kvmem.models.load import cache_dir
+
+    return cache_dir() / "vocab"
+
+
+def _name(fp: str, dtype: torch.dtype, through_norm: bool, k: int) -> str:
+    return f"{fp}-{str(dtype).removeprefix('torch.')}-{'norm' if through_norm else 'raw'}-k{k}"
+
+
+def _find_cached(fp, dtype, through_norm, k):
+    """(tensors sliced to k, seconds, path) from the smallest cached k' >= k, or None."""
+    from safetensors.torch import load_file
+
+    root = _cache_root()
+    if not root.is_dir():
+        return None
+    prefix = _name(fp, dtype, through_norm, 0)[:-1]
+    options = []
+    for path in root.glob(prefix + "*"):
+        suffix = path.name[len(prefix):]
+        if suffix.isdigit() and int(suffix) >= k and (path / "manifest.json").is_file():
+            options.append((int(suffix), path))
+    for _, path in sorted(options):
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            if manifest.get("format") != FORMAT:
+                continue
+            t = load_file(str(path / "tensors.safetensors"))
+        except (OSError, ValueError):
+            continue
+        for name in TENSORS[:4]:
+            t[name] = t[name][..., :k].contiguous()
+        for name in ("top_ids", "bottom_ids"):
+            t[name] = t[name].long()
+        return t, float(manifest.get("seconds", 0.0)), path
+    return None
+
+
+def _write_cache(proj: ValueProjection, model) -> Path | None:
+    """Write manifest, tensors and table atomically; a read-only or full disk only costs speed."""
+    from safetensors.torch import save_file
+
+    target = _cache_root() / _name(proj.fingerprint, model.dtype, proj.through_norm, proj.k)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        manifest = {"format": FORMAT, "model": model.spec, "fingerprint": proj.fingerprint,
+                    "dtype": str(model.dtype).removeprefix("torch."), "through_norm": proj.through_norm, "k": proj.k,
+                    "n_layers": proj.n_layers, "d_mlp": proj.d_mlp, "d_vocab": model.d_vocab,
+                    "device": str(model.device), "seconds": proj.seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        save_file({name: (t.to(torch.int32) if name.endswith("ids") else t).contiguous()
+                   for name, t in proj.tensors.items()}, str(tmp / "tensors.safetensors"))
+        proj.table.to_parquet(tmp / "table.parquet", index=False)
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return target
+
+
+# --- a few neurons ----------------------------------------------------------------------------
+@dataclass
+class NeuronVocab:
+    """What a few neurons' value vectors write (``kvmem vocab``)."""
+
+    model: str
+    through_norm: bool
+    gated: bool
+    note: str  # the sign caveat for gated FFNs, else ''
+    neurons: pd.DataFrame  # id, layer, neuron, norm, mean, std, top_tokens, top_logits, bottom_tokens, ...
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "through_norm": self.through_norm, "gated": self.gated, "note": self.note,
+                "neurons": self.neurons.to_dict(orient="records")}
+
+
+def parse_neurons(model, neurons) -> list[tuple[int, int]]:
+    """'L.N' strings or (layer, neuron) pairs, checked against the model."""
+    from kvmem.neurons import parse_neuron
+
+    pairs = []
+    for n in neurons:
+        if isinstance(n, str):
+            pairs.append(parse_neuron(n, model.n_layers, model.d_mlp))
+        else:
+            layer, neuron = (int(v) for v in n)
+            pairs.append(parse_neuron(f"{layer}.{neuron}", model.n_layers, model.d_mlp))
+    if not pairs:
+        raise KvmemError("no neuron given: write one or more as LAYER.NEURON, e.g. 17.1234")
+    return pairs
+
+
+def neuron_vocab(model, neurons, *, k: int = 10, through_norm: bool = False) -> NeuronVocab:
+    """Top-k and bottom-k tokens of the given neurons' value vectors, computed directly
+    (v_i·W_U for just these rows; no whole-model pass)."""
+    pairs = parse_neurons(model, neurons)
+    if not 1 <= k <= model.d_vocab:
+        raise KvmemError(f"--top must be between 1 and the vocabulary size {model.d_vocab}")
+    logits = model.value_logits(pairs, through_norm=through_norm)  # [n, d_vocab]
+    top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+    std, mean = torch.std_mean(logits, dim=1, correction=0)
+    strings = vocab_strings(model)
+    table = pd.DataFrame({
+        "id": [f"{a}.{b}" for a, b in pairs],
+        "layer": [a for a, _ in pairs],
+        "neuron": [b for _, b in pairs],
+        "norm": [model.value_norms(a)[b].item() for a, b in pairs],
+        "mean": mean.cpu().tolist(),
+        "std": std.cpu().tolist(),
+        "top_tokens": [list(strings[row]) for row in top.indices.cpu().numpy()],
+        "top_logits": top.values.cpu().tolist(),
+        "top_ids": top.indices.cpu().tolist(),
+        "bottom_tokens": [list(strings[row]) for row in bottom.indices.cpu().numpy()],
+        "bottom_logits": bottom.values.cpu().tolist(),
+        "bottom_ids": bottom.indices.cpu().tolist(),
+    })
+    return NeuronVocab(model.spec, through_norm, model.gated, GATED_NOTE if model.gated else "", table)
