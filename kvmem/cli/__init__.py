@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 
 from kvmem.cli import core, profile  # noqa: E402,F401  (registers commands)
+from kvmem.cli import vocab  # noqa: E402,F401  (registers vocab, search, trace, intervene)
 
 
 def main(argv: list[str] | None = None) -> int:
