@@ -172,3 +172,31 @@ def test_composition_matches_brute_force(tiny_models, samples, family):
                 assert row.keep == pytest.approx(float(keep), abs=1e-9)
                 assert row.promotion == pytest.approx(float(promo), abs=1e-9)
             assert row.keep + row.promotion + row.elimination == pytest.approx(1.0)
+
+
+def test_coactivation_matches_brute_force(tiny_models, samples):
+    from kvmem.analysis.coactivation import coactivation
+
+    model, sample = tiny_models["gpt2"], samples["gpt2"]
+    res = coactivation(model, sample, ["1.5", "2.7"], top=4, rel=0.25, tokens_per_batch=64)
+    cap = run_capture(model, sample.rows)
+    m = {layer: cap.coef[layer].reshape(-1, model.d_mlp).numpy() for layer in range(model.n_layers)}
+    fired = {layer: (x > 0.25 * x.max(0)) & (x.max(0) > 0) for layer, x in m.items()}
+    table = res["partners"]
+    for qa, qb in ((1, 5), (2, 7)):
+        fq = fired[qa][:, qb]
+        scores = []
+        for layer in range(model.n_layers):
+            for j in range(model.d_mlp):
+                if (layer, j) == (qa, qb):
+                    continue
+                fp = fired[layer][:, j]
+                union = (fq | fp).sum()
+                scores.append(((fq & fp).sum() / union if union else 0.0, layer, j, (fq & fp).sum()))
+        scores.sort(key=lambda s: -s[0])
+        got = table[table["query"] == f"{qa}.{qb}"]
+        assert len(got) == 4 and f"{qa}.{qb}" not in set(got.partner)
+        assert np.allclose(got.jaccard.to_numpy(), [s[0] for s in scores[:4]])
+        first = got.iloc[0]
+        assert first.co == (fq & fired[first.layer][:, first.neuron]).sum()
+        assert first.lift == pytest.approx(first.co * len(fq) / (fq.sum() * fired[first.layer][:, first.neuron].sum()))

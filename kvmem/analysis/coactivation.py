@@ -1,0 +1,78 @@
+"""Co-activation: the neurons that fire together with a given neuron, over a token sample.
+
+A neuron *fires* at a token when m > rel · (its max over the sample, or the given maxima); a neuron whose
+max is <= 0 never fires. For query neurons Q and every neuron j of the searched layers, accumulated on
+the device per batch as one matrix product F_Q^T F [q, n_layers·d_mlp] of boolean firing matrices:
+  co        tokens where both fire            n_query, n_partner   tokens where each fires
+  jaccard   co / (n_query + n_partner - co)   (the ranking)
+  p_given   co / n_query                      P(partner fires | query fires)
+  lift      co · N / (n_query · n_partner)    1.0 = independent firing (the baseline)
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from kvmem.analysis.common import Sample, batches
+from kvmem.analysis.result import AnalysisResult
+from kvmem.capture import capture, check_layers
+from kvmem.errors import KvmemError
+
+
+@torch.inference_mode()
+def coactivation(model, sample: Sample, neurons, *, layers=None, top: int = 10, rel: float = 0.25,
+                 maxima: dict | None = None, tokens_per_batch: int = 2048) -> AnalysisResult:
+    """For each query neuron (layer, neuron), its ``top`` partners by Jaccard similarity of firing."""
+    from kvmem.analysis.sparsity import neuron_stats
+    from kvmem.vocab import parse_neurons
+
+    queries = parse_neurons(model, neurons)
+    layers = check_layers(model, layers)
+    if not 0 < rel <= 1:
+        raise KvmemError("the firing threshold must be a fraction of the max in (0, 1]")
+    need = sorted(set(layers) | {q[0] for q in queries})
+    if maxima is None:
+        st = neuron_stats(model, sample, need, tokens_per_batch)
+        maxima = {layer: torch.tensor(g["max"].to_numpy()) for layer, g in st.groupby("layer")}
+    d = model.d_mlp
+    thr = {layer: torch.where(maxima[layer] > 0, rel * maxima[layer].float(), torch.tensor(torch.inf)).to(model.device)
+           for layer in need}
+    col = {layer: i for i, layer in enumerate(layers)}
+    co = torch.zeros(len(queries), len(layers) * d, dtype=torch.float64, device=model.device)
+    count = torch.zeros(len(layers) * d, dtype=torch.float64, device=model.device)
+    q_count = torch.zeros(len(queries), dtype=torch.float64, device=model.device)
+    n = 0
+    for rows in batches(sample, model.device, tokens_per_batch):
+        fired = {}
+
+        def on_layer(layer, t):
+            fired[layer] = (t["coef"].reshape(-1, d).float() > thr[layer]).float()
+
+        with capture(model, need, ("coef",), stop=True, on_layer=on_layer):
+            model.hf(input_ids=rows, use_cache=False)
+        F = torch.cat([fired[layer] for layer in layers], 1)  # [N, L·d]
+        Fq = torch.stack([fired[a][:, b] for a, b in queries], 1)  # [N, q]
+        co += (Fq.T @ F).double()
+        count += F.sum(0).double()
+        q_count += Fq.sum(0).double()
+        n += rows.numel()
+    out = []
+    for qi, (a, b) in enumerate(queries):  # one small table per query neuron
+        union = q_count[qi] + count - co[qi]
+        jac = torch.where(union > 0, co[qi] / union.clamp(min=1), torch.zeros_like(union))
+        if a in col:
+            jac[col[a] * d + b] = -1  # never the neuron itself
+        k = min(top, jac.numel() - 1)
+        best = jac.topk(k).indices
+        for rank, j in enumerate(best.tolist()):
+            layer, neuron = layers[j // d], j % d
+            c, cq, cp = float(co[qi, j]), float(q_count[qi]), float(count[j])
+            out.append({"query": f"{a}.{b}", "rank": rank, "partner": f"{layer}.{neuron}",
+                        "layer": layer, "neuron": neuron, "co": c, "n_query": cq, "n_partner": cp,
+                        "jaccard": float(jac[j]), "p_given": c / cq if cq else 0.0,
+                        "lift": c * n / (cq * cp) if cq and cp else 0.0, "n_tokens": n})
+    meta = {"n_tokens": n, "sample": sample.source, "rel_threshold": rel,
+            "firing": f"m > {rel:g} x the neuron's max", "baseline": "lift = 1 means independent firing",
+            "layers_searched": layers}
+    return AnalysisResult("coactivation", {"partners": pd.DataFrame(out)}, meta)
