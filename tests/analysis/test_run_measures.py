@@ -1,0 +1,123 @@
+"""Agreement and lexical keys against brute force, on a run-shaped object built independently of the
+profiler (top examples found by a plain top-k over captured coefficients)."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from kvmem.analysis.agreement import agreement, next_tokens
+from kvmem.analysis.lexical import lexical
+from kvmem.capture import run_capture
+from kvmem.profile.corpus import Corpus
+from kvmem.profile.tokens import tokenize
+
+SEQ, K = 32, 6
+
+
+def fake_run(model, n_tokens=640):
+    store, _ = tokenize(Corpus("pydoc"), model.tokenizer, n_tokens)
+    n = store.n_tokens // SEQ * SEQ
+    rows = store.ids[:n].long().view(-1, SEQ)
+    cap = run_capture(model, rows)
+    stats = {}
+    for layer in range(model.n_layers):
+        m = cap.coef[layer].reshape(-1, model.d_mlp)
+        top = m.topk(K, dim=0)
+        stats[layer] = SimpleNamespace(top=(top.values.T.contiguous(), top.indices.T.contiguous()))
+    return SimpleNamespace(tokens=store, stats=stats, profiled_layers=list(range(model.n_layers)),
+                           manifest={"settings": {"seq_len": SEQ}}, path=Path("fake"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models):
+    return {fam: fake_run(tiny_models[fam]) for fam in ("gpt2", "llama")}
+
+
+def brute_next(i, store):
+    ids, off = store.ids.tolist(), store.doc_offsets.tolist()
+    doc = max(d for d in range(len(off) - 1) if off[d] <= i)
+    return ids[i + 1] if i + 1 < off[doc + 1] else None
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_agreement_matches_brute_force(tiny_models, runs, family):
+    model, run = tiny_models[family], runs[family]
+    logits = torch.stack([model.layers[layer].W_out.double() @ model.W_U.double() for layer in range(model.n_layers)])
+    value_top = logits.argsort(-1, descending=True)[..., :5]
+    res = agreement(run, value_top, k=3, n_perm=4)
+    table, pairs = res["layers"].set_index("layer"), res["pairs"]
+
+    def rate(layer, partner_of, kind):
+        hits, count = 0, 0
+        for i in range(model.d_mlp):
+            j = partner_of(i)
+            nxt = [brute_next(x, run.tokens) for x in run.stats[layer].top[1][j].tolist()]
+            if all(t is None for t in nxt):
+                continue
+            count += 1
+            vt = value_top[layer, i].tolist()
+            if kind == "ex1":
+                hits += nxt[0] == vt[0]
+            elif kind == "top1":
+                hits += vt[0] in nxt
+            else:
+                hits += any(t in nxt for t in vt[:3])
+        return hits / count
+
+    for layer in range(model.n_layers):
+        for kind in ("ex1", "top1", "topk"):
+            assert table.loc[layer, f"agree_{kind}"] == pytest.approx(rate(layer, lambda i: i, kind))
+        # the baseline pairs every neuron with another neuron's examples, and is the mean over those pairings
+        lp = pairs[pairs.layer == layer]
+        assert (lp.partner != lp.neuron).all()
+        assert sorted(lp.draw.unique()) == [0, 1, 2, 3]
+        for draw, g in lp.groupby("draw"):
+            assert sorted(g.partner) == list(range(model.d_mlp))
+        want = np.mean([rate(layer, dict(zip(g.neuron, g.partner)).__getitem__, "top1") for _, g in lp.groupby("draw")])
+        assert table.loc[layer, "base_top1"] == pytest.approx(want)
+    assert res.meta["n_tokens"] == run.tokens.n_tokens
+
+
+def test_next_tokens_stop_at_document_ends(runs):
+    store = runs["gpt2"].tokens
+    ends = store.doc_offsets[1:] - 1
+    got = next_tokens(torch.cat([ends, torch.tensor([-1, 0])]), store.ids, store.doc_offsets)
+    assert (got[:-1] == -1).all()
+    assert got[-1] == store.ids[1]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lexical_matches_brute_force(tiny_models, runs, family):
+    model, run = tiny_models[family], runs[family]
+    res = lexical(model, run, n_neurons=10, n_trunc=3)
+    table = res["layers"].set_index("layer")
+    ids, off = run.tokens.ids.tolist(), run.tokens.doc_offsets.tolist()
+    for layer in range(model.n_layers):
+        index = run.stats[layer].top[1]
+        shares, bishares = [], []
+        for i in range(model.d_mlp):
+            toks = [ids[x] for x in index[i].tolist()]
+            shares.append(max(toks.count(t) for t in toks) / len(toks))
+            pairs = []
+            for x in index[i].tolist():
+                doc_start = max(o for o in off if o <= x)
+                pairs.append((ids[x - 1] if x - 1 >= doc_start else ("none", x), ids[x]))
+            bishares.append(max(pairs.count(p) for p in pairs) / len(pairs))
+        assert table.loc[layer, "same_token"] == pytest.approx(np.mean(shares))
+        assert table.loc[layer, "same_bigram"] == pytest.approx(np.mean(bishares))
+        assert 0 < table.loc[layer, "base_same_token"] <= 1
+    ex = res["truncation"]
+    assert set(ex.L) == {1, 2} and len(ex) > 0
+    for row in ex.sample(12, random_state=0).itertuples():  # each truncated run, redone by hand
+        seq = torch.tensor([ids[row.index - row.L + 1: row.index + 1]])
+        m = run_capture(model, seq, [row.layer]).coef[row.layer][0, -1, row.neuron]
+        assert row.m_trunc == pytest.approx(float(m), rel=1e-4, abs=1e-6)
+        assert row.index % SEQ >= row.L
+        assert row.m_stored == pytest.approx(float(run.stats[row.layer].top[0][row.neuron][
+            run.stats[row.layer].top[1][row.neuron].tolist().index(row.index)]))
+    g = ex[ex.L == 1].groupby("layer").retain.median()
+    for layer, med in g.items():
+        assert table.loc[layer, "retain_1"] == pytest.approx(med)
