@@ -14,16 +14,15 @@ from kvmem.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, ModelArg, console, e
 from kvmem.errors import KvmemError
 
 PromptArg = Annotated[str, typer.Argument(help="The prompt text.")]
-ThroughNormOpt = Annotated[bool, typer.Option("--through-norm", help="Apply the final norm to value vectors before W_U.")]
+ThroughNormOpt = Annotated[bool, typer.Option("--through-norm",
+                                              help="Apply the final norm to value vectors before W_U.")]
 PositionOpt = Annotated[int, typer.Option(help="Token position to predict from (negative counts from the end).")]
-ChunkOpt = Annotated[float, typer.Option("--chunk-mb", help="Bound (MiB) on the float32 [neurons, d_vocab] slice of the "
-                                          "whole-model projection held at once.")]
+ChunkOpt = Annotated[float, typer.Option("--chunk-mb", help="Bound (MiB) on the float32 [neurons, d_vocab] slice "
+                                                             "of the whole-model projection held at once.")]
 
 
-def _fmt(tokens, values=None) -> Text:
-    if values is None:
-        return Text(show_tokens(tokens))
-    return Text("  ".join(f"{show_tokens([t])} {v:+.2f}" for t, v in zip(tokens, values)))
+def _fmt(tokens) -> Text:
+    return Text(show_tokens(tokens))
 
 
 def _split(values: list[str]) -> list[str]:
@@ -65,18 +64,19 @@ def vocab(
         m = out["projection"]
         how = "loaded from the cache" if m["cached"] else f"computed in {m['seconds']:.1f} s"
         console.print(f"whole-model projection ({m['n_layers']} layers x {m['d_mlp']} neurons, top/bottom {m['k']}): "
-                      f"{how}; folder: {m['path']}", markup=False)
+                      f"{how}; folder: {m['path']}", markup=False, soft_wrap=True)
     if not neurons:
         return
     for row in res.neurons.itertuples():
         title = (f"neuron {row.id}: ‖v‖ {row.norm:.3f}, row mean {row.mean:+.3f}, std {row.std:.3f}"
                  + (" (through the final norm)" if through_norm else ""))
         table = Table("#", "promotes", "logit", "suppresses", "logit", title=title)
-        for i, (a, la, b, lb) in enumerate(zip(row.top_tokens, row.top_logits, row.bottom_tokens, row.bottom_logits), 1):
+        ends = zip(row.top_tokens, row.top_logits, row.bottom_tokens, row.bottom_logits)
+        for i, (a, la, b, lb) in enumerate(ends, 1):
             table.add_row(str(i), Text(repr(a)), f"{la:+.3f}", Text(repr(b)), f"{lb:+.3f}")
         console.print(table)
     if res.note:
-        console.print(f"note: {res.note}", markup=False)
+        console.print(f"note: {res.note}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -87,7 +87,8 @@ def search(
     top: Annotated[int, typer.Option(help="How many neurons to list.")] = 20,
     layers: Annotated[str, typer.Option(help="Layers to search, e.g. '0-5,20' (default all).")] = "",
     suppress: Annotated[bool, typer.Option("--suppress", help="The neurons that push the token down instead.")] = False,
-    signs: Annotated[str, typer.Option(help="Value signs: auto (both for gated FFNs, + otherwise), both, positive.")] = "auto",
+    signs: Annotated[str, typer.Option(
+        help="Value signs: auto (both for gated FFNs, + otherwise), both, positive.")] = "auto",
     through_norm: ThroughNormOpt = False,
     k: Annotated[int, typer.Option("--k", help="Top/bottom tokens kept per neuron by the cached projection.")] = 10,
     chunk_mb: ChunkOpt = 256,
@@ -106,10 +107,10 @@ def search(
     if json_out:
         return print_json(res.to_dict())
     if res.note:
-        console.print(f"note: {res.note}", markup=False)
+        console.print(f"note: {res.note}", markup=False, soft_wrap=True)
     where = "bottom" if suppress else "top"
     console.print(f"token {res.token!r} (id {res.token_id}): {res.n_in_top_k} (neuron, sign) pairs have it among their "
-                  f"{where} {res.k} tokens", markup=False)
+                  f"{where} {res.k} tokens", markup=False, soft_wrap=True)
     verb = "suppress" if suppress else "promote"
     table = Table("#", "neuron", "writes", f"rank ({where})", "z", "logit", "‖v‖", f"sign·v {verb}s",
                   title=f"neurons that {verb} {res.token!r}, ranked by where it stands in each neuron's own row")
@@ -119,7 +120,8 @@ def search(
                       f"{row.logit:+.3f}", f"{row.norm:.2f}", _fmt(getattr(row, col)[:6]))
     console.print(table)
     if len(res.signs) == 2:
-        console.print("-v: the neuron writes this when its coefficient is negative (gated FFN)", markup=False)
+        console.print("-v: the neuron writes this when its coefficient is negative (gated FFN)",
+                      markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -137,7 +139,8 @@ def trace(
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Layer by layer: what each FFN's update promotes, the logit lens around it, and the neurons that add most to the prediction."""
+    """Layer by layer: what each FFN's update promotes, the logit lens around it, and the neurons adding most to
+    the prediction."""
     from kvmem.trace import trace as run_trace
 
     kv = load_model(model, device, dtype)
@@ -145,15 +148,18 @@ def trace(
                     n_tokens=tokens)
     if json_out:
         return print_json(res.to_dict())
-    console.print(f"tokens: {show_tokens(res.tokens)}", markup=False)
+    console.print(f"tokens: {show_tokens(res.tokens)}", markup=False, soft_wrap=True)
     nxt = ", ".join(f"{t!r} {p:.1%}" for t, p in zip(res.prediction.token, res.prediction.prob))
-    console.print(f"position {res.position} {res.tokens[res.position]!r}, next token: {nxt}", markup=False)
+    console.print(f"position {res.position} {res.tokens[res.position]!r}, next token: {nxt}",
+                  markup=False, soft_wrap=True)
     console.print(f"target {res.target!r}: {_where(res.first_top, 'first enters', res.top_n)}; "
-                  f"{_where(res.stays_top, 'stays from', res.top_n)}", markup=False)
+                  f"{_where(res.stays_top, 'stays from', res.top_n)}", markup=False, soft_wrap=True)
     table = Table("layer", "rank before→after", "p after", "FFN DLA", "lens after FFN", "FFN update promotes",
-                  "top neurons (DLA)", title=f"trace of {res.target!r} (DLA: direct logit attribution, final norm frozen)")
+                  "top neurons (DLA)",
+                  title=f"trace of {res.target!r} (DLA: direct logit attribution, final norm frozen)")
     for row in res.layers.itertuples():
-        table.add_row(str(row.layer), f"{row.target_rank_before}→{row.target_rank_after}", f"{row.target_prob_after:.2%}",
+        table.add_row(str(row.layer), f"{row.target_rank_before}→{row.target_rank_after}",
+                      f"{row.target_prob_after:.2%}",
                       f"{row.ffn_dla:+.2f}", _fmt(row.after_tokens), _fmt(row.ffn_tokens),
                       Text(" ".join(f"{n}:{d:+.2f}" for n, d in zip(row.neurons, row.neuron_dla))))
     console.print(table)
@@ -197,22 +203,24 @@ def intervene(
     lin = parse_layers(linearize, kv.n_layers) or []
     if not (ablate or scale or lin):
         console.print("note: no --ablate, --scale or --linearize given: the 'after' column is the plain model",
-                      markup=False)
+                      markup=False, soft_wrap=True)
     res = run_intervene(kv, prompt, ablate=ablate, scale=scale, linearize=lin, position=position,
                         only_position=only_position, target=target, n_tokens=tokens)
     if json_out:
         return print_json(res.to_dict())
     console.print(f"tokens: {show_tokens(res.tokens)}; position {res.position} {res.tokens[res.position]!r}",
-                  markup=False)
+                  markup=False, soft_wrap=True)
     changed = [f"ablate {', '.join(res.ablated)}" if res.ablated else "",
                f"scale {', '.join(f'{k}×{v:g}' for k, v in res.scaled.items())}" if res.scaled else "",
                f"linearize layers {', '.join(map(str, res.linearized))}" if res.linearized else ""]
     where = "at every position" if res.positions is None else f"at position {res.position} only"
-    console.print(f"intervention: {'; '.join(c for c in changed if c) or 'none'} ({where})", markup=False)
+    console.print(f"intervention: {'; '.join(c for c in changed if c) or 'none'} ({where})",
+                  markup=False, soft_wrap=True)
     table = Table("#", "before", "p", "after", "p", title="next token")
     for i, (b, a) in enumerate(zip(res.before.itertuples(), res.after.itertuples()), 1):
         table.add_row(str(i), Text(repr(b.token)), f"{b.prob:.2%}", Text(repr(a.token)), f"{a.prob:.2%}")
     console.print(table)
-    console.print(f"{res.target!r}: p {res.prob_before:.2%} → {res.prob_after:.2%}, logit {res.logit_before:+.3f} → "
-                  f"{res.logit_after:+.3f}, rank after {res.rank_after}; KL(before‖after) {res.kl:.4f} nats",
-                  markup=False)
+    console.print(f"{res.target!r}: p {res.prob_before:.2%} → {res.prob_after:.2%}, "
+                  f"logit {res.logit_before:+.3f} → {res.logit_after:+.3f}, rank after {res.rank_after}; "
+                  f"KL(before‖after) {res.kl:.4f} nats",
+                  markup=False, soft_wrap=True)
