@@ -1,0 +1,198 @@
+"""What the report shows, pulled out of a run (and optionally a model) as JSON-able dicts.
+
+Per layer the neuron page needs, for each neuron: its stored examples (top, per-document, bottom,
+a few from quantile bands of the uniform sample) as token windows, its activation histogram, its
+gate/up sign counts (gated FFNs) and its value vector's top and bottom vocabulary tokens. All of it
+is built with tensor ops over the layer ([d_mlp, k] stores, [d_mlp, k, W] windows); Python only
+walks the neurons once to trim padding while serialising.
+
+Token windows are ids into the report's vocabulary, ``before`` tokens before and ``after`` after
+the activating token (always at slot ``before``), -1 outside the token's document.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+KINDS = ("top", "top_docs", "bottom", "bands", "quad")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    n_top: int = 10  # top examples shown with context (the per-token list uses the whole top store)
+    n_docs: int = 5  # per-document examples
+    n_bottom: int = 5  # most negative examples
+    per_band: int = 2  # examples per quartile band of the activating sample
+    before: int = 10  # context tokens before the activating token
+    after: int = 4  # and after
+    n_vocab: int = 10  # value-side tokens, top and bottom
+    rerun_tokens: int = 100_000  # with a model: re-run at most this many corpus tokens to shade contexts
+
+
+def safe_json(obj) -> str:
+    """JSON that is safe inside <script>: no '<', '>', '&' (so no '</script>' or '<!--'), no U+2028/9."""
+    s = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def local_doc(store, local: torch.Tensor) -> torch.Tensor:
+    """Local document id of local token indices (stores with or without a global offset)."""
+    return torch.searchsorted(store.doc_offsets, local, right=True) - 1
+
+
+def windows(store, index: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Token ids around each global index [...] -> [..., before + 1 + after] int64; -1 outside the
+    index's document or where index < 0."""
+    offset = int(getattr(store, "offset", 0))
+    flat = index.reshape(-1).long()
+    valid = flat >= 0
+    local = (flat - offset).clamp(0, max(store.n_tokens - 1, 0))
+    doc = local_doc(store, local)
+    start, end = store.doc_offsets[doc], store.doc_offsets[doc + 1]
+    pos = local[:, None] + torch.arange(-before, after + 1)
+    inside = (pos >= start[:, None]) & (pos < end[:, None]) & valid[:, None]
+    ids = store.ids.long()[pos.clamp(0, store.n_tokens - 1)]
+    return torch.where(inside, ids, torch.full_like(ids, -1)).reshape(*index.shape, -1)
+
+
+def token_at(store, index: torch.Tensor) -> torch.Tensor:
+    """Token id at each global index [...] (-1 where index < 0)."""
+    offset = int(getattr(store, "offset", 0))
+    local = (index.long() - offset).clamp(0, max(store.n_tokens - 1, 0))
+    return torch.where(index >= 0, store.ids.long()[local], torch.full_like(index.long(), -1))
+
+
+def band_picks(values: torch.Tensor, index: torch.Tensor, per_band: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a uniform sample [d_mlp, k] of activating tokens, ``per_band`` examples from each quartile
+    band (by rank within the neuron's sample), lowest band first: values, index [d_mlp, 4 * per_band]."""
+    key = torch.where(index >= 0, values.float(), torch.full_like(values, float("inf"), dtype=torch.float32))
+    order = key.argsort(dim=1)
+    v, i = values.float().gather(1, order), index.gather(1, order)
+    n = (index >= 0).sum(1, keepdim=True)  # [d_mlp, 1]
+    frac = torch.tensor([(b + (j + 0.5) / per_band) / 4 for b in range(4) for j in range(per_band)])
+    slot = (frac[None, :] * n).floor().long().clamp(max=values.shape[1] - 1)
+    pick_i = i.gather(1, slot)
+    pick_i = torch.where(slot < n, pick_i, torch.full_like(pick_i, -1))
+    return v.gather(1, slot), pick_i
+
+
+def _round(x: torch.Tensor, digits: int = 4) -> list:
+    """Floats to ``digits`` significant digits, as nested lists."""
+    x = x.double()
+    mag = torch.where(x == 0, torch.zeros_like(x), x.abs().log10().floor())
+    scale = 10.0 ** (digits - 1 - mag)
+    return (torch.round(x * scale) / scale).tolist()
+
+
+def layer_examples(stats, store, opts: ReportOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per kind: (values [d_mlp, n], global index [d_mlp, n]) of the examples the page shows."""
+    out = {}
+    for kind, n in (("top", opts.n_top), ("top_docs", opts.n_docs), ("bottom", opts.n_bottom)):
+        v, i = store_of(stats, kind)
+        out[kind] = (v[:, :n].float(), i[:, :n].long())
+    v, i = store_of(stats, "sample")
+    out["bands"] = band_picks(v, i.long(), opts.per_band)
+    q = getattr(stats, "quadrants", None) if getattr(stats, "gated", False) else None
+    if q is not None and not isinstance(q, torch.Tensor):
+        out["quad"] = (torch.nan_to_num(q.value.float().cpu(), nan=0.0), q.index.long().cpu())
+    return out
+
+
+def store_of(stats, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value [d_mlp, k] float32 with 0 in empty slots, index [d_mlp, k] int64, -1 empty) of a store."""
+    slots = stats.store(kind) if hasattr(stats, "store") else getattr(stats, kind)
+    v, i = slots[0].float().cpu(), slots[1].long().cpu()
+    return torch.nan_to_num(v, nan=0.0), i
+
+
+def layer_payload(layer: int, stats, store, opts: ReportOptions, *, vocab_side: dict | None = None,
+                  shading: dict | None = None) -> dict:
+    """The neuron-page data of one layer (see the module docstring)."""
+    from kvmem.stats.hist import ZERO_BIN  # noqa: F401  (the histogram layout this page reads)
+
+    ex = layer_examples(stats, store, opts)
+    top_v, top_i = store_of(stats, "top")
+    top_tok = token_at(store, top_i)
+    hist = stats_hist(stats)  # [d_mlp, B]
+    nz = hist > 0
+    any_nz = nz.any(1)
+    first = torch.where(any_nz, nz.float().argmax(1), torch.zeros_like(any_nz, dtype=torch.long))
+    last = torch.where(any_nz, hist.shape[1] - 1 - nz.flip(1).float().argmax(1), torch.full_like(first, -1))
+    quad = stats_quadrants(stats)
+    maxima, minima = stats.max.float().cpu(), stats_min(stats)
+    kinds = {}
+    for kind, (v, i) in ex.items():
+        kinds[kind] = {"v": _round(v), "w": windows(store, i, opts.before, opts.after).tolist(),
+                       "doc": torch.where(i >= 0, store.doc_of(i.clamp(min=int(getattr(store, "offset", 0)))), torch.full_like(i, -1)).tolist(),
+                       "ok": (i >= 0).tolist(),
+                       "s": shading.get(kind) if shading else None}
+    neurons = []
+    hist_l = hist.tolist()
+    top_vl, top_tl, top_ok = _round(top_v.float()), top_tok.tolist(), (top_i >= 0).tolist()
+    for n in range(stats.d_mlp):  # serialising: one pass over the neurons, trimming padding
+        item = {"h": [int(first[n]), hist_l[n][int(first[n]):int(last[n]) + 1]],
+                "t": [[tok, val] for tok, val, ok in zip(top_tl[n], top_vl[n], top_ok[n]) if ok]}
+        for kind, d in kinds.items():
+            keep = [j for j, ok in enumerate(d["ok"][n]) if ok or kind == "quad"]
+            item[kind] = [[d["v"][n][j], d["doc"][n][j], d["w"][n][j]] + ([d["s"][n][j]] if d["s"] else [])
+                          for j in keep]
+        if quad is not None:
+            item["q"] = quad[n]
+        if vocab_side is not None:
+            item["vt"] = vocab_side["top"][n]
+            item["vb"] = vocab_side["bottom"][n]
+        neurons.append(item)
+    return {"layer": layer, "before": opts.before, "max": _round(torch.nan_to_num(maxima)),
+            "min": _round(torch.nan_to_num(minima)), "rate": _round(torch.nan_to_num(stats.firing_rate().cpu())),
+            "shaded": shading is not None, "neurons": neurons}
+
+
+def stats_hist(stats) -> torch.Tensor:
+    """The activation histogram counts [d_mlp, N_BINS] (int64) of a LayerStats."""
+    return stats.hist.long().cpu()
+
+
+def stats_quadrants(stats) -> list | None:
+    """Gated layers: tokens per sign combination [d_mlp, 4] as lists (order of figures.QUADRANTS)."""
+    q = stats.quadrants if getattr(stats, "gated", False) else None
+    return None if q is None else q.count.long().cpu().tolist()
+
+
+def stats_min(stats) -> torch.Tensor:
+    return stats.min.float().cpu()
+
+
+def vocab_side(projection, layer: int, n: int) -> dict:
+    """Top and bottom value tokens [[id, logit], ...] per neuron of one layer, from a ValueProjection."""
+    out = {}
+    for side in ("top", "bottom"):
+        ids = projection[f"{side}_ids"][layer, :, :n].tolist()
+        logits = _round(projection[f"{side}_logits"][layer, :, :n].float())
+        out[side] = [[[i, v] for i, v in zip(a, b)] for a, b in zip(ids, logits)]
+    return out
+
+
+def neuron_index(run, projection=None, n_value_tokens: int = 3) -> dict:
+    """The overview table, columnar: layer, neuron, firing rate, max, top trigger token id, top value
+    token ids (one list per neuron, empty without a projection)."""
+    df = run.neurons
+    store = run.tokens
+    idx = torch.tensor(df["top_index"].to_numpy(), dtype=torch.long)
+    trig = token_at(store, idx)
+    cols = {"layer": df["layer"].astype(int).tolist(), "neuron": df["neuron"].astype(int).tolist(),
+            "rate": _round(torch.tensor(df["firing_rate"].to_numpy(dtype=np.float64)), 3),
+            "max": _round(torch.tensor(df["max"].to_numpy(dtype=np.float64)), 3),
+            "trig": trig.tolist()}
+    if projection is not None:
+        ids = projection["top_ids"][:, :, :n_value_tokens]  # [n_layers, d_mlp, n]
+        cols["val"] = ids[torch.as_tensor(cols["layer"]), torch.as_tensor(cols["neuron"])].tolist()
+    return cols
+
+
+def l0_hists(run) -> dict[int, np.ndarray]:
+    return {layer: s.l0_hist.double().cpu().numpy() for layer, s in run.stats.items() if hasattr(s, "l0_hist")}

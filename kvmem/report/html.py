@@ -1,0 +1,217 @@
+"""``build_report(run, out)``: the offline HTML report of a profile run.
+
+reports/NAME/
+  index.html            overview: model card, per-layer figures, the neuron table with search
+  neuron.html           one page for every neuron: neuron.html#17.1234 renders 17.1234 on demand
+  static/plotly.min.js  plotly.js, once, from the installed plotly package (no CDN)
+  static/report.js, static/report.css
+  data/vocab.js         the token strings (KV.vocab = [...])
+  data/neurons.js       the overview table, columnar (KV.neurons = {...})
+  data/meta.js          run facts the neuron page needs (KV.meta = {...})
+  data/layer-L.js       everything the neuron page shows for the neurons of layer L
+                        (KV.addLayer(L, {...})), loaded with a <script> tag when a neuron of L is opened
+Data files are scripts, not JSON, because a page opened from file:// may not fetch() files. All
+corpus and vocabulary text is JSON-escaped for <script> (see data.safe_json) and inserted by the
+page's JS with textContent only; the HTML itself comes from jinja2 templates with autoescape.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+import plotly.io as pio
+
+import kvmem
+from kvmem.errors import KvmemError
+from kvmem.report import data as rdata
+from kvmem.report import figures
+
+STATIC = ("report.js", "report.css")
+
+
+@dataclass
+class Report:
+    path: Path
+    pages: list[str]
+    bytes: int
+    files: int
+    notes: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"path": str(self.path)}
+
+
+def env() -> jinja2.Environment:
+    e = jinja2.Environment(loader=jinja2.PackageLoader("kvmem.report", "templates"),
+                           autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+                           undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    e.filters["safe_json"] = lambda obj: jinja2.utils.markupsafe.Markup(rdata.safe_json(obj))
+    return e
+
+
+def figure_json(fig) -> dict:
+    return json.loads(pio.to_json(fig, validate=False))
+
+
+def write_static(out: Path) -> None:
+    """plotly.min.js (from the installed plotly), report.js and report.css into out/static."""
+    from plotly.offline import get_plotlyjs
+
+    static = out / "static"
+    static.mkdir(parents=True, exist_ok=True)
+    target = static / "plotly.min.js"
+    js = get_plotlyjs()
+    if not target.is_file() or target.stat().st_size != len(js.encode()):
+        target.write_text(js, encoding="utf-8")
+    src = resources.files("kvmem.report") / "static"
+    for name in STATIC:
+        (static / name).write_bytes((src / name).read_bytes())
+
+
+def _script(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def load_projection(run, model=None, k: int = 10):
+    """The value projection for the run's model: computed with ``model`` if given (and cached), else
+    read from the vocab cache; None (and the reason) if neither is possible."""
+    from kvmem import vocab
+
+    if model is not None:
+        if model.fingerprint() != run.manifest["model"]["fingerprint"]:
+            raise KvmemError("the model given to the report is not the run's model (fingerprints differ)")
+        return vocab.project_values(model, k=k), "computed from the model's weights (v_i · W_U, no final norm)"
+    import torch
+
+    m = run.manifest["model"]
+    dtype = getattr(torch, str(m.get("dtype", "float32")).removeprefix("torch."), torch.float32)
+    try:
+        found = vocab._find_cached(m["fingerprint"], dtype, False, k)
+    except OSError:
+        found = None
+    if found is None:
+        return None, ("not available: this report was built without the model and no cached value "
+                      "projection was found (run `kvmem vocab` or pass --model to `kvmem report`)")
+    tensors, _, path = found
+    return vocab.ValueProjection(m["model"], m["fingerprint"], False, k, tensors, strings=None, cached=True,
+                                 path=path), "read from the cached value projection (v_i · W_U, no final norm)"
+
+
+def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = None, force: bool = False,
+                 progress=None) -> Report:
+    """Write the report of ``run`` (a Run or a run folder) into ``out``; return what was written.
+    With ``model`` (the run's model) the value side is computed and contexts are shaded by re-running it."""
+    t0 = time.perf_counter()
+    from kvmem.profile.run import Run
+
+    if not isinstance(run, Run):
+        run = kvmem.open_run(run)
+    opts = options or rdata.ReportOptions()
+    out = Path(out)
+    if out.exists() and not force and any(out.iterdir()) and not (out / "index.html").is_file():
+        raise KvmemError(f"{out} holds other files; choose another --out or pass --force")
+    if out.exists() and force:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_static(out)
+    m, corpus, settings = run.manifest["model"], run.manifest["corpus"], run.manifest["settings"]
+    projection, value_note = load_projection(run, model, k=max(opts.n_vocab, 3))
+    vocab = list(run.vocab)
+    if projection is not None and projection.strings is not None and len(projection.strings) > len(vocab):
+        vocab += [str(s) for s in projection.strings[len(vocab):]]
+    elif projection is not None:
+        hi = int(max(projection["top_ids"].max(), projection["bottom_ids"].max())) + 1
+        vocab += [f"<id {i}>" for i in range(len(vocab), hi)]
+    _script(out / "data" / "vocab.js", f"KV.vocab = {rdata.safe_json(vocab)};\n")
+    _script(out / "data" / "neurons.js", f"KV.neurons = {rdata.safe_json(rdata.neuron_index(run, projection))};\n")
+
+    stats, store = run.stats, run.tokens
+    shading, shade_note = None, ("only the activating token is shaded: the run stores no activations of the "
+                                 "context tokens (pass the model to re-run it over the examples)")
+    if model is not None:
+        from kvmem.report.shade import shade
+
+        examples = {layer: rdata.layer_examples(s, store, opts) for layer, s in stats.items()}
+        shading = shade(model, run, examples, opts.before, opts.after, opts.rerun_tokens)
+        shade_note = (f"context tokens shaded by m of this neuron, re-computed by re-running the model over "
+                      f"{shading.tokens:,} corpus tokens ({shading.shaded:,} of {shading.total:,} examples shaded; "
+                      f"the rest show only the activating token; max deviation from the stored value "
+                      f"{shading.max_rel_error:.1e} of the neuron's max |m|)")
+    for layer, s in stats.items():
+        side = rdata.vocab_side(projection, layer, opts.n_vocab) if projection is not None else None
+        payload = rdata.layer_payload(layer, s, store, opts, vocab_side=side,
+                                      shading=shading.per_layer.get(layer) if shading else None)
+        _script(out / "data" / f"layer-{layer}.js", f"KV.addLayer({int(layer)}, {rdata.safe_json(payload)});\n")
+        if progress is not None:
+            progress(layer)
+
+    from kvmem.stats.hist import HIST_EDGES
+
+    n_tokens = int(corpus["n_tokens"])
+    meta = {
+        "model": m["model"], "n_layers": m["n_layers"], "d_mlp": m["d_mlp"], "gated": bool(m["gated"]),
+        "layers": [int(x) for x in run.profiled_layers], "n_tokens": n_tokens, "n_docs": int(corpus.get("n_docs", 0)),
+        "top_k": int(settings["top_k"]), "edges": [float(x) if abs(float(x)) != float("inf") else None
+                                                   for x in HIST_EDGES.tolist()],
+        "value_note": value_note, "has_values": projection is not None, "shade_note": shade_note,
+        "gated_note": rdata_gated_note() if m["gated"] else "",
+    }
+    _script(out / "data" / "meta.js", f"KV.meta = {rdata.safe_json(meta)};\n")
+
+    layers_df, neurons_df = run.layers, run.neurons
+    figs = figures.layer_figures(layers_df, neurons_df, rdata.l0_hists(run))
+    card = [("model", m["model"]), ("family", f"{m['family']} ({m['model_type']})"), ("layers", m["n_layers"]),
+            ("d_model", f"{m['d_model']:,}"), ("d_mlp", f"{m['d_mlp']:,}"),
+            ("activation", f"{m['activation']}{' (gated FFN)' if m['gated'] else ''}"),
+            ("profiled layers", _ranges(run.profiled_layers)),
+            ("corpus", corpus.get("description") or corpus.get("source")),
+            ("tokens", f"{n_tokens:,} in {int(corpus.get('n_docs', 0)):,} documents (seq_len {settings['seq_len']})"),
+            ("run time", _duration(run.manifest["time"]["seconds"])
+             + (f" ({run.manifest['time']['tokens_per_second']:,.0f} tokens/s)"
+                if run.manifest["time"].get("tokens_per_second") else "")),
+            ("kvmem", run.manifest.get("kvmem_version", "?"))]
+    t = env()
+    common = {"title": m["model"], "version": kvmem.__version__, "n_tokens": n_tokens}
+    (out / "index.html").write_text(t.get_template("index.html").render(
+        **common, card=card, figs={k: figure_json(f) for k, f in figs.items()}, value_note=value_note,
+        has_values=projection is not None, d_mlp=m["d_mlp"], n_neurons=len(neurons_df),
+        top_k=settings["top_k"]), encoding="utf-8")
+    (out / "neuron.html").write_text(t.get_template("neuron.html").render(**common), encoding="utf-8")
+    files = [p for p in out.rglob("*") if p.is_file()]
+    return Report(out, ["index.html", "neuron.html"], sum(p.stat().st_size for p in files), len(files),
+                  {"values": value_note, "shading": shade_note}, time.perf_counter() - t0)
+
+
+def rdata_gated_note() -> str:
+    from kvmem.vocab import GATED_NOTE
+
+    return GATED_NOTE
+
+
+def _ranges(layers) -> str:
+    layers = sorted(int(x) for x in layers)
+    parts, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}–{x}")
+            start = None
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,299 @@
+/* kvmem report: renders figures, the paged neuron table and neuron pages from the data scripts.
+   Every corpus or vocabulary string is inserted with textContent (never innerHTML). */
+(function () {
+  "use strict";
+  var KV = window.KV = window.KV || {};
+  KV.layers = KV.layers || {};
+  KV.addLayer = function (layer, data) { KV.layers[layer] = data; };
+
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  KV.el = el;
+
+  var VISIBLE = { " ": "\u2423", "\n": "\u23ce", "\t": "\u21e5", "\r": "\u240d" };
+  /* A token as a span: whitespace drawn as muted ␣ ⏎ ⇥, other control characters as \uXXXX,
+     the whole token isolated for bidi so RTL text cannot reorder its neighbours. */
+  function tokenEl(str, cls) {
+    var span = el("span", "tok" + (cls ? " " + cls : ""));
+    span.setAttribute("dir", "auto");
+    if (str === undefined || str === null) { span.appendChild(el("span", "ws", "\u2205")); return span; }
+    if (str === "") { span.appendChild(el("span", "ws", "\u2205")); return span; }
+    var buf = "";
+    for (var ch of String(str)) {
+      var code = ch.codePointAt(0);
+      if (VISIBLE[ch] || code < 32 || code === 127 || (code >= 0x200b && code <= 0x200f) || (code >= 0x202a && code <= 0x202e) || (code >= 0x2066 && code <= 0x2069)) {
+        if (buf) { span.appendChild(document.createTextNode(buf)); buf = ""; }
+        var shown = VISIBLE[ch] || ("\\u" + code.toString(16).padStart(4, "0"));
+        span.appendChild(el("span", "ws", shown));
+        if (ch === "\n") span.appendChild(el("wbr"));
+      } else buf += ch;
+    }
+    if (buf) span.appendChild(document.createTextNode(buf));
+    return span;
+  }
+  KV.tokenEl = tokenEl;
+  function vocab(id) { return id >= 0 && id < KV.vocab.length ? KV.vocab[id] : "<id " + id + ">"; }
+  function fmt(x, d) { if (x === null || x === undefined) return "–"; return Number(x).toPrecision(d || 3).replace(/\.?0+e/, "e").replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, ""); }
+  function pct(x) { return (100 * x).toFixed(x < 0.001 && x > 0 ? 3 : (x < 0.1 ? 2 : 1)) + "%"; }
+  KV.fmt = fmt; KV.pct = pct;
+
+  function plot(div, fig) {
+    var config = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["sendDataToCloud"] };
+    div.style.height = ((fig.layout && fig.layout.height) || 320) + "px";
+    return Plotly.newPlot(div, fig.data || [], fig.layout || {}, config);
+  }
+  KV.renderFigures = function () {
+    document.querySelectorAll('script[type="application/json"][data-fig]').forEach(function (s) {
+      var div = document.getElementById(s.getAttribute("data-fig"));
+      if (div) plot(div, JSON.parse(s.textContent));
+    });
+  };
+
+  /* ---------------- overview: the paged, sortable, filterable neuron table ---------------- */
+  KV.overview = function () {
+    KV.renderFigures();
+    var N = KV.neurons, n = N.layer.length, norm = KV.vocab.map(function (t) { return t.trim().toLowerCase(); });
+    var hasVal = !!N.val, PAGE = 50, state = { rows: [], sort: "rate", dir: -1, page: 0 };
+    var cols = [["id", "neuron"], ["rate", "firing rate"], ["max", "max m"], ["trig", "top trigger token"]];
+    if (hasVal) cols.push(["val", "top value tokens"]);
+    var layerSel = document.getElementById("layer"), seen = {};
+    N.layer.forEach(function (l) { if (!seen[l]) { seen[l] = 1; var o = el("option", null, "layer " + l); o.value = l; layerSel.appendChild(o); } });
+    var q = document.getElementById("q"), qmode = document.getElementById("qmode"), qexact = document.getElementById("qexact");
+    var minrate = document.getElementById("minrate"), hidedead = document.getElementById("hidedead");
+    if (!hasVal) { qmode.value = "trig"; qmode.querySelector('option[value="val"]').disabled = true; }
+    function key(i) {
+      if (state.sort === "id") return N.layer[i] * 1e7 + N.neuron[i];
+      if (state.sort === "trig") return norm[N.trig[i]] || "";
+      if (state.sort === "val") return hasVal ? norm[N.val[i][0]] || "" : "";
+      return N[state.sort][i];
+    }
+    function filter() {
+      var text = q.value.trim(), lay = layerSel.value, mr = parseFloat(minrate.value) || 0, rows = [];
+      var idm = /^(\d+)\.(\d+)$/.exec(text), t = text.toLowerCase(), mode = qmode.value, exact = qexact.checked;
+      function match(id) { var s = norm[id]; return s !== undefined && (exact ? s === t : s.indexOf(t) >= 0); }
+      for (var i = 0; i < n; i++) {
+        if (lay !== "" && N.layer[i] !== +lay) continue;
+        if (N.rate[i] < mr || (hidedead.checked && N.rate[i] === 0)) continue;
+        if (idm) { if (N.layer[i] !== +idm[1] || N.neuron[i] !== +idm[2]) continue; }
+        else if (t) {
+          var ok = (mode !== "val" && match(N.trig[i]));
+          if (!ok && mode !== "trig" && hasVal) for (var j = 0; j < N.val[i].length && !ok; j++) ok = match(N.val[i][j]);
+          if (!ok) continue;
+        }
+        rows.push(i);
+      }
+      var dir = state.dir;
+      rows.sort(function (a, b) { var x = key(a), y = key(b); return x < y ? -dir : x > y ? dir : a - b; });
+      state.rows = rows; state.page = 0; render();
+    }
+    var wrap = document.getElementById("table");
+    function render() {
+      var table = el("table", "neurons"), thead = el("thead"), tr = el("tr");
+      cols.forEach(function (c) {
+        var th = el("th", "sortable", c[1] + (state.sort === c[0] ? (state.dir < 0 ? " \u25be" : " \u25b4") : ""));
+        th.addEventListener("click", function () { state.dir = state.sort === c[0] ? -state.dir : (c[0] === "id" || c[0] === "trig" || c[0] === "val" ? 1 : -1); state.sort = c[0]; filter(); });
+        tr.appendChild(th);
+      });
+      thead.appendChild(tr); table.appendChild(thead);
+      var tbody = el("tbody"), start = state.page * PAGE, rows = state.rows.slice(start, start + PAGE);
+      rows.forEach(function (i) {
+        var r = el("tr"), id = N.layer[i] + "." + N.neuron[i], a = el("a", null, id);
+        a.href = "neuron.html#" + id;
+        var td = el("td"); td.appendChild(a); r.appendChild(td);
+        r.appendChild(el("td", "num", pct(N.rate[i])));
+        r.appendChild(el("td", "num", fmt(N.max[i])));
+        td = el("td"); if (N.trig[i] >= 0) td.appendChild(tokenEl(vocab(N.trig[i]))); r.appendChild(td);
+        if (hasVal) { td = el("td"); N.val[i].forEach(function (v) { td.appendChild(tokenEl(vocab(v))); }); r.appendChild(td); }
+        tbody.appendChild(r);
+      });
+      table.appendChild(tbody);
+      wrap.replaceChildren(table);
+      var pages = Math.max(1, Math.ceil(state.rows.length / PAGE));
+      document.getElementById("pageinfo").textContent = state.rows.length.toLocaleString() + " neurons · page " + (state.page + 1) + " of " + pages;
+      document.getElementById("prev").disabled = state.page === 0;
+      document.getElementById("next").disabled = state.page >= pages - 1;
+    }
+    document.getElementById("prev").addEventListener("click", function () { state.page--; render(); });
+    document.getElementById("next").addEventListener("click", function () { state.page++; render(); });
+    var timer = null;
+    [q, qmode, qexact, layerSel, minrate, hidedead].forEach(function (x) {
+      x.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(filter, 120); });
+    });
+    filter();
+  };
+
+  /* ---------------- neuron page: rendered on demand from data/layer-L.js ---------------- */
+  function shade(v) {  // v in [-100, 100] (share of the neuron's max |m|)
+    if (!v) return "";
+    var a = Math.min(1, Math.abs(v) / 100) * 0.85;
+    return v > 0 ? "rgba(232,89,12," + a.toFixed(3) + ")" : "rgba(28,126,214," + a.toFixed(3) + ")";
+  }
+  function example(ex, before, scale, docLabel) {
+    // ex = [value, doc, window ids, shading or undefined]
+    var row = el("div", "ex"), val = el("span", "val", fmt(ex[0], 3)), ctx = el("span", "ctx");
+    val.title = "m at the marked token"; row.appendChild(val);
+    ex[2].forEach(function (id, j) {
+      if (id < 0) return;
+      var t = tokenEl(vocab(id), j === before ? "at" : "");
+      var s = ex[3] ? ex[3][j] : (j === before ? Math.round(100 * ex[0] / scale) : 0);
+      if (s) t.style.backgroundColor = shade(s);
+      if (ex[3]) t.title = "m \u2248 " + fmt(s * scale / 100, 2);
+      ctx.appendChild(t);
+    });
+    row.appendChild(ctx);
+    if (docLabel) row.appendChild(el("span", "doc", "doc " + ex[1]));
+    return row;
+  }
+  function examples(id, list, before, scale, empty) {
+    var box = document.getElementById(id); box.replaceChildren();
+    if (!list || !list.length) { box.appendChild(el("p", "note", empty)); return; }
+    list.forEach(function (ex) { box.appendChild(example(ex, before, scale, true)); });
+  }
+  function vocabTable(id, list) {
+    var t = document.getElementById(id); t.replaceChildren();
+    (list || []).forEach(function (p) {
+      var r = el("tr"), a = el("td"); a.appendChild(tokenEl(vocab(p[0]))); r.appendChild(a);
+      r.appendChild(el("td", "num", fmt(p[1], 3))); t.appendChild(r);
+    });
+  }
+  function histFigure(h) {
+    var E = KV.meta.edges, lo = h[0], counts = h[1], x = [], col = [], text = [];
+    function e(i) { var v = E[i]; return v === null ? (i === 0 ? "-\u221e" : "\u221e") : (Math.abs(v) < 1e-30 ? "0" : fmt(v, 3)); }
+    for (var i = 0; i < counts.length; i++) {
+      var b = lo + i, mid = (E[b] === null ? -1 : E[b]) + (E[b + 1] === null ? 1 : E[b + 1]);
+      x.push(b); col.push(mid > 1e-30 ? "#e8590c" : mid < -1e-30 ? "#1c7ed6" : "#868e96"); text.push("[" + e(b) + ", " + e(b + 1) + ")");
+    }
+    var step = Math.max(1, Math.floor(counts.length / 8)), tv = [], tt = [];
+    for (var t = lo; t <= lo + counts.length; t += step) { tv.push(t - 0.5); tt.push(e(t)); }
+    return { data: [{ type: "bar", x: x, y: counts, marker: { color: col, line: { width: 0 } }, customdata: text,
+      hovertemplate: "m in %{customdata}: %{y:,} tokens<extra></extra>" }],
+      layout: { title: { text: "Activation histogram (all " + KV.meta.n_tokens.toLocaleString() + " tokens)", font: { size: 14 }, x: 0.01, xanchor: "left" }, height: 300, margin: { l: 60, r: 20, t: 50, b: 45 }, bargap: 0.05,
+        xaxis: { title: { text: "activation m (bins log-spaced in |m|)" }, tickvals: tv, ticktext: tt },
+        yaxis: { title: { text: "tokens (log)" }, type: "log" } } };
+  }
+  var QN = ["gate > 0, up > 0", "gate > 0, up < 0", "gate < 0, up > 0", "gate < 0, up < 0"];
+  function quadFigure(q) {
+    var total = q.reduce(function (a, b) { return a + b; }, 0) || 1;
+    return { data: [{ type: "bar", x: QN, y: q.map(function (c) { return c / total; }), text: q.map(function (c) { return c.toLocaleString(); }),
+      marker: { color: ["#2b8a3e", "#e8590c", "#1c7ed6", "#862e9c"] }, hovertemplate: "%{x}: %{y:.1%} (%{text} tokens)<extra></extra>" }],
+      layout: { title: { text: "Sign combinations of gate and up (all " + total.toLocaleString() + " tokens)", font: { size: 14 }, x: 0.01, xanchor: "left" },
+        height: 280, margin: { l: 60, r: 20, t: 50, b: 45 }, yaxis: { tickformat: ".0%", range: [0, 1], title: { text: "share of tokens" } } } };
+  }
+  function showNeuron(layer, neuron) {
+    var L = KV.layers[layer], d = L.neurons[neuron], M = KV.meta, id = layer + "." + neuron;
+    var maxv = L.max[neuron], minv = L.min[neuron];
+    var scale = Math.max(Math.abs(maxv), Math.abs(minv)) || 1;
+    document.title = "neuron " + id + " \u00b7 kvmem report";
+    document.getElementById("nid").textContent = "neuron " + id;
+    var rate = L.rate[neuron];
+    document.getElementById("summary").textContent = "layer " + layer + " of " + M.n_layers + " \u00b7 firing rate " + pct(rate) +
+      " (m > 0 on " + Math.round(rate * M.n_tokens).toLocaleString() + " of " + M.n_tokens.toLocaleString() + " tokens) \u00b7 max m " +
+      fmt(maxv, 4) + " \u00b7 min m " + fmt(minv, 4);
+    document.getElementById("shadenote").textContent = "Each token is shaded by m of this neuron (orange > 0, blue < 0, relative to max |m| = " +
+      fmt(scale, 3) + "); the activating token is boxed. " + M.shade_note + ".";
+    examples("top", d.top, L.before, scale, "no token with m > 0 was stored");
+    examples("top_docs", d.top_docs, L.before, scale, "none stored");
+    examples("bands", d.bands, L.before, scale, "no firing tokens sampled");
+    examples("bottom", d.bottom, L.before, scale, "none stored");
+    var agg = {}, chips = document.getElementById("pertoken"); chips.replaceChildren();
+    (d.t || []).forEach(function (p) { var a = agg[p[0]] = agg[p[0]] || [0, -Infinity]; a[0]++; a[1] = Math.max(a[1], p[1]); });
+    Object.keys(agg).sort(function (a, b) { return agg[b][0] - agg[a][0] || agg[b][1] - agg[a][1]; }).forEach(function (k) {
+      var c = el("span", "chip"); c.appendChild(tokenEl(vocab(+k))); c.appendChild(el("span", "count", "\u00d7" + agg[k][0] + " max " + fmt(agg[k][1], 3)));
+      chips.appendChild(c);
+    });
+    document.getElementById("valuenote").textContent = M.has_values ? "Tokens whose logit v \u00b7 W_U is largest / smallest for this neuron's value vector v, " + M.value_note + "." : "Value side " + M.value_note + ".";
+    vocabTable("vtop", d.vt); vocabTable("vbottom", d.vb);
+    document.getElementById("gatednote").textContent = M.gated_note ? "Note: " + M.gated_note + "." : "";
+    plot(document.getElementById("hist"), histFigure(d.h));
+    document.getElementById("histnote").textContent = "Bins are log-spaced in |m| (4 per octave), symmetric around 0; the middle grey bin holds exact zeros.";
+    var qdiv = document.getElementById("quad"), qex = document.getElementById("quadex");
+    qex.replaceChildren();
+    if (d.q) {
+      qdiv.hidden = false; plot(qdiv, quadFigure(d.q));
+      qex.appendChild(el("h3", null, "Strongest example of each sign combination (largest |m|)"));
+      (d.quad || []).forEach(function (ex, j) {
+        qex.appendChild(el("div", "qlabel", QN[j] + " (" + d.q[j].toLocaleString() + " tokens)"));
+        if (ex[2][L.before] < 0) qex.appendChild(el("p", "note", "none"));
+        else qex.appendChild(example(ex, L.before, scale, true));
+      });
+    } else { qdiv.hidden = true; }
+    var nl = L.neurons.length;
+    document.getElementById("prevn").href = "neuron.html#" + (neuron > 0 ? layer + "." + (neuron - 1) : id);
+    document.getElementById("nextn").href = "neuron.html#" + (neuron + 1 < nl ? layer + "." + (neuron + 1) : id);
+    document.getElementById("error").hidden = true;
+  }
+  function fail(msg) { var e = document.getElementById("error"); e.textContent = msg; e.hidden = false; }
+  KV.neuronPage = function () {
+    function go() {
+      var m = /^#?(\d+)\.(\d+)$/.exec(decodeURIComponent(location.hash));
+      var id = m ? [+m[1], +m[2]] : [KV.meta.layers[0], 0];
+      var layer = id[0], neuron = id[1];
+      if (KV.meta.layers.indexOf(layer) < 0) return fail("layer " + layer + " was not profiled in this run");
+      if (neuron >= KV.meta.d_mlp) return fail("neuron " + neuron + " is out of range (d_mlp = " + KV.meta.d_mlp + ")");
+      if (KV.layers[layer]) return showNeuron(layer, neuron);
+      var s = document.createElement("script");
+      s.src = "data/layer-" + layer + ".js";
+      s.onload = function () { showNeuron(layer, neuron); };
+      s.onerror = function () { fail("could not load data/layer-" + layer + ".js"); };
+      document.head.appendChild(s);
+    }
+    window.addEventListener("hashchange", go);
+    document.getElementById("goto").addEventListener("submit", function (ev) {
+      ev.preventDefault(); location.hash = document.getElementById("gotoq").value.trim();
+    });
+    go();
+  };
+})();
+/* ---------------- prompt page ---------------- */
+(function () {
+  "use strict";
+  var KV = window.KV, el = KV.el, tokenEl = KV.tokenEl, fmt = KV.fmt;
+  KV.promptPage = function () {
+    var D = JSON.parse(document.getElementById("pdata").textContent), linked = {}, sel = D.tokens.length - 1;
+    D.linked_layers.forEach(function (l) { linked[l] = 1; });
+    function nid(layer, neuron) {
+      var id = layer + "." + neuron;
+      if (!linked[layer]) return el("span", "nid", id);
+      var a = el("a", "nid", id); a.href = "neuron.html#" + id; return a;
+    }
+    function table(rows, withLayer) {
+      var t = el("table", "neurons"), h = el("tr");
+      ["neuron", "m", "|m|\u00b7\u2016v\u2016", "writes"].forEach(function (c) { h.appendChild(el("th", null, c)); });
+      t.appendChild(h);
+      rows.forEach(function (r) {
+        var tr = el("tr"), td = el("td"); td.appendChild(nid(r.layer, r.neuron)); tr.appendChild(td);
+        tr.appendChild(el("td", "num", fmt(r.m, 3))); tr.appendChild(el("td", "num", fmt(r.c, 3)));
+        td = el("td"); r.w.forEach(function (w) { td.appendChild(tokenEl(w)); }); tr.appendChild(td);
+        t.appendChild(tr);
+      });
+      return t;
+    }
+    var box = document.getElementById("ptokens");
+    function render() {
+      box.replaceChildren();
+      D.tokens.forEach(function (t, i) {
+        var s = tokenEl(t, i === sel ? "sel" : ""); s.title = "position " + i;
+        s.addEventListener("click", function () { sel = i; render(); });
+        box.appendChild(s);
+      });
+      var P = D.positions[sel];
+      document.getElementById("ptitle").textContent = "Top neurons over all layers at position " + sel;
+      document.getElementById("pnext").replaceChildren(document.createTextNode("next token: "));
+      P.next.forEach(function (n) {
+        var c = el("span", "chip"); c.appendChild(tokenEl(n[0])); c.appendChild(el("span", "count", (100 * n[1]).toFixed(1) + "%"));
+        document.getElementById("pnext").appendChild(c);
+      });
+      document.getElementById("ptop").replaceChildren(table(P.top));
+      var lay = document.getElementById("players"); lay.replaceChildren();
+      P.layers.forEach(function (L) {
+        lay.appendChild(el("h3", null, "layer " + L.layer));
+        lay.appendChild(table(L.neurons.map(function (r) { return { layer: L.layer, neuron: r.neuron, m: r.m, c: r.c, w: r.w }; })));
+      });
+    }
+    render();
+  };
+})();
