@@ -1,0 +1,8 @@
+"""Streaming, mergeable per-layer neuron statistics (top-k tokens and documents, random sample,
+moments, histogram, gate/up quadrants, L0) for ``kvmem profile``."""
+
+from kvmem.stats.hist import HIST_EDGES, N_BINS, ZERO_BIN, bins_of
+from kvmem.stats.keys import sample_priority
+from kvmem.stats.layer import LayerStats, Quadrants, Slots
+
+__all__ = ["HIST_EDGES", "N_BINS", "ZERO_BIN", "LayerStats", "Quadrants", "Slots", "bins_of", "sample_priority"]

@@ -1,0 +1,301 @@
+"""LayerStats: streaming, mergeable statistics of one FFN layer's coefficients m [N, d_mlp].
+
+Updated once per layer per batch while a corpus streams through the model (``kvmem profile``);
+shards merge exactly (``merge``) and the state round-trips through safetensors (``state_dict``).
+Per neuron (rows below are [d_mlp, ...]; all tensors live on ``device``):
+
+  top        k largest m: value float32 [d, k], index int64 [d, k] (global token index, -1 = empty)
+  bottom     k smallest m (most negative first), same layout
+  top_docs   k documents with the largest max m, each document once: value, index (its argmax token), doc
+  sample     uniform random sample of k tokens with m > 0 (top-k of a hash of (token, neuron)): value, index
+  n, count_pos, sum, sumsq (float64), min, max      moments (min/max read off bottom/top)
+  hist       [d, 197] counts over the fixed bins HIST_EDGES (kvmem.stats.hist)
+  quadrants  gated layers: count [d, 4] of (gate>0, up>0), (gate>0, up<=0), (gate<=0, up>0),
+             (gate<=0, up<=0) and per quadrant the largest-|m| example: value [d, 4], index [d, 4]
+  l0_hist [d+1], l0_pos_sum [max_pos], l0_pos_count [max_pos]: neurons with m > 0 per token
+
+Ties everywhere go to (value descending, then lower token index); see kvmem.stats.keys. Empty slots hold
+value NaN and index -1 (doc -1). Same input stream and batch boundaries give bit-identical state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kvmem.errors import KvmemError
+from kvmem.stats import readout
+from kvmem.stats.hist import N_BINS, batch_hist
+from kvmem.stats.keys import EMPTY, MAX_TOKEN_INDEX, decode_index, decode_value, encode, neuron_hash, sample_key
+from kvmem.stats.store import merge_entries, work_buffer
+from kvmem.stats.update import update_sample, update_values
+
+_STATE_VERSION = 1
+_SUM_BLOCK = 16  # rows summed in float32 before the float64 accumulation
+
+
+class Slots(NamedTuple):
+    """A per-neuron store: value [d, k] float32, index [d, k] int64 (-1 empty), doc [d, k] (top_docs only)."""
+
+    value: torch.Tensor
+    index: torch.Tensor
+    doc: torch.Tensor | None = None
+
+
+class Quadrants(NamedTuple):
+    """Gated layers: count [d, 4] int64; largest-|m| example per quadrant: value [d, 4], index [d, 4]."""
+
+    count: torch.Tensor
+    value: torch.Tensor
+    index: torch.Tensor
+
+
+def _blocked_sum(x: torch.Tensor) -> torch.Tensor:
+    """Column sums of x [N, d] float32 as float64 [d]: float32 over blocks of 16 rows, then float64."""
+    n, d = x.shape
+    nb = n // _SUM_BLOCK
+    parts = []
+    if nb:
+        parts.append(x[: nb * _SUM_BLOCK].view(nb, _SUM_BLOCK, d).sum(1))
+    if n % _SUM_BLOCK:
+        parts.append(x[nb * _SUM_BLOCK :].sum(0, keepdim=True))
+    return torch.cat(parts).to(torch.float64).sum(0)
+
+
+class LayerStats:
+    """Streaming per-neuron statistics of one FFN layer (see the module docstring)."""
+
+    def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu"):
+        if d_mlp < 1 or k < 1 or max_pos < 1:
+            raise KvmemError(f"LayerStats needs d_mlp, k, max_pos >= 1 (got {d_mlp}, {k}, {max_pos})")
+        self.d_mlp, self.k, self.gated, self.max_pos = int(d_mlp), int(k), bool(gated), int(max_pos)
+        self.device = torch.device(device)
+        d, dev = self.d_mlp, self.device
+
+        def keys(width: int = self.k) -> torch.Tensor:
+            return torch.full((d, width), EMPTY, dtype=torch.int64, device=dev)
+
+        self._top, self._bot, self._doc_key, self._smp_key = keys(), keys(), keys(), keys()
+        self._doc_id = torch.full((d, self.k), -1, dtype=torch.int64, device=dev)
+        self._smp_val = torch.full((d, self.k), float("nan"), device=dev)
+        self._neuron_c = neuron_hash(torch.arange(d, device=dev))
+        self.n = 0
+        self.count_pos = torch.zeros(d, dtype=torch.int64, device=dev)
+        self.sum = torch.zeros(d, dtype=torch.float64, device=dev)
+        self.sumsq = torch.zeros(d, dtype=torch.float64, device=dev)
+        self.hist = torch.zeros(d, N_BINS, dtype=torch.int64, device=dev)
+        self.l0_hist = torch.zeros(d + 1, dtype=torch.int64, device=dev)
+        self.l0_pos_sum = torch.zeros(self.max_pos, dtype=torch.int64, device=dev)
+        self.l0_pos_count = torch.zeros(self.max_pos, dtype=torch.int64, device=dev)
+        if self.gated:
+            self._q_key = keys(4)
+            self._q_val = torch.full((d, 4), float("nan"), device=dev)
+            self.quadrant_count = torch.zeros(d, 4, dtype=torch.int64, device=dev)
+        self._last_index = -1  # largest token index seen (decides strict vs widened thresholds)
+        self._paths: dict = {}  # code paths taken by the last update (diagnostics, tests)
+
+    # ------------------------------------------------------------------ update
+    def update(self, coef, token_index, doc_id, pos_in_seq, gate=None, up=None) -> None:
+        """Add one batch. coef [N, d_mlp] (any float dtype; computed in float32), token_index [N] int64
+        (global, strictly increasing, < 2**32 - 1), doc_id [N] int64 (>= 0, non-decreasing), pos_in_seq [N]
+        int64 (< max_pos); gated layers also gate, up [N, d_mlp] (m = act(gate) * up)."""
+        d, dev = self.d_mlp, self.device
+        if coef.dim() != 2 or coef.shape[1] != d:
+            raise ValueError(f"coef must be [N, {d}], got {tuple(coef.shape)}")
+        n = coef.shape[0]
+        if (gate is None or up is None) if self.gated else (gate is not None or up is not None):
+            raise ValueError("gate and up are required for gated LayerStats and only for them")
+        if self.gated and (tuple(gate.shape) != (n, d) or tuple(up.shape) != (n, d)):
+            raise ValueError(f"gate and up must be [N, {d}] like coef")
+        if n == 0:
+            return
+        if n >= 2**24:
+            raise ValueError("at most 2**24 - 1 tokens per update")
+        m = coef.to(device=dev, dtype=torch.float32).contiguous()
+        ti = token_index.to(device=dev, dtype=torch.int64).reshape(n)
+        doc = doc_id.to(device=dev, dtype=torch.int64).reshape(n)
+        pos = pos_in_seq.to(device=dev, dtype=torch.int64).reshape(n)
+        if self.gated:
+            gate, up = gate.to(dev), up.to(dev)
+        checks = torch.stack(
+            [ti[0], ti[-1], (ti[1:] > ti[:-1]).all().long(), (doc[1:] >= doc[:-1]).all().long(), doc[0],
+             pos.min(), pos.max()]
+        ).tolist()
+        first, last, inc, nondec, doc0, pmin, pmax = checks
+        if first < 0 or last > MAX_TOKEN_INDEX or not inc:
+            raise ValueError(f"token_index must be strictly increasing within [0, {MAX_TOKEN_INDEX}]")
+        if not nondec or doc0 < 0:
+            raise ValueError("doc_id must be non-negative and non-decreasing")
+        if pmin < 0 or pmax >= self.max_pos:
+            raise ValueError(f"pos_in_seq must lie in [0, {self.max_pos})")
+        monotone = first > self._last_index
+        self._paths = {}
+
+        # positives: L0 per token, count_pos, and which neurons can enter the sample
+        posf = work_buffer("f32_a", (n, d), torch.float32, dev)
+        torch.gt(m, 0, out=posf)
+        l0 = posf.sum(1).to(torch.int64)  # float sums of 0/1 are exact below 2**24
+        pos_count = posf.sum(0).to(torch.int64)
+        self.count_pos += pos_count
+        self.l0_hist += torch.bincount(l0, minlength=d + 1)
+        self.l0_pos_sum.index_add_(0, pos, l0)
+        self.l0_pos_count += torch.bincount(pos, minlength=self.max_pos)
+        # moments
+        self.sum += _blocked_sum(m)
+        torch.mul(m, m, out=posf)
+        self.sumsq += _blocked_sum(posf)
+        # histogram
+        code = work_buffer("i32_a", (n, d), torch.int32, dev)
+        flat = work_buffer("i32_b", (n, d), torch.int32, dev)
+        self.hist += batch_hist(m, code, flat).T
+        # stores
+        update_values(self, m, ti, doc, monotone, gate, up)
+        update_sample(self, m, ti, pos_count)
+        self.n += n
+        self._last_index = max(self._last_index, last)
+
+    # ------------------------------------------------------------------ merge
+    def _check_compatible(self, other: "LayerStats") -> None:
+        a = (self.d_mlp, self.k, self.gated, self.max_pos)
+        b = (other.d_mlp, other.k, other.gated, other.max_pos)
+        if a != b:
+            raise KvmemError(f"cannot merge LayerStats with (d_mlp, k, gated, max_pos) {b} into {a}")
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        """Add the statistics of other (a disjoint set of tokens) in place; returns self. Exact for the
+        stores, counts and histograms (documents split across the two are deduplicated by doc id)."""
+        self._check_compatible(other)
+        d, k, dev = self.d_mlp, self.k, self.device
+
+        def entries(keys: torch.Tensor, *payloads: torch.Tensor):
+            keys = keys.to(dev)
+            real = (keys != EMPTY).reshape(-1)
+            rows = torch.arange(d, device=dev).repeat_interleave(keys.shape[1])[real]
+            return rows, keys.reshape(-1)[real], [p.to(dev).reshape(-1)[real] for p in payloads]
+
+        r, key, _ = entries(other._top)
+        self._top, _ = merge_entries(self._top, [], [], r, key, [])
+        r, key, _ = entries(other._bot)
+        self._bot, _ = merge_entries(self._bot, [], [], r, key, [])
+        r, key, pay = entries(other._doc_key, other._doc_id)
+        self._doc_key, (self._doc_id,) = merge_entries(self._doc_key, [self._doc_id], [-1], r, key, pay, dedupe=0)
+        r, key, pay = entries(other._smp_key, other._smp_val)
+        self._smp_key, (self._smp_val,) = merge_entries(self._smp_key, [self._smp_val], [float("nan")], r, key, pay)
+        if self.gated:
+            ok, ov = other._q_key.to(dev), other._q_val.to(dev)
+            take = ok > self._q_key
+            self._q_key = torch.where(take, ok, self._q_key)
+            self._q_val = torch.where(take, ov, self._q_val)
+            self.quadrant_count += other.quadrant_count.to(dev)
+        for name in ("count_pos", "sum", "sumsq", "hist", "l0_hist", "l0_pos_sum", "l0_pos_count"):
+            getattr(self, name).add_(getattr(other, name).to(dev))
+        self.n += other.n
+        self._last_index = max(self._last_index, other._last_index)
+        return self
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def top(self) -> Slots:
+        return Slots(decode_value(self._top), decode_index(self._top))
+
+    @property
+    def bottom(self) -> Slots:
+        return Slots(-decode_value(self._bot) + 0.0, decode_index(self._bot))
+
+    @property
+    def top_docs(self) -> Slots:
+        return Slots(decode_value(self._doc_key), decode_index(self._doc_key), self._doc_id.clone())
+
+    @property
+    def sample(self) -> Slots:
+        return Slots(self._smp_val.clone(), decode_index(self._smp_key))
+
+    @property
+    def quadrants(self) -> Quadrants | None:
+        if not self.gated:
+            return None
+        return Quadrants(self.quadrant_count.clone(), self._q_val.clone(), decode_index(self._q_key))
+
+    @property
+    def max(self) -> torch.Tensor:
+        """Largest m per neuron, float32 [d] (NaN before any update)."""
+        return decode_value(self._top[:, 0])
+
+    @property
+    def min(self) -> torch.Tensor:
+        """Smallest m per neuron, float32 [d] (NaN before any update)."""
+        return -decode_value(self._bot[:, 0]) + 0.0
+
+    mean = readout.mean
+    std = readout.std
+    firing_rate = readout.firing_rate
+    count_above = readout.count_above
+    to_frame = readout.to_frame
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat, contiguous tensors (safetensors-ready after .cpu()); exact: load_state_dict restores
+        a LayerStats that continues bit-identically."""
+        def i64(x: int) -> torch.Tensor:
+            return torch.tensor(int(x), dtype=torch.int64, device=self.device)
+
+        top, bot, docs, smp = self.top, self.bottom, self.top_docs, self.sample
+        sd = {
+            "meta.version": i64(_STATE_VERSION), "meta.d_mlp": i64(self.d_mlp), "meta.k": i64(self.k),
+            "meta.gated": i64(self.gated), "meta.max_pos": i64(self.max_pos),
+            "meta.last_index": i64(self._last_index), "n": i64(self.n),
+            "top.value": top.value, "top.index": top.index,
+            "bottom.value": bot.value, "bottom.index": bot.index,
+            "top_docs.value": docs.value, "top_docs.index": docs.index, "top_docs.doc": docs.doc,
+            "sample.value": smp.value, "sample.index": smp.index,
+            "count_pos": self.count_pos, "sum": self.sum, "sumsq": self.sumsq, "hist": self.hist,
+            "l0_hist": self.l0_hist, "l0_pos_sum": self.l0_pos_sum, "l0_pos_count": self.l0_pos_count,
+        }
+        if self.gated:
+            q = self.quadrants
+            sd.update({"quadrants.count": q.count, "quadrants.value": q.value, "quadrants.index": q.index})
+        return {name: t.detach().clone().contiguous() for name, t in sd.items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Exact restore from state_dict() output (config must match this object's)."""
+        meta = tuple(int(sd[f"meta.{x}"]) for x in ("d_mlp", "k", "gated", "max_pos"))
+        if int(sd["meta.version"]) != _STATE_VERSION:
+            raise KvmemError(f"LayerStats state version {int(sd['meta.version'])} is not {_STATE_VERSION}")
+        if meta != (self.d_mlp, self.k, int(self.gated), self.max_pos):
+            raise KvmemError(f"LayerStats state with (d_mlp, k, gated, max_pos) {meta} does not fit this object")
+        dev = self.device
+
+        def get(name: str) -> torch.Tensor:
+            return sd[name].to(dev).clone()
+
+        def keys(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return torch.where(index >= 0, encode(value, index), torch.full_like(index, EMPTY))
+
+        self._top = keys(get("top.value"), get("top.index"))
+        self._bot = keys(-get("bottom.value"), get("bottom.index"))
+        self._doc_key, self._doc_id = keys(get("top_docs.value"), get("top_docs.index")), get("top_docs.doc")
+        smp_index = get("sample.index")
+        nrn = torch.arange(self.d_mlp, device=dev)[:, None]
+        self._smp_key = torch.where(smp_index >= 0, sample_key(smp_index, nrn), torch.full_like(smp_index, EMPTY))
+        self._smp_val = get("sample.value")
+        for name in ("count_pos", "sum", "sumsq", "hist", "l0_hist", "l0_pos_sum", "l0_pos_count"):
+            setattr(self, name, get(name))
+        if self.gated:
+            self.quadrant_count = get("quadrants.count")
+            self._q_val = get("quadrants.value")
+            self._q_key = keys(self._q_val.abs(), get("quadrants.index"))
+        self.n = int(sd["n"])
+        self._last_index = int(sd["meta.last_index"])
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], device="cpu") -> "LayerStats":
+        """A new LayerStats on device restored from state_dict() output."""
+        s = cls(int(sd["meta.d_mlp"]), int(sd["meta.k"]), bool(int(sd["meta.gated"])), int(sd["meta.max_pos"]),
+                device=device)
+        s.load_state_dict(sd)
+        return s
+
+    def __repr__(self) -> str:
+        return (f"LayerStats(d_mlp={self.d_mlp}, k={self.k}, gated={self.gated}, max_pos={self.max_pos}, "
+                f"n={self.n}, device={str(self.device)!r})")

@@ -1,0 +1,217 @@
+"""The per-batch update of the top-k stores of a LayerStats (the hot path).
+
+Once the stores are full, nothing here runs a top-k over [N, d_mlp]: one mask
+``m > hi | m < lo`` with per-neuron thresholds (the current k-th values of the top, top_docs, bottom
+stores and the weakest quadrant example) selects the few tokens that can enter any store; they are
+extracted sparsely and merged with a segmented sort (store.merge_entries). The random sample uses the
+fact that its priority is (hash(token) + hash(neuron)) mod 2**32: the tokens that can beat a neuron's
+k-th priority T form one cyclic interval of token hashes, found by searchsorted on the sorted hashes of
+the batch, so the sample costs O(N log N + candidates) and never touches [N, d_mlp].
+
+Thresholds are strict (m > k-th value) when the batch's token indices all exceed every index seen so
+far ("monotone": a tie with the k-th value then loses on the token index); otherwise they are widened
+by one ulp so ties reach the exact key comparison. Stores that are not full yet (the first batches)
+take dense paths: int64 keys [N, d] and a column top-k (per-document maxima by one scatter_reduce).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvmem.stats.keys import (
+    EMPTY,
+    LOW,
+    decode_index,
+    decode_value,
+    encode,
+    encode_high,
+    key_high,
+    next_down,
+    next_up,
+    sample_key,
+    token_hash,
+)
+from kvmem.stats.store import column_topk, merge_entries, work_buffer
+
+# The sample's interval path is used while it visits at most this fraction of the batch's
+# (token, neuron) pairs; beyond it (the first batches, when T = 0) a dense path is cheaper.
+SAMPLE_RANGE_LIMIT = 0.125
+
+
+def is_full(keys: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: every row of the store [d, k] has k entries."""
+    return (keys[:, -1] != EMPTY).all()
+
+
+def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monotone: bool, gate, up) -> None:
+    """top, bottom, top_docs (and the quadrant examples of gated layers) from m [N, d] float32."""
+    n, d = m.shape
+    dev = m.device
+    flags = [is_full(s._top), is_full(s._bot), is_full(s._doc_key)]
+    if s.gated:
+        flags.append((s._q_key != EMPTY).any())
+    flags = torch.stack(flags).tolist()
+    full_top, full_bot, full_doc = flags[:3]
+    q_any = s.gated and flags[3]
+
+    def loosen(v: torch.Tensor, down: bool) -> torch.Tensor:
+        return v if monotone else (next_down(v) if down else next_up(v))
+
+    hi = torch.full((d,), float("inf"), device=dev)
+    lo = torch.full((d,), float("-inf"), device=dev)
+    if full_top:
+        hi = torch.minimum(hi, loosen(decode_value(s._top[:, -1]), True))
+    if full_doc:
+        hi = torch.minimum(hi, loosen(decode_value(s._doc_key[:, -1]), True))
+    if full_bot:
+        lo = torch.maximum(lo, loosen(-decode_value(s._bot[:, -1]), False))
+    if q_any:
+        qv = decode_value(s._q_key)  # |m| of the examples, NaN where empty
+        qthr = torch.where(torch.isnan(qv), torch.full_like(qv, float("inf")), qv).amin(1)
+        qthr = loosen(qthr, True)
+        hi = torch.minimum(hi, qthr)
+        lo = torch.maximum(lo, -qthr)
+    paths = s._paths
+    paths["values"] = "sparse" if (full_top and full_bot and full_doc) else "dense"
+
+    q_cand = None
+    if full_top or full_bot or full_doc or q_any:
+        mask = work_buffer("mask_a", (n, d), torch.bool, dev)
+        mask_lo = work_buffer("mask_b", (n, d), torch.bool, dev)
+        torch.gt(m, hi, out=mask)
+        torch.lt(m, lo, out=mask_lo)
+        mask.logical_or_(mask_lo)
+        flat = mask.view(-1).nonzero().squeeze(1)
+        rows, cols = flat // d, flat % d
+        v, cti = m.view(-1)[flat], ti[rows]
+        paths["candidates"] = int(flat.numel())
+        if full_top or full_doc:
+            key = encode(v, cti)
+            if full_top:
+                sel = key > s._top[cols, -1]
+                s._top, _ = merge_entries(s._top, [], [], cols[sel], key[sel], [])
+            if full_doc:
+                sel = key > s._doc_key[cols, -1]
+                s._doc_key, (s._doc_id,) = merge_entries(
+                    s._doc_key, [s._doc_id], [-1], cols[sel], key[sel], [doc[rows[sel]]], dedupe=0
+                )
+        if full_bot:
+            key = encode(-v, cti)
+            sel = key > s._bot[cols, -1]
+            s._bot, _ = merge_entries(s._bot, [], [], cols[sel], key[sel], [])
+        if q_any:
+            q_cand = (flat, rows, cols, v, cti)
+
+    if not (full_top and full_doc and full_bot):
+        _dense_values(s, m, ti, doc, full_top, full_bot, full_doc)
+    if s.gated:
+        _update_quadrants(s, m, ti, gate, up, q_cand)
+
+
+def _dense_values(s, m, ti, doc, full_top, full_bot, full_doc) -> None:
+    """Warm-up: exact column top-k of int64 keys for the stores that are not full yet."""
+    n, d = m.shape
+    if not (full_top and full_doc):
+        keys = encode(m, ti[:, None])  # [N, d]
+        if not full_top:
+            col, key, _ = column_topk(keys, s.k)
+            s._top, _ = merge_entries(s._top, [], [], col, key, [])
+        if not full_doc:
+            seg = torch.zeros(n, dtype=torch.int64, device=m.device)
+            seg[1:] = torch.cumsum(doc[1:] != doc[:-1], 0)
+            seg_doc = torch.unique_consecutive(doc)
+            docmax = torch.full((seg_doc.numel(), d), EMPTY, dtype=torch.int64, device=m.device)
+            docmax.scatter_reduce_(0, seg[:, None].expand(n, d), keys, "amax")
+            col, key, srow = column_topk(docmax, s.k)
+            s._doc_key, (s._doc_id,) = merge_entries(
+                s._doc_key, [s._doc_id], [-1], col, key, [seg_doc[srow]], dedupe=0
+            )
+        del keys
+    if not full_bot:
+        col, key, _ = column_topk(encode(-m, ti[:, None]), s.k)
+        s._bot, _ = merge_entries(s._bot, [], [], col, key, [])
+
+
+def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
+    """Sign-combination counts of (gate, up) and the largest-|m| example per quadrant."""
+    n, d = m.shape
+    dev = m.device
+    g = work_buffer("f32_a", (n, d), torch.float32, dev)
+    u = work_buffer("f32_b", (n, d), torch.float32, dev)
+    torch.gt(gate, 0, out=g)
+    torch.gt(up, 0, out=u)
+    gs, us = g.sum(0), u.sum(0)
+    g.mul_(u)
+    gus = g.sum(0)
+    counts = torch.stack([gus, gs - gus, us - gus, n - gs - us + gus], 1).to(torch.int64)  # exact: ints < 2**24
+    s.quadrant_count += counts
+    old = s._q_key
+    new = old.clone()
+    # quadrants seen for the first time: dense over those neurons only (at most 4 times per neuron)
+    fresh = ((old == EMPTY) & (counts > 0)).any(1).nonzero().squeeze(1)
+    s._paths["quadrant_fresh"] = int(fresh.numel())
+    if fresh.numel():
+        mm = m[:, fresh]
+        quad = (gate[:, fresh] <= 0).to(torch.int64) * 2 + (up[:, fresh] <= 0).to(torch.int64)
+        best = torch.full((4, fresh.numel()), EMPTY, dtype=torch.int64, device=dev)
+        best.scatter_reduce_(0, quad, encode(mm.abs(), ti[:, None]), "amax")
+        new[fresh] = torch.maximum(new[fresh], best.T)
+    if q_cand is not None:
+        flat, rows, cols, v, cti = q_cand
+        quad = (gate.reshape(-1)[flat] <= 0).to(torch.int64) * 2 + (up.reshape(-1)[flat] <= 0).to(torch.int64)
+        slot = cols * 4 + quad
+        key = encode(v.abs(), cti)
+        sel = key > old.view(-1)[slot]
+        new.view(-1).scatter_reduce_(0, slot[sel], key[sel], "amax")
+    changed = (new != old).view(-1).nonzero().squeeze(1)
+    if changed.numel():
+        tok = decode_index(new.view(-1)[changed])
+        row = torch.searchsorted(ti, tok)
+        s._q_val.view(-1)[changed] = m[row, changed // 4]
+    s._q_key = new
+
+
+def update_sample(s, m: torch.Tensor, ti: torch.Tensor, pos_count: torch.Tensor) -> None:
+    """The uniform sample of activating tokens: top-k priority among m > 0 per neuron.
+
+    pos_count [d]: number of m > 0 per neuron in this batch (neurons without any are skipped)."""
+    n, d = m.shape
+    dev = m.device
+    kth = s._smp_key[:, -1]
+    T = torch.where(kth == EMPTY, torch.zeros_like(kth), key_high(kth) + 2**31)  # unsigned priority
+    c = s._neuron_c
+    h = token_hash(ti)
+    active = pos_count > 0
+    start = (T - c) & LOW  # tokens with hash in [start, start + 2**32 - T) (cyclic) have priority >= T
+    end = start + (2**32 - T)
+    hs, order = torch.sort(h)
+    a1 = torch.searchsorted(hs, start)
+    b1 = torch.searchsorted(hs, end.clamp(max=2**32))
+    b2 = torch.searchsorted(hs, (end - 2**32).clamp(min=0))
+    c1 = torch.where(active, b1 - a1, torch.zeros_like(a1))
+    cnt = c1 + torch.where(active, b2, torch.zeros_like(b2))
+    total = int(cnt.sum())
+    if total == 0:
+        s._paths["sample"] = "none"
+        return
+    if total <= SAMPLE_RANGE_LIMIT * n * d:
+        s._paths["sample"] = "range"
+        nrn = torch.repeat_interleave(torch.arange(d, device=dev), cnt)
+        j = torch.arange(total, device=dev) - (torch.cumsum(cnt, 0) - cnt)[nrn]
+        c1n = c1[nrn]
+        rows = order[torch.where(j < c1n, a1[nrn] + j, j - c1n)]
+        v = m[rows, nrn]
+        keep = v > 0
+        rows, nrn, v = rows[keep], nrn[keep], v[keep]
+        key = sample_key(ti[rows], nrn)
+        sel = key > kth[nrn]
+        cols, key, v = nrn[sel], key[sel], v[sel]
+    else:
+        s._paths["sample"] = "dense"
+        prio = (h[:, None] + c[None, :]) & LOW  # [N, d]
+        ok = (m > 0) & (prio >= T[None, :])
+        keys = torch.where(ok, encode_high(prio - 2**31, ti[:, None]), torch.full_like(prio, EMPTY))
+        del prio, ok
+        cols, key, rows = column_topk(keys, s.k)
+        v = m[rows, cols]
+    s._smp_key, (s._smp_val,) = merge_entries(s._smp_key, [s._smp_val], [float("nan")], cols, key, [v])
