@@ -1,0 +1,163 @@
+"""``analyze(run)``: every analysis on a profiled run, written to ``RUN/analysis/``.
+
+RUN/analysis/
+  {measure}_{table}.parquet   the tables of each AnalysisResult (e.g. agreement_layers.parquet,
+                              agreement_pairs.parquet, sparsity_layers.parquet, sparsity_model.parquet,
+                              composition_layers.parquet, knockouts_layers.parquet, knockouts_long.parquet,
+                              lexical_layers.parquet, lexical_truncation.parquet, coactivation_partners.parquet)
+  findings.json               the claims and verdicts (kvmem.analysis.findings)
+  analysis.json               per measure: its meta (thresholds, token counts, baselines), seconds taken;
+                              the model, the run and the sample sizes
+Model-running measures use the first tokens of the run's token store, in the run's seq_len rows:
+``tokens`` for sparsity and co-activation, ``knockout_tokens`` and ``composition_tokens`` (each at most
+``tokens``) for the costlier ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kvmem.analysis.common import sample_from_run
+from kvmem.errors import KvmemError
+
+MEASURES = ("sparsity", "coactivation", "composition", "knockouts", "agreement", "lexical")
+
+
+def run_neuron_stats(run, layers) -> pd.DataFrame | None:
+    """(layer, neuron, firing_rate, max) from the run's statistics, or None if they lack a firing rate."""
+    from kvmem.analysis.agreement import store_of
+
+    frames = []
+    for layer in layers:
+        s = run.stats[layer]
+        if not hasattr(s, "firing_rate"):
+            return None
+        values, _ = store_of(s, "top")
+        frames.append(pd.DataFrame({"layer": layer, "neuron": range(values.shape[0]),
+                                    "firing_rate": s.firing_rate().cpu().numpy(), "max": values[:, 0].numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def steps(measures, n_layers: int) -> int:
+    """How many times ``analyze`` calls ``progress`` (for a progress bar's total)."""
+    return sum(n_layers if m == "knockouts" else 1 for m in measures)
+
+
+def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096, composition_tokens: int = 1024,
+            measures=MEASURES, coactivation_neurons=None, device: str = "auto", dtype: str = "auto",
+            cache: bool = True, progress=None, write: bool = True) -> dict:
+    """Run ``measures`` on a run (folder or kvmem.open_run result); returns {measure: AnalysisResult,
+    "findings": [...]} and writes RUN/analysis/ unless ``write`` is False."""
+    import kvmem
+    from kvmem.analysis.agreement import agreement
+    from kvmem.analysis.coactivation import coactivation
+    from kvmem.analysis.composition import composition
+    from kvmem.analysis.knockout import knockouts
+    from kvmem.analysis.lexical import lexical
+    from kvmem.analysis.sparsity import neuron_stats, sparsity
+    from kvmem.analysis.findings import findings
+
+    if not hasattr(run, "manifest"):
+        run = kvmem.open_run(run)
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise KvmemError(f"unknown measure {unknown[0]!r}; choose from {', '.join(MEASURES)}")
+    if tokens < 2:
+        raise KvmemError("--tokens must be at least 2")
+    if model is None:
+        model = kvmem.load(run.manifest["model"]["model"], device=device, dtype=dtype)
+    fp = run.manifest["model"].get("fingerprint")
+    if fp and fp != model.fingerprint():
+        raise KvmemError(f"the model ({model.spec}) is not the one this run profiled ({run.manifest['model']['model']})")
+    layers = run.profiled_layers
+    tick = progress or (lambda label: None)
+    sample = sample_from_run(run, tokens)
+    stats = run_neuron_stats(run, layers)
+    maxima = None if stats is None else {layer: torch.tensor(g["max"].to_numpy()) for layer, g in stats.groupby("layer")}
+    results, seconds = {}, {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        results[name] = fn()
+        seconds[name] = round(time.perf_counter() - t0, 2)
+
+    if "sparsity" in measures:
+        timed("sparsity", lambda: sparsity(model, sample, layers, maxima=maxima))
+        tick("sparsity")
+    if "coactivation" in measures:
+        queries = coactivation_neurons
+        if queries is None:  # default: each layer's neuron with the largest max activation
+            src = stats if stats is not None else neuron_stats(model, sample, layers)
+            queries = [(int(g.layer.iloc[0]), int(g.neuron[g["max"].idxmax()])) for _, g in src.groupby("layer")]
+        timed("coactivation", lambda: coactivation(model, sample, queries, layers=layers,
+                                                                   maxima=maxima))
+        tick("co-activation")
+    if "composition" in measures:
+        timed("composition", lambda: composition(model, sample.head(composition_tokens), layers,
+                                                                cache=cache))
+        tick("composition")
+    if "knockouts" in measures:
+        timed("knockouts", lambda: knockouts(model, sample.head(knockout_tokens), layers, stats=stats,
+                                                      progress=tick))
+    if "agreement" in measures:
+        def run_agreement():
+            from kvmem.vocab import compute_projection, project_values
+
+            k = 10
+            top = project_values(model, k=k, cache=True)["top_ids"] if cache else compute_projection(model, k=k)["top_ids"]
+            return agreement(run, top, k=k, layers=layers)
+
+        timed("agreement", run_agreement)
+        tick("agreement")
+    if "lexical" in measures:
+        timed("lexical", lambda: lexical(model, run, layers=layers))
+        tick("lexical keys")
+    out = dict(results)
+    out["findings"] = findings(results, model.n_layers)
+    if write:
+        folder = Path(run.path) / "analysis"
+        folder.mkdir(parents=True, exist_ok=True)
+        for res in results.values():
+            res.write(folder)
+        from kvmem.profile.run import write_json
+
+        write_json(folder / "findings.json", _clean(out["findings"]))
+        write_json(folder / "analysis.json", _clean({
+            "run": str(run.path), "model": model.spec, "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."), "run_tokens": run.tokens.n_tokens,
+            "sample_tokens": {"sparsity": sample.n_tokens, "coactivation": sample.n_tokens,
+                              "composition": sample.head(composition_tokens).n_tokens,
+                              "knockouts": sample.head(knockout_tokens).n_tokens,
+                              "agreement": run.tokens.n_tokens, "lexical": run.tokens.n_tokens},
+            "seconds": seconds, "measures": {name: res.meta for name, res in results.items()}}))
+    return out
+
+
+def _clean(obj):
+    """JSON-safe: NaN -> None, numpy/torch scalars -> Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def load_analysis(run_path) -> dict:
+    """The tables and findings of RUN/analysis as {"findings": [...], "analysis": {...}, name: DataFrame}."""
+    folder = Path(run_path) / "analysis"
+    if not (folder / "findings.json").is_file():
+        raise KvmemError(f"{run_path}: no analysis yet (run kvmem analyze {run_path})")
+    out = {"findings": json.loads((folder / "findings.json").read_text()),
+           "analysis": json.loads((folder / "analysis.json").read_text())}
+    for path in sorted(folder.glob("*.parquet")):
+        out[path.stem] = pd.read_parquet(path)
+    return out
