@@ -72,6 +72,11 @@ def lens_logits(model, resid: torch.Tensor) -> torch.Tensor:
     return logits if b_U is None else logits + b_U.float()
 
 
+def _to_vocab(model, x: torch.Tensor) -> torch.Tensor:
+    """x [..., d_model] @ W_U in the model's dtype (no float32 copy of W_U), as float32 [..., d_vocab]."""
+    return (x.to(model.dtype) @ model.W_U).float()
+
+
 @dataclass
 class TraceResult:
     prompt: str
@@ -162,7 +167,7 @@ def trace(model, prompt: str, *, position: int = -1, target: str | int | None = 
 
     f = frozen_norm(model, after[-1])
     u = model.W_U[:, t].float()
-    ffn_dla = f(ffn_out) @ model.W_U.float()  # [n_layers, d_vocab]
+    ffn_dla = _to_vocab(model, f(ffn_out))  # [n_layers, d_vocab]
     ffn_top = ffn_dla.topk(k, dim=-1).indices.cpu().numpy()
     # per-neuron DLA on the target: m_i · f(v_i)·u, one [d_mlp, d_model] map per layer
     neuron_dla = torch.stack([coef[i].float() * (f(model.layers[i].W_out) @ u) for i in range(n_layers)])
@@ -186,7 +191,7 @@ def trace(model, prompt: str, *, position: int = -1, target: str | int | None = 
     pairs = [divmod(i, model.d_mlp) for i in best.indices.cpu().tolist()]
     m = torch.stack([coef[a, b] for a, b in pairs]).float()
     v = torch.stack([model.layers[a].W_out[b] for a, b in pairs]).float() * torch.sign(m)[:, None]
-    written = (f(v) @ model.W_U.float()).topk(n_tokens, dim=-1).indices.cpu().numpy()
+    written = _to_vocab(model, f(v)).topk(n_tokens, dim=-1).indices.cpu().numpy()
     neurons = pd.DataFrame({
         "id": [f"{a}.{b}" for a, b in pairs],
         "layer": [a for a, _ in pairs],

@@ -152,8 +152,8 @@ def trace(
     nxt = ", ".join(f"{t!r} {p:.1%}" for t, p in zip(res.prediction.token, res.prediction.prob))
     console.print(f"position {res.position} {res.tokens[res.position]!r}, next token: {nxt}",
                   markup=False, soft_wrap=True)
-    console.print(f"target {res.target!r}: {_where(res.first_top, 'first enters', res.top_n)}; "
-                  f"{_where(res.stays_top, 'stays from', res.top_n)}", markup=False, soft_wrap=True)
+    console.print(f"target {res.target!r}: {_where(res.first_top, True, res.top_n)}; "
+                  f"{_where(res.stays_top, False, res.top_n)}", markup=False, soft_wrap=True)
     table = Table("layer", "rank before→after", "p after", "FFN DLA", "lens after FFN", "FFN update promotes",
                   "top neurons (DLA)",
                   title=f"trace of {res.target!r} (DLA: direct logit attribution, final norm frozen)")
@@ -169,10 +169,11 @@ def trace(
     console.print(table)
 
 
-def _where(point: dict | None, verb: str, n: int) -> str:
+def _where(point: dict | None, first: bool, n: int) -> str:
     if point is None:
-        return f"never in the lens' top {n}" if verb == "first enters" else f"not in the top {n} at the end"
-    return f"{verb} the top {n} after layer {point['layer']}'s {point['after']}"
+        return f"never in the lens' top {n}" if first else f"not in the top {n} at the end"
+    where = f"layer {point['layer']}'s {point['after']}"
+    return f"first enters the top {n} after {where}" if first else f"in the top {n} from after {where} on"
 
 
 @app.command()
