@@ -42,13 +42,16 @@ def _config(config: Path | None, **given):
 
 
 class TokensPerSecond(ProgressColumn):
+    """Tokens per second over this session (rich's own speed column averages a short window)."""
+
     def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} tok/s" if task.speed else "… tok/s")
+        done = task.completed - task.fields.get("start", 0)
+        return Text(f"{done / task.elapsed:,.0f} tok/s" if task.elapsed and done else "… tok/s")
 
 
 def _progress_bar(progress: Progress):
     def factory(total: int, done: int):
-        task = progress.add_task("profiling", total=total, completed=done)
+        task = progress.add_task("profiling", total=total, completed=done, start=done)
         return lambda n: progress.advance(task, n)
 
     return factory
@@ -67,6 +70,7 @@ def profile(
     top_k: Annotated[int | None, typer.Option(help="Examples kept per neuron per store (default 20).")] = None,
     text_field: Annotated[str | None, typer.Option(help="Text field of .jsonl/.parquet/hf corpora.")] = None,
     checkpoint_every: Annotated[float | None, typer.Option(help="Seconds between checkpoints (default 300).")] = None,
+    shard: Annotated[str | None, typer.Option(help="I/N: profile only the I-th of N blocks of rows; kvmem merge joins them.")] = None,
     config: Annotated[Path | None, typer.Option(help="A TOML run config, e.g. configs/smollm2-pydoc.toml.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace whatever --out holds.")] = False,
@@ -79,7 +83,8 @@ def profile(
     from kvmem.profile.job import profile as run_profile
 
     cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                  top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, device=device, dtype=dtype)
+                  top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, shard=shard, device=device,
+                  dtype=dtype)
     with err_console.status(f"loading {cfg.model} ..."):
         import kvmem
 

@@ -18,8 +18,8 @@ def examples(run, layer: int, neuron: int, kind: str = "top", *, before: int = 1
     """One row per stored example, best first: value, index, doc, token, context tokens, marked text."""
     if kind not in KINDS:
         raise KvmemError(f"unknown example kind {kind!r}; choose from {', '.join(KINDS)}")
-    values, index = run.stats[layer].store(kind)
-    v, idx = values[neuron], index[neuron]
+    slots = getattr(run.stats[layer], kind)
+    v, idx = slots.value[neuron], slots.index[neuron]
     keep = idx >= 0
     v, idx = v[keep].tolist(), idx[keep].tolist()
     store, vocab = run.tokens, run.vocab
@@ -27,9 +27,10 @@ def examples(run, layer: int, neuron: int, kind: str = "top", *, before: int = 1
     for rank, (value, i) in enumerate(zip(v, idx)):  # at most top_k rows: not a hot path
         ids, at = store.context(i, before, after)
         tokens = [vocab[t] for t in ids]
-        doc = int(store.doc_of(torch.tensor([i]))[0])
+        at_index = torch.tensor([i])
+        doc, start = int(store.doc_of(at_index)[0]), int(store.doc_start(at_index)[0])
         rows.append({
-            "rank": rank, "value": value, "index": i, "doc": doc, "position": i - int(store.doc_offsets[doc]),
+            "rank": rank, "value": value, "index": i, "doc": doc, "position": i - start,
             "token": tokens[at], "context": tokens, "at": at,
             "text": "".join(tokens[:at]) + "⟦" + tokens[at] + "⟧" + "".join(tokens[at + 1:]),
         })

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ import kvmem
 from kvmem.errors import KvmemError
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import Corpus
-from kvmem.profile.runner import Profiler, ProfileConfig, find_batch_size, remove_checkpoint
+from kvmem.profile.runner import Profiler, ProfileConfig, find_batch_size, parse_shard, remove_checkpoint, shard_of
 from kvmem.profile.tables import layer_table, neuron_table
 from kvmem.profile.tokens import TokenStore, tokenize
 
@@ -42,6 +42,7 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
         shutil.rmtree(out)
     if model is None:
         model = kvmem.load(cfg.model, device=_rank_device(cfg.device, rank, world), dtype=cfg.dtype)
+    cfg = replace(cfg, model=model.spec)  # the settings record the model actually profiled
     if resume:
         store = TokenStore.load(ckpt / "tokens.safetensors")
         corpus_info = json.loads((ckpt / "corpus.json").read_text())
@@ -50,6 +51,11 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
         store, ran_out = tokenize(corpus, model.tokenizer, cfg.tokens)
         corpus_info = {"source": cfg.corpus, "description": corpus.describe(), "n_docs": store.n_docs,
                        "invalid_utf8_docs": corpus.invalid_utf8, "ran_out": ran_out}
+        if cfg.shard is not None:
+            if world > 1:
+                raise KvmemError("--shard and torchrun both split the corpus: use one of them")
+            store = shard_of(store, cfg.seq_len, *parse_shard(cfg.shard))
+            corpus_info |= {"shard": cfg.shard, "n_docs_in_corpus": corpus_info["n_docs"]}
     if world > 1:
         return _profile_distributed(model, cfg, store, corpus_info, out, rank, world, resume, progress_factory)
     if not resume:
@@ -59,9 +65,7 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
     return _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory)
 
 
-def _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory, write_final=True):
-    from dataclasses import replace
-
+def _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory):
     batch_size = find_batch_size(model, cfg, store, out)
     profiler = Profiler(model, replace(cfg, batch_size=batch_size), store, out)
     if resume:
@@ -122,16 +126,25 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
         for key in ("layers", "top_k", "seq_len"):
             if r.manifest["settings"][key] != first["settings"][key]:
                 raise KvmemError(f"cannot merge {r.path}: --{key.replace('_', '-')} differs")
-    store, stats = runs[0].tokens, {layer: s for layer, s in runs[0].stats.items()}
+    store, stats, rekeyed = runs[0].tokens, dict(runs[0].stats), False
     for r in runs[1:]:
-        other = r.tokens
-        doc_shift = store.n_docs - (1 if other.continues_doc else 0)
-        for layer, s in r.stats.items():
-            stats[layer].merge(s.shifted(store.n_tokens, doc_shift))
+        other, other_stats = r.tokens, r.stats
+        doc_end = store.end[1] - (1 if other.continues_doc else 0)
+        if (other.offset, other.doc_base) != (store.end[0], doc_end):
+            # independent runs (not shards of one stream): move the other run after this one
+            d_tokens, d_docs = store.end[0] - other.offset, store.end[1] - other.doc_base
+            other = TokenStore(other.ids, other.doc_offsets, False, store.end[0], store.end[1])
+            other_stats = {layer: shifted(s, d_tokens, d_docs) for layer, s in other_stats.items()}
+            rekeyed = True
+        for layer, s in other_stats.items():
+            stats[layer].merge(s)
         store = store.concat(other)
     corpus = dict(first["corpus"])
     corpus.update(n_docs=store.n_docs, invalid_utf8_docs=sum(r.manifest["corpus"]["invalid_utf8_docs"] for r in runs),
                   ran_out=runs[-1].manifest["corpus"]["ran_out"], merged_from=[str(r.path) for r in runs])
+    if rekeyed:
+        corpus["note"] = ("merged independent runs: token indices of later runs were shifted, so their random "
+                          "examples ('sample') are a uniform sample of each run, not of the whole stream")
     corpus.pop("n_tokens", None)
     settings = dict(first["settings"]) | {"tokens": store.n_tokens}
     elapsed = sum(r.manifest["time"]["seconds"] for r in runs)
@@ -139,6 +152,19 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
         shutil.rmtree(out)
     meta = dict(first["model"])
     return finalize(meta, settings, store, stats, corpus, out, elapsed, vocab=runs[0].vocab)
+
+
+def shifted(stats, d_tokens: int, d_docs: int):
+    """A copy of LayerStats with every token index moved by d_tokens and document id by d_docs."""
+    from kvmem.stats import LayerStats
+
+    sd = stats.state_dict()
+    for name, t in sd.items():
+        if name.endswith(".index"):
+            sd[name] = torch.where(t >= 0, t + d_tokens, t)
+    sd["top_docs.doc"] = torch.where(sd["top_docs.doc"] >= 0, sd["top_docs.doc"] + d_docs, sd["top_docs.doc"])
+    sd["meta.last_index"] = sd["meta.last_index"] + d_tokens
+    return LayerStats.from_state_dict(sd, device=stats.device)
 
 
 # --- torchrun -------------------------------------------------------------------------------
@@ -160,10 +186,8 @@ def _profile_distributed(model, cfg, store, corpus_info, out, rank, world, resum
         raise KvmemError("--resume is not supported under torchrun; resume each shard or rerun")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo")
-    n_rows = store.rows(cfg.seq_len)
-    bounds = [n_rows * r // world for r in range(world + 1)]
     shard_dir = out / ".shards" / f"rank-{rank}"
-    shard = store.slice_rows(bounds[rank], bounds[rank + 1], cfg.seq_len)
+    shard = shard_of(store, cfg.seq_len, rank, world)
     info = corpus_info | {"shard": f"{rank}/{world}"}
     _profile_one(model, cfg, shard, info, shard_dir, False, progress_factory if rank == 0 else None)
     dist.barrier()

@@ -38,6 +38,7 @@ class ProfileConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16
     checkpoint_every: float = 300.0  # seconds between checkpoints (0: after every batch)
+    shard: str | None = None  # "i/n": profile only the i-th of n contiguous blocks of rows (merge them later)
 
     def validate(self) -> "ProfileConfig":
         for name in ("seq_len", "top_k"):
@@ -47,7 +48,26 @@ class ProfileConfig:
             raise KvmemError("--tokens must be at least 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise KvmemError("--batch-size must be at least 1")
+        if self.shard is not None:
+            parse_shard(self.shard)
         return self
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise KvmemError(f"malformed --shard {text!r}: write I/N, e.g. 0/2") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise KvmemError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def shard_of(store: TokenStore, seq_len: int, i: int, n: int) -> TokenStore:
+    """The i-th of n contiguous blocks of rows of the stream (global indices kept)."""
+    rows = store.rows(seq_len)
+    return store.slice_rows(rows * i // n, rows * (i + 1) // n, seq_len)
 
 
 @dataclass
@@ -93,7 +113,7 @@ class Profiler:
         progress = json.loads((self.ckpt / "progress.json").read_text())
         saved = progress["config"]
         mine = asdict(self.cfg) | {"layers": self.layers}
-        for key in ("model", "corpus", "text_field", "tokens", "seq_len", "layers", "top_k"):
+        for key in ("model", "corpus", "text_field", "tokens", "seq_len", "layers", "top_k", "shard"):
             if saved[key] != (list(mine[key]) if isinstance(mine[key], tuple) else mine[key]):
                 raise KvmemError(f"--resume: the checkpoint was made with {key}={saved[key]!r}, not {mine[key]!r}")
         self.batch_size = progress["batch_size"]  # same batches -> bit-identical statistics
@@ -118,9 +138,10 @@ class Profiler:
     def step(self, row: int, ids: torch.Tensor) -> None:
         S = self.cfg.seq_len
         n_rows, length = ids.shape
-        index = (row * S + torch.arange(n_rows, device=ids.device)[:, None] * S
+        local = (row * S + torch.arange(n_rows, device=ids.device)[:, None] * S
                  + torch.arange(length, device=ids.device)).flatten()
-        doc = torch.searchsorted(self.doc_offsets, index, right=True) - 1
+        doc = torch.searchsorted(self.doc_offsets, local, right=True) - 1 + self.store.doc_base  # global ids
+        index = local + self.store.offset  # global token indices
         pos = torch.arange(length, device=ids.device).repeat(n_rows)
 
         def on_layer(layer, t):

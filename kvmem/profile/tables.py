@@ -1,8 +1,9 @@
 """The run's tables, built from the statistics: one row per neuron, one row per layer.
 
 Firing means m > 0 (exact count). ``above_{1,10,50}pct_max`` are the shares of tokens whose m
-exceeds 1% / 10% / 50% of that neuron's max, estimated from its activation histogram (the
-histogram's straddling bin bounds the error; one pass cannot count them exactly).
+exceeds 1% / 10% / 50% of that neuron's max, estimated from its activation histogram; the true
+share lies within ``..._err`` of it (the count of the histogram bin holding the threshold: one
+pass cannot count exactly against a max that is only known at the end).
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ CONTEXT_BEFORE = 6
 def _context_strings(store, index: torch.Tensor, vocab: list[str]) -> tuple[list[str], list[str]]:
     """The activating token and a short marked context for each index [n] (-1: none)."""
     valid = index >= 0
-    idx = index.clamp(min=0)
-    doc_start = store.doc_offsets[store.doc_of(idx)]
-    offsets = torch.arange(-CONTEXT_BEFORE, 1)
-    window = idx[:, None] + offsets  # [n, CONTEXT_BEFORE + 1]
+    idx = torch.where(valid, index, store.offset)
+    doc_start = store.doc_start(idx)
+    window = idx[:, None] + torch.arange(-CONTEXT_BEFORE, 1)  # [n, CONTEXT_BEFORE + 1] global indices
     inside = window >= doc_start[:, None]
-    ids = store.ids[window.clamp(min=0)].tolist()
+    ids = store.ids[(window - store.offset).clamp(min=0)].tolist()
     tokens, contexts = [], []
     for ok, row, mask in zip(valid.tolist(), ids, inside.tolist()):  # one string per neuron, once per run
         if not ok:
@@ -39,17 +39,13 @@ def neuron_table(stats: dict, store, vocab: list[str]) -> pd.DataFrame:
     """One row per (layer, neuron): rates, moments, estimated shares above fractions of max, top example."""
     frames = []
     for layer, s in stats.items():
-        df = s.to_frame()
-        df.insert(0, "layer", layer)
-        df.insert(2, "id", [f"{layer}.{n}" for n in df.neuron])
-        maxima = s.max.double().cpu()
+        df = s.to_frame(layer).rename(columns={"neuron_id": "id"})
+        maxima = s.max.clamp(min=0).nan_to_num(0.0)
         for f in FRACTIONS:
-            est, _ = s.count_above((maxima * f).clamp(min=0))
-            df[f"above_{round(f * 100)}pct_max"] = (est.cpu() / max(s.n_tokens, 1)).numpy()
-        values, index = s.store("top")
-        df["top_value"] = values[:, 0].cpu().numpy()
-        df["top_index"] = index[:, 0].cpu().numpy()
-        df["top_token"], df["top_context"] = _context_strings(store, index[:, 0].cpu(), vocab)
+            est, bound = s.count_above(maxima * f, return_bound=True)
+            df[f"above_{round(f * 100)}pct_max"] = (est / max(s.n, 1)).cpu().numpy()
+            df[f"above_{round(f * 100)}pct_max_err"] = (bound / max(s.n, 1)).cpu().numpy()
+        df["top_token"], df["top_context"] = _context_strings(store, s.top.index[:, 0].cpu(), vocab)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -64,16 +60,16 @@ def layer_table(stats: dict) -> pd.DataFrame:
         total = hist.sum().clamp(min=1)
         cdf = hist.cumsum(0) / total
         row = {
-            "layer": layer, "d_mlp": int(rate.numel()), "n_tokens": int(s.n_tokens),
+            "layer": layer, "d_mlp": int(rate.numel()), "n_tokens": int(s.n),
             "firing_rate": float(rate.mean()), "dead": int((rate == 0).sum()), "dense": int((rate > 0.5).sum()),
             "densest": f"{layer}.{int(rate.argmax())}", "densest_rate": float(rate.max()),
             "l0_mean": float((hist * counts).sum() / total),
             "l0_median": int(torch.searchsorted(cdf, torch.tensor([0.5], dtype=torch.float64))[0]),
             "l0_p90": int(torch.searchsorted(cdf, torch.tensor([0.9], dtype=torch.float64))[0]),
-            "max_activation": float(s.max.max()),
+            "max_activation": float(s.max.nan_to_num(float("-inf")).max()),
         }
         if s.gated:
-            q = s.quadrants.double().sum(0).cpu()
+            q = s.quadrant_count.double().sum(0).cpu()
             q = q / q.sum().clamp(min=1)
             row.update(gate_pos_up_pos=float(q[0]), gate_pos_up_neg=float(q[1]),
                        gate_neg_up_pos=float(q[2]), gate_neg_up_neg=float(q[3]))
