@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from kvmem.cli import core, profile, report  # noqa: E402,F401  (registers commands)
+from kvmem.cli import analyze, core, profile, report  # noqa: E402,F401  (registers commands)
 from kvmem.cli import vocab  # noqa: E402,F401  (registers vocab, search, trace, intervene)
 
 

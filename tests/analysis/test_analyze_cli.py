@@ -1,0 +1,91 @@
+"""``kvmem analyze`` and ``kvmem compare`` end to end on profiled tiny models."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from kvmem.cli import main
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory, tiny_dirs):
+    """family -> a profiled and analyzed run folder (gpt2: GELU, opt: ReLU)."""
+    root = tmp_path_factory.mktemp("analyze")
+    out = {}
+    for family in ("gpt2", "opt"):
+        path = root / family
+        code = main(["profile", str(tiny_dirs[family]), "--corpus", "pydoc", "--tokens", "1500", "--seq-len", "32",
+                     "--top-k", "5", "--batch-size", "4", "--out", str(path), "--device", "cpu", "--json"])
+        assert code == 0
+        out[family] = path
+    return out
+
+
+def test_analyze_writes_tables_and_findings(capsys, analyzed):
+    run = analyzed["gpt2"]
+    code, out, err = cli(capsys, "analyze", run, "--tokens", "640", "--knockout-tokens", "256",
+                         "--composition-tokens", "128", "--device", "cpu", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    folder = run / "analysis"
+    for name in ("agreement_layers", "agreement_pairs", "lexical_layers", "lexical_truncation", "sparsity_layers",
+                 "sparsity_model", "composition_layers", "knockouts_layers", "knockouts_long", "coactivation_partners"):
+        assert (folder / f"{name}.parquet").is_file(), name
+    findings = json.loads((folder / "findings.json").read_text())
+    assert findings == res["findings"]
+    assert {f["measure"] for f in findings} == {"agreement", "lexical", "sparsity", "composition", "knockouts"}
+    for f in findings:
+        assert {"claim", "measure", "figures", "threshold", "n_tokens", "baseline", "rule", "verdict", "numbers"} <= set(f)
+        assert f["verdict"] in ("supported", "not supported", "mixed")
+        assert f["n_tokens"] > 0 and f["numbers"]
+        for fig in f["figures"]:
+            df = pd.read_parquet(folder / fig["table"])
+            assert set(fig["y"]) <= set(df.columns)
+    meta = json.loads((folder / "analysis.json").read_text())
+    assert meta["sample_tokens"]["sparsity"] == 640 and meta["sample_tokens"]["knockouts"] == 256
+    assert meta["sample_tokens"]["composition"] == 128
+    assert pd.read_parquet(folder / "sparsity_layers.parquet").n_tokens.eq(640).all()
+    # the run's own max sets the "% of max" thresholds (the run saw more tokens than the sample)
+    assert "given" in meta["measures"]["sparsity"]["maxima"]
+
+
+def test_analyze_tables_print_and_compare(capsys, analyzed):
+    code, out, err = cli(capsys, "analyze", analyzed["opt"], "--tokens", "320", "--knockout-tokens", "128",
+                         "--composition-tokens", "64", "--measures", "sparsity,agreement,knockouts", "--device", "cpu")
+    assert code == 0, err
+    assert "agreement" in out and "findings" in out and "320 tokens" in out
+    if not (analyzed["gpt2"] / "analysis" / "findings.json").exists():
+        assert cli(capsys, "analyze", analyzed["gpt2"], "--tokens", "320", "--measures", "sparsity",
+                   "--device", "cpu", "--json")[0] == 0
+    code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["opt"], "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["meta"]["same_corpus"] is True
+    assert [m["family"] for m in res["models"]] == ["gpt2", "opt"]
+    for m in res["models"]:
+        assert 0 <= m["active_gt0"] <= 1
+    layers = pd.DataFrame(res["layers"])
+    assert layers.depth.between(0, 1).all()
+    code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["opt"])
+    assert code == 0 and "active_gt10pct_max" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "/nonexistent/run"],
+    ["analyze", "{gpt2}", "--measures", "sparsity,bogus"],
+    ["analyze", "{gpt2}", "--tokens", "1"],
+    ["compare", "{gpt2}"],
+])
+def test_bad_input_is_one_line(capsys, analyzed, argv):
+    argv = [a.format(gpt2=analyzed["gpt2"]) for a in argv]
+    code, out, err = cli(capsys, *argv, "--device", "cpu") if argv[0] == "analyze" else cli(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
