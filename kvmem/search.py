@@ -106,6 +106,9 @@ def search(model, token: str, *, layers=None, top: int = 20, suppress: bool = Fa
         raise KvmemError("the projection given does not match this model / through_norm setting")
     k = projection.k
     sign_list = [1, -1] if signs == "both" or (signs == "auto" and model.gated) else [1]
+    if -1 in sign_list and through_norm and getattr(model.final_norm, "bias", None) is not None:
+        raise KvmemError("searching -v through the final norm needs a norm without a bias: this model's norm adds "
+                         "a bias, so norm(-v) is not -norm(v); use --signs positive or drop --through-norm")
     direction = -1 if suppress else 1
 
     with torch.inference_mode():

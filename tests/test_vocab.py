@@ -139,15 +139,17 @@ def brute_force(model, family, token, signs, suppress, through_norm=False):
     return out
 
 
-@pytest.mark.parametrize("family,suppress", [("llama", False), ("gpt2", False), ("gpt_neox", True), ("qwen2", True)])
-def test_search_ranks_against_brute_force(tiny_models, tmp_cache, family, suppress):
+@pytest.mark.parametrize("family,suppress,through_norm", [
+    ("llama", False, False), ("gpt2", False, False), ("gpt_neox", True, False), ("qwen2", True, False),
+    ("gemma", False, True), ("opt", True, True)])
+def test_search_ranks_against_brute_force(tiny_models, tmp_cache, family, suppress, through_norm):
     model = tiny_models[family]
     k = 8
     token = model.tokenizer(" the", add_special_tokens=False)["input_ids"][0]
-    res = search(model, " the", top=15, k=k, suppress=suppress)
+    res = search(model, " the", top=15, k=k, suppress=suppress, through_norm=through_norm)
     signs = [1, -1] if model.gated else [1]
     assert res.signs == signs and res.token_id == token and res.note == ""
-    brute = brute_force(model, family, token, signs, suppress)
+    brute = brute_force(model, family, token, signs, suppress, through_norm)
     strength = -1 if suppress else 1  # a suppressing row has the token far below its mean
     qualified = sorted((r, -strength * z, key) for key, r, z in brute if r <= k)
     assert res.n_in_top_k == len(qualified) > 0
@@ -179,6 +181,9 @@ def test_search_options_and_errors(tiny_models, tmp_cache):
         search(model, " the", signs="negative")
     with pytest.raises(KvmemError):
         search(model, " the", top=0)
+    with pytest.raises(KvmemError, match="bias"):  # LayerNorm: norm(-v) is not -norm(v)
+        search(tiny_models["gpt2"], " the", signs="both", through_norm=True)
+    assert search(tiny_models["gpt2"], " the", signs="both", top=3).signs == [1, -1]
 
 
 # --- the real SmolLM2 --------------------------------------------------------------------------------
