@@ -32,7 +32,6 @@ from kvmem.stats.store import merge_entries, work_buffer
 from kvmem.stats.update import update_sample, update_values
 
 _STATE_VERSION = 1
-_SUM_BLOCK = 16  # rows summed in float32 before the float64 accumulation
 
 
 class Slots(NamedTuple):
@@ -51,16 +50,14 @@ class Quadrants(NamedTuple):
     index: torch.Tensor
 
 
-def _blocked_sum(x: torch.Tensor) -> torch.Tensor:
-    """Column sums of x [N, d] float32 as float64 [d]: float32 over blocks of 16 rows, then float64."""
-    n, d = x.shape
-    nb = n // _SUM_BLOCK
-    parts = []
-    if nb:
-        parts.append(x[: nb * _SUM_BLOCK].view(nb, _SUM_BLOCK, d).sum(1))
-    if n % _SUM_BLOCK:
-        parts.append(x[nb * _SUM_BLOCK :].sum(0, keepdim=True))
-    return torch.cat(parts).to(torch.float64).sum(0)
+def _moments(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column sums of m and m*m [N, d] float32 as float64 [d]: every value is converted to float64 first
+    (squares of float32 values are exact in float64), so only the float64 additions round."""
+    x = work_buffer("f64", tuple(m.shape), torch.float64, m.device)
+    x.copy_(m)
+    total = x.sum(0)
+    x.mul_(x)
+    return total, x.sum(0)
 
 
 class LayerStats:
@@ -142,9 +139,9 @@ class LayerStats:
         self.l0_pos_sum.index_add_(0, pos, l0)
         self.l0_pos_count += torch.bincount(pos, minlength=self.max_pos)
         # moments
-        self.sum += _blocked_sum(m)
-        torch.mul(m, m, out=posf)
-        self.sumsq += _blocked_sum(posf)
+        total, squares = _moments(m)
+        self.sum += total
+        self.sumsq += squares
         # histogram
         code = work_buffer("i32_a", (n, d), torch.int32, dev)
         flat = work_buffer("i32_b", (n, d), torch.int32, dev)

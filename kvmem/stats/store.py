@@ -17,6 +17,8 @@ import torch
 from kvmem.stats.keys import EMPTY
 
 _local = threading.local()
+# merge_entries pads the candidates per row unless t * (k + cmax) > PAD_FACTOR * (t * k + C) + PAD_SLACK
+PAD_FACTOR, PAD_SLACK = 4, 4096
 
 
 def work_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -76,7 +78,7 @@ def merge_entries(
     touched, counts = torch.unique_consecutive(row, return_counts=True)
     t, c = touched.numel(), row.numel()
     cmax = int(counts.max())
-    if t * (k + cmax) > 4 * (t * k + c) + 4096:
+    if t * (k + cmax) > PAD_FACTOR * (t * k + c) + PAD_SLACK:
         return _merge_sorted(keys, payloads, fills, touched, row, cand_key[order], [p[order] for p in cand_payloads])
     dev = keys.device
     local = torch.repeat_interleave(torch.arange(t, device=dev), counts)
