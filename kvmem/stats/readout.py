@@ -23,7 +23,7 @@ def std(self) -> torch.Tensor:
 
 def firing_rate(self) -> torch.Tensor:
     """Fraction of tokens with m > 0 per neuron, float64 [d] (NaN before any token)."""
-    return self.count_pos / self.n if self.n else torch.full_like(self.sum, float("nan"))
+    return self.count_pos.double() / self.n if self.n else torch.full_like(self.sum, float("nan"))
 
 
 def count_above(self, threshold, return_bound: bool = False):
