@@ -34,7 +34,7 @@ def value_top_tokens(model, layers, cache: bool = True) -> tuple[torch.Tensor, t
     from kvmem.vocab import compute_projection, project_values
 
     if cache:
-        p = project_values(model, k=1, cache=True)
+        p = project_values(model, k=10, cache=True)  # the k agreement uses: one cached projection serves both
         return p["top_ids"][..., 0].to(model.device), p["bottom_ids"][..., 0].to(model.device)
     t = compute_projection(model, k=1, layers=layers)
     top = torch.full((model.n_layers, model.d_mlp), -1, dtype=torch.long)

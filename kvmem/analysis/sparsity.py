@@ -53,14 +53,16 @@ def neuron_stats(model, sample: Sample, layers=None, tokens_per_batch: int = 204
     return pd.concat(frames, ignore_index=True)
 
 
-def carry_counts(contrib: torch.Tensor, share: float) -> torch.Tensor:
-    """contrib [tokens, d_mlp] >= 0 -> [tokens] the fewest neurons whose contributions sum to
-    ``share`` of the token's total (0 where the total is 0)."""
-    c = contrib.sort(dim=1, descending=True).values.double()
-    cs = c.cumsum(1)
+def carry_counts(contrib: torch.Tensor, shares) -> list[torch.Tensor]:
+    """contrib [tokens, d_mlp] >= 0 -> per share, [tokens] the fewest neurons whose contributions sum to
+    that share of the token's total (0 where the total is 0). One sort for all shares."""
+    cs = contrib.sort(dim=1, descending=True).values.double().cumsum(1)
     total = cs[:, -1:]
-    count = (cs < share * total).sum(1) + 1
-    return torch.where(total[:, 0] > 0, count.clamp(max=c.shape[1]), torch.zeros_like(count))
+    out = []
+    for share in shares:
+        count = ((cs < share * total).sum(1) + 1).clamp(max=cs.shape[1])
+        out.append(torch.where(total[:, 0] > 0, count, torch.zeros_like(count)))
+    return out
 
 
 @torch.inference_mode()
@@ -97,8 +99,8 @@ def sparsity(model, sample: Sample, layers=None, *, maxima: dict | None = None, 
         for c in MEAN_MULTIPLES:
             s[f"abs_gt_{c:g}x_mean"] += float((a > c * mean_abs).float().mean(1).sum())
         contrib = a * norms[layer].float()
-        for p in CARRY:
-            hists[layer][p] += torch.bincount(carry_counts(contrib, p), minlength=d + 1).double()
+        for p, counts in zip(CARRY, carry_counts(contrib, CARRY)):
+            hists[layer][p] += torch.bincount(counts, minlength=d + 1).double()
         if model.gated:
             g = t["gate"].reshape(-1, d) > 0
             u = t["pre"].reshape(-1, d) > 0
