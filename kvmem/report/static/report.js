@@ -194,7 +194,7 @@
       " (m > 0 on " + Math.round(rate * M.n_tokens).toLocaleString() + " of " + M.n_tokens.toLocaleString() + " tokens) \u00b7 max m " +
       fmt(maxv, 4) + " \u00b7 min m " + fmt(minv, 4);
     document.getElementById("shadenote").textContent = "Each token is shaded by m of this neuron (orange > 0, blue < 0, relative to max |m| = " +
-      fmt(scale, 3) + "); the activating token is boxed. " + M.shade_note + ".";
+      fmt(scale, 3) + "); the activating token is boxed. " + M.shade_note.charAt(0).toUpperCase() + M.shade_note.slice(1) + ".";
     examples("top", d.top, L.before, scale, "no token with m > 0 was stored");
     examples("top_docs", d.top_docs, L.before, scale, "none stored");
     examples("bands", d.bands, L.before, scale, "no firing tokens sampled");

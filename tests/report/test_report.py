@@ -1,0 +1,246 @@
+"""The report's files, links, escaping and data, checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+
+URL = re.compile(r"(?:https?:|ftp:|wss?:)?//[A-Za-z0-9]", re.I)
+
+
+def load_data(path: Path):
+    """The JSON object of a data script (`KV.x = {...};` or `KV.addLayer(L, {...});`)."""
+    text = path.read_text(encoding="utf-8")
+    m = re.fullmatch(r"KV\.\w+ = (.*);\n", text, re.S) or re.fullmatch(r"KV\.addLayer\(\d+, (.*)\);\n", text, re.S)
+    assert m, f"{path.name}: unexpected shape"
+    return json.loads(m.group(1))
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.scripts = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script":
+            self.scripts += 1
+        for name, value in attrs:
+            if name in ("href", "src") and value is not None:
+                self.refs.append(value)
+
+
+def pages(root: Path) -> list[Path]:
+    return sorted(root.glob("*.html"))
+
+
+def test_files(report_dir, report_run):
+    from plotly.offline import get_plotlyjs
+
+    run, _ = report_run
+    assert (report_dir / "index.html").is_file() and (report_dir / "neuron.html").is_file()
+    assert (report_dir / "static" / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
+    for name in ("report.js", "report.css"):
+        assert (report_dir / "static" / name).stat().st_size > 1000
+    for name in ("vocab.js", "neurons.js", "meta.js") + tuple(f"layer-{layer}.js" for layer in run.profiled_layers):
+        assert (report_dir / "data" / name).is_file(), name
+    # plotly.js is written once, never inlined into a page
+    for page in pages(report_dir):
+        assert page.stat().st_size < 500_000, page.name
+
+
+def test_links_resolve_and_no_network(report_dir, plain_report_dir):
+    for root in (report_dir, plain_report_dir):
+        for page in pages(root):
+            parser = Links()
+            parser.feed(page.read_text(encoding="utf-8"))
+            assert parser.refs, page.name
+            for ref in parser.refs:
+                assert not URL.match(ref) and not ref.startswith(("data:", "javascript:")), (page.name, ref)
+                target = ref.split("#")[0].split("?")[0]
+                if target:
+                    assert (root / target).is_file(), (page.name, ref)
+        own = list(pages(root)) + list((root / "data").glob("*.js")) + [root / "static" / "report.js",
+                                                                         root / "static" / "report.css"]
+        for path in own:
+            text = path.read_text(encoding="utf-8")
+            assert not re.search(r"https?://|\bwss?://|//cdn|@import", text), path.name
+        # the neuron links the table builds point at a page that exists
+        assert "neuron.html#" in (root / "static" / "report.js").read_text() and (root / "neuron.html").is_file()
+
+
+def test_hostile_text_is_escaped(report_dir, report_run):
+    run, _ = report_run
+    index = (report_dir / "index.html").read_text(encoding="utf-8")
+    assert "&lt;img src=x onerror=window.__pwned=9&gt;" in index  # the corpus name, autoescaped
+    assert "<img" not in index
+    for page in pages(report_dir):
+        text = page.read_text(encoding="utf-8")
+        assert text.count("<script") == text.count("</script>"), page.name
+        for m in re.finditer(r"<script([^>]*)>(.*?)</script>", text, re.S):
+            assert "<" not in m.group(2), (page.name, m.group(2)[:80])
+    for path in (report_dir / "data").glob("*.js"):
+        text = path.read_text(encoding="utf-8")
+        assert not set("<>&\u2028\u2029") & set(text), path.name
+    # escaping is lossless: the vocabulary comes back exactly, hostile characters included
+    vocab = load_data(report_dir / "data" / "vocab.js")
+    assert vocab[: len(run.vocab)] == run.vocab
+    assert any("<" in t or ">" in t or "&" in t or '"' in t for t in vocab)
+
+
+def test_safe_json():
+    from kvmem.report.data import safe_json
+
+    obj = {"a": "</script><script>alert(1)</script>", "b": "<!-- & \u2028 \u2029 ' \" `"}
+    s = safe_json(obj)
+    assert not set("<>&\u2028\u2029") & set(s)
+    assert json.loads(s) == obj
+
+
+def test_layer_data_matches_run(report_dir, report_run):
+    """Examples vs run.examples (its own code path), histogram vs token count, value side vs W_U."""
+    run, model = report_run
+    meta = load_data(report_dir / "data" / "meta.js")
+    assert meta["n_tokens"] == run.manifest["corpus"]["n_tokens"] and meta["has_values"] and meta["gated"]
+    layer = run.profiled_layers[-1]
+    data = load_data(report_dir / "data" / f"layer-{layer}.js")
+    before = data["before"]
+    assert len(data["neurons"]) == model.d_mlp
+    logits = model.value_logits([(layer, n) for n in range(model.d_mlp)]).float()  # [d_mlp, d_vocab]
+    for neuron in (0, 7, model.d_mlp - 1):
+        d = data["neurons"][neuron]
+        ref = run.examples(layer, neuron, "top", before=before, after=4)
+        assert len(d["top"]) == len(ref)
+        for ex, row in zip(d["top"], ref.itertuples()):
+            assert ex[0] == pytest.approx(row.value, rel=1e-3)
+            assert ex[1] == row.doc
+            window = [t for t in ex[2] if t >= 0]
+            assert [run.vocab[t] for t in window] == list(row.context)
+            assert ex[2][before] >= 0 and run.vocab[ex[2][before]] == row.token
+        lo, counts = d["h"]
+        assert sum(counts) == run.manifest["corpus"]["n_tokens"]
+        assert sum(d["q"]) == run.manifest["corpus"]["n_tokens"]
+        top = logits[neuron].topk(len(d["vt"]))
+        assert [i for i, _ in d["vt"]] == top.indices.tolist()
+        assert [v for _, v in d["vt"]] == pytest.approx(top.values.tolist(), rel=1e-3, abs=1e-4)
+        bottom = logits[neuron].topk(len(d["vb"]), largest=False)
+        assert [i for i, _ in d["vb"]] == bottom.indices.tolist()
+
+
+def test_shading_matches_brute_force(report_dir, report_run):
+    """Context shading vs m recomputed here row by row with run_capture."""
+    import kvmem
+
+    run, model = report_run
+    seq_len = run.manifest["settings"]["seq_len"]
+    ids = run.tokens.ids.long()
+    layer = run.profiled_layers[0]
+    m = torch.cat([kvmem.run_capture(model, ids[a:a + seq_len][None], layers=[layer]).coef[layer][0]
+                   for a in range(0, len(ids), seq_len)])  # [n_tokens, d_mlp]
+    data = load_data(report_dir / "data" / f"layer-{layer}.js")
+    assert data["shaded"]
+    before, checked = data["before"], 0
+    for neuron in range(0, model.d_mlp, 5):
+        d = data["neurons"][neuron]
+        scale = max(abs(data["max"][neuron]), abs(data["min"][neuron]))
+        for ex in d["top"] + d["bands"]:
+            index = run.examples(layer, neuron, "top", before=0, after=0)  # activating indices
+            del index
+            shade = ex[3]
+            assert shade is not None
+            at_value = shade[before] * scale / 100
+            assert at_value == pytest.approx(ex[0], abs=scale / 100 + 1e-6)
+            checked += 1
+        # the whole window of the first top example, against brute force
+        top_index = int(run.stats[layer].top.index[neuron, 0])
+        ex = d["top"][0]
+        for j, tok in enumerate(ex[2]):
+            if tok < 0:
+                continue
+            g = top_index - before + j
+            assert ids[g] == tok
+            assert ex[3][j] == pytest.approx(100 * float(m[g, neuron]) / scale, abs=0.51)
+    assert checked > 0
+
+
+def test_plain_report_degrades(plain_report_dir):
+    meta = load_data(plain_report_dir / "data" / "meta.js")
+    assert not meta["has_values"] and "not available" in meta["value_note"]
+    assert "only the activating token" in meta["shade_note"]
+    assert not meta["gated"]
+    d = load_data(plain_report_dir / "data" / "layer-0.js")
+    assert not d["shaded"] and "vt" not in d["neurons"][0] and "q" not in d["neurons"][0]
+    neurons = load_data(plain_report_dir / "data" / "neurons.js")
+    assert "val" not in neurons
+    assert "not available" in (plain_report_dir / "index.html").read_text(encoding="utf-8")
+
+
+def test_neuron_index(report_dir, report_run):
+    run, _ = report_run
+    cols = load_data(report_dir / "data" / "neurons.js")
+    df = run.neurons
+    assert cols["layer"] == df["layer"].tolist() and cols["neuron"] == df["neuron"].tolist()
+    assert cols["rate"] == pytest.approx(df["firing_rate"].tolist(), rel=2e-3)
+    ids = run.tokens.ids
+    assert [run.vocab[ids[i]] for i in df["top_index"]] == [run.vocab[t] for t in cols["trig"]]
+    assert df["top_token"].tolist() == [run.vocab[t] for t in cols["trig"]]
+
+
+def test_figures_api(report_run):
+    from kvmem.report import figures
+    from kvmem.stats import HIST_EDGES
+
+    run, _ = report_run
+    figs = figures.layer_figures(run.layers, run.neurons, {k: s.l0_hist.numpy() for k, s in run.stats.items()})
+    assert set(figs) == {"firing_rate", "dead_dense", "l0", "l0_distribution", "max_activation", "quadrants"}
+    for name, fig in figs.items():
+        assert isinstance(fig, go.Figure) and fig.data, name
+        assert "token" in fig.layout.title.text or name == "max_activation", name
+    assert list(figs["firing_rate"].data[0].y) == pytest.approx(run.layers["firing_rate"].tolist())
+    hist = run.stats[0].hist[3].numpy()
+    fig = figures.activation_histogram(HIST_EDGES.numpy(), hist)
+    assert fig.data[0].y.sum() == hist.sum() == run.manifest["corpus"]["n_tokens"]
+    q = run.stats[0].quadrant_count[3].numpy()
+    assert np.asarray(figures.neuron_quadrants(q).data[0].y).sum() == pytest.approx(1.0)
+
+
+def test_cli_report_and_prompt(tmp_path, report_run, tiny_dirs, capsys):
+    import kvmem
+    from kvmem.cli import main
+
+    run, model = report_run
+    out = tmp_path / "rep"
+    assert main(["report", str(run.path), "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["files"] >= 8 and (out / "index.html").is_file()
+    # refuses to overwrite a folder holding other things; a missing run is a one-line error
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    assert main(["report", str(run.path), "--out", str(tmp_path / "other")]) == 2
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "not a kvmem run" in capsys.readouterr().err
+    # the prompt page joins the run's report and links neurons of profiled layers
+    prompt = "The capital of France is"
+    assert main(["report", str(tiny_dirs["llama"]), "--prompt", prompt, "--run", str(run.path), "--out", str(out),
+                 "--device", "cpu", "--json"]) == 0
+    page = Path(json.loads(capsys.readouterr().out)["page"])
+    text = page.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script type="application/json" id="pdata">(.*?)</script>', text, re.S).group(1))
+    assert data["linked_layers"] == run.profiled_layers
+    assert data["tokens"] == model.token_strings(model.encode(prompt)[0])
+    last = data["positions"][-1]
+    res = kvmem.query(model, prompt, top=20)
+    assert [(r["layer"], r["neuron"]) for r in last["top"]] == list(zip(res.neurons.layer, res.neurons.neuron))
+    # per-layer ranking vs brute force: |m| * ||v|| at the last position
+    cap = kvmem.run_capture(model, model.encode(prompt), layers=None, stop=False)
+    for entry in last["layers"]:
+        layer = entry["layer"]
+        score = cap.coef[layer][0, -1].abs() * model.value_norms(layer)
+        assert [r["neuron"] for r in entry["neurons"]] == score.topk(len(entry["neurons"])).indices.tolist()
