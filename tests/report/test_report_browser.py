@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import available, chromium, console_errors, wait_for
+from report_browser import available, chromium, console_errors, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 PWNED = "window.__pwned === undefined ? null : String(window.__pwned)"
