@@ -16,10 +16,10 @@ def cli(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory, tiny_dirs):
-    """family -> a profiled and analyzed run folder (gpt2: GELU, opt: ReLU)."""
+    """family -> a profiled run folder (gpt2: GELU; llama: gated SiLU, i.e. SwiGLU)."""
     root = tmp_path_factory.mktemp("analyze")
     out = {}
-    for family in ("gpt2", "opt"):
+    for family in ("gpt2", "llama"):
         path = root / family
         code = main(["profile", str(tiny_dirs[family]), "--corpus", "pydoc", "--tokens", "1500", "--seq-len", "32",
                      "--top-k", "5", "--batch-size", "4", "--out", str(path), "--device", "cpu", "--json"])
@@ -57,23 +57,27 @@ def test_analyze_writes_tables_and_findings(capsys, analyzed):
 
 
 def test_analyze_tables_print_and_compare(capsys, analyzed):
-    code, out, err = cli(capsys, "analyze", analyzed["opt"], "--tokens", "320", "--knockout-tokens", "128",
+    code, out, err = cli(capsys, "analyze", analyzed["llama"], "--tokens", "320", "--knockout-tokens", "128",
                          "--composition-tokens", "64", "--measures", "sparsity,agreement,knockouts", "--device", "cpu")
     assert code == 0, err
     assert "agreement" in out and "findings" in out and "320 tokens" in out
     if not (analyzed["gpt2"] / "analysis" / "findings.json").exists():
         assert cli(capsys, "analyze", analyzed["gpt2"], "--tokens", "320", "--measures", "sparsity",
                    "--device", "cpu", "--json")[0] == 0
-    code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["opt"], "--json")
+    code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["llama"], "--json")
     assert code == 0, err
     res = json.loads(out)
     assert res["meta"]["same_corpus"] is True
-    assert [m["family"] for m in res["models"]] == ["gpt2", "opt"]
+    assert [m["family"] for m in res["models"]] == ["gpt2", "llama"]
+    assert [m["gated"] for m in res["models"]] == [False, True]
     for m in res["models"]:
         assert 0 <= m["active_gt0"] <= 1
+    gated = res["models"][1]
+    quads = [gated[f"q_gate_{g}_up_{u}"] for g in ("pos", "neg") for u in ("pos", "neg")]
+    assert sum(quads) == pytest.approx(1.0)
     layers = pd.DataFrame(res["layers"])
     assert layers.depth.between(0, 1).all()
-    code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["opt"])
+    code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["llama"])
     assert code == 0 and "active_gt10pct_max" in out
 
 
