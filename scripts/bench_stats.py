@@ -39,8 +39,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warm", type=int, default=8, help="batches streamed before timing")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one update")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -62,25 +65,29 @@ def main() -> None:
         upd(i)
     sync()
     warm_s = time.perf_counter() - t0
-    t_upd, t_mm = [], []
+    t_upd, t_mm, c_upd, c_mm = [], [], [], []
     for i in range(args.warm, args.warm + args.reps):  # interleaved, so load changes hit both alike
         m = data[i][0]
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m @ w_out
         sync()
         t_mm.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        c_mm.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
         upd(i)
         sync()
         t_upd.append(time.perf_counter() - t0)
+        c_upd.append(time.process_time() - c0)
     mu, mm = statistics.median(t_upd) * 1e3, statistics.median(t_mm) * 1e3
+    cu, cm = statistics.median(c_upd) * 1e3, statistics.median(c_mm) * 1e3
     print(f"shape [{args.n}, {args.d_mlp}] {args.dtype} on {dev} (gated={args.gated}, k={args.k}), "
           f"torch threads {torch.get_num_threads()}")
     print(f"warm-up: {args.warm} updates in {warm_s:.2f} s; last paths: {s._paths}")
     print(f"LayerStats.update (warm): {mu:8.1f} ms  (min {min(t_upd) * 1e3:.1f})")
     print(f"coef @ W_out matmul:      {mm:8.1f} ms  (min {min(t_mm) * 1e3:.1f})")
     print(f"ratio update / matmul:    {mu / mm:8.2f}")
+    print(f"CPU time (all threads): update {cu:.1f} ms, matmul {cm:.1f} ms, ratio {cu / cm:.2f}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from kvmem.stats.store import bincount
+
 OCT_LO, OCT_HI, PER_OCT = -10, 14, 4
 N_REG = (OCT_HI - OCT_LO) * PER_OCT  # 96 regular bins per sign
 N_SIDE = N_REG + 2  # + tiny + overflow
@@ -78,7 +80,7 @@ def batch_hist(m: torch.Tensor, code: torch.Tensor, flat: torch.Tensor) -> torch
     code.bitwise_and_(2047)
     torch.index_select(_scaled_lut(d, m.device), 0, code.view(-1), out=flat.view(-1))
     flat.add_(torch.arange(d, dtype=torch.int32, device=m.device))
-    return torch.bincount(flat.view(-1), minlength=N_BINS * d).view(N_BINS, d)
+    return bincount(flat.view(-1), N_BINS * d).view(N_BINS, d)
 
 
 def count_above(hist: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,8 +132,9 @@ class LayerStats:
         # positives: L0 per token, count_pos, and which neurons can enter the sample
         posf = work_buffer("f32_a", (n, d), torch.float32, dev)
         torch.gt(m, 0, out=posf)
-        l0 = posf.sum(1).to(torch.int64)  # float sums of 0/1 are exact below 2**24
-        pos_count = posf.sum(0).to(torch.int64)
+        # float32 sums of 0/1 are exact integers below 2**24 in any order, so matrix-vector products do
+        l0 = (posf @ torch.ones(d, device=dev)).to(torch.int64)
+        pos_count = (torch.ones(n, device=dev) @ posf).to(torch.int64)
         self.count_pos += pos_count
         self.l0_hist += torch.bincount(l0, minlength=d + 1)
         self.l0_pos_sum.index_add_(0, pos, l0)

@@ -11,6 +11,7 @@ the k largest keys per neuron (padded block + topk, or a segmented sort). Keys a
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -38,6 +39,39 @@ def work_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
         buf = torch.empty(max(numel, 1), dtype=dtype)
         cache[(name, dtype)] = buf
     return buf[:numel].view(shape)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def bincount(x: torch.Tensor, minlength: int) -> torch.Tensor:
+    """torch.bincount of a flat int tensor; on CPU split over torch's intra-op threads (torch.bincount
+    runs on one core there), summing the partial counts. Same counts on every path."""
+    global _pool
+    threads = torch.get_num_threads()
+    parts = min(threads, x.numel() // (1 << 20))
+    if x.device.type != "cpu" or parts < 2:
+        return torch.bincount(x, minlength=minlength)
+    if _pool is None or _pool._max_workers < parts:
+        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="kvmem-bincount")
+    chunks = torch.tensor_split(x, parts)
+    futures = [_pool.submit(torch.bincount, c, None, minlength) for c in chunks]
+    out = futures[0].result()
+    for f in futures[1:]:
+        out += f.result()
+    return out
+
+
+def nonzero_flat(mask: torch.Tensor) -> torch.Tensor:
+    """Indices [C] int64 of the True entries of a contiguous bool tensor, in order, for sparse masks:
+    a nonzero over 8-byte words first, then over the bytes of the few non-zero words."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8 or flat.storage_offset() % 8:
+        return flat.nonzero().squeeze(1)
+    words = flat.view(torch.int64)
+    wi = (words != 0).nonzero().squeeze(1)
+    j = flat.view(-1, 8)[wi].nonzero()
+    return wi[j[:, 0]] * 8 + j[:, 1]
 
 
 def sort_desc_by_row(row: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

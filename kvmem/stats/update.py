@@ -31,7 +31,7 @@ from kvmem.stats.keys import (
     sample_key,
     token_hash,
 )
-from kvmem.stats.store import column_topk, merge_entries, work_buffer
+from kvmem.stats.store import column_topk, merge_entries, nonzero_flat, work_buffer
 
 # The sample's interval path is used while it visits at most this fraction of the batch's
 # (token, neuron) pairs; beyond it (the first batches, when T = 0) a dense path is cheaper.
@@ -81,7 +81,7 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
         torch.gt(m, hi, out=mask)
         torch.lt(m, lo, out=mask_lo)
         mask.logical_or_(mask_lo)
-        flat = mask.view(-1).nonzero().squeeze(1)
+        flat = nonzero_flat(mask)
         rows, cols = flat // d, flat % d
         v, cti = m.view(-1)[flat], ti[rows]
         paths["candidates"] = int(flat.numel())

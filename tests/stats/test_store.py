@@ -54,3 +54,22 @@ def test_column_topk_drops_empty():
     keys = torch.tensor([[5, EMPTY], [7, EMPTY], [1, EMPTY]])
     col, key, row = store.column_topk(keys, 2)
     assert col.tolist() == [0, 0] and key.tolist() == [7, 5] and row.tolist() == [1, 0]
+
+
+def test_threaded_bincount_matches(monkeypatch):
+    x = torch.randint(0, 5000, (3_000_000,), dtype=torch.int32)
+    expect = torch.bincount(x, minlength=6000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert torch.equal(store.bincount(x, 6000), expect)
+
+
+def test_nonzero_flat():
+    g = torch.Generator().manual_seed(1)
+    for n in (8, 64, 1000, 4099):
+        for p in (0.0, 0.001, 0.1, 1.0):
+            mask = torch.rand(n, generator=g) < p
+            assert torch.equal(store.nonzero_flat(mask), mask.nonzero().squeeze(1))
+    big = torch.zeros(10, 16, dtype=torch.bool)
+    big[3, 5] = big[9, 15] = big[0, 0] = True
+    assert store.nonzero_flat(big).tolist() == [0, 3 * 16 + 5, 9 * 16 + 15]
+    assert store.nonzero_flat(big[1:]).tolist() == [2 * 16 + 5, 8 * 16 + 15]  # offset view
