@@ -1,8 +1,9 @@
 """The prompt page: one prompt's tokens and, for each token, the neurons that fire most there.
 
-For every position: ``kvmem.query`` (top neurons over all layers by contribution |m|·‖v‖, the
-next-token prediction) and, from one capture pass over all layers, the top neurons of each layer by
-the same score, with the tokens their actual sub-update sign(m)·v promotes. With a run report
+For every position, from one forward pass capturing every layer: the next-token prediction, the
+top neurons over all layers by contribution |m|·‖v‖ (exactly what ``kvmem query --position P``
+lists) and the top neurons of each layer by the same score, with the tokens their actual sub-update
+sign(m)·v promotes. With a run report
 beside it, neuron ids link to its neuron pages.
 """
 
@@ -19,47 +20,47 @@ from kvmem.capture import capture
 
 def prompt_data(model, prompt: str, *, per_layer: int = 5, top: int = 20, n_tokens: int = 5,
                 through_norm: bool = False) -> dict:
-    """JSON-able: tokens, and per position the query result and the per-layer top neurons."""
-    from kvmem.query import query
-
+    """JSON-able: tokens, and per position the next-token prediction, the top neurons over all layers
+    and the top neurons of each layer. One forward pass; scores as in ``kvmem.query``."""
     ids = model.encode(prompt)
     layers = list(range(model.n_layers))
     with torch.inference_mode(), capture(model, layers) as cap:
-        model.hf(input_ids=ids, use_cache=False)
-    m = torch.stack([cap.coef[layer][0].float() for layer in layers], 1)  # [pos, n_layers, d_mlp]
+        logits = model.hf(input_ids=ids, use_cache=False).logits[0].float().cpu()  # [pos, d_vocab]
+    m = torch.stack([cap.coef[layer][0].float().cpu() for layer in layers], 1)  # [pos, n_layers, d_mlp]
     norms = torch.stack([model.value_norms(layer).float().cpu() for layer in layers])  # [n_layers, d_mlp]
-    m = m.cpu()
-    score = m.abs() * norms  # [pos, n_layers, d_mlp]
-    k = min(per_layer, model.d_mlp)
-    best = score.topk(k, dim=2)  # [pos, n_layers, k]
-    acts = m.gather(2, best.indices)
-    pos_n, n_layers = ids.shape[1], len(layers)
-    pairs = [(layers[li], int(n)) for p in range(pos_n) for li in range(n_layers) for n in best.indices[p, li].tolist()]
-    signs = torch.where(acts.flatten() >= 0, 1.0, -1.0)
-    written = []
-    for a in range(0, len(pairs), 256):  # [chunk, d_vocab] logits at a time
-        logits = model.value_logits(pairs[a:a + 256], through_norm=through_norm, sign=signs[a:a + 256])
-        written += logits.topk(n_tokens).indices.cpu().tolist()
-    strings = model.token_strings(ids[0])
-    positions = []
-    j = 0
+    score = m.abs() * norms  # [pos, n_layers, d_mlp]: |m_i|·‖v_i‖
+    pos_n, n_layers, d_mlp = score.shape
+    k = min(per_layer, d_mlp)
+    best = score.topk(k, dim=2)  # per layer [pos, n_layers, k]
+    overall = score.reshape(pos_n, -1).topk(min(top, n_layers * d_mlp), dim=1)  # [pos, top]
+    picks = []  # (position, layer index, neuron) of every listed neuron, per-layer lists first
     for p in range(pos_n):
-        res = query(model, prompt, position=p, top=top, n_tokens=n_tokens, through_norm=through_norm)
-        per = []
-        for li in range(n_layers):
-            rows = []
-            for r in range(k):
-                rows.append({"neuron": pairs[j][1], "m": float(acts[p, li, r]), "c": float(best.values[p, li, r]),
-                             "w": model.token_strings(written[j])})
-                j += 1
-            per.append({"layer": layers[li], "neurons": rows})
-        positions.append({
-            "next": [[t, float(pr)] for t, pr in zip(res.next_tokens.token, res.next_tokens.prob)],
-            "top": [{"layer": int(r.layer), "neuron": int(r.neuron), "m": float(r.activation),
-                     "c": float(r.contribution), "w": list(r.top_tokens)} for r in res.neurons.itertuples()],
-            "layers": per,
-        })
-    return {"prompt": prompt, "model": model.spec, "tokens": strings, "positions": positions,
+        picks += [(p, li, n) for li in range(n_layers) for n in best.indices[p, li].tolist()]
+    n_per_layer = len(picks)
+    for p in range(pos_n):
+        picks += [(p, *divmod(f, d_mlp)) for f in overall.indices[p].tolist()]
+    act = torch.tensor([float(m[p, li, n]) for p, li, n in picks])
+    written = []
+    for a in range(0, len(picks), 256):  # [chunk, d_vocab] logits at a time
+        chunk = picks[a:a + 256]
+        vl = model.value_logits([(layers[li], n) for _, li, n in chunk], through_norm=through_norm,
+                                sign=torch.where(act[a:a + 256] >= 0, 1.0, -1.0))
+        written += vl.topk(n_tokens).indices.cpu().tolist()
+    words = [model.token_strings(w) for w in written]
+    probs = logits.softmax(-1)
+    nxt = probs.topk(n_tokens, dim=1)
+    positions = [{"next": [], "top": [], "layers": [{"layer": layer, "neurons": []} for layer in layers]}
+                 for _ in range(pos_n)]
+    for j, (p, li, n) in enumerate(picks):
+        row = {"layer": layers[li], "neuron": n, "m": float(act[j]), "c": float(score[p, li, n]), "w": words[j]}
+        if j < n_per_layer:
+            positions[p]["layers"][li]["neurons"].append(row)
+        else:
+            positions[p]["top"].append(row)
+    for p in range(pos_n):
+        positions[p]["next"] = [[t, float(pr)] for t, pr in zip(model.token_strings(nxt.indices[p]),
+                                                                 nxt.values[p].tolist())]
+    return {"prompt": prompt, "model": model.spec, "tokens": model.token_strings(ids[0]), "positions": positions,
             "through_norm": through_norm, "gated": model.gated}
 
 
