@@ -92,20 +92,16 @@ class TokenStore:
         return TokenStore(torch.cat([self.ids, other.ids]), offsets, self.continues_doc, self.offset, self.doc_base)
 
     def save(self, path: Path) -> None:
-        meta = {"continues_doc": str(int(self.continues_doc)), "offset": str(self.offset),
-                "doc_base": str(self.doc_base)}
-        save_file({"ids": self.ids.contiguous(), "doc_offsets": self.doc_offsets.contiguous()}, str(path),
-                  metadata=meta)
+        # shard position as a tensor: safetensors' metadata map is not written in a fixed order
+        where = torch.tensor([int(self.continues_doc), self.offset, self.doc_base], dtype=torch.int64)
+        save_file({"ids": self.ids.contiguous(), "doc_offsets": self.doc_offsets.contiguous(), "shard": where},
+                  str(path))
 
     @classmethod
     def load(cls, path: Path) -> "TokenStore":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
         t = load_file(str(path))
-        return cls(t["ids"], t["doc_offsets"], meta.get("continues_doc") == "1", int(meta.get("offset", 0)),
-                   int(meta.get("doc_base", 0)))
+        continues, offset, doc_base = t["shard"].tolist() if "shard" in t else (0, 0, 0)
+        return cls(t["ids"], t["doc_offsets"], bool(continues), offset, doc_base)
 
 
 def tokenize(corpus, tokenizer, max_tokens: int | None, *, batch_docs: int = 64) -> tuple[TokenStore, bool]:

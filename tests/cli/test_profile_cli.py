@@ -1,0 +1,86 @@
+"""kvmem profile / top / rank / merge from the command line, and their bad inputs."""
+
+import json
+
+import pytest
+
+from kvmem.cli import main
+from tests.cli.test_core_cli import assert_one_line_error, run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("def f(x): return x + 1\n\nThe quick brown fox jumps over the lazy dog.\n\n" * 6)
+    return path
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory, tiny_dirs, corpus):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    code = main(["profile", str(tiny_dirs["llama"]), "--corpus", str(corpus), "--seq-len", "16", "--top-k", "4",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    return out
+
+
+def test_profile_json_summary_and_ran_out(capsys, tmp_path, tiny_dirs, corpus):
+    code, out, err = run(capsys, "profile", str(tiny_dirs["gpt2"]), "--corpus", str(corpus), "--tokens", "100000",
+                         "--seq-len", "16", "--out", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["ran_out"] is True and 0 < s["tokens"] < 100000 and len(s["layers"]) == 3
+    code, out, _ = run(capsys, "profile", str(tiny_dirs["gpt2"]), "--corpus", str(corpus), "--tokens", "50",
+                       "--seq-len", "16", "--out", str(tmp_path / "r2"))
+    assert code == 0 and "profiled 50 tokens" in out
+
+
+def test_top_and_rank(capsys, profiled):
+    code, out, _ = run(capsys, "top", str(profiled), "1.5", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["neuron"] == "1.5" and len(res["examples"]) == 4
+    values = [e["value"] for e in res["examples"]]
+    assert values == sorted(values, reverse=True)
+    code, out, _ = run(capsys, "top", str(profiled), "1.5")
+    assert code == 0 and "1.5: top examples" in out
+    code, out, _ = run(capsys, "rank", str(profiled), "--by", "rate", "--top", "5", "--json")
+    rates = [n["firing_rate"] for n in json.loads(out)["neurons"]]
+    assert code == 0 and len(rates) == 5 and rates == sorted(rates, reverse=True)
+    import kvmem
+
+    table = kvmem.open_run(profiled).neurons
+    assert rates[0] == pytest.approx(table.firing_rate.max())
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["top", "{run}", "1.x"], "malformed neuron"),
+    (["top", "{run}", "9.1"], "out of range"),
+    (["top", "{run}", "1.999"], "out of range"),
+    (["top", "{run}", "1.2", "--kind", "best"], "unknown example kind"),
+    (["rank", "{run}", "--by", "fame"], "--by must be"),
+    (["top", "{tmp}", "1.1"], "not a kvmem run"),
+    (["profile", "{model}", "--corpus", "{empty}", "--out", "{tmp}/x"], "holds no text"),
+    (["profile", "{model}", "--corpus", "{tmp}/none.txt", "--out", "{tmp}/x"], "no such file"),
+    (["profile", "{model}", "--corpus", "{corpus}", "--shard", "2/2", "--out", "{tmp}/x"], "--shard"),
+    (["profile", "{model}", "--corpus", "{corpus}", "--tokens", "0", "--out", "{tmp}/x"], "--tokens"),
+    (["profile", "{model}", "--corpus", "{corpus}", "--resume", "--out", "{tmp}/x"], "no checkpoint"),
+    (["profile", "{model}", "--config", "{badcfg}", "--out", "{tmp}/x"], "unknown keys"),
+    (["profile", "{model}", "--corpus", "{corpus}", "--layers", "5", "--out", "{tmp}/x"], "out of range"),
+    (["merge", "{run}", "--out", "{tmp}/m"], "at least two"),
+])
+def test_bad_input(capsys, tmp_path, tiny_dirs, corpus, profiled, argv, needle):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "bad.toml").write_text('seq_len = 8\ncolour = "red"\n')
+    paths = dict(run=profiled, tmp=tmp_path, model=tiny_dirs["llama"], empty=tmp_path / "empty.txt",
+                 corpus=corpus, badcfg=tmp_path / "bad.toml")
+    code, _, err = run(capsys, *[a.format(**paths) for a in argv])
+    assert_one_line_error(code, err)
+    assert needle in err
+
+
+def test_an_existing_run_is_never_overwritten_without_force(capsys, tiny_dirs, corpus, profiled):
+    before = {p.name: p.read_bytes() for p in profiled.iterdir() if p.is_file()}
+    code, _, err = run(capsys, "profile", str(tiny_dirs["gpt2"]), "--corpus", str(corpus), "--out", str(profiled))
+    assert_one_line_error(code, err)
+    assert "already holds a kvmem run" in err
+    assert {p.name: p.read_bytes() for p in profiled.iterdir() if p.is_file()} == before
