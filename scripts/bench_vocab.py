@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
+import threading
 import time
 
 import torch
@@ -52,8 +54,26 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler(threading.Thread):
+    """The peak resident set size during one run (sampled every 5 ms; ru_maxrss is per process)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.done = rss_mb(), threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return max(self.peak, rss_mb())
 
 
 def bench(model, chunk_mb, through_norm, k, label) -> dict:
@@ -64,12 +84,15 @@ def bench(model, chunk_mb, through_norm, k, label) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0, cpu0 = peak_rss_mb(), cpu_seconds()
+    rss0, cpu0 = rss_mb(), cpu_seconds()
+    sampler = RssSampler()
+    sampler.start()
     t0 = time.perf_counter()
     out = compute_projection(model, k=k, through_norm=through_norm, chunk_mb=chunk_mb)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    peak_rss = sampler.stop()
     n = model.n_layers * model.d_mlp
     res = {
         "model": label, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
@@ -79,7 +102,7 @@ def bench(model, chunk_mb, through_norm, k, label) -> dict:
         "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds() - cpu0, 2), "threads": torch.get_num_threads(),
         "neurons_per_s": round(n / seconds),
         "tflops": round(2 * n * model.d_model * model.d_vocab / seconds / 1e12, 2),
-        "peak_rss_mb": round(peak_rss_mb()), "peak_rss_before_mb": round(rss0),
+        "rss_before_mb": round(rss0), "peak_rss_mb": round(peak_rss), "peak_rss_above_before_mb": round(peak_rss - rss0),
         "result_mb": round(sum(t.numel() * t.element_size() for t in out.values()) / 2**20, 1),
     }
     if cuda:
