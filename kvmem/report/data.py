@@ -45,6 +45,24 @@ def local_doc(store, local: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(store.doc_offsets, local, right=True) - 1
 
 
+def packed(obj) -> str:
+    """gzip-compressed JSON as base64 (only [A-Za-z0-9+/=]: safe anywhere in a script); the page
+    inflates it with the browser's DecompressionStream. Deterministic (no gzip timestamp)."""
+    import base64
+    import gzip
+
+    raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode("ascii")
+
+
+def unpacked(text: str):
+    """The inverse of packed (for tests and tools)."""
+    import base64
+    import gzip
+
+    return json.loads(gzip.decompress(base64.b64decode(text)).decode("utf-8"))
+
+
 def windows(store, index: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """Token ids around each global index [...] -> [..., before + 1 + after] int64; -1 outside the
     index's document or where index < 0."""

@@ -6,10 +6,12 @@ reports/NAME/
   static/plotly.min.js  plotly.js, once, from the installed plotly package (no CDN)
   static/report.js, static/report.css
   data/vocab.js         the token strings (KV.vocab = [...])
-  data/neurons.js       the overview table, columnar (KV.neurons = {...})
+  data/neurons.js       the overview table, columnar
   data/meta.js          run facts the neuron page needs (KV.meta = {...})
-  data/layer-L.js       everything the neuron page shows for the neurons of layer L
-                        (KV.addLayer(L, {...})), loaded with a <script> tag when a neuron of L is opened
+  data/layer-L.js       everything the neuron page shows for the neurons of layer L, loaded with a
+                        <script> tag when a neuron of L is opened
+neurons.js and layer-L.js hold gzip-compressed JSON as base64 (KV.addPacked(name, "...")), inflated
+by the browser's DecompressionStream: 4-6x smaller than the JSON.
 Data files are scripts, not JSON, because a page opened from file:// may not fetch() files. All
 corpus and vocabulary text is JSON-escaped for <script> (see data.safe_json) and inserted by the
 page's JS with textContent only; the HTML itself comes from jinja2 templates with autoescape.
@@ -131,7 +133,7 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
         hi = int(max(projection["top_ids"].max(), projection["bottom_ids"].max())) + 1
         vocab += [f"<id {i}>" for i in range(len(vocab), hi)]
     _script(out / "data" / "vocab.js", f"KV.vocab = {rdata.safe_json(vocab)};\n")
-    _script(out / "data" / "neurons.js", f"KV.neurons = {rdata.safe_json(rdata.neuron_index(run, projection))};\n")
+    _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(rdata.neuron_index(run, projection))}");\n')
 
     stats, store = run.stats, run.tokens
     shading, shade_note = None, ("only the activating token is shaded: the run stores no activations of the "
@@ -149,7 +151,7 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
         side = rdata.vocab_side(projection, layer, opts.n_vocab) if projection is not None else None
         payload = rdata.layer_payload(layer, s, store, opts, vocab_side=side,
                                       shading=shading.per_layer.get(layer) if shading else None)
-        _script(out / "data" / f"layer-{layer}.js", f"KV.addLayer({int(layer)}, {rdata.safe_json(payload)});\n")
+        _script(out / "data" / f"layer-{int(layer)}.js", f'KV.addPacked("layer-{int(layer)}", "{rdata.packed(payload)}");\n')
         if progress is not None:
             progress(layer)
 

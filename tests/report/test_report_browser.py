@@ -3,7 +3,6 @@ a neuron by token, and the hostile corpus runs no script. Screenshots go to test
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -50,10 +49,10 @@ def test_overview(driver, report_dir):
 def test_search_by_token_and_id(driver, report_dir):
     from selenium.webdriver.common.by import By
 
-    text = (report_dir / "data" / "neurons.js").read_text(encoding="utf-8")
-    cols = json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
-    vtext = (report_dir / "data" / "vocab.js").read_text(encoding="utf-8")
-    vocab = json.loads(vtext[vtext.index("=") + 1:].rstrip().rstrip(";"))
+    from test_report_build import load_data
+
+    cols = load_data(report_dir / "data" / "neurons.js")
+    vocab = load_data(report_dir / "data" / "vocab.js")
     # a value token that is a plain word, and the neurons whose top value tokens hold it (brute force)
     word = next(vocab[t].strip() for ids in cols["val"] for t in ids if re.fullmatch(r"\s?[A-Za-z]{3,}", vocab[t]))
     expect = {f"{layer}.{n}" for layer, n, val, trig in zip(cols["layer"], cols["neuron"], cols["val"], cols["trig"])

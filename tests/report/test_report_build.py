@@ -17,9 +17,14 @@ URL = re.compile(r"(?:https?:|ftp:|wss?:)?//[A-Za-z0-9]", re.I)
 
 
 def load_data(path: Path):
-    """The JSON object of a data script (`KV.x = {...};` or `KV.addLayer(L, {...});`)."""
+    """The JSON object of a data script (`KV.x = {...};` or `KV.addPacked("name", "base64 gzip");`)."""
+    from kvmem.report.data import unpacked
+
     text = path.read_text(encoding="utf-8")
-    m = re.fullmatch(r"KV\.\w+ = (.*);\n", text, re.S) or re.fullmatch(r"KV\.addLayer\(\d+, (.*)\);\n", text, re.S)
+    m = re.fullmatch(r'KV\.addPacked\("[\w-]+", "([A-Za-z0-9+/=]*)"\);\n', text)
+    if m:
+        return unpacked(m.group(1))
+    m = re.fullmatch(r"KV\.\w+ = (.*);\n", text, re.S)
     assert m, f"{path.name}: unexpected shape"
     return json.loads(m.group(1))
 

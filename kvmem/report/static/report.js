@@ -4,7 +4,15 @@
   "use strict";
   var KV = window.KV = window.KV || {};
   KV.layers = KV.layers || {};
-  KV.addLayer = function (layer, data) { KV.layers[layer] = data; };
+  KV.packed = KV.packed || {};
+  KV.addPacked = function (name, b64) { KV.packed[name] = b64; };
+  /* Promise of the object stored as base64 gzip-compressed JSON under name (see kvmem.report.data.packed). */
+  KV.unpack = function (name) {
+    var bin = atob(KV.packed[name]), bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Response(stream).text().then(function (text) { delete KV.packed[name]; return JSON.parse(text); });
+  };
 
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -56,6 +64,9 @@
   /* ---------------- overview: the paged, sortable, filterable neuron table ---------------- */
   KV.overview = function () {
     KV.renderFigures();
+    KV.unpack("neurons").then(function (N) { KV.neurons = N; table(); });
+  };
+  function table() {
     var N = KV.neurons, n = N.layer.length, norm = KV.vocab.map(function (t) { return t.trim().toLowerCase(); });
     var hasVal = !!N.val, PAGE = 50, state = { rows: [], sort: "rate", dir: -1, page: 0 };
     var cols = [["id", "neuron"], ["rate", "firing rate"], ["max", "max m"], ["trig", "top trigger token"]];
@@ -124,7 +135,7 @@
       x.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(filter, 120); });
     });
     filter();
-  };
+  }
 
   /* ---------------- neuron page: rendered on demand from data/layer-L.js ---------------- */
   function shade(v) {  // v in [-100, 100] (share of the neuron's max |m|)
@@ -237,7 +248,10 @@
       if (KV.layers[layer]) return showNeuron(layer, neuron);
       var s = document.createElement("script");
       s.src = "data/layer-" + layer + ".js";
-      s.onload = function () { showNeuron(layer, neuron); };
+      s.onload = function () {
+        KV.unpack("layer-" + layer).then(function (d) { KV.layers[layer] = d; showNeuron(layer, neuron); })
+          .catch(function (e) { fail("could not read data/layer-" + layer + ".js: " + e); });
+      };
       s.onerror = function () { fail("could not load data/layer-" + layer + ".js"); };
       document.head.appendChild(s);
     }
