@@ -52,12 +52,14 @@ class Quadrants(NamedTuple):
 
 def _moments(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column sums of m and m*m [N, d] float32 as float64 [d]: every value is converted to float64 first
-    (squares of float32 values are exact in float64), so only the float64 additions round."""
+    (squares of float32 values are exact in float64), so only the float64 additions round. The sums are
+    row-vector products (BLAS gemv: deterministic for a given thread count, twice as fast as sum(0))."""
     x = work_buffer("f64", tuple(m.shape), torch.float64, m.device)
     x.copy_(m)
-    total = x.sum(0)
+    ones = torch.ones(1, m.shape[0], dtype=torch.float64, device=m.device)
+    total = (ones @ x)[0]
     x.mul_(x)
-    return total, x.sum(0)
+    return total, (ones @ x)[0]
 
 
 class LayerStats:

@@ -65,12 +65,6 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
         hi = torch.minimum(hi, loosen(decode_value(s._doc_key[:, -1]), True))
     if full_bot:
         lo = torch.maximum(lo, loosen(-decode_value(s._bot[:, -1]), False))
-    if q_any:
-        qv = decode_value(s._q_key)  # |m| of the examples, NaN where empty
-        qthr = torch.where(torch.isnan(qv), torch.full_like(qv, float("inf")), qv).amin(1)
-        qthr = loosen(qthr, True)
-        hi = torch.minimum(hi, qthr)
-        lo = torch.maximum(lo, -qthr)
     paths = s._paths
     paths["values"] = "sparse" if (full_top and full_bot and full_doc) else "dense"
 
@@ -78,13 +72,29 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
     if full_top or full_bot or full_doc or q_any:
         mask = work_buffer("mask_a", (n, d), torch.bool, dev)
         mask_lo = work_buffer("mask_b", (n, d), torch.bool, dev)
-        torch.gt(m, hi, out=mask)
-        torch.lt(m, lo, out=mask_lo)
+        hi_m, lo_m = hi, lo
+        if q_any:
+            # a token can replace a quadrant example only if |m| beats the weaker example of the two
+            # quadrants on its side of the gate sign; the mask uses the weaker of both sides, the
+            # candidates are then cut with the bound of their own side (SwiGLU: gate <= 0 gives small |m|)
+            qv = decode_value(s._q_key)  # |m| of the examples, NaN where empty
+            qv = loosen(torch.where(torch.isnan(qv), torch.full_like(qv, float("inf")), qv), True)
+            q_pos, q_neg = qv[:, :2].amin(1), qv[:, 2:].amin(1)  # gate > 0 / gate <= 0
+            q_min = torch.minimum(q_pos, q_neg)
+            hi_m, lo_m = torch.minimum(hi, q_min), torch.maximum(lo, -q_min)
+        torch.gt(m, hi_m, out=mask)
+        torch.lt(m, lo_m, out=mask_lo)
         mask.logical_or_(mask_lo)
         flat = nonzero_flat(mask)
+        paths["candidates"] = int(flat.numel())
+        if q_any:
+            cols = flat % d
+            v = m.view(-1)[flat]
+            q_bound = torch.where(gate.reshape(-1)[flat] > 0, q_pos[cols], q_neg[cols])
+            keep = (v.abs() > q_bound) | (v > hi[cols]) | (v < lo[cols])
+            flat = flat[keep]
         rows, cols = flat // d, flat % d
         v, cti = m.view(-1)[flat], ti[rows]
-        paths["candidates"] = int(flat.numel())
         if full_top or full_doc:
             key = encode(v, cti)
             if full_top:
