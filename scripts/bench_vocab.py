@@ -10,7 +10,8 @@
 random weights (timings do not depend on the values). It reports the time and the peak device
 memory (torch.cuda.max_memory_allocated) above the weights. ``--layers`` / ``--neurons`` cut the
 work down for a run without a GPU (the figures then do not describe the full model).
-Prints one JSON object per run on stdout.
+Prints one JSON object per run on stdout. The RSS figures are sampled during each run; only the
+first run of a process is clean (the allocator keeps pages freed by earlier runs).
 """
 
 from __future__ import annotations
