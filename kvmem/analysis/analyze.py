@@ -49,7 +49,8 @@ def steps(measures, n_layers: int) -> int:
 
 
 def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096, composition_tokens: int = 1024,
-            measures=MEASURES, coactivation_neurons=None, device: str = "auto", dtype: str = "auto",
+            measures=MEASURES, coactivation_neurons=None, layers=None, knockout_ks=None,
+            device: str = "auto", dtype: str = "auto",
             cache: bool = True, progress=None, write: bool = True) -> dict:
     """Run ``measures`` on a run (folder or kvmem.open_run result); returns {measure: AnalysisResult,
     "findings": [...]} and writes RUN/analysis/ unless ``write`` is False."""
@@ -74,7 +75,13 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     fp = run.manifest["model"].get("fingerprint")
     if fp and fp != model.fingerprint():
         raise KvmemError(f"the model ({model.spec}) is not the one this run profiled ({run.manifest['model']['model']})")
-    layers = run.profiled_layers
+    if layers is None:
+        layers = run.profiled_layers
+    else:
+        missing = [layer for layer in layers if layer not in run.profiled_layers]
+        if missing:
+            raise KvmemError(f"layer {missing[0]} was not profiled in this run (layers: {run.profiled_layers})")
+        layers = sorted(set(layers))
     tick = progress or (lambda label: None)
     sample = sample_from_run(run, tokens)
     stats = run_neuron_stats(run, layers)
@@ -103,7 +110,7 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
         tick("composition")
     if "knockouts" in measures:
         timed("knockouts", lambda: knockouts(model, sample.head(knockout_tokens), layers, stats=stats,
-                                                      progress=tick))
+                                                      ks=knockout_ks, progress=tick))
     if "agreement" in measures:
         def run_agreement():
             from kvmem.vocab import compute_projection, project_values
@@ -128,7 +135,7 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
 
         write_json(folder / "findings.json", _clean(out["findings"]))
         write_json(folder / "analysis.json", _clean({
-            "run": str(run.path), "model": model.spec, "device": str(model.device),
+            "run": str(run.path), "model": model.spec, "layers": layers, "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."), "run_tokens": run.tokens.n_tokens,
             "sample_tokens": {"sparsity": sample.n_tokens, "coactivation": sample.n_tokens,
                               "composition": sample.head(composition_tokens).n_tokens,

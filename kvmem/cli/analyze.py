@@ -57,6 +57,8 @@ def analyze(
     knockout_tokens: Annotated[int, typer.Option(help="Tokens for the knock-out losses (at most --tokens).")] = 4096,
     composition_tokens: Annotated[int, typer.Option(help="Tokens for the composition measure (at most --tokens).")] = 1024,
     measures: Annotated[str, typer.Option(help="Comma-separated subset of: sparsity, coactivation, composition, knockouts, agreement, lexical.")] = "",
+    layers: Annotated[str, typer.Option(help="Analyze only these profiled layers, e.g. '0-5,20' (default: all profiled).")] = "",
+    knockout_k: Annotated[str, typer.Option(help="Neurons zeroed per layer in the top-k knock-outs, e.g. '15,153' (default: 1% and 10% of d_mlp).")] = "",
     neurons: Annotated[str, typer.Option(help="Co-activation query neurons, e.g. '3.17,5.2' (default: each layer's highest-max neuron).")] = "",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -80,16 +82,23 @@ def analyze(
     with err_console.status(f"loading {spec} ..."):
         kv = kvmem.load(spec, device=device, dtype=dtype)
     queries = [n.strip() for n in neurons.split(",") if n.strip()] or None
+    from kvmem.neurons import parse_layers
+
+    chosen_layers = parse_layers(layers, kv.n_layers) if layers.strip() else None
+    try:
+        ks = [int(k) for k in knockout_k.split(",") if k.strip()] or None
+    except ValueError:
+        raise KvmemError(f"--knockout-k must be integers separated by commas, not {knockout_k!r}") from None
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task("analyzing", total=steps(chosen, len(r.profiled_layers)))
+        task = bar.add_task("analyzing", total=steps(chosen, len(chosen_layers or r.profiled_layers)))
 
         def tick(label: str) -> None:
             bar.update(task, advance=1, description=f"done: {label}")
 
         out = run_analyze(r, kv, tokens=tokens, knockout_tokens=knockout_tokens,
                           composition_tokens=composition_tokens, measures=chosen, coactivation_neurons=queries,
-                          progress=tick)
+                          layers=chosen_layers, knockout_ks=ks, progress=tick)
     results = {k: v for k, v in out.items() if k != "findings"}
     if json_out:
         return print_json({"run": str(r.path), "analysis": str(Path(r.path) / "analysis"),

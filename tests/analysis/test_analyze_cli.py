@@ -58,8 +58,12 @@ def test_analyze_writes_tables_and_findings(capsys, analyzed):
 
 def test_analyze_tables_print_and_compare(capsys, analyzed):
     code, out, err = cli(capsys, "analyze", analyzed["llama"], "--tokens", "320", "--knockout-tokens", "128",
-                         "--composition-tokens", "64", "--measures", "sparsity,agreement,knockouts", "--device", "cpu")
+                         "--composition-tokens", "64", "--measures", "sparsity,agreement,knockouts", "--device", "cpu",
+                         "--layers", "0,2", "--knockout-k", "2")
     assert code == 0, err
+    knock = pd.read_parquet(analyzed["llama"] / "analysis" / "knockouts_long.parquet")
+    assert sorted(knock.layer.unique()) == [0, 2] and set(knock.k) == {0, 2}
+    assert sorted(pd.read_parquet(analyzed["llama"] / "analysis" / "agreement_layers.parquet").layer) == [0, 2]
     assert "agreement" in out and "findings" in out and "320 tokens" in out
     if not (analyzed["gpt2"] / "analysis" / "findings.json").exists():
         assert cli(capsys, "analyze", analyzed["gpt2"], "--tokens", "320", "--measures", "sparsity",
