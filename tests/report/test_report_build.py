@@ -125,10 +125,10 @@ def test_layer_data_matches_run(report_dir, report_run):
         assert len(d["top"]) == len(ref)
         for ex, row in zip(d["top"], ref.itertuples()):
             assert ex[0] == pytest.approx(row.value, rel=1e-3)
-            assert ex[1] == row.doc
-            window = [t for t in ex[2] if t >= 0]
-            assert [run.vocab[t] for t in window] == list(row.context)
-            assert ex[2][before] >= 0 and run.vocab[ex[2][before]] == row.token
+            assert data["wdoc"][ex[1]] == row.doc
+            win = data["win"][ex[1]]
+            assert [run.vocab[t] for t in win if t >= 0] == list(row.context)
+            assert win[before] >= 0 and run.vocab[win[before]] == row.token
         lo, counts = d["h"]
         assert sum(counts) == run.manifest["corpus"]["n_tokens"]
         assert sum(d["q"]) == run.manifest["corpus"]["n_tokens"]
@@ -156,9 +156,7 @@ def test_shading_matches_brute_force(report_dir, report_run):
         d = data["neurons"][neuron]
         scale = max(abs(data["max"][neuron]), abs(data["min"][neuron]))
         for ex in d["top"] + d["bands"]:
-            index = run.examples(layer, neuron, "top", before=0, after=0)  # activating indices
-            del index
-            shade = ex[3]
+            shade = ex[2]
             assert shade is not None
             at_value = shade[before] * scale / 100
             assert at_value == pytest.approx(ex[0], abs=scale / 100 + 1e-6)
@@ -166,12 +164,12 @@ def test_shading_matches_brute_force(report_dir, report_run):
         # the whole window of the first top example, against brute force
         top_index = int(run.stats[layer].top.index[neuron, 0])
         ex = d["top"][0]
-        for j, tok in enumerate(ex[2]):
+        for j, tok in enumerate(data["win"][ex[1]]):
             if tok < 0:
                 continue
             g = top_index - before + j
             assert ids[g] == tok
-            assert ex[3][j] == pytest.approx(100 * float(m[g, neuron]) / scale, abs=0.51)
+            assert ex[2][j] == pytest.approx(100 * float(m[g, neuron]) / scale, abs=0.51)
     assert checked > 0
 
 

@@ -143,26 +143,27 @@
     var a = Math.min(1, Math.abs(v) / 100) * 0.85;
     return v > 0 ? "rgba(232,89,12," + a.toFixed(3) + ")" : "rgba(28,126,214," + a.toFixed(3) + ")";
   }
-  function example(ex, before, scale, docLabel) {
-    // ex = [value, doc, window ids, shading or undefined]
+  function example(L, ex, scale) {
+    // ex = [value, window number, shading or undefined]; L.win[w] = token ids, L.wdoc[w] = document
     var row = el("div", "ex"), val = el("span", "val", fmt(ex[0], 3)), ctx = el("span", "ctx");
+    var before = L.before, win = L.win[ex[1]], sh = ex[2];
     val.title = "m at the marked token"; row.appendChild(val);
-    ex[2].forEach(function (id, j) {
+    win.forEach(function (id, j) {
       if (id < 0) return;
       var t = tokenEl(vocab(id), j === before ? "at" : "");
-      var s = ex[3] ? ex[3][j] : (j === before ? Math.round(100 * ex[0] / scale) : 0);
+      var s = sh ? sh[j] : (j === before ? Math.round(100 * ex[0] / scale) : 0);
       if (s) t.style.backgroundColor = shade(s);
-      if (ex[3]) t.title = "m \u2248 " + fmt(s * scale / 100, 2);
+      if (sh) t.title = "m \u2248 " + fmt(s * scale / 100, 2);
       ctx.appendChild(t);
     });
     row.appendChild(ctx);
-    if (docLabel) row.appendChild(el("span", "doc", "doc " + ex[1]));
+    row.appendChild(el("span", "doc", "doc " + L.wdoc[ex[1]]));
     return row;
   }
-  function examples(id, list, before, scale, empty) {
+  function examples(L, id, list, scale, empty) {
     var box = document.getElementById(id); box.replaceChildren();
     if (!list || !list.length) { box.appendChild(el("p", "note", empty)); return; }
-    list.forEach(function (ex) { box.appendChild(example(ex, before, scale, true)); });
+    list.forEach(function (ex) { box.appendChild(example(L, ex, scale)); });
   }
   function vocabTable(id, list) {
     var t = document.getElementById(id); t.replaceChildren();
@@ -206,10 +207,10 @@
       fmt(maxv, 4) + " \u00b7 min m " + fmt(minv, 4);
     document.getElementById("shadenote").textContent = "Each token is shaded by m of this neuron (orange > 0, blue < 0, relative to max |m| = " +
       fmt(scale, 3) + "); the activating token is boxed. " + M.shade_note.charAt(0).toUpperCase() + M.shade_note.slice(1) + ".";
-    examples("top", d.top, L.before, scale, "no token with m > 0 was stored");
-    examples("top_docs", d.top_docs, L.before, scale, "none stored");
-    examples("bands", d.bands, L.before, scale, "no firing tokens sampled");
-    examples("bottom", d.bottom, L.before, scale, "none stored");
+    examples(L, "top", d.top, scale, "no token with m > 0 was stored");
+    examples(L, "top_docs", d.top_docs, scale, "none stored");
+    examples(L, "bands", d.bands, scale, "no firing tokens sampled");
+    examples(L, "bottom", d.bottom, scale, "none stored");
     var agg = {}, chips = document.getElementById("pertoken"); chips.replaceChildren();
     (d.t || []).forEach(function (p) { var a = agg[p[0]] = agg[p[0]] || [0, -Infinity]; a[0]++; a[1] = Math.max(a[1], p[1]); });
     Object.keys(agg).sort(function (a, b) { return agg[b][0] - agg[a][0] || agg[b][1] - agg[a][1]; }).forEach(function (k) {
@@ -228,8 +229,8 @@
       qex.appendChild(el("h3", null, "Strongest example of each sign combination (largest |m|)"));
       (d.quad || []).forEach(function (ex, j) {
         qex.appendChild(el("div", "qlabel", QN[j] + " (" + d.q[j].toLocaleString() + " tokens)"));
-        if (ex[2][L.before] < 0) qex.appendChild(el("p", "note", "none"));
-        else qex.appendChild(example(ex, L.before, scale, true));
+        if (ex[1] < 0) qex.appendChild(el("p", "note", "none"));
+        else qex.appendChild(example(L, ex, scale));
       });
     } else { qdiv.hidden = true; }
     var nl = L.neurons.length;
