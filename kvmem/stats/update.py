@@ -87,14 +87,13 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
         mask.logical_or_(mask_lo)
         flat = nonzero_flat(mask)
         paths["candidates"] = int(flat.numel())
-        if q_any:
-            cols = flat % d
-            v = m.view(-1)[flat]
-            q_bound = torch.where(gate.reshape(-1)[flat] > 0, q_pos[cols], q_neg[cols])
-            keep = (v.abs() > q_bound) | (v > hi[cols]) | (v < lo[cols])
-            flat = flat[keep]
         rows, cols = flat // d, flat % d
-        v, cti = m.view(-1)[flat], ti[rows]
+        v = m.view(-1)[flat]
+        if q_any:
+            q_bound = torch.where(gate[rows, cols] > 0, q_pos[cols], q_neg[cols])
+            keep = (v.abs() > q_bound) | (v > hi[cols]) | (v < lo[cols])
+            rows, cols, v = rows[keep], cols[keep], v[keep]
+        cti = ti[rows]
         if full_top or full_doc:
             key = encode(v, cti)
             if full_top:
@@ -110,7 +109,7 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
             sel = key > s._bot[cols, -1]
             s._bot, _ = merge_entries(s._bot, [], [], cols[sel], key[sel], [])
         if q_any:
-            q_cand = (flat, rows, cols, v, cti)
+            q_cand = (rows, cols, v, cti)
 
     if not (full_top and full_doc and full_bot):
         _dense_values(s, m, ti, doc, full_top, full_bot, full_doc)
@@ -167,8 +166,8 @@ def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
         best.scatter_reduce_(0, quad, encode(mm.abs(), ti[:, None]), "amax")
         new[fresh] = torch.maximum(new[fresh], best.T)
     if q_cand is not None:
-        flat, rows, cols, v, cti = q_cand
-        quad = (gate.reshape(-1)[flat] <= 0).to(torch.int64) * 2 + (up.reshape(-1)[flat] <= 0).to(torch.int64)
+        rows, cols, v, cti = q_cand
+        quad = (gate[rows, cols] <= 0).to(torch.int64) * 2 + (up[rows, cols] <= 0).to(torch.int64)
         slot = cols * 4 + quad
         key = encode(v.abs(), cti)
         sel = key > old.view(-1)[slot]

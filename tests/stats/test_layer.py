@@ -149,3 +149,17 @@ def test_bad_input():
         LayerStats(0)
     s.update(m[:0], ti[:0], doc[:0], pos[:0])  # empty batch: no-op
     assert s.n == 0 and torch.isnan(s.max).all()
+
+
+def test_noncontiguous_inputs_and_large_token_indices():
+    """Views straight from a capture ([N, d] slices of wider tensors, transposed storage) and token
+    indices near the 2**32 - 2 limit."""
+    st = make_stream(seed=7, n=1500, d=8, gated=True, offset=2**32 - 6000)
+    assert st.ti.max() <= 2**32 - 2
+    wide = lambda x: torch.cat([x, x], 1).T.contiguous().T[:, :8]  # noqa: E731
+    st.m, st.gate, st.up = wide(st.m), wide(st.gate), wide(st.up)
+    assert not st.m.is_contiguous() and not st.gate.is_contiguous()
+    s = st.feed(LayerStats(8, k=K, gated=True, max_pos=64))
+    check(s, st)
+    with pytest.raises(ValueError):
+        s.update(st.m[:2], torch.tensor([2**32 - 1, 2**32]), st.doc[:2], st.pos[:2], gate=st.gate[:2], up=st.up[:2])
