@@ -124,24 +124,50 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     if "lexical" in measures:
         timed("lexical", lambda: lexical(model, run, layers=layers))
         tick("lexical keys")
+    folder = Path(run.path) / "analysis"
+    previous = _previous(folder, exclude=set(results)) if write else {}
+    sample_tokens = {"sparsity": sample.n_tokens, "coactivation": sample.n_tokens,
+                     "composition": sample.head(composition_tokens).n_tokens,
+                     "knockouts": sample.head(knockout_tokens).n_tokens,
+                     "agreement": run.tokens.n_tokens, "lexical": run.tokens.n_tokens}
     out = dict(results)
-    out["findings"] = findings(results, model.n_layers)
+    out["findings"] = findings(previous | results, model.n_layers)
     if write:
-        folder = Path(run.path) / "analysis"
+        from kvmem.profile.run import write_json
+
         folder.mkdir(parents=True, exist_ok=True)
         for res in results.values():
             res.write(folder)
-        from kvmem.profile.run import write_json
-
+        old = json.loads((folder / "analysis.json").read_text()) if previous else {}
         write_json(folder / "findings.json", _clean(out["findings"]))
         write_json(folder / "analysis.json", _clean({
-            "run": str(run.path), "model": model.spec, "layers": layers, "device": str(model.device),
+            "run": str(run.path), "model": model.spec, "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."), "run_tokens": run.tokens.n_tokens,
-            "sample_tokens": {"sparsity": sample.n_tokens, "coactivation": sample.n_tokens,
-                              "composition": sample.head(composition_tokens).n_tokens,
-                              "knockouts": sample.head(knockout_tokens).n_tokens,
-                              "agreement": run.tokens.n_tokens, "lexical": run.tokens.n_tokens},
-            "seconds": seconds, "measures": {name: res.meta for name, res in results.items()}}))
+            "layers": {**old.get("layers", {}), **{name: layers for name in results}},
+            "sample_tokens": {**old.get("sample_tokens", {}),
+                              **{name: n for name, n in sample_tokens.items() if name in results}},
+            "seconds": {**old.get("seconds", {}), **seconds},
+            "measures": {**{name: r.meta for name, r in previous.items()},
+                         **{name: res.meta for name, res in results.items()}}}))
+    return out
+
+
+def _previous(folder: Path, exclude: set) -> dict:
+    """AnalysisResults of earlier ``analyze`` calls on this run (measures not in ``exclude``), so that
+    ``--measures knockouts`` refreshes one measure and the findings still cover every measure."""
+    from kvmem.analysis.result import AnalysisResult
+
+    meta_path = folder / "analysis.json"
+    if not meta_path.is_file():
+        return {}
+    metas = json.loads(meta_path.read_text()).get("measures", {})
+    out = {}
+    for name, meta in metas.items():
+        if name in exclude:
+            continue
+        tables = {p.stem[len(name) + 1:]: pd.read_parquet(p) for p in sorted(folder.glob(f"{name}_*.parquet"))}
+        if tables:
+            out[name] = AnalysisResult(name, tables, meta)
     return out
 
 

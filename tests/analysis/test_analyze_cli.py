@@ -54,6 +54,16 @@ def test_analyze_writes_tables_and_findings(capsys, analyzed):
     assert pd.read_parquet(folder / "sparsity_layers.parquet").n_tokens.eq(640).all()
     # the run's own max sets the "% of max" thresholds (the run saw more tokens than the sample)
     assert "given" in meta["measures"]["sparsity"]["maxima"]
+    # refreshing one measure keeps the others' tables and findings
+    code, out, err = cli(capsys, "analyze", run, "--tokens", "320", "--measures", "knockouts", "--knockout-k", "2",
+                         "--device", "cpu", "--json")
+    assert code == 0, err
+    again = json.loads((folder / "findings.json").read_text())
+    assert [f["measure"] for f in again] == [f["measure"] for f in findings]
+    assert [f for f in again if f["measure"] != "knockouts"] == [f for f in findings if f["measure"] != "knockouts"]
+    assert set(pd.read_parquet(folder / "knockouts_long.parquet").k) == {0, 2}
+    meta = json.loads((folder / "analysis.json").read_text())
+    assert meta["sample_tokens"]["knockouts"] == 320 and meta["sample_tokens"]["sparsity"] == 640
 
 
 def test_analyze_tables_print_and_compare(capsys, analyzed):
