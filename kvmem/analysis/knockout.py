@@ -8,7 +8,8 @@ Interventions on one layer (hooks only; the weights are never touched):
   top_max     the k neurons with the highest max activation get m = 0
   random      k neurons drawn at random (seeded) get m = 0: the baseline of the two above
 Loss: mean cross-entropy of rows[:, 1:] given rows[:, :-1], over every row of the sample;
-``delta`` = loss - baseline loss (nats per token). Each intervention is one pass over the sample.
+``delta`` = loss - baseline loss (nats per token). Each intervention is one pass over the sample, from the
+intervened layer on: the outputs of the blocks before it are kept from the unmodified pass (``skip_blocks``).
 """
 
 from __future__ import annotations
@@ -69,13 +70,61 @@ def intervene(model, layer: int, mode: str, neurons=None):
             h.remove()
 
 
+def _clone(out):
+    return tuple(_clone(o) for o in out) if isinstance(out, tuple) else out.clone() if torch.is_tensor(out) else out
+
+
+@contextmanager
+def skip_blocks(model, cached: dict, upto: int):
+    """Blocks 0..upto-1 return their outputs ``cached`` from an unmodified pass of the same batch instead of
+    computing them (an intervention at layer ``upto`` cannot change them). The instance's own ``forward``
+    attribute, if any, is restored on exit."""
+    blocks = model.adapter.blocks()
+    saved = {}
+    for i in range(upto):
+        saved[i] = blocks[i].__dict__.get("forward")
+        blocks[i].forward = lambda *a, _out=cached[i], **k: _clone(_out)
+    try:
+        yield
+    finally:
+        for i, fwd in saved.items():
+            if fwd is None:
+                del blocks[i].forward
+            else:
+                blocks[i].forward = fwd
+
+
 @torch.inference_mode()
-def sample_loss(model, sample: Sample, tokens_per_batch: int = 2048) -> tuple[float, int]:
-    """Mean next-token cross-entropy over the sample's rows, and the number of predicted tokens."""
-    total, count = 0.0, 0
+def cache_blocks(model, sample: Sample, upto: int, tokens_per_batch: int = 2048) -> list[tuple]:
+    """Per batch: (rows, {block: output} for blocks < upto, summed loss, count) of the unmodified model."""
+    blocks = model.adapter.blocks()
+    out = []
     for rows in batches(sample, model.device, tokens_per_batch):
-        s, n = next_token_loss(model.hf(input_ids=rows, use_cache=False).logits, rows)
-        total, count = total + s, count + n
+        kept = {}
+        handles = [blocks[i].register_forward_hook(lambda m, a, o, i=i: kept.__setitem__(i, o)) for i in range(upto)]
+        try:
+            logits = model.hf(input_ids=rows, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        out.append((rows, kept, *next_token_loss(logits, rows)))
+    return out
+
+
+@torch.inference_mode()
+def sample_loss(model, sample: Sample, tokens_per_batch: int = 2048, cache=None, layer: int = 0) -> tuple[float, int]:
+    """Mean next-token cross-entropy over the sample's rows, and the number of predicted tokens.
+    With ``cache`` (from ``cache_blocks``) the blocks before ``layer`` are not recomputed."""
+    total, count = 0.0, 0
+    if cache is None:
+        for rows in batches(sample, model.device, tokens_per_batch):
+            s, n = next_token_loss(model.hf(input_ids=rows, use_cache=False).logits, rows)
+            total, count = total + s, count + n
+    else:
+        for rows, kept, _, _ in cache:
+            with skip_blocks(model, kept, layer):
+                s, n = next_token_loss(model.hf(input_ids=rows, use_cache=False).logits, rows)
+            total, count = total + s, count + n
     if count == 0:
         raise KvmemError("the sample has rows of one token: no next token to predict (raise --seq-len)")
     return total / count, count
@@ -100,13 +149,17 @@ def knockouts(model, sample: Sample, layers=None, *, stats: pd.DataFrame | None 
     stats_source = "given"
     if stats is None:
         stats, stats_source = neuron_stats(model, sample, layers, tokens_per_batch), "the sample"
-    base, n_pred = sample_loss(model, sample, tokens_per_batch)
+    cache = cache_blocks(model, sample, max(layers), tokens_per_batch)  # blocks before a layer are reused
+    n_pred = sum(c[3] for c in cache)
+    if n_pred == 0:
+        raise KvmemError("the sample has rows of one token: no next token to predict (raise --seq-len)")
+    base = sum(c[2] for c in cache) / n_pred
     gen = torch.Generator().manual_seed(seed)
     rows = []
 
     def measure(layer, kind, k, mode, neurons=None):
         with intervene(model, layer, mode, neurons):
-            loss, _ = sample_loss(model, sample, tokens_per_batch)
+            loss, _ = sample_loss(model, sample, tokens_per_batch, cache=cache, layer=layer)
         rows.append({"layer": layer, "intervention": kind, "k": k, "loss": loss, "delta": loss - base,
                      "baseline_loss": base, "n_tokens": n_pred})
 

@@ -123,6 +123,10 @@ def test_knockouts_match_edited_weights(tiny_models, samples, family):
         if len(set(rate)) == len(rate):  # ties would make the set ambiguous
             assert long.loc[("top_rate", 3), "loss"] == pytest.approx(edited(zero(top_rate.neuron[:3].tolist())), rel=1e-5)
     assert long.loc[("remove", 0), "delta"] == pytest.approx(long.loc[("remove", 0), "loss"] - base, rel=1e-4)
+    # the skipped blocks (kept from the unmodified pass) are restored afterwards
+    assert all("forward" not in b.__dict__ for b in model.adapter.blocks())
+    with torch.no_grad():
+        assert _brute_loss(model.hf, sample.rows) == pytest.approx(base, rel=1e-6)
     assert set(res["layers"].columns) >= {"remove", "linear", "top_rate_k3", "top_max_k3", "random_k3"}
 
 
