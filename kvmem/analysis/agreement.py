@@ -9,6 +9,9 @@ example's global index in the token store, if it lies in the same document), and
 Baseline (same columns, ``base_*``): neuron i's value is compared with the examples of neuron π(i), π a
 random derangement of the layer's neurons (no neuron keeps its own examples), averaged over ``n_perm``
 derangements. The pairs used are returned in the ``pairs`` table.
+With ``value_bottom_ids`` (gated FFNs, where m < 0 writes -v_i): ``neg_top1`` / ``base_neg_top1`` compare the
+value's most suppressed token (argmin of v_i·W_U) with the next tokens of the neuron's bottom examples (most
+negative m), with the same derangements.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def agreement_table(value_ids: torch.Tensor, nxt: torch.Tensor) -> dict[str, tor
 
 
 def agreement(run, value_top_ids: torch.Tensor, *, n_examples: int | None = None, k: int = 10, n_perm: int = 5,
-              seed: int = 0, layers=None) -> AnalysisResult:
+              seed: int = 0, layers=None, value_bottom_ids: torch.Tensor | None = None) -> AnalysisResult:
     """Per-layer agreement and its derangement baseline. ``value_top_ids`` [n_layers, d_mlp, >= k] are the
     value vectors' top token ids (e.g. kvmem.vocab.project_values(model)['top_ids'])."""
     store = run.tokens
@@ -67,23 +70,37 @@ def agreement(run, value_top_ids: torch.Tensor, *, n_examples: int | None = None
         nxt = next_tokens(index, store.ids, store.doc_offsets)  # [d, n]
         vals = value_top_ids[layer, :, :k].long().cpu()
         own = agreement_table(vals, nxt)
+        neg = None
+        if value_bottom_ids is not None:
+            _, bindex = store_of(run.stats[layer], "bottom")
+            bnxt = next_tokens(bindex[:, :n_examples] if n_examples else bindex, store.ids, store.doc_offsets)
+            bvals = value_bottom_ids[layer, :, :1].long().cpu()
+            neg = (bvals, bnxt, agreement_table(bvals, bnxt))
         has = own["has"]
         n_has = int(has.sum())
         row = {"layer": layer, "n_neurons": n_has, "n_examples": int(index.shape[1]), "k": k,
                "n_tokens": run.tokens.n_tokens}
         for name in ("ex1", "top1", "topk"):
             row[f"agree_{name}"] = float(own[name][has].float().mean()) if n_has else float("nan")
-        base = {name: [] for name in ("ex1", "top1", "topk")}
+        if neg is not None:
+            row["agree_neg_top1"] = float(neg[2]["top1"][neg[2]["has"]].float().mean()) if bool(neg[2]["has"].any()) \
+                else float("nan")
+        base = {name: [] for name in ("ex1", "top1", "topk", "neg_top1")}
         for draw in range(n_perm):
             perm = derangement(vals.shape[0], gen)
             other = agreement_table(vals, nxt[perm])
             ok = other["has"]
-            for name in base:
+            for name in ("ex1", "top1", "topk"):
                 base[name].append(float(other[name][ok].float().mean()) if bool(ok.any()) else float("nan"))
+            if neg is not None:
+                o = agreement_table(neg[0], neg[1][perm])
+                base["neg_top1"].append(float(o["top1"][o["has"]].float().mean()) if bool(o["has"].any())
+                                        else float("nan"))
             pairs.append(pd.DataFrame({"layer": layer, "draw": draw, "neuron": range(vals.shape[0]),
                                        "partner": perm.numpy()}))
         for name, v in base.items():
-            row[f"base_{name}"] = float(torch.tensor(v).mean())
+            if v:
+                row[f"base_{name}"] = float(torch.tensor(v).mean())
         row["lift_top1"] = row["agree_top1"] / row["base_top1"] if row["base_top1"] > 0 else float("nan")
         rows.append(row)
     meta = {"n_tokens": run.tokens.n_tokens, "k": k, "n_perm": n_perm, "seed": seed,

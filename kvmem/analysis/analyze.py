@@ -116,8 +116,9 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
             from kvmem.vocab import compute_projection, project_values
 
             k = 10
-            top = project_values(model, k=k, cache=True)["top_ids"] if cache else compute_projection(model, k=k)["top_ids"]
-            return agreement(run, top, k=k, layers=layers)
+            proj = project_values(model, k=k, cache=True) if cache else compute_projection(model, k=k)
+            bottom = proj["bottom_ids"] if model.gated else None  # gated: m < 0 writes -v_i
+            return agreement(run, proj["top_ids"], k=k, layers=layers, value_bottom_ids=bottom)
 
         timed("agreement", run_agreement)
         tick("agreement")

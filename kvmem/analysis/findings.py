@@ -56,12 +56,17 @@ def findings(results: dict, n_layers: int) -> list[dict]:
         up, lo = _mean(df, "agree_top1", th["upper"]), _mean(df, "agree_top1", th["lower"])
         base_up = _mean(df, "base_top1", th["upper"])
         a = up >= base_up + AGREE_MARGIN and up >= AGREE_RATIO * base_up
+        extra = {}
+        if "agree_neg_top1" in df.columns:  # gated: suppressed token vs the bottom examples' next tokens
+            extra = {f"{part}_{col}": _mean(df, col, th[part]) for part in ("lower", "upper")
+                     for col in ("agree_neg_top1", "base_neg_top1")}
         out.append({
             "claim": "A neuron's value vector predicts the token that follows its top-activating examples, "
                      "near chance in lower layers and rising in upper layers (Geva et al. 2021, section 5).",
             "measure": "agreement",
             "figures": [{"table": "agreement_layers.parquet", "x": "layer",
-                         "y": ["agree_top1", "base_top1", "agree_topk", "base_topk"]}],
+                         "y": ["agree_top1", "base_top1", "agree_topk", "base_topk"]
+                         + (["agree_neg_top1", "base_neg_top1"] if "agree_neg_top1" in df.columns else [])}],
             "threshold": f"value top-1 token among the next tokens of the neuron's top {int(df.n_examples.max())} "
                          f"examples; top-{r.meta['k']} for agree_topk",
             "n_tokens": r.meta["n_tokens"],
@@ -72,7 +77,7 @@ def findings(results: dict, n_layers: int) -> list[dict]:
             "numbers": {"upper_agree_top1": up, "upper_base_top1": base_up, "lower_agree_top1": lo,
                         "lower_base_top1": _mean(df, "base_top1", th["lower"]),
                         "upper_agree_topk": _mean(df, "agree_topk", th["upper"]),
-                        "upper_base_topk": _mean(df, "base_topk", th["upper"])}})
+                        "upper_base_topk": _mean(df, "base_topk", th["upper"])} | extra})
     if "lexical" in results:
         r = results["lexical"]
         df = r["layers"].assign(excess=lambda d: d.same_token - d.base_same_token)

@@ -17,7 +17,8 @@ RunArg = Annotated[Path, typer.Argument(help="A run folder written by kvmem prof
 
 # (analysis table, columns shown, format) per measure, in the order printed
 SHOWN = {
-    "agreement": ("agreement_layers", ["agree_top1", "base_top1", "agree_topk", "base_topk", "agree_ex1"], "{:.1%}"),
+    "agreement": ("agreement_layers", ["agree_top1", "base_top1", "agree_topk", "base_topk", "agree_ex1",
+                                          "agree_neg_top1", "base_neg_top1"], "{:.1%}"),
     "lexical": ("lexical_layers", ["same_token", "base_same_token", "same_bigram", "base_same_bigram", "kept_1",
                                    "kept_2", "retain_1", "retain_2"], "{:.2f}"),
     "sparsity": ("sparsity_layers", ["active_gt0", "active_gt1pct_max", "active_gt10pct_max", "abs_gt_1x_mean",

@@ -25,8 +25,9 @@ def fake_run(model, n_tokens=640):
     stats = {}
     for layer in range(model.n_layers):
         m = cap.coef[layer].reshape(-1, model.d_mlp)
-        top = m.topk(K, dim=0)
-        stats[layer] = SimpleNamespace(top=(top.values.T.contiguous(), top.indices.T.contiguous()))
+        top, bottom = m.topk(K, dim=0), m.topk(K, dim=0, largest=False)
+        stats[layer] = SimpleNamespace(top=(top.values.T.contiguous(), top.indices.T.contiguous()),
+                                       bottom=(bottom.values.T.contiguous(), bottom.indices.T.contiguous()))
     return SimpleNamespace(tokens=store, stats=stats, profiled_layers=list(range(model.n_layers)),
                            manifest={"settings": {"seq_len": SEQ}}, path=Path("fake"))
 
@@ -47,19 +48,23 @@ def test_agreement_matches_brute_force(tiny_models, runs, family):
     model, run = tiny_models[family], runs[family]
     logits = torch.stack([model.layers[layer].W_out.double() @ model.W_U.double() for layer in range(model.n_layers)])
     value_top = logits.argsort(-1, descending=True)[..., :5]
-    res = agreement(run, value_top, k=3, n_perm=4)
+    value_bottom = logits.argsort(-1)[..., :2]
+    res = agreement(run, value_top, k=3, n_perm=4, value_bottom_ids=value_bottom)
     table, pairs = res["layers"].set_index("layer"), res["pairs"]
 
     def rate(layer, partner_of, kind):
         hits, count = 0, 0
         for i in range(model.d_mlp):
             j = partner_of(i)
-            nxt = [brute_next(x, run.tokens) for x in run.stats[layer].top[1][j].tolist()]
+            store = run.stats[layer].bottom if kind == "neg" else run.stats[layer].top
+            nxt = [brute_next(x, run.tokens) for x in store[1][j].tolist()]
             if all(t is None for t in nxt):
                 continue
             count += 1
             vt = value_top[layer, i].tolist()
-            if kind == "ex1":
+            if kind == "neg":
+                hits += value_bottom[layer, i, 0].item() in nxt
+            elif kind == "ex1":
                 hits += nxt[0] == vt[0]
             elif kind == "top1":
                 hits += vt[0] in nxt
@@ -70,6 +75,7 @@ def test_agreement_matches_brute_force(tiny_models, runs, family):
     for layer in range(model.n_layers):
         for kind in ("ex1", "top1", "topk"):
             assert table.loc[layer, f"agree_{kind}"] == pytest.approx(rate(layer, lambda i: i, kind))
+        assert table.loc[layer, "agree_neg_top1"] == pytest.approx(rate(layer, lambda i: i, "neg"))
         # the baseline pairs every neuron with another neuron's examples, and is the mean over those pairings
         lp = pairs[pairs.layer == layer]
         assert (lp.partner != lp.neuron).all()
@@ -78,6 +84,8 @@ def test_agreement_matches_brute_force(tiny_models, runs, family):
             assert sorted(g.partner) == list(range(model.d_mlp))
         want = np.mean([rate(layer, dict(zip(g.neuron, g.partner)).__getitem__, "top1") for _, g in lp.groupby("draw")])
         assert table.loc[layer, "base_top1"] == pytest.approx(want)
+        want = np.mean([rate(layer, dict(zip(g.neuron, g.partner)).__getitem__, "neg") for _, g in lp.groupby("draw")])
+        assert table.loc[layer, "base_neg_top1"] == pytest.approx(want)
     assert res.meta["n_tokens"] == run.tokens.n_tokens
 
 
