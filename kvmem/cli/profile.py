@@ -81,6 +81,7 @@ def profile(
     """Profile every FFN neuron over a corpus in one streaming pass: top examples, firing rates, histograms."""
     from kvmem.neurons import parse_layers
     from kvmem.profile.job import profile as run_profile
+    from kvmem.profile.job import rank_device
 
     cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                   top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, shard=shard, device=device,
@@ -88,7 +89,7 @@ def profile(
     with err_console.status(f"loading {cfg.model} ..."):
         import kvmem
 
-        kv = kvmem.load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        kv = kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
     if layers is not None:
         from dataclasses import replace
 
@@ -98,6 +99,8 @@ def profile(
                TokensPerSecond(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:
         run = run_profile(cfg, out, resume=resume, force=force, model=kv, progress_factory=_progress_bar(bar))
+    if run is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     summary = run_summary(run)
     if json_out:
         return print_json(summary)

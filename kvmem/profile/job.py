@@ -41,7 +41,7 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
     if force and not resume and out.exists() and rank == 0:
         shutil.rmtree(out)
     if model is None:
-        model = kvmem.load(cfg.model, device=_rank_device(cfg.device, rank, world), dtype=cfg.dtype)
+        model = kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
     cfg = replace(cfg, model=model.spec)  # the settings record the model actually profiled
     if resume:
         store = TokenStore.load(ckpt / "tokens.safetensors")
@@ -172,7 +172,9 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _rank_device(device: str, rank: int, world: int) -> str:
+def rank_device(device: str) -> str:
+    """Under torchrun with CUDA, 'auto' means this rank's own GPU (LOCAL_RANK)."""
+    rank, world = _dist_rank_world()
     if world > 1 and device == "auto" and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     return device

@@ -1,0 +1,123 @@
+"""Resume after a kill is byte-identical; shards merge into the single run; torchrun on CPU (gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kvmem
+from kvmem.profile.runner import ProfileConfig
+
+FILES = ("stats.safetensors", "tokens.safetensors", "neurons.parquet", "layers.parquet", "vocab.parquet")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kvmem_cmd(*args):
+    return [sys.executable, "-m", "kvmem", *map(str, args)]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def manifest_without_time(path):
+    m = json.loads((path / "manifest.json").read_text())
+    m.pop("time")
+    return m
+
+
+def test_kill_then_resume_is_byte_identical(tmp_path, tiny_dirs):
+    model = tiny_dirs["llama"]
+    args = [model, "--tokens", "1600", "--seq-len", "8", "--batch-size", "1", "--top-k", "4",
+            "--checkpoint-every", "0"]
+    subprocess.run(kvmem_cmd("profile", *args, "--out", tmp_path / "whole"), check=True, env=env(),
+                   capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(kvmem_cmd("profile", *args, "--out", out), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "checkpoint" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads(progress.read_text())["next_row"] >= 20:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    killed_at = json.loads(progress.read_text())["next_row"]
+    assert 0 < killed_at < 200
+    # without --resume the unfinished run is protected
+    refused = subprocess.run(kvmem_cmd("profile", *args, "--out", out), env=env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    subprocess.run(kvmem_cmd("profile", *args, "--out", out, "--resume"), check=True, env=env(), capture_output=True)
+    for name in FILES:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert manifest_without_time(out) == manifest_without_time(tmp_path / "whole")
+
+
+def _state(run):
+    return load_file(str(run.path / "stats.safetensors"))
+
+
+def assert_same_stats(a, b):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        if name.endswith((".sum", ".sumsq")):  # float64 sums in another order
+            torch.testing.assert_close(sa[name], sb[name], rtol=1e-9, atol=1e-9)
+        elif not name.endswith("meta.last_index"):  # exact; empty slots hold NaN
+            torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    assert torch.equal(a.tokens.ids, b.tokens.ids) and torch.equal(a.tokens.doc_offsets, b.tokens.doc_offsets)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("c") / "c.txt"
+    path.write_text("\n\n".join(["short one.", "a longer document about loops and iterators " * 9,
+                                 "another one", "the last document of the corpus, also short."]))
+    return path
+
+
+def test_merge_of_shards_equals_one_run(tmp_path, corpus, tiny_models):
+    model = tiny_models["qwen2"]
+    cfg = ProfileConfig(corpus=str(corpus), seq_len=8, batch_size=2, top_k=4, checkpoint_every=1e9)
+    from dataclasses import replace
+
+    whole = kvmem.profile(cfg, tmp_path / "whole", model=model)
+    a = kvmem.profile(replace(cfg, shard="0/2"), tmp_path / "a", model=model)
+    b = kvmem.profile(replace(cfg, shard="1/2"), tmp_path / "b", model=model)
+    assert b.tokens.continues_doc  # the shard boundary falls inside the long document
+    merged = kvmem.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    assert_same_stats(merged, whole)
+    assert merged.tokens.n_docs == whole.tokens.n_docs
+    # independent runs merge too: the second is moved after the first
+    again = kvmem.merge([tmp_path / "whole", tmp_path / "whole"], tmp_path / "twice")
+    assert again.tokens.n_tokens == 2 * whole.tokens.n_tokens
+    s2, s1 = again.stats[0], whole.stats[0]
+    assert torch.equal(s2.count_pos, 2 * s1.count_pos) and s2.n == 2 * s1.n
+    assert torch.equal(s2.top.value[:, 0], s1.top.value[:, 0])
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, corpus, tiny_dirs, tiny_models):
+    args = ["--corpus", corpus, "--seq-len", "8", "--batch-size", "2", "--top-k", "4"]
+    model = tiny_dirs["gpt2"]
+    subprocess.run(kvmem_cmd("profile", model, *args, "--out", tmp_path / "one"), check=True, env=env(),
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                "-m", "kvmem", "profile", str(model), *map(str, args), "--out", str(tmp_path / "two")]
+    res = subprocess.run(torchrun, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    one, two = kvmem.open_run(tmp_path / "one"), kvmem.open_run(tmp_path / "two")
+    assert two.manifest["settings"]["world_size"] == 2
+    assert_same_stats(two, one)
+    assert not (tmp_path / "two" / ".shards").exists()
