@@ -32,10 +32,14 @@ from kvmem.stats.keys import (
     token_hash,
 )
 from kvmem.stats.store import column_topk, merge_entries, nonzero_flat, work_buffer
+from kvmem.stats.warmup import batch_doc_rows, batch_topk_rows, quadrant_best
 
 # The sample's interval path is used while it visits at most this fraction of the batch's
 # (token, neuron) pairs; beyond it (the first batches, when T = 0) a dense path is cheaper.
 SAMPLE_RANGE_LIMIT = 0.125
+# The first try for the sample reads the top SAMPLE_WINDOW * k / (positives in the batch) of each
+# neuron's priority range (about SAMPLE_WINDOW * k positives expected; fewer than k: redone).
+SAMPLE_WINDOW = 4
 
 
 def is_full(keys: torch.Tensor) -> torch.Tensor:
@@ -118,27 +122,16 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
 
 
 def _dense_values(s, m, ti, doc, full_top, full_bot, full_doc) -> None:
-    """Warm-up: exact column top-k of int64 keys for the stores that are not full yet."""
-    n, d = m.shape
-    if not (full_top and full_doc):
-        keys = encode(m, ti[:, None])  # [N, d]
-        if not full_top:
-            col, key, _ = column_topk(keys, s.k)
-            s._top, _ = merge_entries(s._top, [], [], col, key, [])
-        if not full_doc:
-            seg = torch.zeros(n, dtype=torch.int64, device=m.device)
-            seg[1:] = torch.cumsum(doc[1:] != doc[:-1], 0)
-            seg_doc = torch.unique_consecutive(doc)
-            docmax = torch.full((seg_doc.numel(), d), EMPTY, dtype=torch.int64, device=m.device)
-            docmax.scatter_reduce_(0, seg[:, None].expand(n, d), keys, "amax")
-            col, key, srow = column_topk(docmax, s.k)
-            s._doc_key, (s._doc_id,) = merge_entries(
-                s._doc_key, [s._doc_id], [-1], col, key, [seg_doc[srow]], dedupe=0
-            )
-        del keys
+    """Warm-up: the batch's own best entries (kvmem.stats.warmup) for the stores that are not full yet."""
+    if not full_top:
+        rows, cols = batch_topk_rows(m, s.k)
+        s._top, _ = merge_entries(s._top, [], [], cols, encode(m[rows, cols], ti[rows]), [])
     if not full_bot:
-        col, key, _ = column_topk(encode(-m, ti[:, None]), s.k)
-        s._bot, _ = merge_entries(s._bot, [], [], col, key, [])
+        rows, cols = batch_topk_rows(m, s.k, largest=False)
+        s._bot, _ = merge_entries(s._bot, [], [], cols, encode(-m[rows, cols], ti[rows]), [])
+    if not full_doc:
+        cols, key, docs = batch_doc_rows(m, ti, doc, s.k)
+        s._doc_key, (s._doc_id,) = merge_entries(s._doc_key, [s._doc_id], [-1], cols, key, [docs], dedupe=0)
 
 
 def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
@@ -149,9 +142,10 @@ def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
     u = work_buffer("f32_b", (n, d), torch.float32, dev)
     torch.gt(gate, 0, out=g)
     torch.gt(up, 0, out=u)
-    gs, us = g.sum(0), u.sum(0)
+    ones = torch.ones(n, device=dev)
+    gs, us = ones @ g, ones @ u  # float sums of 0/1: exact integers below 2**24
     g.mul_(u)
-    gus = g.sum(0)
+    gus = ones @ g
     counts = torch.stack([gus, gs - gus, us - gus, n - gs - us + gus], 1).to(torch.int64)  # exact: ints < 2**24
     s.quadrant_count += counts
     old = s._q_key
@@ -160,11 +154,11 @@ def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
     fresh = ((old == EMPTY) & (counts > 0)).any(1).nonzero().squeeze(1)
     s._paths["quadrant_fresh"] = int(fresh.numel())
     if fresh.numel():
-        mm = m[:, fresh]
-        quad = (gate[:, fresh] <= 0).to(torch.int64) * 2 + (up[:, fresh] <= 0).to(torch.int64)
-        best = torch.full((4, fresh.numel()), EMPTY, dtype=torch.int64, device=dev)
-        best.scatter_reduce_(0, quad, encode(mm.abs(), ti[:, None]), "amax")
-        new[fresh] = torch.maximum(new[fresh], best.T)
+        if fresh.numel() == d:
+            best = quadrant_best(m, ti, gate, up)
+        else:
+            best = quadrant_best(m[:, fresh], ti, gate[:, fresh], up[:, fresh])
+        new[fresh] = torch.maximum(new[fresh], best)
     if q_cand is not None:
         rows, cols, v, cti = q_cand
         quad = (gate[rows, cols] <= 0).to(torch.int64) * 2 + (up[rows, cols] <= 0).to(torch.int64)
@@ -180,47 +174,74 @@ def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
     s._q_key = new
 
 
-def update_sample(s, m: torch.Tensor, ti: torch.Tensor, pos_count: torch.Tensor) -> None:
-    """The uniform sample of activating tokens: top-k priority among m > 0 per neuron.
-
-    pos_count [d]: number of m > 0 per neuron in this batch (neurons without any are skipped)."""
-    n, d = m.shape
-    dev = m.device
-    kth = s._smp_key[:, -1]
-    T = torch.where(kth == EMPTY, torch.zeros_like(kth), key_high(kth) + 2**31)  # unsigned priority
-    c = s._neuron_c
-    h = token_hash(ti)
-    active = pos_count > 0
-    start = (T - c) & LOW  # tokens with hash in [start, start + 2**32 - T) (cyclic) have priority >= T
+def _hash_ranges(s, T: torch.Tensor, active: torch.Tensor, hs: torch.Tensor):
+    """Per neuron the sorted-hash positions whose priority is >= T [d] (unsigned), for active neurons:
+    one cyclic interval [start, start + 2**32 - T) of token hashes, i.e. at most two position ranges.
+    Returns (a1, c1, cnt): first range start and length, total count per neuron."""
+    start = (T - s._neuron_c) & LOW
     end = start + (2**32 - T)
-    hs, order = torch.sort(h)
     a1 = torch.searchsorted(hs, start)
     b1 = torch.searchsorted(hs, end.clamp(max=2**32))
     b2 = torch.searchsorted(hs, (end - 2**32).clamp(min=0))
-    c1 = torch.where(active, b1 - a1, torch.zeros_like(a1))
-    cnt = c1 + torch.where(active, b2, torch.zeros_like(b2))
+    zero = torch.zeros_like(a1)
+    c1 = torch.where(active, b1 - a1, zero)
+    return a1, c1, c1 + torch.where(active, b2, zero)
+
+
+def _expand(a1, c1, cnt, order):
+    """(rows, neurons) of all positions described by _hash_ranges (order: sorted position -> row)."""
+    total = int(cnt.sum())
+    dev = cnt.device
+    nrn = torch.repeat_interleave(torch.arange(cnt.numel(), device=dev), cnt, output_size=total)
+    j = torch.arange(total, device=dev) - (torch.cumsum(cnt, 0) - cnt)[nrn]
+    c1n = c1[nrn]
+    return order[torch.where(j < c1n, a1[nrn] + j, j - c1n)], nrn
+
+
+def update_sample(s, m: torch.Tensor, ti: torch.Tensor, pos_count: torch.Tensor) -> None:
+    """The uniform sample of activating tokens: top-k priority among m > 0 per neuron.
+
+    pos_count [d]: number of m > 0 per neuron in this batch (neurons without any are skipped).
+    Priorities that can enter lie above the store's k-th (T), and the batch's own top-k lies in the
+    top WINDOW * k / pos_count of the priority range whenever that window holds >= k positives (about
+    WINDOW * k expected): that narrower window is tried first, neurons where it holds fewer are
+    redone with T alone. Only those (token, neuron) pairs are read."""
+    n, d = m.shape
+    k = s.k
+    kth = s._smp_key[:, -1]
+    T = torch.where(kth == EMPTY, torch.zeros_like(kth), key_high(kth) + 2**31)  # unsigned priority
+    active = pos_count > 0
+    window = (2**32 * SAMPLE_WINDOW * k) // pos_count.clamp(min=1) + 1
+    Tw = torch.maximum(T, (2**32 - window).clamp(min=0))
+    narrowed = Tw > T
+    hs, order = torch.sort(token_hash(ti))
+    a1, c1, cnt = _hash_ranges(s, Tw, active, hs)
     total = int(cnt.sum())
     if total == 0:
         s._paths["sample"] = "none"
         return
     if total <= SAMPLE_RANGE_LIMIT * n * d:
         s._paths["sample"] = "range"
-        nrn = torch.repeat_interleave(torch.arange(d, device=dev), cnt)
-        j = torch.arange(total, device=dev) - (torch.cumsum(cnt, 0) - cnt)[nrn]
-        c1n = c1[nrn]
-        rows = order[torch.where(j < c1n, a1[nrn] + j, j - c1n)]
-        v = m[rows, nrn]
-        keep = v > 0
-        rows, nrn, v = rows[keep], nrn[keep], v[keep]
+        rows, nrn = _expand(a1, c1, cnt, order)
+        keep = m[rows, nrn] > 0
+        found = torch.bincount(nrn[keep], minlength=d)
+        redo = narrowed & (found < k)
+        if bool(redo.any()):
+            keep &= ~redo[nrn]
+            a1, c1, cnt = _hash_ranges(s, T, redo, hs)
+            rows2, nrn2 = _expand(a1, c1, cnt, order)
+            rows, nrn = torch.cat([rows[keep], rows2]), torch.cat([nrn[keep], nrn2])
+            keep = m[rows, nrn] > 0
+        rows, nrn = rows[keep], nrn[keep]
         key = sample_key(ti[rows], nrn)
         sel = key > kth[nrn]
-        cols, key, v = nrn[sel], key[sel], v[sel]
+        cols, key, rows = nrn[sel], key[sel], rows[sel]
     else:
         s._paths["sample"] = "dense"
-        prio = (h[:, None] + c[None, :]) & LOW  # [N, d]
+        prio = (token_hash(ti)[:, None] + s._neuron_c[None, :]) & LOW  # [N, d]
         ok = (m > 0) & (prio >= T[None, :])
         keys = torch.where(ok, encode_high(prio - 2**31, ti[:, None]), torch.full_like(prio, EMPTY))
         del prio, ok
-        cols, key, rows = column_topk(keys, s.k)
-        v = m[rows, cols]
+        cols, key, rows = column_topk(keys, k)
+    v = m[rows, cols]
     s._smp_key, (s._smp_val,) = merge_entries(s._smp_key, [s._smp_val], [float("nan")], cols, key, [v])

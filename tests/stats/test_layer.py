@@ -84,10 +84,15 @@ def test_reference_is_sensitive():
     assert (s.sample.index[0] == -1).all() and (s.sample.index[3] == -1).all()  # never positive: empty
 
 
-@pytest.mark.parametrize("limit", [0.0, 1.0])
-def test_sample_paths(monkeypatch, limit):
-    """Both sample paths (cyclic hash interval, dense) are exact on their own."""
+@pytest.mark.parametrize("limit,window", [(0.0, 4), (1.0, 4), (1.0, 1), (1.0, 10**6)])
+def test_sample_paths(monkeypatch, limit, window):
+    """Every sample path is exact on its own: cyclic hash intervals (a narrow first window that often
+    needs the redo, the default, one that never narrows) and the dense fallback."""
     monkeypatch.setattr(update, "SAMPLE_RANGE_LIMIT", limit)
+    monkeypatch.setattr(update, "SAMPLE_WINDOW", window)
+    redo = []
+    real = update._hash_ranges
+    monkeypatch.setattr(update, "_hash_ranges", lambda *a: redo.append(1) or real(*a))
     st = make_stream(seed=2, n=1500, d=10)
     s = LayerStats(10, k=K, max_pos=64)
     paths = set()
@@ -95,6 +100,8 @@ def test_sample_paths(monkeypatch, limit):
         s.update(m, ti, doc, pos)
         paths.add(s._paths["sample"])
     assert paths - {"none"} == {"dense" if limit == 0.0 else "range"}
+    if window == 1:
+        assert len(redo) > len(st.bounds)  # the second pass ran
     assert_slots(s.sample, *sample_ref(st.m, st.ti, K))
 
 
