@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 import kvmem
@@ -75,14 +76,15 @@ def _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory):
         profiler.progress = progress_factory(store.n_tokens, done)
     elapsed = profiler.run()
     settings = asdict(cfg) | {"layers": profiler.layers, "batch_size": profiler.batch_size}
-    run = finalize(model, settings, store, profiler.stats, corpus_info, out, elapsed)
+    run = finalize(model, settings, store, profiler.stats, corpus_info, out, elapsed, values=value_tokens(model))
     remove_checkpoint(out)
     return run
 
 
 def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corpus_info: dict, out: Path,
-             elapsed: float, vocab: list[str] | None = None) -> runfiles.Run:
-    """Write a complete run folder (manifest last) and return it opened."""
+             elapsed: float, vocab: list[str] | None = None, values=None) -> runfiles.Run:
+    """Write a complete run folder (manifest last) and return it opened. ``values``: per-neuron value
+    tokens (layer, neuron, value_top_tokens, value_bottom_tokens) to join onto the neuron table."""
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model_or_meta, dict):
         model_meta = model_or_meta
@@ -90,12 +92,14 @@ def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corp
         model = model_or_meta
         model_meta = model.info() | {"fingerprint": model.fingerprint()}
         vocab = model.token_strings(range(len(model.tokenizer)))
-    import pandas as pd
+    neurons = neuron_table(stats, store, vocab)
+    if values is not None:  # what each neuron's value vector writes (v_i·W_U), from kvmem.vocab
+        neurons = neurons.merge(values, on=["layer", "neuron"], how="left")
 
     runfiles.atomic_write(out / "tokens.safetensors", store.save)
     runfiles.write_parquet(out / "vocab.parquet", pd.DataFrame({"id": range(len(vocab)), "token": vocab}))
     runfiles.save_stats(out / "stats.safetensors", stats)
-    runfiles.write_parquet(out / "neurons.parquet", neuron_table(stats, store, vocab))
+    runfiles.write_parquet(out / "neurons.parquet", neurons)
     runfiles.write_parquet(out / "layers.parquet", layer_table(stats))
     manifest = {
         "kvmem_version": kvmem.__version__,
@@ -151,7 +155,19 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
     if force and out.exists():
         shutil.rmtree(out)
     meta = dict(first["model"])
-    return finalize(meta, settings, store, stats, corpus, out, elapsed, vocab=runs[0].vocab)
+    value_cols = [c for c in runs[0].neurons.columns if c.startswith("value_")]
+    values = runs[0].neurons[["layer", "neuron", *value_cols]] if value_cols else None
+    return finalize(meta, settings, store, stats, corpus, out, elapsed, vocab=runs[0].vocab, values=values)
+
+
+def value_tokens(model, n: int = 5):
+    """Top and bottom tokens of every neuron's value vector (the cached whole-model projection)."""
+    from kvmem.vocab import project_values
+
+    table = project_values(model, k=10).table
+    return pd.DataFrame({"layer": table.layer, "neuron": table.neuron,
+                         "value_top_tokens": [list(t[:n]) for t in table.top_tokens],
+                         "value_bottom_tokens": [list(t[:n]) for t in table.bottom_tokens]})
 
 
 def shifted(stats, d_tokens: int, d_docs: int):
