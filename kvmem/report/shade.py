@@ -7,7 +7,9 @@ for every window token of every example. Rows are taken in order of need (top ex
 token budget; an example is shaded only if all its window's rows were re-run. The activating token's
 re-computed value is checked against the stored one (``max_rel_error``).
 
-Shading is stored per example as integers in [-100, 100]: 100 · m / max|m| of that neuron.
+Shading is stored per example as one string with a letter per window token: level = round(10 · m /
+max|m|) of that neuron, in [-10, 10], written as chr(ord('K') + level) (so 'A' = -max, 'K' = 0,
+'U' = +max): 21 levels are plenty for a background colour and keep the data small.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from kvmem.capture import capture
 
 @dataclass
 class Shading:
-    per_layer: dict = field(default_factory=dict)  # layer -> kind -> [d_mlp, n, W] int lists (None: not shaded)
+    per_layer: dict = field(default_factory=dict)  # layer -> kind -> [d_mlp][n] level strings (None: not shaded)
     rows: int = 0  # input rows re-run
     tokens: int = 0  # tokens re-run
     shaded: int = 0  # examples shaded
@@ -118,8 +120,12 @@ def shade(model, run, examples: dict, before: int, after: int, budget_tokens: in
                 result.max_rel_error = max(result.max_rel_error, float(err.max()))
             result.shaded += int(complete.sum())
             result.total += int((index >= 0).sum())
-            s = torch.round(100 * torch.nan_to_num(m, nan=0.0) / scale[:, None, None]).clamp(-100, 100).long()
-            lists = s.tolist()
+            level = torch.round(10 * torch.nan_to_num(m, nan=0.0) / scale[:, None, None]).clamp(-10, 10).long()
+            codes = (level + ord("K")).flatten().tolist()
+            W = level.shape[-1]
+            flat = [bytes(codes[a:a + W]).decode("ascii") for a in range(0, len(codes), W)]
+            n = level.shape[1]
+            lists = [flat[a:a + n] for a in range(0, len(flat), n)]
             comp = complete.tolist()
             result.per_layer[layer][kind] = [[row if c else None for row, c in zip(a, b)] for a, b in zip(lists, comp)]
     return result

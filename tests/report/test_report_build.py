@@ -158,8 +158,9 @@ def test_shading_matches_brute_force(report_dir, report_run):
         for ex in d["top"] + d["bands"]:
             shade = ex[2]
             assert shade is not None
-            at_value = shade[before] * scale / 100
-            assert at_value == pytest.approx(ex[0], abs=scale / 100 + 1e-6)
+            assert len(shade) == len(data["win"][ex[1]])
+            at_level = ord(shade[before]) - ord("K")
+            assert at_level == pytest.approx(10 * ex[0] / scale, abs=0.5 + 1e-3)
             checked += 1
         # the whole window of the first top example, against brute force
         top_index = int(run.stats[layer].top.index[neuron, 0])
@@ -169,7 +170,7 @@ def test_shading_matches_brute_force(report_dir, report_run):
                 continue
             g = top_index - before + j
             assert ids[g] == tok
-            assert ex[2][j] == pytest.approx(100 * float(m[g, neuron]) / scale, abs=0.51)
+            assert ord(ex[2][j]) - ord("K") == pytest.approx(10 * float(m[g, neuron]) / scale, abs=0.5 + 1e-3)
     assert checked > 0
 
 

@@ -151,9 +151,10 @@
     win.forEach(function (id, j) {
       if (id < 0) return;
       var t = tokenEl(vocab(id), j === before ? "at" : "");
-      var s = sh ? sh[j] : (j === before ? Math.round(100 * ex[0] / scale) : 0);
+      // shading levels: one letter per token, 'K' = 0, 'A' = -max|m|, 'U' = +max|m| (kvmem.report.shade)
+      var s = sh ? 10 * (sh.charCodeAt(j) - 75) : (j === before ? Math.round(100 * ex[0] / scale) : 0);
       if (s) t.style.backgroundColor = shade(s);
-      if (sh) t.title = "m \u2248 " + fmt(s * scale / 100, 2);
+      if (sh) t.title = "m \u2248 " + fmt(s * scale / 100, 1) + " (to 10% of max |m|)";
       ctx.appendChild(t);
     });
     row.appendChild(ctx);
