@@ -115,6 +115,8 @@ def max_activation(neurons: pd.DataFrame) -> go.Figure:
     fig.add_trace(go.Scatter(x=top["layer"], y=top["max"], mode="markers", name="largest",
                              text=top["id"], marker=dict(color="#212529", size=6),
                              hovertemplate="%{text}: max m %{y:.3g}<extra></extra>"))
+    if (neurons["max"] > 0).all():
+        fig.update_yaxes(type="log")
     return _layout(fig, "Max activation per neuron, by layer (box 25–75%, whiskers 5–95%)", "layer", "max m")
 
 

@@ -58,7 +58,7 @@ def test_search_by_token_and_id(driver, report_dir):
     expect = {f"{layer}.{n}" for layer, n, val, trig in zip(cols["layer"], cols["neuron"], cols["val"], cols["trig"])
               if any(vocab[t].strip().lower() == word.lower() for t in val + [trig])}
     open_page(driver, url(report_dir / "index.html"), "document.querySelectorAll('table.neurons tbody tr').length > 0")
-    driver.find_element(By.ID, "qexact").click()
+    assert driver.find_element(By.ID, "qexact").is_selected()  # whole-token search by default
     box = driver.find_element(By.ID, "q")
     box.send_keys(word)
     found = wait_for(driver, "(() => { const r = Array.from(document.querySelectorAll('table.neurons tbody tr td:first-child a'))"
