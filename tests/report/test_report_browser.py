@@ -95,7 +95,7 @@ def test_neuron_page(driver, report_dir):
     driver.set_window_size(1400, 1000)
     # hostile contexts: every neuron page of every layer renders its examples as text and runs nothing
     for layer in (0, 1, 2):
-        for neuron in range(0, 48, 3):
+        for neuron in range(0, 48, 8):
             driver.execute_script(f"location.hash = '{layer}.{neuron}'")
             wait_for(driver, f"document.getElementById('nid').textContent === 'neuron {layer}.{neuron}'")
     assert driver.execute_script(PWNED) is None
