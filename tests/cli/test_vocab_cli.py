@@ -5,23 +5,10 @@ import json
 import pytest
 import torch
 
-from kvmem.cli import main
+from tests.cli.test_core_cli import assert_one_line_error, run
 from tests.test_vocab import direct_rows
 
 PROMPT = "Return the value of the named attribute"
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
 
 
 @pytest.fixture(autouse=True)
