@@ -74,6 +74,14 @@ def nonzero_flat(mask: torch.Tensor) -> torch.Tensor:
     return wi[j[:, 0]] * 8 + j[:, 1]
 
 
+def pick(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """t[rows, cols] for t [N, d]; a flat index_select when t is contiguous (several times faster on
+    CPU than advanced indexing)."""
+    if t.is_contiguous():
+        return t.view(-1).index_select(0, rows * t.shape[1] + cols)
+    return t[rows, cols]
+
+
 def sort_desc_by_row(row: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Permutation ordering entries by (row ascending, key descending). row, key [E] int64."""
     order = torch.sort(key, descending=True, stable=True).indices

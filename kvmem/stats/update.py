@@ -31,7 +31,7 @@ from kvmem.stats.keys import (
     sample_key,
     token_hash,
 )
-from kvmem.stats.store import column_topk, merge_entries, nonzero_flat, work_buffer
+from kvmem.stats.store import column_topk, merge_entries, nonzero_flat, pick, work_buffer
 from kvmem.stats.warmup import batch_doc_rows, batch_topk_rows, quadrant_best
 
 # The sample's interval path is used while it visits at most this fraction of the batch's
@@ -92,25 +92,26 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
         flat = nonzero_flat(mask)
         paths["candidates"] = int(flat.numel())
         rows, cols = flat // d, flat % d
-        v = m.view(-1)[flat]
+        v = m.view(-1).index_select(0, flat)
         if q_any:
-            q_bound = torch.where(gate[rows, cols] > 0, q_pos[cols], q_neg[cols])
-            keep = (v.abs() > q_bound) | (v > hi[cols]) | (v < lo[cols])
+            q_both = torch.cat([q_neg, q_pos])  # [2d]: by gate <= 0 / gate > 0
+            q_bound = q_both.index_select(0, cols + d * (pick(gate, rows, cols) > 0))
+            keep = (v.abs() > q_bound) | (v > hi.index_select(0, cols)) | (v < lo.index_select(0, cols))
             rows, cols, v = rows[keep], cols[keep], v[keep]
-        cti = ti[rows]
+        cti = ti.index_select(0, rows)
         if full_top or full_doc:
             key = encode(v, cti)
             if full_top:
-                sel = key > s._top[cols, -1]
+                sel = key > s._top[:, -1].index_select(0, cols)
                 s._top, _ = merge_entries(s._top, [], [], cols[sel], key[sel], [])
             if full_doc:
-                sel = key > s._doc_key[cols, -1]
+                sel = key > s._doc_key[:, -1].index_select(0, cols)
                 s._doc_key, (s._doc_id,) = merge_entries(
                     s._doc_key, [s._doc_id], [-1], cols[sel], key[sel], [doc[rows[sel]]], dedupe=0
                 )
         if full_bot:
             key = encode(-v, cti)
-            sel = key > s._bot[cols, -1]
+            sel = key > s._bot[:, -1].index_select(0, cols)
             s._bot, _ = merge_entries(s._bot, [], [], cols[sel], key[sel], [])
         if q_any:
             q_cand = (rows, cols, v, cti)
@@ -125,10 +126,10 @@ def _dense_values(s, m, ti, doc, full_top, full_bot, full_doc) -> None:
     """Warm-up: the batch's own best entries (kvmem.stats.warmup) for the stores that are not full yet."""
     if not full_top:
         rows, cols = batch_topk_rows(m, s.k)
-        s._top, _ = merge_entries(s._top, [], [], cols, encode(m[rows, cols], ti[rows]), [])
+        s._top, _ = merge_entries(s._top, [], [], cols, encode(pick(m, rows, cols), ti[rows]), [])
     if not full_bot:
         rows, cols = batch_topk_rows(m, s.k, largest=False)
-        s._bot, _ = merge_entries(s._bot, [], [], cols, encode(-m[rows, cols], ti[rows]), [])
+        s._bot, _ = merge_entries(s._bot, [], [], cols, encode(-pick(m, rows, cols), ti[rows]), [])
     if not full_doc:
         cols, key, docs = batch_doc_rows(m, ti, doc, s.k)
         s._doc_key, (s._doc_id,) = merge_entries(s._doc_key, [s._doc_id], [-1], cols, key, [docs], dedupe=0)
@@ -161,7 +162,7 @@ def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
         new[fresh] = torch.maximum(new[fresh], best)
     if q_cand is not None:
         rows, cols, v, cti = q_cand
-        quad = (gate[rows, cols] <= 0).to(torch.int64) * 2 + (up[rows, cols] <= 0).to(torch.int64)
+        quad = (pick(gate, rows, cols) <= 0).to(torch.int64) * 2 + (pick(up, rows, cols) <= 0).to(torch.int64)
         slot = cols * 4 + quad
         key = encode(v.abs(), cti)
         sel = key > old.view(-1)[slot]
@@ -223,7 +224,7 @@ def update_sample(s, m: torch.Tensor, ti: torch.Tensor, pos_count: torch.Tensor)
     if total <= SAMPLE_RANGE_LIMIT * n * d:
         s._paths["sample"] = "range"
         rows, nrn = _expand(a1, c1, cnt, order)
-        keep = m[rows, nrn] > 0
+        keep = pick(m, rows, nrn) > 0
         found = torch.bincount(nrn[keep], minlength=d)
         redo = narrowed & (found < k)
         if bool(redo.any()):
@@ -231,7 +232,7 @@ def update_sample(s, m: torch.Tensor, ti: torch.Tensor, pos_count: torch.Tensor)
             a1, c1, cnt = _hash_ranges(s, T, redo, hs)
             rows2, nrn2 = _expand(a1, c1, cnt, order)
             rows, nrn = torch.cat([rows[keep], rows2]), torch.cat([nrn[keep], nrn2])
-            keep = m[rows, nrn] > 0
+            keep = pick(m, rows, nrn) > 0
         rows, nrn = rows[keep], nrn[keep]
         key = sample_key(ti[rows], nrn)
         sel = key > kth[nrn]
@@ -243,5 +244,5 @@ def update_sample(s, m: torch.Tensor, ti: torch.Tensor, pos_count: torch.Tensor)
         keys = torch.where(ok, encode_high(prio - 2**31, ti[:, None]), torch.full_like(prio, EMPTY))
         del prio, ok
         cols, key, rows = column_topk(keys, k)
-    v = m[rows, cols]
+    v = pick(m, rows, cols)
     s._smp_key, (s._smp_val,) = merge_entries(s._smp_key, [s._smp_val], [float("nan")], cols, key, [v])
