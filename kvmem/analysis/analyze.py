@@ -43,6 +43,24 @@ def run_neuron_stats(run, layers) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True)
 
 
+def default_queries(run, layers, stats: pd.DataFrame, rel: float = 0.25, min_rate: float = 0.001) -> list:
+    """Per layer, the neuron with the largest max among those estimated (from the run's histogram) to exceed
+    ``rel`` x their max on at least ``min_rate`` of the tokens; the largest max overall if none or no histogram."""
+    out = []
+    for layer, g in stats.groupby("layer"):
+        g = g.sort_values("neuron")
+        score = torch.tensor(g["max"].to_numpy(), dtype=torch.float64)
+        s = run.stats[layer] if layer in getattr(run, "stats", {}) else None
+        if s is not None and hasattr(s, "count_above") and getattr(s, "n", 0):
+            mx = torch.nan_to_num(s.max.double().cpu(), nan=0.0).clamp(min=0)
+            rate = s.count_above(rel * mx).double().cpu() / s.n
+            ok = rate >= min_rate
+            if bool(ok.any()):
+                score = torch.where(ok, score, torch.full_like(score, -torch.inf))
+        out.append((int(layer), int(score.argmax())))
+    return out
+
+
 def steps(measures, n_layers: int) -> int:
     """How many times ``analyze`` calls ``progress`` (for a progress bar's total)."""
     return sum(n_layers if m == "knockouts" else 1 for m in measures)
@@ -98,9 +116,8 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
         tick("sparsity")
     if "coactivation" in measures:
         queries = coactivation_neurons
-        if queries is None:  # default: each layer's neuron with the largest max activation
-            src = stats if stats is not None else neuron_stats(model, sample, layers)
-            queries = [(int(g.layer.iloc[0]), int(g.neuron[g["max"].idxmax()])) for _, g in src.groupby("layer")]
+        if queries is None:
+            queries = default_queries(run, layers, stats if stats is not None else neuron_stats(model, sample, layers))
         timed("coactivation", lambda: coactivation(model, sample, queries, layers=layers,
                                                                    maxima=maxima))
         tick("co-activation")

@@ -7,6 +7,8 @@ the device per batch as one matrix product F_Q^T F [q, n_layers·d_mlp] of boole
   jaccard   co / (n_query + n_partner - co)   (the ranking)
   p_given   co / n_query                      P(partner fires | query fires)
   lift      co · N / (n_query · n_partner)    1.0 = independent firing (the baseline)
+Partners that never fire together with the query are left out (a query that never fires has no rows);
+small ``co`` counts are noisy: read lift together with co.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def coactivation(model, sample: Sample, neurons, *, layers=None, top: int = 10, 
             jac[col[a] * d + b] = -1  # never the neuron itself
         k = min(top, jac.numel() - 1)
         best = jac.topk(k).indices
-        for rank, j in enumerate(best.tolist()):
+        for rank, j in enumerate(j for j in best.tolist() if co[qi, j] > 0):  # never-co-firing pairs are left out
             layer, neuron = layers[j // d], j % d
             c, cq, cp = float(co[qi, j]), float(q_count[qi]), float(count[j])
             out.append({"query": f"{a}.{b}", "rank": rank, "partner": f"{layer}.{neuron}",

@@ -21,7 +21,7 @@ import math
 from kvmem.analysis.common import thirds
 
 # --- the rules' constants ------------------------------------------------------------------------
-AGREE_MARGIN = 0.02  # upper-third agreement must exceed its baseline by 2 points ...
+AGREE_SE = 3.0  # upper-third agreement must exceed its baseline by 3 binomial standard errors of the baseline ...
 AGREE_RATIO = 2.0  # ... and be at least twice the baseline
 LEX_MARGIN = 0.02  # lower-third lexical excess (share - baseline) must exceed upper's by 2 points
 RETAIN_MARGIN = 0.05  # lower-third kept_1 must exceed upper's by 5 points
@@ -55,7 +55,9 @@ def findings(results: dict, n_layers: int) -> list[dict]:
         th = thirds(df.layer.tolist(), n_layers)
         up, lo = _mean(df, "agree_top1", th["upper"]), _mean(df, "agree_top1", th["lower"])
         base_up = _mean(df, "base_top1", th["upper"])
-        a = up >= base_up + AGREE_MARGIN and up >= AGREE_RATIO * base_up
+        n_up = float(df[df.layer.isin(th["upper"])].n_neurons.sum())
+        margin = AGREE_SE * math.sqrt(max(base_up * (1 - base_up), 0.0) / max(n_up, 1.0))
+        a = up >= base_up + margin and up >= AGREE_RATIO * base_up
         extra = {}
         if "agree_neg_top1" in df.columns:  # gated: suppressed token vs the bottom examples' next tokens
             extra = {f"{part}_{col}": _mean(df, col, th[part]) for part in ("lower", "upper")
@@ -71,10 +73,11 @@ def findings(results: dict, n_layers: int) -> list[dict]:
                          f"examples; top-{r.meta['k']} for agree_topk",
             "n_tokens": r.meta["n_tokens"],
             "baseline": r.meta["baseline"],
-            "rule": f"supported if the upper third's mean agree_top1 exceeds its baseline by {AGREE_MARGIN} and is "
-                    f"at least {AGREE_RATIO}x it, AND exceeds the lower third's; mixed if one holds; else not supported",
+            "rule": f"supported if the upper third's mean agree_top1 exceeds its baseline by {AGREE_SE:g} binomial "
+                    f"standard errors (sqrt(p(1-p)/n), n = the upper third's neurons; here {margin:.4f}) and is at "
+                    f"least {AGREE_RATIO:g}x it, AND exceeds the lower third's; mixed if one holds; else not supported",
             "verdict": _verdict([a, up > lo]),
-            "numbers": {"upper_agree_top1": up, "upper_base_top1": base_up, "lower_agree_top1": lo,
+            "numbers": {"upper_agree_top1": up, "upper_base_top1": base_up, "margin": margin, "upper_neurons": n_up, "lower_agree_top1": lo,
                         "lower_base_top1": _mean(df, "base_top1", th["lower"]),
                         "upper_agree_topk": _mean(df, "agree_topk", th["upper"]),
                         "upper_base_topk": _mean(df, "base_topk", th["upper"])} | extra})
