@@ -33,6 +33,11 @@ def report(
     import kvmem
     from kvmem.report import ReportOptions, build_report, prompt_page
 
+    for name, value in (("--examples", examples), ("--context", context), ("--rerun-tokens", rerun_tokens)):
+        if value < 0:
+            raise KvmemError(f"{name} must be at least 0")
+    if per_layer < 1:
+        raise KvmemError("--per-layer must be at least 1")
     if prompt is not None:
         kv = load_model(target, device, dtype)
         linked = None

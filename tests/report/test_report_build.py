@@ -229,6 +229,7 @@ def test_cli_report_and_prompt(tmp_path, report_run, tiny_dirs, capsys):
     (tmp_path / "other" / "x.txt").write_text("x")
     assert main(["report", str(run.path), "--out", str(tmp_path / "other")]) == 2
     assert main(["report", str(tmp_path / "nope")]) == 2
+    assert main(["report", str(run.path), "--out", str(tmp_path / "neg"), "--examples", "-1"]) == 2
     assert "not a kvmem run" in capsys.readouterr().err
     # the prompt page joins the run's report and links neurons of profiled layers
     prompt = "The capital of France is"
