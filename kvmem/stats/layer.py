@@ -16,6 +16,10 @@ Per neuron (rows below are [d_mlp, ...]; all tensors live on ``device``):
 
 Ties everywhere go to (value descending, then lower token index); see kvmem.stats.keys. Empty slots hold
 value NaN and index -1 (doc -1). Same input stream and batch boundaries give bit-identical state.
+
+state_dict() names: meta.{version,d_mlp,k,gated,max_pos,last_index}, n, {top,bottom,sample}.{value,index},
+top_docs.{value,index,doc}, sample.priority (kept so that shifting indices does not redraw the sample),
+count_pos, sum, sumsq, hist, l0_hist, l0_pos_sum, l0_pos_count, quadrants.{count,value,index} (gated).
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ import torch
 from kvmem.errors import KvmemError
 from kvmem.stats import readout
 from kvmem.stats.hist import N_BINS, batch_hist
-from kvmem.stats.keys import EMPTY, MAX_TOKEN_INDEX, decode_index, decode_value, encode, neuron_hash, sample_key
+from kvmem.stats.keys import (
+    EMPTY,
+    MAX_TOKEN_INDEX,
+    decode_index,
+    decode_value,
+    encode,
+    encode_high,
+    key_high,
+    neuron_hash,
+)
 from kvmem.stats.store import merge_entries, work_buffer
 from kvmem.stats.update import update_sample, update_values
 
@@ -211,6 +224,11 @@ class LayerStats:
     def sample(self) -> Slots:
         return Slots(self._smp_val.clone(), decode_index(self._smp_key))
 
+    def _sample_priority(self) -> torch.Tensor:
+        """The sample's priorities [d, k] int64 in [0, 2**32) (-1 = empty); see kvmem.stats.keys."""
+        k = self._smp_key
+        return torch.where(k == EMPTY, torch.full_like(k, -1), key_high(k) + 2**31)
+
     @property
     def quadrants(self) -> Quadrants | None:
         if not self.gated:
@@ -248,7 +266,7 @@ class LayerStats:
             "top.value": top.value, "top.index": top.index,
             "bottom.value": bot.value, "bottom.index": bot.index,
             "top_docs.value": docs.value, "top_docs.index": docs.index, "top_docs.doc": docs.doc,
-            "sample.value": smp.value, "sample.index": smp.index,
+            "sample.value": smp.value, "sample.index": smp.index, "sample.priority": self._sample_priority(),
             "count_pos": self.count_pos, "sum": self.sum, "sumsq": self.sumsq, "hist": self.hist,
             "l0_hist": self.l0_hist, "l0_pos_sum": self.l0_pos_sum, "l0_pos_count": self.l0_pos_count,
         }
@@ -276,8 +294,10 @@ class LayerStats:
         self._bot = keys(-get("bottom.value"), get("bottom.index"))
         self._doc_key, self._doc_id = keys(get("top_docs.value"), get("top_docs.index")), get("top_docs.doc")
         smp_index = get("sample.index")
-        nrn = torch.arange(self.d_mlp, device=dev)[:, None]
-        self._smp_key = torch.where(smp_index >= 0, sample_key(smp_index, nrn), torch.full_like(smp_index, EMPTY))
+        # the stored priority, not one recomputed from the index: stats whose token indices were
+        # shifted (merging independent runs) keep the sample they drew
+        high = get("sample.priority") - 2**31
+        self._smp_key = torch.where(smp_index >= 0, encode_high(high, smp_index), torch.full_like(smp_index, EMPTY))
         self._smp_val = get("sample.value")
         for name in ("count_pos", "sum", "sumsq", "hist", "l0_hist", "l0_pos_sum", "l0_pos_count"):
             setattr(self, name, get(name))

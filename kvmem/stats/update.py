@@ -3,7 +3,7 @@
 Once the stores are full, nothing here runs a top-k over [N, d_mlp]: one mask
 ``m > hi | m < lo`` with per-neuron thresholds (the current k-th values of the top, top_docs, bottom
 stores and the weakest quadrant example) selects the few tokens that can enter any store; they are
-extracted sparsely and merged with a segmented sort (store.merge_entries). The random sample uses the
+extracted sparsely and merged into the stores (store.merge_entries). The random sample uses the
 fact that its priority is (hash(token) + hash(neuron)) mod 2**32: the tokens that can beat a neuron's
 k-th priority T form one cyclic interval of token hashes, found by searchsorted on the sorted hashes of
 the batch, so the sample costs O(N log N + candidates) and never touches [N, d_mlp].
@@ -11,7 +11,8 @@ the batch, so the sample costs O(N log N + candidates) and never touches [N, d_m
 Thresholds are strict (m > k-th value) when the batch's token indices all exceed every index seen so
 far ("monotone": a tie with the k-th value then loses on the token index); otherwise they are widened
 by one ulp so ties reach the exact key comparison. Stores that are not full yet (the first batches)
-take dense paths: int64 keys [N, d] and a column top-k (per-document maxima by one scatter_reduce).
+take the batch's own best entries instead (kvmem.stats.warmup), and quadrants seen for the first time
+in a neuron take a dense pass over that neuron's column.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from stats_reference import Stream, make_stream
 from test_layer import K, check
 
 from kvmem.errors import KvmemError
-from kvmem.stats import LayerStats
+from kvmem.stats import LayerStats, sample_priority
 
 EXACT = ("top.", "bottom.", "top_docs.", "sample.", "quadrants.", "count_pos", "hist", "l0_", "n", "meta.")
 
@@ -17,10 +17,9 @@ def shard(st: Stream, a: int, b: int) -> Stream:
     """Tokens [a, b) of the stream, batch boundaries clipped to it."""
     bounds = sorted({a, b} | {x for x in st.bounds if a < x < b})
     sl = slice(a, b)
-    g = None if st.gate is None else st.gate
-    return Stream(st.m, st.ti, st.doc, st.pos, g, st.up, bounds) if False else Stream(
-        st.m[sl], st.ti[sl], st.doc[sl], st.pos[sl], None if g is None else g[sl],
-        None if st.up is None else st.up[sl], [x - a for x in bounds])
+    gate = None if st.gate is None else st.gate[sl]
+    up = None if st.up is None else st.up[sl]
+    return Stream(st.m[sl], st.ti[sl], st.doc[sl], st.pos[sl], gate, up, [x - a for x in bounds])
 
 
 def assert_same(a: LayerStats, b: LayerStats, sums_exact: bool):
@@ -108,3 +107,35 @@ def test_state_differs_when_it_should():
     differ = [n for n in a if not torch.equal(a[n].nan_to_num(), b[n].nan_to_num())]
     assert {"n", "hist", "count_pos", "sum", "top_docs.index"} <= set(differ) or len(differ) > 5
     assert np.any(a["hist"].numpy() != b["hist"].numpy())
+
+
+def test_shifted_independent_run_keeps_its_sample():
+    """Merging an independent run after shifting its token indices and doc ids in the state dict (as
+    `kvmem profile merge` does): the shifted run keeps the sample it drew (priorities are stored, not
+    recomputed from the new indices), so the merged sample is the top-k over both runs' own priorities."""
+    a_st, b_st = make_stream(seed=16, n=1200, d=8), make_stream(seed=17, n=1300, d=8)
+    sa = a_st.feed(LayerStats(8, k=K, max_pos=64))
+    sb = b_st.feed(LayerStats(8, k=K, max_pos=64))
+    dt, dd = int(a_st.ti.max()) + 1, int(a_st.doc.max()) + 1
+    sd = sb.state_dict()
+    for name, t in sd.items():
+        if name.endswith(".index"):
+            sd[name] = torch.where(t >= 0, t + dt, t)
+    sd["top_docs.doc"] = torch.where(sd["top_docs.doc"] >= 0, sd["top_docs.doc"] + dd, sd["top_docs.doc"])
+    sd["meta.last_index"] = sd["meta.last_index"] + dt
+    moved = LayerStats.from_state_dict(sd)
+    assert torch.equal(moved.sample.index, torch.where(sb.sample.index >= 0, sb.sample.index + dt, -1))
+    merged = sa.merge(moved)
+    union = Stream(torch.cat([a_st.m, b_st.m]), torch.cat([a_st.ti, b_st.ti + dt]),
+                   torch.cat([a_st.doc, b_st.doc + dd]), torch.cat([a_st.pos, b_st.pos]), None, None, [0])
+    check(merged, union, sample=False)
+    # sample reference: each token ranked by the priority of the index it had in its own run
+    m = union.m.numpy()
+    prio_idx = torch.cat([a_st.ti, b_st.ti])
+    for j in range(8):
+        act = np.nonzero(m[:, j] > 0)[0]
+        prio = sample_priority(prio_idx[act], torch.tensor(j)).numpy()
+        o = act[np.lexsort((union.ti.numpy()[act], -prio))[:K]]
+        got = merged.sample.index[j]
+        assert got[: len(o)].tolist() == union.ti[o].tolist(), j
+        assert (got[len(o):] == -1).all()
