@@ -4,5 +4,6 @@ moments, histogram, gate/up quadrants, L0) for ``kvmem profile``."""
 from kvmem.stats.hist import HIST_EDGES, N_BINS, ZERO_BIN, bins_of
 from kvmem.stats.keys import sample_priority
 from kvmem.stats.layer import LayerStats, Quadrants, Slots
+from kvmem.stats.store import release_buffers
 
-__all__ = ["HIST_EDGES", "N_BINS", "ZERO_BIN", "LayerStats", "Quadrants", "Slots", "bins_of", "sample_priority"]
+__all__ = ["HIST_EDGES", "N_BINS", "ZERO_BIN", "LayerStats", "Quadrants", "Slots", "bins_of", "release_buffers", "sample_priority"]

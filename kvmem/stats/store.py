@@ -41,6 +41,12 @@ def work_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
     return buf[:numel].view(shape)
 
 
+def release_buffers() -> None:
+    """Drop this thread's CPU work buffers (a few [N, d_mlp] tensors shared by all LayerStats), e.g.
+    when profiling is done."""
+    _local.buffers = {}
+
+
 _pool: ThreadPoolExecutor | None = None
 
 

@@ -73,3 +73,12 @@ def test_nonzero_flat():
     big[3, 5] = big[9, 15] = big[0, 0] = True
     assert store.nonzero_flat(big).tolist() == [0, 3 * 16 + 5, 9 * 16 + 15]
     assert store.nonzero_flat(big[1:]).tolist() == [2 * 16 + 5, 8 * 16 + 15]  # offset view
+
+
+def test_work_buffers_are_reused_and_released():
+    a = store.work_buffer("t", (4, 5), torch.float32, torch.device("cpu"))
+    b = store.work_buffer("t", (2, 3), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() == a.data_ptr()  # the smaller request reuses the buffer
+    store.release_buffers()
+    c = store.work_buffer("t", (2, 3), torch.float32, torch.device("cpu"))
+    assert c.shape == (2, 3)
