@@ -133,7 +133,7 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
         hi = int(max(projection["top_ids"].max(), projection["bottom_ids"].max())) + 1
         vocab += [f"<id {i}>" for i in range(len(vocab), hi)]
     _script(out / "data" / "vocab.js", f"KV.vocab = {rdata.safe_json(vocab)};\n")
-    _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(rdata.neuron_index(run, projection))}");\n')
+    _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(rdata.neuron_index(run, projection, opts.n_vocab))}");\n')
 
     stats, store = run.stats, run.tokens
     shading, shade_note = None, ("only the activating token is shaded: the run stores no activations of the "
@@ -144,9 +144,10 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
         examples = {layer: rdata.layer_examples(s, store, opts) for layer, s in stats.items()}
         shading = shade(model, run, examples, opts.before, opts.after, opts.rerun_tokens)
         shade_note = (f"context tokens shaded by m of this neuron, re-computed by re-running the model over "
-                      f"{shading.tokens:,} corpus tokens ({shading.shaded:,} of {shading.total:,} examples shaded; "
-                      f"the rest show only the activating token; max deviation from the stored value "
-                      f"{shading.max_rel_error:.1e} of the neuron's max |m|)")
+                      f"{shading.tokens:,} corpus tokens ({shading.shaded:,} of {shading.total:,} examples shaded"
+                      + ("" if shading.shaded == shading.total else "; the rest show only the activating token")
+                      + f"; the re-computed m of the activating token is within {shading.max_rel_error:.1e} of "
+                        "the stored value, relative to the neuron's max |m|)")
     for layer, s in stats.items():
         side = rdata.vocab_side(projection, layer, opts.n_vocab) if projection is not None else None
         payload = rdata.layer_payload(layer, s, store, opts, vocab_side=side,
@@ -184,7 +185,7 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
     common = {"title": m["model"], "version": kvmem.__version__, "n_tokens": n_tokens}
     (out / "index.html").write_text(t.get_template("index.html").render(
         **common, card=card, figs={k: figure_json(f) for k, f in figs.items()}, value_note=value_note,
-        has_values=projection is not None, d_mlp=m["d_mlp"], n_neurons=len(neurons_df),
+        has_values=projection is not None, n_search=opts.n_vocab, d_mlp=m["d_mlp"], n_neurons=len(neurons_df),
         top_k=settings["top_k"]), encoding="utf-8")
     (out / "neuron.html").write_text(t.get_template("neuron.html").render(**common), encoding="utf-8")
     files = [p for p in out.rglob("*") if p.is_file()]

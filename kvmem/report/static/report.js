@@ -118,7 +118,7 @@
         r.appendChild(el("td", "num", pct(N.rate[i])));
         r.appendChild(el("td", "num", fmt(N.max[i])));
         td = el("td"); if (N.trig[i] >= 0) td.appendChild(tokenEl(vocab(N.trig[i]))); r.appendChild(td);
-        if (hasVal) { td = el("td"); N.val[i].forEach(function (v) { td.appendChild(tokenEl(vocab(v))); }); r.appendChild(td); }
+        if (hasVal) { td = el("td"); N.val[i].slice(0, 4).forEach(function (v) { td.appendChild(tokenEl(vocab(v))); }); r.appendChild(td); }
         tbody.appendChild(r);
       });
       table.appendChild(tbody);
@@ -277,7 +277,7 @@
       var a = el("a", "nid", id); a.href = "neuron.html#" + id; return a;
     }
     function table(rows, withLayer) {
-      var t = el("table", "neurons"), h = el("tr");
+      var t = el("table", "ptable"), h = el("tr");
       ["neuron", "m", "|m|\u00b7\u2016v\u2016", "writes"].forEach(function (c) { h.appendChild(el("th", null, c)); });
       t.appendChild(h);
       rows.forEach(function (r) {
