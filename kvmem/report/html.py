@@ -185,11 +185,15 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
     common = {"title": m["model"], "version": kvmem.__version__, "n_tokens": n_tokens}
     (out / "index.html").write_text(t.get_template("index.html").render(
         **common, card=card, figs={k: figure_json(f) for k, f in figs.items()}, value_note=value_note,
+        has_findings=(Path(run.path) / "analysis" / "findings.json").is_file(),
         has_values=projection is not None, n_search=opts.n_vocab, d_mlp=m["d_mlp"], n_neurons=len(neurons_df),
         top_k=settings["top_k"]), encoding="utf-8")
     (out / "neuron.html").write_text(t.get_template("neuron.html").render(**common), encoding="utf-8")
+    from kvmem.report.findings import findings_page
+
+    pages = ["index.html", "neuron.html"] + [p for p in [findings_page(run, out, t, figure_json)] if p]
     files = [p for p in out.rglob("*") if p.is_file()]
-    return Report(out, ["index.html", "neuron.html"], sum(p.stat().st_size for p in files), len(files),
+    return Report(out, pages, sum(p.stat().st_size for p in files), len(files),
                   {"values": value_note, "shading": shade_note}, time.perf_counter() - t0)
 
 
