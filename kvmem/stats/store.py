@@ -36,7 +36,8 @@ def work_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
         numel *= s
     buf = cache.get((name, dtype))
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 1), dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+            buf = torch.empty(max(numel, 1), dtype=dtype)
         cache[(name, dtype)] = buf
     return buf[:numel].view(shape)
 
