@@ -62,12 +62,18 @@ def save_stats(path: Path, stats: dict) -> None:
 def load_stats(path: Path, device="cpu") -> dict:
     from kvmem.stats import LayerStats
 
-    flat = load_file(str(path))
+    try:
+        flat = load_file(str(path))
+    except Exception as e:  # missing or corrupt file: safetensors raises its own error types
+        raise KvmemError(f"{path}: cannot read the statistics ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     by_layer: dict[int, dict] = {}
     for name, t in flat.items():
         layer, key = name.split(".", 1)
         by_layer.setdefault(int(layer[1:]), {})[key] = t
-    return {layer: LayerStats.from_state_dict(d, device=device) for layer, d in sorted(by_layer.items())}
+    try:
+        return {layer: LayerStats.from_state_dict(d, device=device) for layer, d in sorted(by_layer.items())}
+    except (KeyError, ValueError) as e:  # a state written by another version of kvmem.stats
+        raise KvmemError(f"{path}: statistics in a format this kvmem cannot read ({e}); profile the run again") from None
 
 
 @dataclass

@@ -84,3 +84,21 @@ def test_an_existing_run_is_never_overwritten_without_force(capsys, tiny_dirs, c
     assert_one_line_error(code, err)
     assert "already holds a kvmem run" in err
     assert {p.name: p.read_bytes() for p in profiled.iterdir() if p.is_file()} == before
+
+
+def test_unreadable_statistics_give_one_line(capsys, tmp_path, profiled):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(profiled, old)
+    state = load_file(str(old / "stats.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.endswith("sample.priority")}, str(old / "stats.safetensors"))
+    code, _, err = run(capsys, "top", str(old), "1.1")
+    assert_one_line_error(code, err)
+    assert "profile the run again" in err
+    (old / "stats.safetensors").write_bytes(b"not safetensors")
+    code, _, err = run(capsys, "top", str(old), "1.1")
+    assert_one_line_error(code, err)
+    assert "cannot read the statistics" in err
