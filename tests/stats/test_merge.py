@@ -117,13 +117,9 @@ def test_shifted_independent_run_keeps_its_sample():
     sa = a_st.feed(LayerStats(8, k=K, max_pos=64))
     sb = b_st.feed(LayerStats(8, k=K, max_pos=64))
     dt, dd = int(a_st.ti.max()) + 1, int(a_st.doc.max()) + 1
-    sd = sb.state_dict()
-    for name, t in sd.items():
-        if name.endswith(".index"):
-            sd[name] = torch.where(t >= 0, t + dt, t)
-    sd["top_docs.doc"] = torch.where(sd["top_docs.doc"] >= 0, sd["top_docs.doc"] + dd, sd["top_docs.doc"])
-    sd["meta.last_index"] = sd["meta.last_index"] + dt
-    moved = LayerStats.from_state_dict(sd)
+    from kvmem.profile.job import shifted
+
+    moved = shifted(sb, dt, dd)
     assert torch.equal(moved.sample.index, torch.where(sb.sample.index >= 0, sb.sample.index + dt, -1))
     merged = sa.merge(moved)
     union = Stream(torch.cat([a_st.m, b_st.m]), torch.cat([a_st.ti, b_st.ti + dt]),
