@@ -45,13 +45,13 @@ class TokensPerSecond(ProgressColumn):
     """Tokens per second over this session (rich's own speed column averages a short window)."""
 
     def render(self, task) -> Text:
-        done = task.completed - task.fields.get("start", 0)
+        done = task.completed - task.fields.get("resumed_from", 0)
         return Text(f"{done / task.elapsed:,.0f} tok/s" if task.elapsed and done else "… tok/s")
 
 
 def _progress_bar(progress: Progress):
     def factory(total: int, done: int):
-        task = progress.add_task("profiling", total=total, completed=done, start=done)
+        task = progress.add_task("profiling", total=total, completed=done, resumed_from=done)
         return lambda n: progress.advance(task, n)
 
     return factory
