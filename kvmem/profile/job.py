@@ -39,7 +39,8 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
     if resume and not (ckpt / "progress.json").is_file():
         raise KvmemError(f"--resume: {out} holds no checkpoint to resume from")
     rank, world = _dist_rank_world()
-    if force and not resume and out.exists() and rank == 0:
+    replace_old = force and not resume and out.exists()
+    if replace_old and world > 1 and rank == 0:  # before any rank writes its shard
         shutil.rmtree(out)
     if model is None:
         model = kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
@@ -60,6 +61,8 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
     if world > 1:
         return _profile_distributed(model, cfg, store, corpus_info, out, rank, world, resume, progress_factory)
     if not resume:
+        if replace_old:  # only now that the model and the corpus have loaded without error
+            shutil.rmtree(out)
         ckpt.mkdir(parents=True, exist_ok=True)
         runfiles.atomic_write(ckpt / "tokens.safetensors", store.save)
         runfiles.write_json(ckpt / "corpus.json", corpus_info)

@@ -102,3 +102,11 @@ def test_unreadable_statistics_give_one_line(capsys, tmp_path, profiled):
     code, _, err = run(capsys, "top", str(old), "1.1")
     assert_one_line_error(code, err)
     assert "cannot read the statistics" in err
+
+
+def test_force_with_a_bad_corpus_keeps_the_old_run(capsys, tmp_path, tiny_dirs, corpus, profiled):
+    before = {p.name: p.read_bytes() for p in profiled.iterdir() if p.is_file()}
+    code, _, err = run(capsys, "profile", str(tiny_dirs["llama"]), "--corpus", str(tmp_path / "missing.txt"),
+                       "--out", str(profiled), "--force")
+    assert_one_line_error(code, err)
+    assert {p.name: p.read_bytes() for p in profiled.iterdir() if p.is_file()} == before
