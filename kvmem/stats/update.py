@@ -77,19 +77,24 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
     if full_top or full_bot or full_doc or q_any:
         mask = work_buffer("mask_a", (n, d), torch.bool, dev)
         mask_lo = work_buffer("mask_b", (n, d), torch.bool, dev)
-        hi_m, lo_m = hi, lo
+        torch.gt(m, hi, out=mask)
+        torch.lt(m, lo, out=mask_lo)
+        mask.logical_or_(mask_lo)
         if q_any:
             # a token can replace a quadrant example only if |m| beats the weaker example of the two
-            # quadrants on its side of the gate sign; the mask uses the weaker of both sides, the
-            # candidates are then cut with the bound of their own side (SwiGLU: gate <= 0 gives small |m|)
+            # quadrants on its side of the gate sign: each token is held to the bound of its own side
+            # (SwiGLU: gate <= 0 gives small |m|, and one loose bound for both sides would let most
+            # gate > 0 tokens through as candidates)
             qv = decode_value(s._q_key)  # |m| of the examples, NaN where empty
             qv = loosen(torch.where(torch.isnan(qv), torch.full_like(qv, float("inf")), qv), True)
             q_pos, q_neg = qv[:, :2].amin(1), qv[:, 2:].amin(1)  # gate > 0 / gate <= 0
-            q_min = torch.minimum(q_pos, q_neg)
-            hi_m, lo_m = torch.minimum(hi, q_min), torch.maximum(lo, -q_min)
-        torch.gt(m, hi_m, out=mask)
-        torch.lt(m, lo_m, out=mask_lo)
-        mask.logical_or_(mask_lo)
+            side = work_buffer("mask_c", (n, d), torch.bool, dev)
+            bound = work_buffer("f32_q", (n, d), torch.float32, dev)
+            torch.gt(gate, 0, out=side)
+            torch.where(side, q_pos, q_neg, out=bound)
+            torch.abs(m, out=work_buffer("f32_abs", (n, d), torch.float32, dev))
+            torch.gt(work_buffer("f32_abs", (n, d), torch.float32, dev), bound, out=mask_lo)
+            mask.logical_or_(mask_lo)
         flat = nonzero_flat(mask)
         paths["candidates"] = int(flat.numel())
         rows, cols = flat // d, flat % d
