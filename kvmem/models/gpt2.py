@@ -12,8 +12,7 @@ class GPT2Adapter(Adapter):
 
     def check_config(self, config) -> None:
         self.require(config, "activation_function", ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh"), self.family)
-        if getattr(config, "add_cross_attention", False):
-            self.require(config, "add_cross_attention", (False,), self.family)
+        self.require(config, "add_cross_attention", (False, None), self.family)
 
     def blocks(self):
         return self.model.transformer.h

@@ -141,7 +141,7 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
             # independent runs (not shards of one stream): move the other run after this one
             d_tokens, d_docs = store.end[0] - other.offset, store.end[1] - other.doc_base
             other = TokenStore(other.ids, other.doc_offsets, False, store.end[0], store.end[1])
-            other_stats = {layer: shifted(s, d_tokens, d_docs) for layer, s in other_stats.items()}
+            other_stats = {layer: s.shifted(d_tokens, d_docs) for layer, s in other_stats.items()}
             rekeyed = True
         for layer, s in other_stats.items():
             stats[layer].merge(s)
@@ -171,19 +171,6 @@ def value_tokens(model, n: int = 5):
     return pd.DataFrame({"layer": table.layer, "neuron": table.neuron,
                          "value_top_tokens": [list(t[:n]) for t in table.top_tokens],
                          "value_bottom_tokens": [list(t[:n]) for t in table.bottom_tokens]})
-
-
-def shifted(stats, d_tokens: int, d_docs: int):
-    """A copy of LayerStats with every token index moved by d_tokens and document id by d_docs."""
-    from kvmem.stats import LayerStats
-
-    sd = stats.state_dict()
-    for name, t in sd.items():
-        if name.endswith(".index"):
-            sd[name] = torch.where(t >= 0, t + d_tokens, t)
-    sd["top_docs.doc"] = torch.where(sd["top_docs.doc"] >= 0, sd["top_docs.doc"] + d_docs, sd["top_docs.doc"])
-    sd["meta.last_index"] = sd["meta.last_index"] + d_tokens
-    return LayerStats.from_state_dict(sd, device=stats.device)
 
 
 # --- torchrun -------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from safetensors.torch import load_file, save_file
 
 from kvmem.errors import KvmemError

@@ -21,8 +21,8 @@ from kvmem.capture import capture, check_layers
 from kvmem.errors import KvmemError
 from kvmem.models.load import DEFAULT_MODEL
 from kvmem.profile import run as runfiles
-from kvmem.profile.corpus import DEFAULT_CORPUS, Corpus
-from kvmem.profile.tokens import TokenStore, tokenize
+from kvmem.profile.corpus import DEFAULT_CORPUS
+from kvmem.profile.tokens import TokenStore
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,6 @@ def store_of(stats, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 def layer_payload(layer: int, stats, store, opts: ReportOptions, *, vocab_side: dict | None = None,
                   shading: dict | None = None) -> dict:
     """The neuron-page data of one layer (see the module docstring)."""
-    from kvmem.stats.hist import ZERO_BIN  # noqa: F401  (the histogram layout this page reads)
 
     ex = layer_examples(stats, store, opts)
     top_v, top_i = store_of(stats, "top")

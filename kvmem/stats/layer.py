@@ -179,7 +179,7 @@ class LayerStats:
         """Add the statistics of other (a disjoint set of tokens) in place; returns self. Exact for the
         stores, counts and histograms (documents split across the two are deduplicated by doc id)."""
         self._check_compatible(other)
-        d, k, dev = self.d_mlp, self.k, self.device
+        d, dev = self.d_mlp, self.device
 
         def entries(keys: torch.Tensor, *payloads: torch.Tensor):
             keys = keys.to(dev)
@@ -307,6 +307,17 @@ class LayerStats:
             self._q_key = keys(self._q_val.abs(), get("quadrants.index"))
         self.n = int(sd["n"])
         self._last_index = int(sd["meta.last_index"])
+
+    def shifted(self, d_tokens: int, d_docs: int) -> "LayerStats":
+        """A copy with every token index moved by d_tokens and document id by d_docs (to merge an
+        independent run after another); the random sample keeps the priorities it was drawn with."""
+        sd = self.state_dict()
+        for name, t in sd.items():
+            if name.endswith(".index"):
+                sd[name] = torch.where(t >= 0, t + d_tokens, t)
+        sd["top_docs.doc"] = torch.where(sd["top_docs.doc"] >= 0, sd["top_docs.doc"] + d_docs, sd["top_docs.doc"])
+        sd["meta.last_index"] = sd["meta.last_index"] + d_tokens
+        return LayerStats.from_state_dict(sd, device=self.device)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], device="cpu") -> "LayerStats":

@@ -117,9 +117,7 @@ def test_shifted_independent_run_keeps_its_sample():
     sa = a_st.feed(LayerStats(8, k=K, max_pos=64))
     sb = b_st.feed(LayerStats(8, k=K, max_pos=64))
     dt, dd = int(a_st.ti.max()) + 1, int(a_st.doc.max()) + 1
-    from kvmem.profile.job import shifted
-
-    moved = shifted(sb, dt, dd)
+    moved = sb.shifted(dt, dd)
     assert torch.equal(moved.sample.index, torch.where(sb.sample.index >= 0, sb.sample.index + dt, -1))
     merged = sa.merge(moved)
     union = Stream(torch.cat([a_st.m, b_st.m]), torch.cat([a_st.ti, b_st.ti + dt]),
