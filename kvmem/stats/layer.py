@@ -42,9 +42,11 @@ from kvmem.stats.keys import (
     neuron_hash,
 )
 from kvmem.stats.store import merge_entries, work_buffer
-from kvmem.stats.update import update_sample, update_values
+from kvmem.stats import fused
+from kvmem.stats.update import bounds, candidates, update_sample, update_values
 
 _STATE_VERSION = 1
+BACKENDS = ("auto", "torch")
 
 
 class Slots(NamedTuple):
@@ -78,9 +80,14 @@ def _moments(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class LayerStats:
     """Streaming per-neuron statistics of one FFN layer (see the module docstring)."""
 
-    def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu"):
+    def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu",
+                 backend: str = "auto"):
         if d_mlp < 1 or k < 1 or max_pos < 1:
             raise KvmemError(f"LayerStats needs d_mlp, k, max_pos >= 1 (got {d_mlp}, {k}, {max_pos})")
+        if backend not in BACKENDS:
+            raise KvmemError(f"LayerStats backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+        # "auto": the fused one-pass kernel on CPU (kvmem.stats.fused), torch elsewhere; "torch": torch only
+        self.backend = backend
         self.d_mlp, self.k, self.gated, self.max_pos = int(d_mlp), int(k), bool(gated), int(max_pos)
         self.device = torch.device(device)
         d, dev = self.d_mlp, self.device
@@ -128,8 +135,6 @@ class LayerStats:
         ti = token_index.to(device=dev, dtype=torch.int64).reshape(n)
         doc = doc_id.to(device=dev, dtype=torch.int64).reshape(n)
         pos = pos_in_seq.to(device=dev, dtype=torch.int64).reshape(n)
-        if self.gated:
-            gate, up = gate.to(dev), up.to(dev)
         checks = torch.stack(
             [ti[0], ti[-1], (ti[1:] > ti[:-1]).all().long(), (doc[1:] >= doc[:-1]).all().long(), doc[0],
              pos.min(), pos.max()]
@@ -143,30 +148,53 @@ class LayerStats:
             raise ValueError(f"pos_in_seq must lie in [0, {self.max_pos})")
         monotone = first > self._last_index
         self._paths = {}
+        if self.gated:
+            gate, up = gate.to(dev), up.to(dev)
 
-        # positives: L0 per token, count_pos, and which neurons can enter the sample
+        b = bounds(self, d, dev, monotone)
+        if self._fused(m):
+            l0, pos_count, flat = fused.dense_pass(self, m, gate, up, b.hi, b.lo, b.q)
+            self._paths["dense"] = "fused"
+            if flat is None:  # more candidates than the pass keeps (rare): the torch mask
+                flat = candidates(m, b, gate, up)
+                self._paths["dense"] = "fused+mask"
+        else:
+            l0, pos_count = self._dense_torch(m)
+            flat = candidates(m, b, gate, up) if b.any else None
+            self._paths["dense"] = "torch"
+        self.count_pos += pos_count
+        self.l0_hist += torch.bincount(l0, minlength=d + 1)
+        self.l0_pos_sum.index_add_(0, pos, l0)
+        self.l0_pos_count += torch.bincount(pos, minlength=self.max_pos)
+        # stores
+        update_values(self, m, ti, doc, b, flat, gate, up, counted=self._paths["dense"] != "torch")
+        update_sample(self, m, ti, pos_count)
+        self.n += n
+        self._last_index = max(self._last_index, last)
+
+    def _fused(self, m: torch.Tensor) -> bool:
+        """Whether this update takes the fused CPU pass (kvmem.stats.fused) for its dense part."""
+        if self.backend == "torch" or m.device.type != "cpu" or not fused.available:
+            return False
+        return True
+
+    def _dense_torch(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense part on the torch path (any device): positives, moments, histogram, quadrant
+        counts are added; returns (l0 [N], positives per neuron [d]) of the batch."""
+        n, d = m.shape
+        dev = m.device
         posf = work_buffer("f32_a", (n, d), torch.float32, dev)
         torch.gt(m, 0, out=posf)
         # float32 sums of 0/1 are exact integers below 2**24 in any order, so matrix-vector products do
         l0 = (posf @ torch.ones(d, device=dev)).to(torch.int64)
         pos_count = (torch.ones(n, device=dev) @ posf).to(torch.int64)
-        self.count_pos += pos_count
-        self.l0_hist += torch.bincount(l0, minlength=d + 1)
-        self.l0_pos_sum.index_add_(0, pos, l0)
-        self.l0_pos_count += torch.bincount(pos, minlength=self.max_pos)
-        # moments
         total, squares = _moments(m)
         self.sum += total
         self.sumsq += squares
-        # histogram
         code = work_buffer("i32_a", (n, d), torch.int32, dev)
         flat = work_buffer("i32_b", (n, d), torch.int32, dev)
         self.hist += batch_hist(m, code, flat).T
-        # stores
-        update_values(self, m, ti, doc, monotone, gate, up)
-        update_sample(self, m, ti, pos_count)
-        self.n += n
-        self._last_index = max(self._last_index, last)
+        return l0, pos_count
 
     # ------------------------------------------------------------------ merge
     def _check_compatible(self, other: "LayerStats") -> None:

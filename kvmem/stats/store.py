@@ -51,21 +51,31 @@ def release_buffers() -> None:
 _pool: ThreadPoolExecutor | None = None
 
 
+def run_parallel(tasks: list) -> list:
+    """Call each of tasks (callables that release the GIL) on its own thread, the first one on the
+    calling thread; returns their results in order. CPU work outside torch's own thread pool."""
+    global _pool
+    if len(tasks) < 2:
+        return [t() for t in tasks]
+    if _pool is None or _pool._max_workers < len(tasks) - 1:
+        _pool = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="kvmem-stats")
+    futures = [_pool.submit(t) for t in tasks[1:]]
+    first = tasks[0]()
+    return [first] + [f.result() for f in futures]
+
+
 def bincount(x: torch.Tensor, minlength: int) -> torch.Tensor:
     """torch.bincount of a flat int tensor; on CPU split over torch's intra-op threads (torch.bincount
     runs on one core there), summing the partial counts. Same counts on every path."""
-    global _pool
     threads = torch.get_num_threads()
     parts = min(threads, x.numel() // (1 << 20))
     if x.device.type != "cpu" or parts < 2:
         return torch.bincount(x, minlength=minlength)
-    if _pool is None or _pool._max_workers < parts:
-        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="kvmem-bincount")
     chunks = torch.tensor_split(x, parts)
-    futures = [_pool.submit(torch.bincount, c, None, minlength) for c in chunks]
-    out = futures[0].result()
-    for f in futures[1:]:
-        out += f.result()
+    counts = run_parallel([lambda c=c: torch.bincount(c, minlength=minlength) for c in chunks])
+    out = counts[0]
+    for c in counts[1:]:
+        out += c
     return out
 
 

@@ -17,6 +17,8 @@ in a neuron take a dense pass over that neuron's column.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from kvmem.stats.keys import (
@@ -48,10 +50,26 @@ def is_full(keys: torch.Tensor) -> torch.Tensor:
     return (keys[:, -1] != EMPTY).all()
 
 
-def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monotone: bool, gate, up) -> None:
-    """top, bottom, top_docs (and the quadrant examples of gated layers) from m [N, d] float32."""
-    n, d = m.shape
-    dev = m.device
+class Bounds(NamedTuple):
+    """Which stores are full, and the per-neuron bounds [d] a value must pass to enter one:
+    m > hi or m < lo (top, top_docs / bottom), |m| > q[:, quadrant of (gate, up)] (quadrant examples;
+    q [d, 4], columns in the order of LayerStats.quadrants)."""
+
+    full_top: bool
+    full_bot: bool
+    full_doc: bool
+    q_any: bool
+    hi: torch.Tensor
+    lo: torch.Tensor
+    q: torch.Tensor
+
+    @property
+    def any(self) -> bool:
+        return self.full_top or self.full_bot or self.full_doc or self.q_any
+
+
+def bounds(s, d: int, dev, monotone: bool) -> Bounds:
+    """The entry bounds of LayerStats s (infinite for stores that are not full yet)."""
     flags = [is_full(s._top), is_full(s._bot), is_full(s._doc_key)]
     if s.gated:
         flags.append((s._q_key != EMPTY).any())
@@ -62,70 +80,84 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, monot
     def loosen(v: torch.Tensor, down: bool) -> torch.Tensor:
         return v if monotone else (next_down(v) if down else next_up(v))
 
-    hi = torch.full((d,), float("inf"), device=dev)
-    lo = torch.full((d,), float("-inf"), device=dev)
+    inf = torch.full((d,), float("inf"), device=dev)
+    hi, lo, q = inf, -inf, inf[:, None].expand(d, 4)
     if full_top:
         hi = torch.minimum(hi, loosen(decode_value(s._top[:, -1]), True))
     if full_doc:
         hi = torch.minimum(hi, loosen(decode_value(s._doc_key[:, -1]), True))
     if full_bot:
         lo = torch.maximum(lo, loosen(-decode_value(s._bot[:, -1]), False))
-    paths = s._paths
-    paths["values"] = "sparse" if (full_top and full_bot and full_doc) else "dense"
+    if q_any:
+        # each token is held to the example of its own (gate, up) sign quadrant (empty quadrants:
+        # +inf, their first tokens are taken by the dense pass over fresh quadrants)
+        qv = decode_value(s._q_key)  # |m| of the examples, NaN where empty
+        q = loosen(torch.where(torch.isnan(qv), torch.full_like(qv, float("inf")), qv), True)
+    return Bounds(full_top, full_bot, full_doc, q_any, hi, lo, q.contiguous())
 
-    q_cand = None
-    if full_top or full_bot or full_doc or q_any:
-        mask = work_buffer("mask_a", (n, d), torch.bool, dev)
-        mask_lo = work_buffer("mask_b", (n, d), torch.bool, dev)
-        torch.gt(m, hi, out=mask)
-        torch.lt(m, lo, out=mask_lo)
+
+def candidates(m: torch.Tensor, b: Bounds, gate, up) -> torch.Tensor:
+    """Flat indices [C] (row * d + column, ascending) of the entries of m [N, d] that pass a bound."""
+    n, d = m.shape
+    dev = m.device
+    mask = work_buffer("mask_a", (n, d), torch.bool, dev)
+    mask_lo = work_buffer("mask_b", (n, d), torch.bool, dev)
+    torch.gt(m, b.hi, out=mask)
+    torch.lt(m, b.lo, out=mask_lo)
+    mask.logical_or_(mask_lo)
+    if b.q_any:
+        g = work_buffer("mask_c", (n, d), torch.bool, dev)
+        u = work_buffer("mask_d", (n, d), torch.bool, dev)
+        torch.gt(gate, 0, out=g)
+        torch.gt(up, 0, out=u)
+        bound = work_buffer("f32_q", (n, d), torch.float32, dev)
+        side = work_buffer("f32_q2", (n, d), torch.float32, dev)
+        torch.where(u, b.q[:, 0], b.q[:, 1], out=bound)  # gate > 0
+        torch.where(u, b.q[:, 2], b.q[:, 3], out=side)  # gate <= 0
+        torch.where(g, bound, side, out=bound)
+        absm = work_buffer("f32_abs", (n, d), torch.float32, dev)
+        torch.abs(m, out=absm)
+        torch.gt(absm, bound, out=mask_lo)
         mask.logical_or_(mask_lo)
-        if q_any:
-            # a token can replace a quadrant example only if |m| beats the weaker example of the two
-            # quadrants on its side of the gate sign: each token is held to the bound of its own side
-            # (SwiGLU: gate <= 0 gives small |m|, and one loose bound for both sides would let most
-            # gate > 0 tokens through as candidates)
-            qv = decode_value(s._q_key)  # |m| of the examples, NaN where empty
-            qv = loosen(torch.where(torch.isnan(qv), torch.full_like(qv, float("inf")), qv), True)
-            q_pos, q_neg = qv[:, :2].amin(1), qv[:, 2:].amin(1)  # gate > 0 / gate <= 0
-            side = work_buffer("mask_c", (n, d), torch.bool, dev)
-            bound = work_buffer("f32_q", (n, d), torch.float32, dev)
-            torch.gt(gate, 0, out=side)
-            torch.where(side, q_pos, q_neg, out=bound)
-            torch.abs(m, out=work_buffer("f32_abs", (n, d), torch.float32, dev))
-            torch.gt(work_buffer("f32_abs", (n, d), torch.float32, dev), bound, out=mask_lo)
-            mask.logical_or_(mask_lo)
-        flat = nonzero_flat(mask)
+    return nonzero_flat(mask)
+
+
+def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, b: Bounds, flat, gate, up,
+                  counted: bool = False) -> None:
+    """top, bottom, top_docs (and the quadrant examples of gated layers) from m [N, d] float32.
+
+    flat: the candidates (kvmem.stats.update.candidates, or the fused pass's; any order); counted:
+    the quadrant counts of this batch were already added (fused pass)."""
+    n, d = m.shape
+    paths = s._paths
+    paths["values"] = "sparse" if (b.full_top and b.full_bot and b.full_doc) else "dense"
+    q_cand = None
+    if b.any:
         paths["candidates"] = int(flat.numel())
         rows, cols = flat // d, flat % d
         v = m.view(-1).index_select(0, flat)
-        if q_any:
-            q_both = torch.cat([q_neg, q_pos])  # [2d]: by gate <= 0 / gate > 0
-            q_bound = q_both.index_select(0, cols + d * (pick(gate, rows, cols) > 0))
-            keep = (v.abs() > q_bound) | (v > hi.index_select(0, cols)) | (v < lo.index_select(0, cols))
-            rows, cols, v = rows[keep], cols[keep], v[keep]
         cti = ti.index_select(0, rows)
-        if full_top or full_doc:
+        if b.full_top or b.full_doc:
             key = encode(v, cti)
-            if full_top:
+            if b.full_top:
                 sel = key > s._top[:, -1].index_select(0, cols)
                 s._top, _ = merge_entries(s._top, [], [], cols[sel], key[sel], [])
-            if full_doc:
+            if b.full_doc:
                 sel = key > s._doc_key[:, -1].index_select(0, cols)
                 s._doc_key, (s._doc_id,) = merge_entries(
                     s._doc_key, [s._doc_id], [-1], cols[sel], key[sel], [doc[rows[sel]]], dedupe=0
                 )
-        if full_bot:
+        if b.full_bot:
             key = encode(-v, cti)
             sel = key > s._bot[:, -1].index_select(0, cols)
             s._bot, _ = merge_entries(s._bot, [], [], cols[sel], key[sel], [])
-        if q_any:
+        if b.q_any:
             q_cand = (rows, cols, v, cti)
 
-    if not (full_top and full_doc and full_bot):
-        _dense_values(s, m, ti, doc, full_top, full_bot, full_doc)
+    if not (b.full_top and b.full_doc and b.full_bot):
+        _dense_values(s, m, ti, doc, b.full_top, b.full_bot, b.full_doc)
     if s.gated:
-        _update_quadrants(s, m, ti, gate, up, q_cand)
+        _update_quadrants(s, m, ti, gate, up, q_cand, counted)
 
 
 def _dense_values(s, m, ti, doc, full_top, full_bot, full_doc) -> None:
@@ -141,24 +173,17 @@ def _dense_values(s, m, ti, doc, full_top, full_bot, full_doc) -> None:
         s._doc_key, (s._doc_id,) = merge_entries(s._doc_key, [s._doc_id], [-1], cols, key, [docs], dedupe=0)
 
 
-def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
-    """Sign-combination counts of (gate, up) and the largest-|m| example per quadrant."""
-    n, d = m.shape
-    dev = m.device
-    g = work_buffer("f32_a", (n, d), torch.float32, dev)
-    u = work_buffer("f32_b", (n, d), torch.float32, dev)
-    torch.gt(gate, 0, out=g)
-    torch.gt(up, 0, out=u)
-    ones = torch.ones(n, device=dev)
-    gs, us = ones @ g, ones @ u  # float sums of 0/1: exact integers below 2**24
-    g.mul_(u)
-    gus = ones @ g
-    counts = torch.stack([gus, gs - gus, us - gus, n - gs - us + gus], 1).to(torch.int64)  # exact: ints < 2**24
-    s.quadrant_count += counts
+def _update_quadrants(s, m, ti, gate, up, q_cand, counted: bool) -> None:
+    """Sign-combination counts of (gate, up) (unless the fused pass counted them) and the largest-|m|
+    example per quadrant."""
+    d = m.shape[1]
+    if not counted:
+        _count_quadrants(s, gate, up)
     old = s._q_key
     new = old.clone()
-    # quadrants seen for the first time: dense over those neurons only (at most 4 times per neuron)
-    fresh = ((old == EMPTY) & (counts > 0)).any(1).nonzero().squeeze(1)
+    # quadrants seen for the first time: dense over those neurons only (at most 4 times per neuron);
+    # a quadrant's example is empty exactly until its count is non-zero
+    fresh = ((old == EMPTY) & (s.quadrant_count > 0)).any(1).nonzero().squeeze(1)
     s._paths["quadrant_fresh"] = int(fresh.numel())
     if fresh.numel():
         if fresh.numel() == d:
@@ -179,6 +204,22 @@ def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
         row = torch.searchsorted(ti, tok)
         s._q_val.view(-1)[changed] = m[row, changed // 4]
     s._q_key = new
+
+
+def _count_quadrants(s, gate, up) -> None:
+    """Add this batch's (gate, up) sign-combination counts [d, 4] (torch path)."""
+    n, d = gate.shape
+    dev = gate.device
+    g = work_buffer("f32_a", (n, d), torch.float32, dev)
+    u = work_buffer("f32_b", (n, d), torch.float32, dev)
+    torch.gt(gate, 0, out=g)
+    torch.gt(up, 0, out=u)
+    ones = torch.ones(n, device=dev)
+    gs, us = ones @ g, ones @ u  # float sums of 0/1: exact integers below 2**24
+    g.mul_(u)
+    gus = ones @ g
+    counts = torch.stack([gus, gs - gus, us - gus, n - gs - us + gus], 1).to(torch.int64)  # exact: ints < 2**24
+    s.quadrant_count += counts
 
 
 def _hash_ranges(s, T: torch.Tensor, active: torch.Tensor, hs: torch.Tensor):

@@ -171,3 +171,35 @@ def test_noncontiguous_inputs_and_large_token_indices():
     check(s, st)
     with pytest.raises(ValueError):
         s.update(st.m[:2], torch.tensor([2**32 - 1, 2**32]), st.doc[:2], st.pos[:2], gate=st.gate[:2], up=st.up[:2])
+
+
+def test_dense_path_is_the_one_under_test(stats_path):
+    """numba is a dependency: on CPU the fused pass runs (and the torch path when it is switched off)."""
+    st = make_stream(seed=8, n=300, d=6)
+    s = LayerStats(6, k=K, max_pos=64)
+    m, ti, doc, pos, _, _ = next(iter(st.batches()))
+    s.update(m, ti, doc, pos)
+    assert s._paths["dense"] == ("fused" if stats_path == "fused" else "torch")
+    assert LayerStats(6, backend="torch")._fused(m) is False
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_many_neuron_blocks(gated):
+    """Wider than one block of the fused pass (kvmem.stats.fused.BLOCK = 64), the last block partial."""
+    st = make_stream(seed=9, n=1200, d=150, gated=gated)
+    check(st.feed(LayerStats(150, k=K, gated=gated, max_pos=64)), st)
+
+
+def test_candidate_overflow_falls_back_to_the_mask(monkeypatch, stats_path):
+    """A block with more candidates than its slots hands the candidates over to the torch mask."""
+    from kvmem.stats import fused
+
+    monkeypatch.setattr(fused, "CAND_PER_BLOCK", 3)
+    st = make_stream(seed=10, n=1500, d=70, gated=True)
+    s = LayerStats(70, k=K, gated=True, max_pos=64)
+    seen = set()
+    for m, ti, doc, pos, gate, up in st.batches():
+        s.update(m, ti, doc, pos, gate=gate, up=up)
+        seen.add(s._paths["dense"])
+    check(s, st)
+    assert seen == ({"fused", "fused+mask"} if stats_path == "fused" else {"torch"})
