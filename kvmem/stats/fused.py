@@ -1,25 +1,31 @@
-"""The dense part of LayerStats.update fused into one pass over the batch, on CPU (numba).
+"""LayerStats.update in one pass over the batch, on CPU (numba).
 
-The torch path of ``LayerStats.update`` (kvmem.stats.layer, kvmem.stats.update) reads the batch m
-[N, d_mlp] some twenty times: positive counts, float64 moments, histogram codes, the candidate mask of
-the top-k stores, the quadrant sign counts. On a CPU each of those is a trip through memory, and
-together they cost about half a transformer layer's forward pass. ``dense_pass`` does all of them in a
-single read of m (and gate, up): neurons are split into blocks of ``BLOCK`` columns, each block is
-walked row by row by one thread, so every per-neuron accumulator is private to one thread and is
-summed in token order: the result does not depend on the number of threads. The kernel is compiled
-without numba's own threading (a second OpenMP runtime beside torch's would make the two spin
-against each other on a small CPU); the blocks are shared out to torch.get_num_threads() plain
-threads instead (the kernel releases the GIL).
+The torch path (kvmem.stats.update) is built for a GPU: a dozen full passes over m [N, d_mlp]
+(positive counts, float64 moments, histogram codes, candidate masks), then sorts and merges of the
+candidates. On a CPU each pass is a trip through memory and each small op has a fixed cost, and
+together they cost about a third of a transformer layer's forward pass. ``update`` does the whole
+update in a single read of m (and gate, up):
 
-Per batch it adds into the statistics in place:
-  count_pos [d] int64, sum / sumsq [d] float64 (float32 values converted exactly, added in token
-  order), hist [d, N_BINS] int64 (kvmem.stats.hist bins, read off the float32 bits), quadrant counts
-  [d, 4] int64 (gated); and returns the batch's positives per token (l0 [N]) and per neuron
-  (pos [d]) and the flat indices i * d + j of the candidates for the top-k stores: entries with
-  m > hi[j] or m < lo[j] or, gated, |m| > q[j, quadrant of (gate, up)] (kvmem.stats.update.Bounds).
+  * neurons are split into blocks of ``BLOCK`` columns; each block is walked row by row by one thread,
+    so every per-neuron accumulator and every row of every store belongs to one thread, and sums run
+    in token order: the result does not depend on the number of threads;
+  * counts, positives, float64 moments, the histogram (kvmem.stats.hist bins, read off the float32
+    bits) and the quadrant sign counts are accumulated in block-local arrays and added at the end;
+  * the stores (top, bottom, top_docs, sample, quadrant examples) are updated in place, entry by entry:
+    a cheap integer test on the high half of the key (the order-preserving image of the value, or the
+    sample priority) against the store's current k-th entry lets through the few entries that may
+    enter, which are then compared on the full int64 key (kvmem.stats.keys) and inserted into the
+    sorted row. Keys are unique per neuron, so the stores end up exactly as on the torch path (the
+    top-k keys of everything seen), whatever the order of the tokens;
+  * top_docs: per block and neuron the running max of the current document (first token on ties) is
+    kept, and offered to the store when the document ends (or the batch does), replacing the entry of
+    the same document when it is larger (documents continue across batches).
 
-GPU (and any device that is not the CPU) uses the torch path, which the tests run on CPU too; both
-paths are checked against the same brute-force statistics.
+The kernel is compiled without numba's own threading (a second OpenMP runtime beside torch's would
+make the two spin against each other on a small CPU); the blocks are shared out to
+torch.get_num_threads() plain threads (the kernel releases the GIL). GPU (and any device other than
+the CPU) takes the torch path, which the tests run on CPU too; both are checked against the same
+brute-force statistics.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvmem.stats.keys import EMPTY
 from kvmem.stats.store import run_parallel
 
 try:  # numba is a dependency; a platform without its wheels still works on the torch path
@@ -34,18 +41,59 @@ try:  # numba is a dependency; a platform without its wheels still works on the 
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-BLOCK = 64  # neurons per block: a block's local histogram (64 * 197 int32) stays in the core's cache
-CAND_PER_BLOCK = 1 << 16  # candidate slots per block; more than that and the caller takes the torch path
-
 available = numba is not None
-N_BINS = 197  # kvmem.stats.hist.N_BINS (checked there)
+BLOCK = 64  # neurons per block: a block's local histogram (64 * 197 int32) stays in the core's cache
+N_BINS = 197  # kvmem.stats.hist.N_BINS (checked in _lut)
+LOW = (1 << 32) - 1
+TWO32 = 1 << 32
+INT32_MIN = -(1 << 31)
+BELOW = -(1 << 62)  # below every high half of a key
 
 
-def _kernel(b0, b1, m, bits, gate, up, gated, lut, hi, lo, q, cap,
-            l0_part, pos, s1, s2, hist, quad, cand, ncand):
-    # Each block keeps its accumulators in local arrays (no aliasing with the inputs, so the simple
-    # per-row loops below vectorize) and adds them into the statistics once at the end.
+def _insert(keys, r, key):
+    """Insert key into row r of a store sorted descending (key > the row's last key); the last drops."""
+    pos = keys.shape[1] - 1
+    while pos > 0 and keys[r, pos - 1] < key:
+        keys[r, pos] = keys[r, pos - 1]
+        pos -= 1
+    keys[r, pos] = key
+
+
+def _insert_p(keys, pay, r, key, p):
+    """_insert with a payload riding along."""
+    pos = keys.shape[1] - 1
+    while pos > 0 and keys[r, pos - 1] < key:
+        keys[r, pos] = keys[r, pos - 1]
+        pay[r, pos] = pay[r, pos - 1]
+        pos -= 1
+    keys[r, pos] = key
+    pay[r, pos] = p
+
+
+def _offer_doc(keys, docs, r, key, doc):
+    """A document's best entry: replaces the row's entry of the same document if larger, else enters
+    like any entry (one entry per document)."""
+    k = keys.shape[1]
+    if key <= keys[r, k - 1]:
+        return
+    for s in range(k):
+        if keys[r, s] != EMPTY and docs[r, s] == doc:
+            if key <= keys[r, s]:
+                return
+            for t in range(s, k - 1):  # remove the old entry; the row's tail frees a slot
+                keys[r, t] = keys[r, t + 1]
+                docs[r, t] = docs[r, t + 1]
+            keys[r, k - 1] = EMPTY
+            docs[r, k - 1] = -1
+            break
+    _insert_p(keys, docs, r, key, doc)
+
+
+def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
+            top, bot, dkey, did, skey, sval, qkey, qval,
+            l0_part, pos, s1, s2, hist, quad):
     n, d = m.shape
+    k = top.shape[1]
     for b in range(b0, b1):
         j0 = b * BLOCK
         w = min(d, j0 + BLOCK) - j0
@@ -56,14 +104,29 @@ def _kernel(b0, b1, m, bits, gate, up, gated, lut, hi, lo, q, cap,
         ng = np.zeros(BLOCK, np.int32)
         nu = np.zeros(BLOCK, np.int32)
         ngu = np.zeros(BLOCK, np.int32)
-        qc = np.zeros(BLOCK, np.int32)
-        hi_b = hi[j0:j0 + w].copy()
-        lo_b = lo[j0:j0 + w].copy()
-        q_b = q[j0:j0 + w].copy()
-        c = 0
-        base = b * cap
+        qc = np.zeros(BLOCK, np.int64)
+        mo = np.zeros(BLOCK, np.int64)
+        # high halves of each store's last key (EMPTY -> -2**31: everything passes the first test)
+        tk = np.empty(BLOCK, np.int64)
+        bk = np.empty(BLOCK, np.int64)
+        sk = np.empty(BLOCK, np.int64)
+        qk = np.empty((BLOCK, 4), np.int64)
+        for j in range(w):
+            tk[j] = top[j0 + j, k - 1] >> 32
+            bk[j] = bot[j0 + j, k - 1] >> 32
+            sk[j] = skey[j0 + j, k - 1] >> 32
+            for q in range(4):
+                qk[j, q] = qkey[j0 + j, q] >> 32 if gated else 0
+        # the current document's running max per neuron (high half of the key) and its row
+        cm = np.full(BLOCK, BELOW, np.int64)
+        cr = np.zeros(BLOCK, np.int64)
         for i in range(n):
+            if i > 0 and doc[i] != doc[i - 1]:
+                for j in range(w):
+                    _offer_doc(dkey, did, j0 + j, cm[j] * TWO32 + (LOW - ti[cr[j]]), doc[i - 1])
+                    cm[j] = BELOW
             row = m[i, j0:j0 + w]
+            brow = bits[i, j0:j0 + w]
             lp = 0
             for j in range(w):
                 x = np.float64(row[j])
@@ -73,9 +136,16 @@ def _kernel(b0, b1, m, bits, gate, up, gated, lut, hi, lo, q, cap,
                 lp += p
                 npos[j] += p
             l0_part[b, i] = lp
-            brow = bits[i, j0:j0 + w]
             for j in range(w):
                 h[j, lut[(brow[j] >> 21) & 2047]] += 1
+            for j in range(w):
+                v = np.int64(brow[j])
+                v = 0 if v == INT32_MIN else v
+                mj = v ^ 0x7FFFFFFF if v < 0 else v
+                mo[j] = mj
+                if mj > cm[j]:
+                    cm[j] = mj
+                    cr[j] = i
             if gated:
                 grow = gate[i, j0:j0 + w]
                 urow = up[i, j0:j0 + w]
@@ -85,27 +155,49 @@ def _kernel(b0, b1, m, bits, gate, up, gated, lut, hi, lo, q, cap,
                     ng[j] += g
                     nu[j] += u
                     ngu[j] += g & u
-                    qc[j] = 3 - 2 * g - u  # the quadrant's column in q (and in LayerStats.quadrants)
-                for j in range(w):
-                    v = row[j]
-                    if v > hi_b[j] or v < lo_b[j] or abs(v) > q_b[j, qc[j]]:
-                        if c < cap:
-                            cand[base + c] = i * d + j0 + j
-                        c += 1
-            else:
-                for j in range(w):
-                    v = row[j]
-                    if v > hi_b[j] or v < lo_b[j]:
-                        if c < cap:
-                            cand[base + c] = i * d + j0 + j
-                        c += 1
-        ncand[b] = c
+                    qc[j] = 3 - 2 * g - u  # the quadrant's column in LayerStats.quadrants
+            t = ti[i]
+            low = LOW - t
+            for j in range(w):
+                mj = mo[j]
+                neg = -1 - mj if mj != 0 else 0  # mono of -m
+                ab = mj if mj >= 0 else -1 - mj  # mono of |m|
+                pr = ((th[i] + nc[j0 + j]) & LOW) - (1 << 31)  # sample priority, high half
+                hit = (mj >= tk[j]) | (neg >= bk[j]) | ((mj > 0) & (pr >= sk[j]))
+                if gated:
+                    hit = hit | (ab >= qk[j, qc[j]])
+                if not hit:
+                    continue
+                r = j0 + j
+                if mj >= tk[j]:
+                    key = mj * TWO32 + low
+                    if key > top[r, k - 1]:
+                        _insert(top, r, key)
+                        tk[j] = top[r, k - 1] >> 32
+                if neg >= bk[j]:
+                    key = neg * TWO32 + low
+                    if key > bot[r, k - 1]:
+                        _insert(bot, r, key)
+                        bk[j] = bot[r, k - 1] >> 32
+                if mj > 0 and pr >= sk[j]:
+                    key = pr * TWO32 + low
+                    if key > skey[r, k - 1]:
+                        _insert_p(skey, sval, r, key, row[j])
+                        sk[j] = skey[r, k - 1] >> 32
+                if gated and ab >= qk[j, qc[j]]:
+                    key = ab * TWO32 + low
+                    c = qc[j]
+                    if key > qkey[r, c]:
+                        qkey[r, c] = key
+                        qval[r, c] = row[j]
+                        qk[j, c] = ab
         for j in range(w):
+            _offer_doc(dkey, did, j0 + j, cm[j] * TWO32 + (LOW - ti[cr[j]]), doc[n - 1])
             s1[j0 + j] += a1[j]
             s2[j0 + j] += a2[j]
             pos[j0 + j] = npos[j]
-            for k in range(N_BINS):
-                hist[j0 + j, k] += h[j, k]
+            for c in range(N_BINS):
+                hist[j0 + j, c] += h[j, c]
             if gated:
                 quad[j0 + j, 0] += ngu[j]
                 quad[j0 + j, 1] += ng[j] - ngu[j]
@@ -113,15 +205,10 @@ def _kernel(b0, b1, m, bits, gate, up, gated, lut, hi, lo, q, cap,
                 quad[j0 + j, 3] += n - ng[j] - nu[j] + ngu[j]
 
 
-_compiled = None
-
-
-def _get_kernel():
-    global _compiled
-    if _compiled is None:
-        _compiled = numba.njit(cache=True, nogil=True)(_kernel)
-    return _compiled
-
+if numba is not None:
+    _jit = numba.njit(cache=True, nogil=True)
+    _insert, _insert_p, _offer_doc = _jit(_insert), _jit(_insert_p), _jit(_offer_doc)
+    _kernel = _jit(_kernel)
 
 _LUT = None
 
@@ -140,35 +227,32 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def dense_pass(s, m: torch.Tensor, gate, up, hi: torch.Tensor, lo: torch.Tensor, q: torch.Tensor):
-    """One fused pass of batch m [N, d] float32 contiguous (CPU) into LayerStats s (see the module
-    docstring). Returns (l0 [N] int64, pos [d] int64, candidates [C] int64 flat indices, or None when a
-    block overflowed its candidate slots)."""
+def update(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, gate, up) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused pass of batch m [N, d] float32 contiguous (CPU) into LayerStats s: everything but the
+    l0 and position tallies, which the caller adds. Returns (l0 [N] int64, positives per neuron [d])."""
+    from kvmem.stats.keys import token_hash
+
     n, d = m.shape
     nblk = (d + BLOCK - 1) // BLOCK
     if s.gated:
         g = gate.to(torch.float32).contiguous()
         u = up.to(torch.float32).contiguous()
+        qkey, qval, quad = s._q_key, s._q_val, s.quadrant_count
     else:
         g = u = torch.zeros(1, 1)
+        qkey, qval, quad = torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.int64)
+    for name in ("_top", "_bot", "_doc_key", "_doc_id", "_smp_key", "_smp_val"):
+        setattr(s, name, getattr(s, name).contiguous())
     l0_part = np.empty((nblk, n), dtype=np.int32)
     pos = np.zeros(d, dtype=np.int64)
-    cand = np.empty(nblk * CAND_PER_BLOCK, dtype=np.int64)
-    ncand = np.zeros(nblk, dtype=np.int64)
-    quad = _np(s.quadrant_count) if s.gated else np.zeros((1, 4), dtype=np.int64)
     args = (
-        _np(m), _np(m.view(torch.int32)), _np(g), _np(u), s.gated, _lut(),
-        _np(hi.float().contiguous()), _np(lo.float().contiguous()),
-        _np(q.float().contiguous()), CAND_PER_BLOCK,
-        l0_part, pos, _np(s.sum), _np(s.sumsq), _np(s.hist), quad, cand, ncand,
+        _np(m), _np(m.view(torch.int32)), _np(g), _np(u), s.gated, _np(ti), _np(token_hash(ti)), _np(doc),
+        _np(s._neuron_c), _lut(),
+        _np(s._top), _np(s._bot), _np(s._doc_key), _np(s._doc_id), _np(s._smp_key), _np(s._smp_val),
+        _np(qkey), _np(qval),
+        l0_part, pos, _np(s.sum), _np(s.sumsq), _np(s.hist), _np(quad),
     )
-    kernel = _get_kernel()
     parts = min(torch.get_num_threads(), nblk)
     cuts = [nblk * p // parts for p in range(parts + 1)]
-    run_parallel([lambda a=a, b=b: kernel(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
-    l0 = torch.from_numpy(l0_part.sum(0, dtype=np.int64))
-    pos_t = torch.from_numpy(pos)
-    if (ncand > CAND_PER_BLOCK).any():
-        return l0, pos_t, None
-    parts = [cand[b * CAND_PER_BLOCK: b * CAND_PER_BLOCK + ncand[b]] for b in range(nblk)]
-    return l0, pos_t, torch.from_numpy(np.concatenate(parts))
+    run_parallel([lambda a=a, b=b: _kernel(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
+    return torch.from_numpy(l0_part.sum(0, dtype=np.int64)), torch.from_numpy(pos)

@@ -151,24 +151,20 @@ class LayerStats:
         if self.gated:
             gate, up = gate.to(dev), up.to(dev)
 
-        b = bounds(self, d, dev, monotone)
         if self._fused(m):
-            l0, pos_count, flat = fused.dense_pass(self, m, gate, up, b.hi, b.lo, b.q)
+            l0, pos_count = fused.update(self, m, ti, doc, gate, up)
             self._paths["dense"] = "fused"
-            if flat is None:  # more candidates than the pass keeps (rare): the torch mask
-                flat = candidates(m, b, gate, up)
-                self._paths["dense"] = "fused+mask"
         else:
             l0, pos_count = self._dense_torch(m)
+            b = bounds(self, d, dev, monotone)
             flat = candidates(m, b, gate, up) if b.any else None
+            update_values(self, m, ti, doc, b, flat, gate, up)
+            update_sample(self, m, ti, pos_count)
             self._paths["dense"] = "torch"
         self.count_pos += pos_count
         self.l0_hist += torch.bincount(l0, minlength=d + 1)
         self.l0_pos_sum.index_add_(0, pos, l0)
         self.l0_pos_count += torch.bincount(pos, minlength=self.max_pos)
-        # stores
-        update_values(self, m, ti, doc, b, flat, gate, up, counted=self._paths["dense"] != "torch")
-        update_sample(self, m, ti, pos_count)
         self.n += n
         self._last_index = max(self._last_index, last)
 

@@ -122,12 +122,9 @@ def candidates(m: torch.Tensor, b: Bounds, gate, up) -> torch.Tensor:
     return nonzero_flat(mask)
 
 
-def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, b: Bounds, flat, gate, up,
-                  counted: bool = False) -> None:
-    """top, bottom, top_docs (and the quadrant examples of gated layers) from m [N, d] float32.
-
-    flat: the candidates (kvmem.stats.update.candidates, or the fused pass's; any order); counted:
-    the quadrant counts of this batch were already added (fused pass)."""
+def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, b: Bounds, flat, gate, up) -> None:
+    """top, bottom, top_docs (and the quadrant counts and examples of gated layers) from m [N, d]
+    float32; flat: the candidates (``candidates``), None when no store is full."""
     n, d = m.shape
     paths = s._paths
     paths["values"] = "sparse" if (b.full_top and b.full_bot and b.full_doc) else "dense"
@@ -157,7 +154,7 @@ def update_values(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, b: Bo
     if not (b.full_top and b.full_doc and b.full_bot):
         _dense_values(s, m, ti, doc, b.full_top, b.full_bot, b.full_doc)
     if s.gated:
-        _update_quadrants(s, m, ti, gate, up, q_cand, counted)
+        _update_quadrants(s, m, ti, gate, up, q_cand)
 
 
 def _dense_values(s, m, ti, doc, full_top, full_bot, full_doc) -> None:
@@ -173,12 +170,10 @@ def _dense_values(s, m, ti, doc, full_top, full_bot, full_doc) -> None:
         s._doc_key, (s._doc_id,) = merge_entries(s._doc_key, [s._doc_id], [-1], cols, key, [docs], dedupe=0)
 
 
-def _update_quadrants(s, m, ti, gate, up, q_cand, counted: bool) -> None:
-    """Sign-combination counts of (gate, up) (unless the fused pass counted them) and the largest-|m|
-    example per quadrant."""
+def _update_quadrants(s, m, ti, gate, up, q_cand) -> None:
+    """Sign-combination counts of (gate, up) and the largest-|m| example per quadrant."""
     d = m.shape[1]
-    if not counted:
-        _count_quadrants(s, gate, up)
+    _count_quadrants(s, gate, up)
     old = s._q_key
     new = old.clone()
     # quadrants seen for the first time: dense over those neurons only (at most 4 times per neuron);

@@ -58,13 +58,13 @@ def check(s: LayerStats, st, k=K, sample=True):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_update_matches_brute_force(gated):
+def test_update_matches_brute_force(gated, stats_path):
     st = make_stream(seed=1, gated=gated)
     s = st.feed(LayerStats(st.m.shape[1], k=K, gated=gated, max_pos=64))
     check(s, st)
-    # the warm paths ran: sparse candidates for the value stores, hash intervals for the sample
-    assert st.paths[0]["values"] == "dense" and st.paths[-2]["values"] == "sparse"
-    assert st.paths[0]["sample"] == "dense" and st.paths[-2]["sample"] == "range"
+    if stats_path == "torch":  # the warm paths ran: sparse candidates, hash intervals for the sample
+        assert st.paths[0]["values"] == "dense" and st.paths[-2]["values"] == "sparse"
+        assert st.paths[0]["sample"] == "dense" and st.paths[-2]["sample"] == "range"
 
 
 def test_reference_is_sensitive():
@@ -86,7 +86,7 @@ def test_reference_is_sensitive():
 
 
 @pytest.mark.parametrize("limit,window", [(0.0, 4), (1.0, 4), (1.0, 1), (1.0, 10**6)])
-def test_sample_paths(monkeypatch, limit, window):
+def test_sample_paths(monkeypatch, limit, window, stats_path):
     """Every sample path is exact on its own: cyclic hash intervals (a narrow first window that often
     needs the redo, the default, one that never narrows) and the dense fallback."""
     monkeypatch.setattr(update, "SAMPLE_RANGE_LIMIT", limit)
@@ -99,9 +99,10 @@ def test_sample_paths(monkeypatch, limit, window):
     paths = set()
     for m, ti, doc, pos, _, _ in st.batches():
         s.update(m, ti, doc, pos)
-        paths.add(s._paths["sample"])
-    assert paths - {"none"} == {"dense" if limit == 0.0 else "range"}
-    if window == 1:
+        paths.add(s._paths.get("sample"))
+    if stats_path == "torch":
+        assert paths - {"none"} == {"dense" if limit == 0.0 else "range"}
+    if window == 1 and stats_path == "torch":
         assert len(redo) > len(st.bounds)  # the second pass ran
     assert_slots(s.sample, *sample_ref(st.m, st.ti, K))
 
@@ -188,18 +189,3 @@ def test_many_neuron_blocks(gated):
     """Wider than one block of the fused pass (kvmem.stats.fused.BLOCK = 64), the last block partial."""
     st = make_stream(seed=9, n=1200, d=150, gated=gated)
     check(st.feed(LayerStats(150, k=K, gated=gated, max_pos=64)), st)
-
-
-def test_candidate_overflow_falls_back_to_the_mask(monkeypatch, stats_path):
-    """A block with more candidates than its slots hands the candidates over to the torch mask."""
-    from kvmem.stats import fused
-
-    monkeypatch.setattr(fused, "CAND_PER_BLOCK", 3)
-    st = make_stream(seed=10, n=1500, d=70, gated=True)
-    s = LayerStats(70, k=K, gated=True, max_pos=64)
-    seen = set()
-    for m, ti, doc, pos, gate, up in st.batches():
-        s.update(m, ti, doc, pos, gate=gate, up=up)
-        seen.add(s._paths["dense"])
-    check(s, st)
-    assert seen == ({"fused", "fused+mask"} if stats_path == "fused" else {"torch"})
