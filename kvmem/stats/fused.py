@@ -110,13 +110,17 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
         tk = np.empty(BLOCK, np.int64)
         bk = np.empty(BLOCK, np.int64)
         sk = np.empty(BLOCK, np.int64)
-        qk = np.empty((BLOCK, 4), np.int64)
+        qk = np.zeros((4, BLOCK), np.int64)
+        ncb = np.empty(BLOCK, np.int64)
+        hf = np.zeros(BLOCK, np.int32)
         for j in range(w):
             tk[j] = top[j0 + j, k - 1] >> 32
             bk[j] = bot[j0 + j, k - 1] >> 32
             sk[j] = skey[j0 + j, k - 1] >> 32
-            for q in range(4):
-                qk[j, q] = qkey[j0 + j, q] >> 32 if gated else 0
+            ncb[j] = nc[j0 + j]
+            if gated:
+                for q in range(4):
+                    qk[q, j] = qkey[j0 + j, q] >> 32
         # the current document's running max per neuron (high half of the key) and its row
         cm = np.full(BLOCK, BELOW, np.int64)
         cr = np.zeros(BLOCK, np.int64)
@@ -143,54 +147,72 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
                 v = 0 if v == INT32_MIN else v
                 mj = v ^ 0x7FFFFFFF if v < 0 else v
                 mo[j] = mj
-                if mj > cm[j]:
-                    cm[j] = mj
-                    cr[j] = i
+                better = mj > cm[j]
+                cm[j] = mj if better else cm[j]
+                cr[j] = i if better else cr[j]
+            # which entries may enter a store: vectorizable flags first, the rare hits after
             if gated:
                 grow = gate[i, j0:j0 + w]
                 urow = up[i, j0:j0 + w]
                 for j in range(w):
-                    g = np.int32(grow[j] > 0)
-                    u = np.int32(urow[j] > 0)
-                    ng[j] += g
-                    nu[j] += u
-                    ngu[j] += g & u
-                    qc[j] = 3 - 2 * g - u  # the quadrant's column in LayerStats.quadrants
-            t = ti[i]
-            low = LOW - t
+                    gi = np.int32(grow[j] > 0)
+                    ui = np.int32(urow[j] > 0)
+                    ng[j] += gi
+                    nu[j] += ui
+                    ngu[j] += gi & ui
+                    qc[j] = 3 - 2 * gi - ui  # the quadrant's column in LayerStats.quadrants
+                    mj = mo[j]
+                    ab = mj if mj >= 0 else -1 - mj  # mono of |m|
+                    gm = -np.int64(gi)  # all ones where gate > 0 (bit masks: no branches, vectorizes)
+                    um = -np.int64(ui)
+                    qb = ((qk[0, j] & um | qk[1, j] & ~um) & gm) | ((qk[2, j] & um | qk[3, j] & ~um) & ~gm)
+                    hf[j] = np.int32(ab >= qb)
+            else:
+                for j in range(w):
+                    hf[j] = 0
+            thi = th[i]
+            nh = 0
             for j in range(w):
                 mj = mo[j]
                 neg = -1 - mj if mj != 0 else 0  # mono of -m
-                ab = mj if mj >= 0 else -1 - mj  # mono of |m|
-                pr = ((th[i] + nc[j0 + j]) & LOW) - (1 << 31)  # sample priority, high half
-                hit = (mj >= tk[j]) | (neg >= bk[j]) | ((mj > 0) & (pr >= sk[j]))
-                if gated:
-                    hit = hit | (ab >= qk[j, qc[j]])
-                if not hit:
+                pr = ((thi + ncb[j]) & LOW) - (1 << 31)  # sample priority, high half
+                f = hf[j] | np.int32(mj >= tk[j]) | np.int32(neg >= bk[j]) | (np.int32(mj > 0) & np.int32(pr >= sk[j]))
+                hf[j] = f
+                nh += f
+            if nh == 0:
+                continue
+            low = LOW - ti[i]
+            for j in range(w):
+                if hf[j] == 0:
                     continue
+                mj = mo[j]
                 r = j0 + j
                 if mj >= tk[j]:
                     key = mj * TWO32 + low
                     if key > top[r, k - 1]:
                         _insert(top, r, key)
                         tk[j] = top[r, k - 1] >> 32
+                neg = -1 - mj if mj != 0 else 0
                 if neg >= bk[j]:
                     key = neg * TWO32 + low
                     if key > bot[r, k - 1]:
                         _insert(bot, r, key)
                         bk[j] = bot[r, k - 1] >> 32
+                pr = ((thi + ncb[j]) & LOW) - (1 << 31)
                 if mj > 0 and pr >= sk[j]:
                     key = pr * TWO32 + low
                     if key > skey[r, k - 1]:
                         _insert_p(skey, sval, r, key, row[j])
                         sk[j] = skey[r, k - 1] >> 32
-                if gated and ab >= qk[j, qc[j]]:
-                    key = ab * TWO32 + low
+                if gated:
                     c = qc[j]
-                    if key > qkey[r, c]:
-                        qkey[r, c] = key
-                        qval[r, c] = row[j]
-                        qk[j, c] = ab
+                    ab = mj if mj >= 0 else -1 - mj
+                    if ab >= qk[c, j]:
+                        key = ab * TWO32 + low
+                        if key > qkey[r, c]:
+                            qkey[r, c] = key
+                            qval[r, c] = row[j]
+                            qk[c, j] = ab
         for j in range(w):
             _offer_doc(dkey, did, j0 + j, cm[j] * TWO32 + (LOW - ti[cr[j]]), doc[n - 1])
             s1[j0 + j] += a1[j]
