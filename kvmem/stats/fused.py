@@ -23,7 +23,7 @@ update in a single read of m (and gate, up):
 
 The kernel is compiled without numba's own threading (a second OpenMP runtime beside torch's would
 make the two spin against each other on a small CPU); the blocks are shared out to
-torch.get_num_threads() plain threads (the kernel releases the GIL). GPU (and any device other than
+torch.get_num_threads() threads by kvmem.stats.parallel (torch's own OpenMP team where it can). GPU (and any device other than
 the CPU) takes the torch path, which the tests run on CPU too; both are checked against the same
 brute-force statistics.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from kvmem.stats.keys import EMPTY
-from kvmem.stats.store import run_parallel
+from kvmem.stats.parallel import run_parallel
 
 try:  # numba is a dependency; a platform without its wheels still works on the torch path
     import numba

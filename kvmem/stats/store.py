@@ -11,11 +11,11 @@ the k largest keys per neuron (padded block + topk, or a segmented sort). Keys a
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from kvmem.stats.keys import EMPTY
+from kvmem.stats.parallel import run_parallel
 
 _local = threading.local()
 # merge_entries pads the candidates per row unless t * (k + cmax) > PAD_FACTOR * (t * k + C) + PAD_SLACK
@@ -46,22 +46,6 @@ def release_buffers() -> None:
     """Drop this thread's CPU work buffers (a few [N, d_mlp] tensors shared by all LayerStats), e.g.
     when profiling is done."""
     _local.buffers = {}
-
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def run_parallel(tasks: list) -> list:
-    """Call each of tasks (callables that release the GIL) on its own thread, the first one on the
-    calling thread; returns their results in order. CPU work outside torch's own thread pool."""
-    global _pool
-    if len(tasks) < 2:
-        return [t() for t in tasks]
-    if _pool is None or _pool._max_workers < len(tasks) - 1:
-        _pool = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="kvmem-stats")
-    futures = [_pool.submit(t) for t in tasks[1:]]
-    first = tasks[0]()
-    return [first] + [f.result() for f in futures]
 
 
 def bincount(x: torch.Tensor, minlength: int) -> torch.Tensor:
