@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvmem  # noqa: E402
-from kvmem.profile.runner import Profiler, ProfileConfig  # noqa: E402
+from kvmem.profile.runner import Profiler, ProfileConfig, tune_allocator  # noqa: E402
 from kvmem.profile.tokens import TokenStore  # noqa: E402
 
 SHAPES = {
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--skip", nargs="*", default=[], help="methods to skip")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every method, interleaved (medians)")
     ap.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     args = ap.parse_args()
     model = build_random(args.shape, args.device, args.dtype) if args.shape else \
@@ -183,21 +185,38 @@ def main() -> None:
         "kvmem-profile": lambda: method_kvmem(model, ids, batch, args.seq_len),
         "tlens-cache": lambda: method_tlens(model, ids, batch),  # last: the bridge wraps the HF modules
     }
+    if model.device.type == "cpu":  # kvmem profile tunes glibc's allocator; every method runs with it
+        print(f"glibc allocator tuned for large buffers (kvmem.profile.runner.tune_allocator): {tune_allocator()}")
     method_forward(model, ids[:batch], batch, head=False)  # warm-up (kernels, allocator)
-    results = {}
-    for name, fn in methods.items():
-        if name in args.skip:
-            continue
+    runs: dict[str, list[dict]] = {}
+    order = [n for n in methods if n not in args.skip]
+    # --repeat rounds, the methods interleaved within each (tlens-cache stays last: its bridge wraps
+    # the model's modules); each method's figures are the medians over its rounds
+    schedule = [n for _ in range(args.repeat) for n in order if n != "tlens-cache"]
+    schedule += ["tlens-cache"] * (args.repeat if "tlens-cache" in order else 0)
+    for name in schedule:
+        fn = methods[name]
         with PeakMemory(model.device) as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        runs.setdefault(name, []).append({"seconds": dt, "cpu_seconds": cpu, "peak_bytes": mem.value,
+                                          "note": mem.note})
+        print(f"  round {len(runs[name])}: {name:16s} {ids.numel() / dt:10,.0f} tok/s wall  "
+              f"{ids.numel() / cpu:10,.0f} tok/CPU-s", flush=True)
+    results = {}
+    for name in order:
+        dt = statistics.median(r["seconds"] for r in runs[name])
+        cpu = statistics.median(r["cpu_seconds"] for r in runs[name])
+        peak = max(r["peak_bytes"] for r in runs[name])
         results[name] = {"seconds": dt, "cpu_seconds": cpu, "tokens_per_s": ids.numel() / dt,
-                         "tokens_per_cpu_s": ids.numel() / cpu, "peak_bytes": mem.value}
+                         "tokens_per_cpu_s": ids.numel() / cpu, "peak_bytes": peak,
+                         "rounds": [r["seconds"] for r in runs[name]]}
+        mem_note = runs[name][0]["note"]
         print(f"{name:16s} {ids.numel() / dt:10,.0f} tok/s wall  {ids.numel() / cpu:10,.0f} tok/CPU-s  "
-              f"{dt:8.2f} s  peak {mem.value / 2**20:9.1f} MiB ({mem.note})", flush=True)
+              f"{dt:8.2f} s  peak {peak / 2**20:9.1f} MiB ({mem_note})", flush=True)
     r = {k: v["tokens_per_s"] for k, v in results.items()}
     rc = {k: v["tokens_per_cpu_s"] for k, v in results.items()}
     print(f"\n{model.spec}: {model.n_layers} layers x {model.d_mlp} neurons, {ids.numel():,} tokens, "

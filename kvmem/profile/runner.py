@@ -9,8 +9,10 @@ same batches and ends bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -153,6 +155,8 @@ class Profiler:
 
     def run(self) -> float:
         """Process every remaining batch; returns the total seconds spent (over all sessions)."""
+        if self.model.device.type == "cpu":
+            tune_allocator()
         start, last_ckpt = time.monotonic(), time.monotonic()
         for row, ids in self.batches():
             self.step(row, ids)
@@ -165,6 +169,29 @@ class Profiler:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         return self.state.elapsed + time.monotonic() - start
+
+
+_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """glibc: serve large CPU buffers from the heap and keep freed ones for reuse (process-wide, once).
+
+    The capture hooks keep gate, up and m of a layer alive until its statistics are updated. With
+    glibc's default dynamic thresholds that extra peak makes every layer's activations come from
+    fresh mmap'ed (or freshly trimmed) memory, and a 2-core CPU then spends about a tenth of the
+    forward pass in page faults (1.6M minor faults per 16k tokens of SmolLM2, measured). A fixed
+    32 MiB mmap threshold and a 1 GiB trim threshold remove them. Returns whether it applied."""
+    global _TUNED
+    if _TUNED or not sys.platform.startswith("linux"):
+        return _TUNED
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        _TUNED = bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        _TUNED = False
+    return _TUNED
 
 
 def find_batch_size(model, cfg: ProfileConfig, store: TokenStore, out: Path) -> int:
