@@ -1,6 +1,7 @@
 """Time one LayerStats.update (warm stores) against the layer's down-projection matmul.
 
     python scripts/bench_stats.py [--n 8192] [--d-mlp 1536] [--d-model 576] [--gated] [--dtype float32]
+                                  [--backend auto|torch]
 
 Activations are synthetic SwiGLU coefficients m = silu(gate) * up with a heavy-tailed per-token scale
 (gate, up ~ N(0, 1) * scale); each timed batch is new data (fresh token indices, ~300-token documents)
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--gated", action="store_true", help="also pass gate/up (quadrant statistics)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch"],
+                    help="auto: the fused kernel on CPU (kvmem.stats.fused); torch: the GPU path")
     ap.add_argument("--warm", type=int, default=8, help="batches streamed before timing")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -52,7 +55,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    s = LayerStats(args.d_mlp, k=args.k, gated=args.gated, max_pos=1024, device=dev)
+    s = LayerStats(args.d_mlp, k=args.k, gated=args.gated, max_pos=1024, device=dev, backend=args.backend)
     data = [tuple(x.to(dev) for x in batch(i, args.n, args.d_mlp, dtype, gen)) for i in range(args.warm + args.reps)]
     w_out = torch.randn(args.d_mlp, args.d_model, dtype=dtype, device=dev)
 
@@ -81,7 +84,8 @@ def main() -> None:
         c_upd.append(time.process_time() - c0)
     mu, mm = statistics.median(t_upd) * 1e3, statistics.median(t_mm) * 1e3
     cu, cm = statistics.median(c_upd) * 1e3, statistics.median(c_mm) * 1e3
-    print(f"shape [{args.n}, {args.d_mlp}] {args.dtype} on {dev} (gated={args.gated}, k={args.k}), "
+    print(f"shape [{args.n}, {args.d_mlp}] {args.dtype} on {dev} (gated={args.gated}, k={args.k}, "
+          f"backend {args.backend}), "
           f"torch threads {torch.get_num_threads()}")
     print(f"warm-up: {args.warm} updates in {warm_s:.2f} s; last paths: {s._paths}")
     print(f"LayerStats.update (warm): {mu:8.1f} ms  (min {min(t_upd) * 1e3:.1f})")

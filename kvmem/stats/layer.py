@@ -17,6 +17,11 @@ Per neuron (rows below are [d_mlp, ...]; all tensors live on ``device``):
 Ties everywhere go to (value descending, then lower token index); see kvmem.stats.keys. Empty slots hold
 value NaN and index -1 (doc -1). Same input stream and batch boundaries give bit-identical state.
 
+Two update paths give the same statistics (the stores exactly, the float64 sums up to rounding):
+on CPU one fused pass over the batch (kvmem.stats.fused, numba), elsewhere a few large torch
+operations per batch (kvmem.stats.update: candidate masks, sparse merges). ``backend="torch"`` forces
+the second; the tests run every check on both.
+
 state_dict() names: meta.{version,d_mlp,k,gated,max_pos,last_index}, n, {top,bottom,sample}.{value,index},
 top_docs.{value,index,doc}, sample.priority (kept so that shifting indices does not redraw the sample),
 count_pos, sum, sumsq, hist, l0_hist, l0_pos_sum, l0_pos_count, quadrants.{count,value,index} (gated).
@@ -169,14 +174,12 @@ class LayerStats:
         self._last_index = max(self._last_index, last)
 
     def _fused(self, m: torch.Tensor) -> bool:
-        """Whether this update takes the fused CPU pass (kvmem.stats.fused) for its dense part."""
-        if self.backend == "torch" or m.device.type != "cpu" or not fused.available:
-            return False
-        return True
+        """Whether this update takes the fused CPU pass (kvmem.stats.fused)."""
+        return self.backend != "torch" and m.device.type == "cpu" and fused.available
 
     def _dense_torch(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense part on the torch path (any device): positives, moments, histogram, quadrant
-        counts are added; returns (l0 [N], positives per neuron [d]) of the batch."""
+        """The dense part of the torch path (any device): adds the moments and the histogram; returns
+        (l0 [N], positives per neuron [d]) of the batch."""
         n, d = m.shape
         dev = m.device
         posf = work_buffer("f32_a", (n, d), torch.float32, dev)

@@ -1,9 +1,11 @@
-"""The per-batch update of the top-k stores of a LayerStats (the hot path).
+"""The per-batch update of the top-k stores of a LayerStats on the torch path (GPU; CPU takes
+kvmem.stats.fused unless LayerStats(backend="torch")).
 
 Once the stores are full, nothing here runs a top-k over [N, d_mlp]: one mask
-``m > hi | m < lo`` with per-neuron thresholds (the current k-th values of the top, top_docs, bottom
-stores and the weakest quadrant example) selects the few tokens that can enter any store; they are
-extracted sparsely and merged into the stores (store.merge_entries). The random sample uses the
+``m > hi | m < lo | |m| > q[quadrant]`` with per-neuron bounds (the current k-th values of the top,
+top_docs, bottom stores and the example of the token's own sign quadrant) selects the few tokens
+that can enter any store; they are extracted sparsely and merged into the stores
+(store.merge_entries). The random sample uses the
 fact that its priority is (hash(token) + hash(neuron)) mod 2**32: the tokens that can beat a neuron's
 k-th priority T form one cyclic interval of token hashes, found by searchsorted on the sorted hashes of
 the batch, so the sample costs O(N log N + candidates) and never touches [N, d_mlp].
