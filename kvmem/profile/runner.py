@@ -106,10 +106,16 @@ class Profiler:
         return self.out / "checkpoint"
 
     def save_checkpoint(self, elapsed: float) -> None:
-        runfiles.save_stats(self.ckpt / "stats.safetensors", self.stats)
+        """The state goes to a file named by its row, then progress.json (atomic) points at it: a kill
+        at any moment leaves progress.json and the state it names in agreement."""
+        name = f"stats-{self.state.next_row}.safetensors"
+        runfiles.save_stats(self.ckpt / name, self.stats)
         runfiles.write_json(self.ckpt / "progress.json", {
             "next_row": self.state.next_row, "elapsed": elapsed, "batch_size": self.batch_size,
-            "config": asdict(self.cfg) | {"layers": self.layers}})
+            "stats_file": name, "config": asdict(self.cfg) | {"layers": self.layers}})
+        for old in self.ckpt.glob("stats-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> None:
         progress = json.loads((self.ckpt / "progress.json").read_text())
@@ -119,7 +125,7 @@ class Profiler:
             if saved[key] != (list(mine[key]) if isinstance(mine[key], tuple) else mine[key]):
                 raise KvmemError(f"--resume: the checkpoint was made with {key}={saved[key]!r}, not {mine[key]!r}")
         self.batch_size = progress["batch_size"]  # same batches -> bit-identical statistics
-        self.stats = runfiles.load_stats(self.ckpt / "stats.safetensors", device=self.model.device)
+        self.stats = runfiles.load_stats(self.ckpt / progress["stats_file"], device=self.model.device)
         self.state = Progress(progress["next_row"], progress["elapsed"])
 
     # --- the pass -------------------------------------------------------------------------

@@ -121,3 +121,29 @@ def test_torchrun_two_processes_equal_one(tmp_path, corpus, tiny_dirs, tiny_mode
     assert two.manifest["settings"]["world_size"] == 2
     assert_same_stats(two, one)
     assert not (tmp_path / "two" / ".shards").exists()
+
+
+def test_kill_between_the_checkpoint_files_resumes_identically(tmp_path, corpus, tiny_models, monkeypatch):
+    """A kill after a checkpoint's state is written but before progress.json is: the old progress
+    must still name the state it belongs to (deterministic version of the subprocess kill above)."""
+    from kvmem.profile import run as runfiles
+
+    model = tiny_models["llama"]
+    cfg = ProfileConfig(corpus=str(corpus), seq_len=8, batch_size=1, top_k=4, checkpoint_every=0)
+    whole = kvmem.profile(cfg, tmp_path / "whole", model=model)
+    real, calls = runfiles.write_json, []
+
+    def killed_on_the_fourth_progress(path, obj):
+        if Path(path).name == "progress.json":
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt  # the state file of this checkpoint is already on disk
+        real(path, obj)
+
+    monkeypatch.setattr(runfiles, "write_json", killed_on_the_fourth_progress)
+    with pytest.raises(KeyboardInterrupt):
+        kvmem.profile(cfg, tmp_path / "run", model=model)
+    monkeypatch.setattr(runfiles, "write_json", real)
+    resumed = kvmem.profile(cfg, tmp_path / "run", model=model, resume=True)
+    for name in FILES:
+        assert (resumed.path / name).read_bytes() == (whole.path / name).read_bytes(), name
