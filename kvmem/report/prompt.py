@@ -2,9 +2,9 @@
 
 For every position, from one forward pass capturing every layer: the next-token prediction, the
 top neurons over all layers by contribution |m|·‖v‖ (exactly what ``kvmem query --position P``
-lists) and the top neurons of each layer by the same score, with the tokens their actual sub-update
-sign(m)·v promotes. With a run report
-beside it, neuron ids link to its neuron pages.
+lists, from the same helpers of kvmem.query) and the top neurons of each layer by the same score,
+with the tokens their actual sub-update sign(m)·v promotes. With a run report beside it, neuron ids
+link to its neuron pages.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import kvmem
-from kvmem.capture import capture
+from kvmem.query import contributions, forward_coefficients, promoted_tokens
 
 
 def prompt_data(model, prompt: str, *, per_layer: int = 5, top: int = 20, n_tokens: int = 5,
@@ -24,11 +24,9 @@ def prompt_data(model, prompt: str, *, per_layer: int = 5, top: int = 20, n_toke
     and the top neurons of each layer. One forward pass; scores as in ``kvmem.query``."""
     ids = model.encode(prompt)
     layers = list(range(model.n_layers))
-    with torch.inference_mode(), capture(model, layers) as cap:
-        logits = model.hf(input_ids=ids, use_cache=False).logits[0].float().cpu()  # [pos, d_vocab]
-    m = torch.stack([cap.coef[layer][0].float().cpu() for layer in layers], 1)  # [pos, n_layers, d_mlp]
-    norms = torch.stack([model.value_norms(layer).float().cpu() for layer in layers])  # [n_layers, d_mlp]
-    score = m.abs() * norms  # [pos, n_layers, d_mlp]: |m_i|·‖v_i‖
+    logits, m = forward_coefficients(model, ids, layers)  # [pos, d_vocab], [pos, n_layers, d_mlp]
+    logits, m = logits.cpu(), m.cpu()
+    score = contributions(model, m, layers)  # [pos, n_layers, d_mlp]: |m_i|·‖v_i‖
     pos_n, n_layers, d_mlp = score.shape
     k = min(per_layer, d_mlp)
     best = score.topk(k, dim=2)  # per layer [pos, n_layers, k]
@@ -40,13 +38,8 @@ def prompt_data(model, prompt: str, *, per_layer: int = 5, top: int = 20, n_toke
     for p in range(pos_n):
         picks += [(p, *divmod(f, d_mlp)) for f in overall.indices[p].tolist()]
     act = torch.tensor([float(m[p, li, n]) for p, li, n in picks])
-    written = []
-    for a in range(0, len(picks), 256):  # [chunk, d_vocab] logits at a time
-        chunk = picks[a:a + 256]
-        vl = model.value_logits([(layers[li], n) for _, li, n in chunk], through_norm=through_norm,
-                                sign=torch.where(act[a:a + 256] >= 0, 1.0, -1.0))
-        written += vl.topk(n_tokens).indices.cpu().tolist()
-    words = [model.token_strings(w) for w in written]
+    words = promoted_tokens(model, [(layers[li], n) for _, li, n in picks], act, n_tokens=n_tokens,
+                            through_norm=through_norm)
     probs = logits.softmax(-1)
     nxt = probs.topk(n_tokens, dim=1)
     positions = [{"next": [], "top": [], "layers": [{"layer": layer, "neurons": []} for layer in layers]}
