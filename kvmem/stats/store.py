@@ -212,8 +212,3 @@ def column_topk(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     key, row = top.values.reshape(-1), top.indices.reshape(-1)
     real = key != EMPTY
     return col[real], key[real], row[real]
-
-
-def kth_key(keys: torch.Tensor) -> torch.Tensor:
-    """The k-th (last) key of each row of a store [d, k] (EMPTY where the row is not full)."""
-    return keys[:, -1]
