@@ -33,7 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvmem.stats.keys import EMPTY
+from kvmem.stats.hist import BIN_LUT, N_BINS
+from kvmem.stats.keys import EMPTY, token_hash
 from kvmem.stats.parallel import run_parallel
 
 try:  # numba is a dependency; a platform without its wheels still works on the torch path
@@ -43,7 +44,6 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 available = numba is not None
 BLOCK = 64  # neurons per block: a block's local histogram (64 * 197 int32) stays in the core's cache
-N_BINS = 197  # kvmem.stats.hist.N_BINS (checked in _lut)
 LOW = (1 << 32) - 1
 TWO32 = 1 << 32
 INT32_MIN = -(1 << 31)
@@ -232,17 +232,7 @@ if numba is not None:
     _insert, _insert_p, _offer_doc = _jit(_insert), _jit(_insert_p), _jit(_offer_doc)
     _kernel = _jit(_kernel)
 
-_LUT = None
-
-
-def _lut() -> np.ndarray:
-    global _LUT
-    if _LUT is None:
-        from kvmem.stats.hist import BIN_LUT, N_BINS as hist_bins
-
-        assert hist_bins == N_BINS
-        _LUT = BIN_LUT.numpy().astype(np.int32)
-    return _LUT
+_LUT = BIN_LUT.numpy().astype(np.int32)  # float32 bit code -> histogram bin
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -252,8 +242,6 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def update(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, gate, up) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused pass of batch m [N, d] float32 contiguous (CPU) into LayerStats s: everything but the
     l0 and position tallies, which the caller adds. Returns (l0 [N] int64, positives per neuron [d])."""
-    from kvmem.stats.keys import token_hash
-
     n, d = m.shape
     nblk = (d + BLOCK - 1) // BLOCK
     if s.gated:
@@ -269,7 +257,7 @@ def update(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, gate, up) ->
     pos = np.zeros(d, dtype=np.int64)
     args = (
         _np(m), _np(m.view(torch.int32)), _np(g), _np(u), s.gated, _np(ti), _np(token_hash(ti)), _np(doc),
-        _np(s._neuron_c), _lut(),
+        _np(s._neuron_c), _LUT,
         _np(s._top), _np(s._bot), _np(s._doc_key), _np(s._doc_id), _np(s._smp_key), _np(s._smp_val),
         _np(qkey), _np(qval),
         l0_part, pos, _np(s.sum), _np(s.sumsq), _np(s.hist), _np(quad),
