@@ -16,7 +16,7 @@ from kvmem.search import search
 from kvmem.trace import trace
 from kvmem.vocab import neuron_vocab, project_values
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["FFNLayer", "KVModel", "KvmemError", "ProfileConfig", "capture", "from_hf", "intervene", "intervention",
            "load", "merge", "neuron_vocab", "open_run", "profile", "project_values", "query", "run_capture", "search",

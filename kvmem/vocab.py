@@ -32,9 +32,6 @@ A cached projection with a larger k serves any smaller k. The folder is written 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,28 +233,24 @@ def _find_cached(fp, dtype, through_norm, k):
 
 
 def _write_cache(proj: ValueProjection, model) -> Path | None:
-    """Write manifest, tensors and table atomically; a read-only or full disk only costs speed."""
+    """Write manifest, tensors and table as one folder (kvmem.atomic.staged: a kill leaves no half
+    entry, an older entry is replaced only by a complete one); a read-only or full disk only costs speed."""
     from safetensors.torch import save_file
 
+    from kvmem.atomic import staged
+
     target = _cache_root() / _name(proj.fingerprint, model.dtype, proj.through_norm, proj.k)
-    tmp = None
+    manifest = {"format": FORMAT, "model": model.spec, "fingerprint": proj.fingerprint,
+                "dtype": str(model.dtype).removeprefix("torch."), "through_norm": proj.through_norm, "k": proj.k,
+                "n_layers": proj.n_layers, "d_mlp": proj.d_mlp, "d_vocab": model.d_vocab,
+                "device": str(model.device), "seconds": proj.seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        manifest = {"format": FORMAT, "model": model.spec, "fingerprint": proj.fingerprint,
-                    "dtype": str(model.dtype).removeprefix("torch."), "through_norm": proj.through_norm, "k": proj.k,
-                    "n_layers": proj.n_layers, "d_mlp": proj.d_mlp, "d_vocab": model.d_vocab,
-                    "device": str(model.device), "seconds": proj.seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        save_file({name: (t.to(torch.int32) if name.endswith("ids") else t).contiguous()
-                   for name, t in proj.tensors.items()}, str(tmp / "tensors.safetensors"))
-        proj.table.to_parquet(tmp / "table.parquet", index=False)
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except OSError:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged(target, "vocab-cache") as tmp:
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            save_file({name: (t.to(torch.int32) if name.endswith("ids") else t).contiguous()
+                       for name, t in proj.tensors.items()}, str(tmp / "tensors.safetensors"))
+            proj.table.to_parquet(tmp / "table.parquet", index=False)
+    except (OSError, KvmemError):  # KvmemError: a foreign NAME.partial sits in the cache
         return None
     return target
 

@@ -90,9 +90,7 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
         raise KvmemError("--tokens must be at least 2")
     if model is None:
         model = kvmem.load(run.manifest["model"]["model"], device=device, dtype=dtype)
-    fp = run.manifest["model"].get("fingerprint")
-    if fp and fp != model.fingerprint():
-        raise KvmemError(f"the model ({model.spec}) is not the one this run profiled ({run.manifest['model']['model']})")
+    run.check_model(model)
     if layers is None:
         layers = run.profiled_layers
     else:
@@ -151,14 +149,25 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     out = dict(results)
     out["findings"] = findings(previous | results, model.n_layers)
     if write:
-        from kvmem.profile.run import write_json
+        _write(folder, results, previous, out, run, model, layers, sample_tokens, seconds)
+    return out
 
-        folder.mkdir(parents=True, exist_ok=True)
+
+def _write(folder: Path, results: dict, previous: dict, out: dict, run, model, layers, sample_tokens, seconds):
+    """Write ``run/analysis/`` as one folder (kvmem.atomic.staged): the earlier measures' files are
+    carried over, the new ones added, and the folder is swapped in only when complete."""
+    import shutil
+
+    from kvmem.atomic import staged, write_json
+
+    with staged(folder, "analysis") as tmp:
+        if folder.is_dir():
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
         for res in results.values():
-            res.write(folder)
+            res.write(tmp)
         old = json.loads((folder / "analysis.json").read_text()) if previous else {}
-        write_json(folder / "findings.json", _clean(out["findings"]))
-        write_json(folder / "analysis.json", _clean({
+        write_json(tmp / "findings.json", _clean(out["findings"]))
+        write_json(tmp / "analysis.json", _clean({
             "run": str(run.path), "model": model.spec, "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."), "run_tokens": run.tokens.n_tokens,
             "layers": {**old.get("layers", {}), **{name: layers for name in results}},
@@ -167,7 +176,6 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
             "seconds": {**old.get("seconds", {}), **seconds},
             "measures": {**{name: r.meta for name, r in previous.items()},
                          **{name: res.meta for name, res in results.items()}}}))
-    return out
 
 
 def _previous(folder: Path, exclude: set) -> dict:

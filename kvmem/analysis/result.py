@@ -25,7 +25,7 @@ class AnalysisResult:
                 "tables": {k: v.to_dict(orient="records") for k, v in self.tables.items()}}
 
     def write(self, folder: Path) -> list[Path]:
-        from kvmem.profile.run import write_parquet
+        from kvmem.atomic import write_parquet
 
         paths = []
         for name, df in self.tables.items():

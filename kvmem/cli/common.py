@@ -31,7 +31,7 @@ def fail(message: str) -> typer.Exit:
 
 
 def handle_errors(fn):
-    """Turn a KvmemError into a one-line message on stderr and exit code 2."""
+    """Turn a KvmemError into a one-line message on stderr and exit code 2 (Ctrl-C: one line, 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -39,6 +39,10 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except KvmemError as e:
             raise fail(str(e)) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: nothing finished was replaced; run the same command again to continue "
+                              "or redo it", markup=False, highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -86,10 +87,13 @@ def profile(
     cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                   top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, shard=shard, device=device,
                   dtype=dtype)
+    stages, notes = {}, []
+    t = time.perf_counter()
     with err_console.status(f"loading {cfg.model} ..."):
         import kvmem
 
         kv = kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
+    stages["load"] = time.perf_counter() - t
     if layers is not None:
         from dataclasses import replace
 
@@ -98,7 +102,10 @@ def profile(
                TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
                TokensPerSecond(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:
-        run = run_profile(cfg, out, resume=resume, force=force, model=kv, progress_factory=_progress_bar(bar))
+        run = run_profile(cfg, out, resume=resume, force=force, model=kv, progress_factory=_progress_bar(bar),
+                          stages=stages, notes=notes)
+    for note in notes:
+        err_console.print(note, markup=False, highlight=False)
     if run is None:  # a torchrun rank other than 0: rank 0 reports
         return
     summary = run_summary(run)
@@ -119,6 +126,7 @@ def run_summary(run) -> dict:
         "tokens_per_second": m["time"]["tokens_per_second"],
         "ran_out": m["corpus"]["ran_out"],
         "invalid_utf8_docs": m["corpus"]["invalid_utf8_docs"],
+        "stages": m["time"].get("stages", {}),
         "layers": layers.to_dict(orient="records"),
     }
 
@@ -129,7 +137,10 @@ def print_summary(run, s: dict) -> None:
     if s["invalid_utf8_docs"]:
         console.print(f"{s['invalid_utf8_docs']} documents held invalid UTF-8 (decoded with replacement characters)")
     console.print(f"profiled {s['tokens']:,} tokens in {s['docs']:,} documents in {s['seconds']:.1f} s "
-                  f"({s['tokens_per_second']:,.0f} tokens/s) -> {s['out']}")
+                  f"({s['tokens_per_second']:,.0f} tokens/s) -> {s['out']}", markup=False, highlight=False)
+    if s["stages"]:
+        console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in s["stages"].items()),
+                      markup=False, highlight=False)
     table = Table("layer", "firing rate (m>0)", "dead", "dense (>50%)", "mean L0", "densest neuron",
                   title="per layer (firing = coefficient > 0)")
     for row in run.layers.itertuples():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -43,8 +44,7 @@ def report(
         linked = None
         if run is not None:
             r = kvmem.open_run(run)
-            if r.manifest["model"]["fingerprint"] != kv.fingerprint():
-                raise KvmemError(f"{run} was profiled with another model than {target}")
+            r.check_model(kv, target)
             out = out or Path("reports") / r.path.name
             if not (out / "index.html").is_file():
                 with err_console.status(f"writing the report of {run} into {out} ..."):
@@ -61,16 +61,22 @@ def report(
         raise KvmemError("--run only goes with --prompt; the run of a report is its TARGET")
     r = kvmem.open_run(target)
     out = out or Path("reports") / Path(target).resolve().name
-    kv = None
+    kv, load_seconds = None, None
     if model is not None:
+        t = time.perf_counter()
         kv = load_model(r.manifest["model"]["model"] if model == "run" else model, device, dtype)
+        load_seconds = time.perf_counter() - t
     opts = ReportOptions(n_top=examples, before=context, rerun_tokens=rerun_tokens)
     with err_console.status(f"writing the report of {target} ..."):
         rep = build_report(r, out, model=kv, options=opts, force=force)
+    if load_seconds is not None:
+        rep.stages = {"load": round(load_seconds, 3)} | rep.stages
     if json_out:
         return print_json(rep.to_dict())
     console.print(f"wrote {rep.path / 'index.html'} ({rep.files} files, {rep.bytes / 2**20:.1f} MiB, "
                   f"{rep.seconds:.1f} s)", markup=False, highlight=False)
+    console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in rep.stages.items()),
+                  markup=False, highlight=False)
     for key, note in rep.notes.items():
         console.print(f"  {key}: {note}", markup=False, highlight=False)
     return None

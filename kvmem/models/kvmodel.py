@@ -5,14 +5,13 @@ Axes: token ids [batch, pos]; coefficients [batch, pos, d_mlp]; value logits [n,
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import torch
 
 from kvmem.errors import KvmemError
 from kvmem.models.base import Adapter, FFNLayer
+from kvmem.models.fingerprint import fingerprint
 from kvmem.models.load import DEFAULT_MODEL, load_hf, resolve_device, resolve_dtype
 from kvmem.models.registry import adapter_for
 
@@ -113,11 +112,9 @@ class KVModel:
             return (v @ self.W_U).float()
 
     def fingerprint(self) -> str:
-        """A short hash of the config and a few weights: tells runs of different models apart."""
-        h = hashlib.sha256(json.dumps(self.hf.config.to_dict(), sort_keys=True, default=str).encode())
-        for lay in (self.layers[0], self.layers[-1]):
-            h.update(lay.W_out.detach().float().cpu().numpy().tobytes()[:1 << 20])
-        return h.hexdigest()[:16]
+        """16 hex digits of what the model computes: its architecture fields and a sample of every
+        weight (kvmem.models.fingerprint), the same wherever the weights were loaded from."""
+        return fingerprint(self.hf)
 
     def info(self) -> dict:
         n_params = sum(p.numel() for p in self.hf.parameters())

@@ -17,8 +17,6 @@ import copy
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -111,41 +109,42 @@ def _load_hub(repo_id: str):
 
 
 def _load_gguf(path: Path):
-    """Dequantize a GGUF file once into a cached HF folder, then load that folder."""
+    """Dequantize a GGUF file once into a cached HF folder (safetensors), then load that folder: the
+    first load returns the same model, config and tokenizer as every later one. If the cache cannot
+    be written (read-only or full disk), the model built from the GGUF file is used as it is."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
-    if not (cached / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if (cached / "config.json").is_file():
+        return _load_dir(cached)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        except Exception as e:  # gguf's reader raises many kinds of errors on a bad file
-            raise KvmemError(f"{path}: could not read GGUF file: {_first_line(e)}") from None
-        _save_atomically(model, tok, cached)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # gguf's reader raises many kinds of errors on a bad file
+        raise KvmemError(f"{path}: could not read GGUF file: {_first_line(e)}") from None
+    try:
+        _save(model, tok, cached)
+    except OSError:  # a read-only or full cache only costs speed next time
         return model, tok
+    del model
     return _load_dir(cached)
 
 
-def _save_atomically(model, tok, target: Path) -> None:
-    """Write a dequantized model as a plain HF folder (config, safetensors, tokenizer)."""
+def _save(model, tok, target: Path) -> None:
+    """Write a dequantized model as a plain HF folder (config, safetensors, tokenizer), atomically."""
     from safetensors.torch import save_model
 
-    tmp = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    from kvmem.atomic import staged
+
+    with staged(target, "gguf-cache") as tmp:
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights are plain float32 now
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:  # a read-only or full cache only costs speed next time
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _first_line(e: Exception) -> str:

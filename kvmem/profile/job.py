@@ -1,7 +1,12 @@
 """``profile()`` and ``merge()``: the jobs behind ``kvmem profile`` and ``kvmem merge``.
 
+A run is built in its staging sibling ``OUT.partial/`` (kvmem.atomic): checkpoints live in
+``OUT.partial/checkpoint/`` (job.json: the settings and model fingerprint it was started with;
+tokens.safetensors and corpus.json: the token stream; progress.json + stats-ROW.safetensors: the
+last checkpoint), the finished files are written there too, and the folder is moved onto OUT last.
+
 Under ``torchrun`` (WORLD_SIZE > 1) every rank tokenizes the same corpus, profiles its contiguous
-block of rows into ``OUT/.shards/rank-R`` and rank 0 merges the shards into OUT, exactly as
+block of rows into ``OUT.partial/.shards/rank-R`` and rank 0 merges the shards, exactly as
 ``kvmem merge`` would. Ranks share OUT through the file system (one node, or a shared disk).
 """
 
@@ -18,6 +23,7 @@ import pandas as pd
 import torch
 
 import kvmem
+from kvmem.atomic import check_target, is_own_partial, open_staging, publish, staged, staging_of
 from kvmem.errors import KvmemError
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import Corpus
@@ -26,50 +32,111 @@ from kvmem.profile.tables import layer_table, neuron_table
 from kvmem.profile.tokens import TokenStore, tokenize
 
 
+# settings a checkpoint may be continued with although they differ (they do not change the result)
+_FREE_SETTINGS = ("checkpoint_every", "batch_size")
+
+
 def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = False, model=None,
-            progress_factory=None) -> runfiles.Run:
+            progress_factory=None, stages: dict | None = None, notes: list | None = None) -> runfiles.Run:
     """Profile every neuron of ``cfg.layers`` over the corpus; write and return the run in ``out``.
 
-    ``progress_factory(total_tokens, done_tokens)`` may return a callable taking the number of tokens
-    of each finished batch (the CLI passes a rich progress bar)."""
+    The run is built in ``OUT.partial`` (kvmem.atomic) and moved onto ``out`` when complete, so ``out``
+    only ever holds a finished run and a finished run replaced with ``force`` stays until the new one
+    is complete. Re-running the same command after a kill or Ctrl-C continues the unfinished run from
+    its last checkpoint (identical to an uninterrupted run), or starts it over if it had none yet;
+    ``resume`` insists on continuing. ``progress_factory(total_tokens, done_tokens)`` may return a
+    callable taking the number of tokens of each finished batch (the CLI passes a rich progress bar).
+    ``stages`` ({name: seconds}) collects the time of each stage; ``notes`` what the job decided."""
     cfg = cfg.validate()
     out = Path(out)
-    runfiles.check_out_folder(out, force=force, resume=resume)
-    ckpt = out / "checkpoint"
-    if resume and not (ckpt / "progress.json").is_file():
-        raise KvmemError(f"--resume: {out} holds no checkpoint to resume from")
+    stages = {} if stages is None else stages
+    notes = [] if notes is None else notes
+    if resume and runfiles.is_run(out) and not is_own_partial(staging_of(out), runfiles.PARTIAL_KIND):
+        raise KvmemError(f"--resume: {out} is a finished run; nothing to resume")
+    check_target(out, "run", None, force=force)
     rank, world = _dist_rank_world()
-    replace_old = force and not resume and out.exists()
-    if replace_old and world > 1 and rank == 0:  # before any rank writes its shard
-        shutil.rmtree(out)
+    t = time.perf_counter()
     if model is None:
         model = kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
+        stages["load"] = time.perf_counter() - t
     cfg = replace(cfg, model=model.spec)  # the settings record the model actually profiled
-    if resume:
+    if world > 1:
+        if resume:
+            raise KvmemError("--resume is not supported under torchrun; resume each shard or rerun")
+        return _profile_distributed(model, cfg, out, rank, world, progress_factory, stages)
+    job = {"config": _settings(cfg, model), "fingerprint": model.fingerprint()}
+    staging = staging_of(out)
+    continuing = _can_continue(staging, job, resume=resume, force=force, notes=notes)
+    staging = open_staging(out, runfiles.PARTIAL_KIND, fresh=not continuing)
+    ckpt = staging / "checkpoint"
+    if continuing:
         store = TokenStore.load(ckpt / "tokens.safetensors")
         corpus_info = json.loads((ckpt / "corpus.json").read_text())
     else:
-        corpus = Corpus(cfg.corpus, cfg.text_field)
-        store, ran_out = tokenize(corpus, model.tokenizer, cfg.tokens)
-        corpus_info = {"source": cfg.corpus, "description": corpus.describe(), "n_docs": store.n_docs,
-                       "invalid_utf8_docs": corpus.invalid_utf8, "ran_out": ran_out}
-        if cfg.shard is not None:
-            if world > 1:
-                raise KvmemError("--shard and torchrun both split the corpus: use one of them")
-            store = shard_of(store, cfg.seq_len, *parse_shard(cfg.shard))
-            corpus_info |= {"shard": cfg.shard, "n_docs_in_corpus": corpus_info["n_docs"]}
-    if world > 1:
-        return _profile_distributed(model, cfg, store, corpus_info, out, rank, world, resume, progress_factory)
-    if not resume:
-        if replace_old:  # only now that the model and the corpus have loaded without error
-            shutil.rmtree(out)
+        t = time.perf_counter()
+        store, corpus_info = _tokenized(cfg, model)
+        stages["tokenize"] = time.perf_counter() - t
         ckpt.mkdir(parents=True, exist_ok=True)
-        runfiles.atomic_write(ckpt / "tokens.safetensors", store.save)
+        runfiles.write_file(ckpt / "tokens.safetensors", store.save)
         runfiles.write_json(ckpt / "corpus.json", corpus_info)
-    return _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory)
+        runfiles.write_json(ckpt / "job.json", job)
+    _profile_one(model, cfg, store, corpus_info, staging, continuing, progress_factory, stages)
+    publish(staging, out)
+    return runfiles.open_run(out)
 
 
-def _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory):
+def _settings(cfg: ProfileConfig, model) -> dict:
+    """The settings that decide a run's result, as JSON (layers resolved against the model)."""
+    from kvmem.capture import check_layers
+
+    d = asdict(cfg) | {"layers": list(check_layers(model, cfg.layers))}
+    return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in _FREE_SETTINGS}
+
+
+def _can_continue(staging: Path, job: dict, *, resume: bool, force: bool, notes: list) -> bool:
+    """Whether the unfinished run in ``staging`` is continued (see ``profile``)."""
+    if not is_own_partial(staging, runfiles.PARTIAL_KIND):
+        if resume:
+            notes.append("--resume: no unfinished run was found; starting one")
+        return False
+    ckpt = staging / "checkpoint"
+    try:
+        saved = json.loads((ckpt / "job.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    has_state = (ckpt / "progress.json").is_file()
+    if saved is None or not has_state:
+        notes.append(f"{staging} held an unfinished run killed before its first checkpoint; starting it over")
+        return False
+    diff = [k for k in sorted(set(saved["config"]) | set(job["config"]))
+            if saved["config"].get(k) != job["config"].get(k)]
+    if saved.get("fingerprint") != job["fingerprint"]:
+        diff.insert(0, "model weights")
+    if not diff:
+        done = json.loads((ckpt / "progress.json").read_text()).get("next_row", 0)
+        notes.append(f"continuing the unfinished run in {staging} from its last checkpoint (row {done:,})")
+        return True
+    what = ", ".join(f"{k}={saved['config'].get(k)!r}" if k in saved["config"] else k for k in diff)
+    if force and not resume:
+        notes.append(f"{staging} held an unfinished run with other settings ({what}); starting over")
+        return False
+    raise KvmemError(f"{staging} holds an unfinished run with other settings ({what}): run with those settings "
+                     "to continue it, or pass --force (without --resume) to start over")
+
+
+def _tokenized(cfg: ProfileConfig, model) -> tuple[TokenStore, dict]:
+    corpus = Corpus(cfg.corpus, cfg.text_field)
+    store, ran_out = tokenize(corpus, model.tokenizer, cfg.tokens)
+    corpus_info = {"source": cfg.corpus, "description": corpus.describe(), "n_docs": store.n_docs,
+                   "invalid_utf8_docs": corpus.invalid_utf8, "ran_out": ran_out}
+    if cfg.shard is not None:
+        store = shard_of(store, cfg.seq_len, *parse_shard(cfg.shard))
+        corpus_info |= {"shard": cfg.shard, "n_docs_in_corpus": corpus_info["n_docs"]}
+    return store, corpus_info
+
+
+def _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory, stages):
+    """Profile ``store`` into the folder ``out`` (a staging folder) and finalize the run there."""
     batch_size = find_batch_size(model, cfg, store, out)
     profiler = Profiler(model, replace(cfg, batch_size=batch_size), store, out)
     if resume:
@@ -78,28 +145,37 @@ def _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory):
         done = min(profiler.state.next_row * cfg.seq_len, store.n_tokens)
         profiler.progress = progress_factory(store.n_tokens, done)
     elapsed = profiler.run()
+    stages["profile"] = elapsed
     settings = asdict(cfg) | {"layers": profiler.layers, "batch_size": profiler.batch_size}
-    run = finalize(model, settings, store, profiler.stats, corpus_info, out, elapsed, values=value_tokens(model))
+    t = time.perf_counter()
+    values = value_tokens(model)
+    stages["value_projection"] = time.perf_counter() - t
+    run = finalize(model, settings, store, profiler.stats, corpus_info, out, elapsed, values=values, stages=stages)
     remove_checkpoint(out)
     return run
 
 
 def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corpus_info: dict, out: Path,
-             elapsed: float, vocab: list[str] | None = None, values=None) -> runfiles.Run:
+             elapsed: float, vocab: list[str] | None = None, values=None, stages: dict | None = None
+             ) -> runfiles.Run:
     """Write a complete run folder (manifest last) and return it opened. ``values``: per-neuron value
-    tokens (layer, neuron, value_top_tokens, value_bottom_tokens) to join onto the neuron table."""
+    tokens (layer, neuron, value_top_tokens, value_bottom_tokens) to join onto the neuron table;
+    ``stages``: seconds per stage, recorded in the manifest (``writing`` is added here)."""
+    from kvmem.models.fingerprint import SCHEME
+
+    t_write = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model_or_meta, dict):
         model_meta = model_or_meta
     else:
         model = model_or_meta
-        model_meta = model.info() | {"fingerprint": model.fingerprint()}
+        model_meta = model.info() | {"fingerprint": model.fingerprint(), "fingerprint_scheme": SCHEME}
         vocab = model.token_strings(range(len(model.tokenizer)))
     neurons = neuron_table(stats, store, vocab)
     if values is not None:  # what each neuron's value vector writes (v_i·W_U), from kvmem.vocab
         neurons = neurons.merge(values, on=["layer", "neuron"], how="left")
 
-    runfiles.atomic_write(out / "tokens.safetensors", store.save)
+    runfiles.write_file(out / "tokens.safetensors", store.save)
     runfiles.write_parquet(out / "vocab.parquet", pd.DataFrame({"id": range(len(vocab)), "token": vocab}))
     runfiles.save_stats(out / "stats.safetensors", stats)
     runfiles.write_parquet(out / "neurons.parquet", neurons)
@@ -108,12 +184,16 @@ def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corp
         "kvmem_version": kvmem.__version__,
         "model": {k: model_meta[k] for k in ("model", "source", "family", "model_type", "n_layers", "d_model",
                                               "d_mlp", "d_vocab", "activation", "gated", "fingerprint", "dtype",
-                                              "device")},
+                                              "device")} | {k: model_meta[k] for k in ("fingerprint_scheme",)
+                                                             if k in model_meta},
         "corpus": corpus_info | {"n_tokens": store.n_tokens},
         "settings": settings,
         "time": {"seconds": round(elapsed, 3),
                  "tokens_per_second": round(store.n_tokens / elapsed, 1) if elapsed > 0 else None},
     }
+    if stages:
+        stages["writing"] = time.perf_counter() - t_write
+        manifest["time"]["stages"] = {k: round(v, 3) for k, v in stages.items()}
     runfiles.write_json(out / runfiles.MANIFEST, manifest)
     return runfiles.open_run(out)
 
@@ -124,7 +204,7 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
     if len(runs) < 2:
         raise KvmemError("merge needs at least two runs")
     out = Path(out)
-    runfiles.check_out_folder(out, force=force, resume=False)
+    check_target(out, "run", None, force=force)
     first = runs[0].manifest
     for r in runs[1:]:
         for key in ("fingerprint", "model_type", "d_mlp"):
@@ -155,12 +235,12 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
     corpus.pop("n_tokens", None)
     settings = dict(first["settings"]) | {"tokens": store.n_tokens}
     elapsed = sum(r.manifest["time"]["seconds"] for r in runs)
-    if force and out.exists():
-        shutil.rmtree(out)
     meta = dict(first["model"])
     value_cols = [c for c in runs[0].neurons.columns if c.startswith("value_")]
     values = runs[0].neurons[["layer", "neuron", *value_cols]] if value_cols else None
-    return finalize(meta, settings, store, stats, corpus, out, elapsed, vocab=runs[0].vocab, values=values)
+    with staged(out, runfiles.PARTIAL_KIND) as tmp:  # out is replaced only by the complete merged run
+        finalize(meta, settings, store, stats, corpus, tmp, elapsed, vocab=runs[0].vocab, values=values)
+    return runfiles.open_run(out)
 
 
 def value_tokens(model, n: int = 5):
@@ -186,35 +266,46 @@ def rank_device(device: str) -> str:
     return device
 
 
-def _profile_distributed(model, cfg, store, corpus_info, out, rank, world, resume, progress_factory):
+def _profile_distributed(model, cfg, out, rank, world, progress_factory, stages):
+    """Every rank profiles its block of rows into ``OUT.partial/.shards/rank-R``; rank 0 merges them
+    into ``OUT.partial`` and publishes it onto ``out``."""
     import torch.distributed as dist
 
+    if cfg.shard is not None:
+        raise KvmemError("--shard and torchrun both split the corpus: use one of them")
     wall_start = time.monotonic()
-    if resume:
-        raise KvmemError("--resume is not supported under torchrun; resume each shard or rerun")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo")
-    shard_dir = out / ".shards" / f"rank-{rank}"
+    if rank == 0:
+        open_staging(out, runfiles.PARTIAL_KIND, fresh=True)
+    dist.barrier()
+    staging = staging_of(out)
+    t = time.perf_counter()
+    store, corpus_info = _tokenized(cfg, model)
+    stages["tokenize"] = time.perf_counter() - t
     shard = shard_of(store, cfg.seq_len, rank, world)
     info = corpus_info | {"shard": f"{rank}/{world}"}
-    _profile_one(model, cfg, shard, info, shard_dir, False, progress_factory if rank == 0 else None)
+    _profile_one(model, cfg, shard, info, staging / ".shards" / f"rank-{rank}", False,
+                 progress_factory if rank == 0 else None, stages)
     dist.barrier()
     result = None
     if rank == 0:
-        shards = [out / ".shards" / f"rank-{r}" for r in range(world)]
-        tmp = out / ".shards" / "merged"
-        result = merge(shards, tmp, force=True)
+        shards = [staging / ".shards" / f"rank-{r}" for r in range(world)]
+        tmp = staging / ".shards" / "merged"
+        merge(shards, tmp, force=True)
         manifest = json.loads((tmp / runfiles.MANIFEST).read_text())
         for name in sorted(os.listdir(tmp)):
             if name != runfiles.MANIFEST:
-                os.replace(tmp / name, out / name)
+                os.replace(tmp / name, staging / name)
         wall = time.monotonic() - wall_start
         manifest["corpus"] = corpus_info | {"n_tokens": store.n_tokens}
         manifest["settings"]["world_size"] = world
         manifest["time"] = {"seconds": round(wall, 3), "tokens_per_second": round(store.n_tokens / wall, 1),
-                            "seconds_summed_over_ranks": manifest["time"]["seconds"]}
-        runfiles.write_json(out / runfiles.MANIFEST, manifest)  # last: the run is complete
-        shutil.rmtree(out / ".shards")
+                            "seconds_summed_over_ranks": manifest["time"]["seconds"],
+                            "stages_rank0": {k: round(v, 3) for k, v in stages.items()}}
+        shutil.rmtree(staging / ".shards")
+        runfiles.write_json(staging / runfiles.MANIFEST, manifest)  # last: the run is complete
+        publish(staging, out)
         result = runfiles.open_run(out)
     dist.barrier()
     return result

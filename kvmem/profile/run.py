@@ -16,49 +16,26 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from safetensors.torch import load_file, save_file
 
+from kvmem.atomic import write_file, write_json, write_parquet  # noqa: F401  (the run's writers)
 from kvmem.errors import KvmemError
 from kvmem.neurons import parse_neuron
 from kvmem.profile.tokens import TokenStore
 
 MANIFEST = "manifest.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the result onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; runs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
-
-
-def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    atomic_write(path, lambda p: df.to_parquet(p, index=False))
+PARTIAL_KIND = "run"
 
 
 def save_stats(path: Path, stats: dict) -> None:
     """{layer: LayerStats} -> one safetensors file."""
     tensors = {f"L{layer}.{k}": v.detach().cpu().contiguous() for layer, s in stats.items()
                for k, v in s.state_dict().items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    write_file(path, lambda p: save_file(tensors, str(p)))
 
 
 def load_stats(path: Path, device="cpu") -> dict:
@@ -116,6 +93,19 @@ class Run:
     def profiled_layers(self) -> list[int]:
         return list(self.manifest["settings"]["layers"])
 
+    def check_model(self, model, what: str = "the model") -> None:
+        """Raise a one-line KvmemError unless ``model`` has the weights this run profiled."""
+        from kvmem.models.fingerprint import SCHEME
+
+        m = self.manifest["model"]
+        if m.get("fingerprint_scheme") != SCHEME:
+            raise KvmemError(f"{self.path} was profiled by an older kvmem whose model fingerprint cannot be checked "
+                             f"against the weights; profile it again: kvmem profile {m.get('model', 'MODEL')} "
+                             f"--out {self.path} --force")
+        if model.fingerprint() != m["fingerprint"]:
+            raise KvmemError(f"{what} ({model.spec}) is not the model {self.path} was profiled with "
+                             f"({m.get('model')}): their weights differ")
+
     def neuron(self, text: str) -> tuple[int, int]:
         """Parse and check 'L.N' against this run."""
         m = self.manifest["model"]
@@ -133,9 +123,12 @@ class Run:
 
 def open_run(path: str | os.PathLike) -> Run:
     """Open a finished run folder written by ``kvmem profile`` or ``kvmem merge``."""
+    from kvmem.atomic import is_own_partial, staging_of
+
     path = Path(path)
     if not (path / MANIFEST).is_file():
-        hint = " (unfinished: resume it with --resume)" if (path / "checkpoint").is_dir() else ""
+        hint = (" (unfinished: run the same kvmem profile command again to continue it)"
+                if is_own_partial(staging_of(path), PARTIAL_KIND) else "")
         raise KvmemError(f"{path}: not a kvmem run (no {MANIFEST}){hint}")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -144,13 +137,6 @@ def open_run(path: str | os.PathLike) -> Run:
     return Run(path, manifest)
 
 
-def check_out_folder(out: Path, *, force: bool, resume: bool) -> None:
-    """Refuse to overwrite a folder holding anything but a resumable checkpoint, unless --force."""
-    if not out.exists() or resume or force:
-        return
-    if not out.is_dir():
-        raise KvmemError(f"{out} exists and is not a folder")
-    if any(out.iterdir()):
-        what = "a kvmem run" if (out / MANIFEST).exists() else (
-            "an unfinished run (use --resume to continue it)" if (out / "checkpoint").exists() else "other files")
-        raise KvmemError(f"{out} already holds {what}; choose another --out or pass --force to replace it")
+def is_run(path: Path) -> bool:
+    """Whether ``path`` holds a finished kvmem run (its manifest)."""
+    return (Path(path) / MANIFEST).is_file()

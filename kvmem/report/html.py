@@ -10,6 +10,7 @@ reports/NAME/
   data/meta.js          run facts the neuron page needs (KV.meta = {...})
   data/layer-L.js       everything the neuron page shows for the neurons of layer L, loaded with a
                         <script> tag when a neuron of L is opened
+  report.json           written last: the run, kvmem version, files, notes, seconds per stage
 neurons.js and layer-L.js hold gzip-compressed JSON as base64 (KV.addPacked(name, "...")), inflated
 by the browser's DecompressionStream: 4-6x smaller than the JSON.
 Data files are scripts, not JSON, because a page opened from file:// may not fetch() files. All
@@ -30,11 +31,13 @@ import jinja2
 import plotly.io as pio
 
 import kvmem
-from kvmem.errors import KvmemError
+from kvmem.atomic import MARKER, check_target, staged, write_json
 from kvmem.report import data as rdata
 from kvmem.report import figures
 
 STATIC = ("report.js", "report.css")
+REPORT_FILE, REPORT_FORMAT = "report.json", "kvmem-report/1"
+LEGACY_FILES = ("index.html", "static/report.js", "data/meta.js")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Report:
     files: int
     notes: dict = field(default_factory=dict)
     seconds: float = 0.0
+    stages: dict = field(default_factory=dict)  # seconds per stage: value_projection, shading, writing, total
 
     def to_dict(self) -> dict:
         return asdict(self) | {"path": str(self.path)}
@@ -88,8 +92,7 @@ def load_projection(run, model=None, k: int = 10):
     from kvmem import vocab
 
     if model is not None:
-        if model.fingerprint() != run.manifest["model"]["fingerprint"]:
-            raise KvmemError("the model given to the report is not the run's model (fingerprints differ)")
+        run.check_model(model, "the model given to the report")
         return vocab.project_values(model, k=k), "computed from the model's weights (v_i · W_U, no final norm)"
     import torch
 
@@ -110,22 +113,50 @@ def load_projection(run, model=None, k: int = 10):
 def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = None, force: bool = False,
                  progress=None) -> Report:
     """Write the report of ``run`` (a Run or a run folder) into ``out``; return what was written.
-    With ``model`` (the run's model) the value side is computed and contexts are shaded by re-running it."""
+    With ``model`` (the run's model) the value side is computed from its weights.
+
+    The report is built in ``OUT.partial`` and swapped onto ``out`` when complete (kvmem.atomic): a
+    kill or an error leaves ``out`` as it was, and a re-run replaces its own unfinished folder. An
+    ``out`` that holds a finished kvmem report is replaced (its prompt pages are carried over); one
+    that holds anything else is refused unless ``force``. ``report.json`` (written last) records
+    what was built and the seconds of each stage."""
     t0 = time.perf_counter()
     from kvmem.profile.run import Run
 
     if not isinstance(run, Run):
         run = kvmem.open_run(run)
     opts = options or rdata.ReportOptions()
-    out = Path(out)
-    if out.exists() and not force and any(out.iterdir()) and not (out / "index.html").is_file():
-        raise KvmemError(f"{out} holds other files; choose another --out or pass --force")
-    if out.exists() and force:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    target = Path(out)
+    check_target(target, "report", is_report, force=force)
+    stages: dict[str, float] = {}
+    with staged(target, "report") as tmp:
+        if is_report(target):  # prompt pages joined to the old report stay with the new one
+            for page in target.glob("prompt-*.html"):
+                shutil.copy2(page, tmp / page.name)
+        rep = _write_report(run, tmp, model, opts, progress, stages)
+        stages["total"] = time.perf_counter() - t0
+        rep.seconds, rep.stages = stages["total"], {k: round(v, 3) for k, v in stages.items()}
+        write_json(tmp / REPORT_FILE, {"format": REPORT_FORMAT, "run": str(run.path), "kvmem_version": kvmem.__version__,
+                                       "model": run.manifest["model"]["model"], "with_model": model is not None,
+                                       "files": rep.files, "bytes": rep.bytes, "notes": rep.notes,
+                                       "stages": rep.stages})
+    rep.path = target
+    return rep
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` holds a finished kvmem report (``report.json``; before kvmem 0.2: index.html
+    beside static/report.js and data/meta.js)."""
+    path = Path(path)
+    return (path / REPORT_FILE).is_file() or all((path / p).is_file() for p in LEGACY_FILES)
+
+
+def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report:
+    t0 = time.perf_counter()
     write_static(out)
     m, corpus, settings = run.manifest["model"], run.manifest["corpus"], run.manifest["settings"]
     projection, value_note = load_projection(run, model, k=max(opts.n_vocab, 3))
+    stages["value_projection"] = time.perf_counter() - t0
     vocab = list(run.vocab)
     if projection is not None and projection.strings is not None and len(projection.strings) > len(vocab):
         vocab += [str(s) for s in projection.strings[len(vocab):]]
@@ -148,6 +179,7 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
                       + ("" if shading.shaded == shading.total else "; the rest show only the activating token")
                       + f"; the re-computed m of the activating token is within {shading.max_rel_error:.1e} of "
                         "the stored value, relative to the neuron's max |m|)")
+    stages["shading"] = time.perf_counter() - t0 - stages["value_projection"]
     for layer, s in stats.items():
         side = rdata.vocab_side(projection, layer, opts.n_vocab) if projection is not None else None
         payload = rdata.layer_payload(layer, s, store, opts, vocab_side=side,
@@ -192,8 +224,9 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
     from kvmem.report.findings import findings_page
 
     pages = ["index.html", "neuron.html"] + [p for p in [findings_page(run, out, t, figure_json)] if p]
-    files = [p for p in out.rglob("*") if p.is_file()]
-    return Report(out, pages, sum(p.stat().st_size for p in files), len(files),
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != MARKER]
+    stages["writing"] = time.perf_counter() - t0 - stages["value_projection"] - stages["shading"]
+    return Report(out, pages, sum(p.stat().st_size for p in files), len(files) + 1,
                   {"values": value_note, "shading": shade_note}, time.perf_counter() - t0)
 
 

@@ -63,7 +63,7 @@ def test_top_and_rank(capsys, profiled):
     (["profile", "{model}", "--corpus", "{tmp}/none.txt", "--out", "{tmp}/x"], "no such file"),
     (["profile", "{model}", "--corpus", "{corpus}", "--shard", "2/2", "--out", "{tmp}/x"], "--shard"),
     (["profile", "{model}", "--corpus", "{corpus}", "--tokens", "0", "--out", "{tmp}/x"], "--tokens"),
-    (["profile", "{model}", "--corpus", "{corpus}", "--resume", "--out", "{tmp}/x"], "no checkpoint"),
+    (["profile", "{model}", "--corpus", "{corpus}", "--resume", "--out", "{run}"], "nothing to resume"),
     (["profile", "{model}", "--config", "{badcfg}", "--out", "{tmp}/x"], "unknown keys"),
     (["profile", "{model}", "--corpus", "{corpus}", "--layers", "5", "--out", "{tmp}/x"], "out of range"),
     (["merge", "{run}", "--out", "{tmp}/m"], "at least two"),

@@ -42,7 +42,7 @@ def test_kill_then_resume_is_byte_identical(tmp_path, tiny_dirs):
     out = tmp_path / "killed"
     proc = subprocess.Popen(kvmem_cmd("profile", *args, "--out", out), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = out / "checkpoint" / "progress.json"
+    progress = out.with_name("killed.partial") / "checkpoint" / "progress.json"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -53,13 +53,14 @@ def test_kill_then_resume_is_byte_identical(tmp_path, tiny_dirs):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    assert not out.exists(), "the run finished before it could be killed (or left a half run in --out)"
     killed_at = json.loads(progress.read_text())["next_row"]
     assert 0 < killed_at < 200
-    # without --resume the unfinished run is protected
-    refused = subprocess.run(kvmem_cmd("profile", *args, "--out", out), env=env(), capture_output=True, text=True)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    subprocess.run(kvmem_cmd("profile", *args, "--out", out, "--resume"), check=True, env=env(), capture_output=True)
+    # the same command again continues the unfinished run from its checkpoint
+    again = subprocess.run(kvmem_cmd("profile", *args, "--out", out), env=env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "continuing the unfinished run" in again.stderr
+    assert not progress.parent.parent.exists()
     for name in FILES:
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert manifest_without_time(out) == manifest_without_time(tmp_path / "whole")
