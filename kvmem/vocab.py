@@ -144,22 +144,32 @@ def _table(t: dict[str, torch.Tensor], strings: np.ndarray) -> pd.DataFrame:
 def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_mb: float | None = 256,
                        layers=None, progress=None) -> dict[str, torch.Tensor]:
     """The projection tensors for ``layers`` (default all), without any caching.
-    Per chunk: one matmul, two top-k and one std_mean on the device; results go to the CPU."""
+    Per chunk: one matmul and two top-k on the device; results go to the CPU. The mean and std of a
+    row v·W_U over the vocabulary come from W_U's moments instead of the [c, d_vocab] logits:
+    mean = v·μ and E[x²] = vᵀ G v with μ = W_U.mean(1), G = W_U W_Uᵀ / d_vocab (float64; a fifth
+    of the projection's time saved on CPU)."""
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     d_mlp, d_vocab = model.d_mlp, model.d_vocab
     if not 1 <= k <= d_vocab:
         raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}")
     c = chunk_rows(d_vocab, chunk_mb, d_mlp)
     W_U = model.W_U
+    U64 = W_U.double()
+    mu, gram = U64.mean(1), (U64 @ U64.T) / d_vocab  # [d_model], [d_model, d_model]
+    del U64
     out = {name: [] for name in TENSORS}
     for layer in layers:
         parts = {name: [] for name in TENSORS[:6]}
         for start in range(0, d_mlp, c):
-            logits = (value_matrix(model, layer, through_norm, slice(start, start + c)) @ W_U).float()  # [c, d_vocab]
+            v = value_matrix(model, layer, through_norm, slice(start, start + c))  # [c, d_model]
+            logits = (v @ W_U).float()  # [c, d_vocab]
             top = logits.topk(k, dim=1)
             bottom = logits.topk(k, dim=1, largest=False)
-            std, mean = torch.std_mean(logits, dim=1, correction=0)
             del logits
+            v64 = v.double()
+            mean64 = v64 @ mu
+            std = ((v64 @ gram * v64).sum(1) - mean64 * mean64).clamp(min=0).sqrt().float()
+            mean = mean64.float()
             for name, value in zip(TENSORS[:6], (top.indices, top.values, bottom.indices, bottom.values, mean, std)):
                 parts[name].append(value.cpu())
         for name, chunks in parts.items():

@@ -26,6 +26,7 @@ class KVModel:
     device: torch.device
     dtype: torch.dtype
     _value_norms: dict = field(default_factory=dict, repr=False)
+    _fingerprint: tuple | None = field(default=None, repr=False)
 
     # --- shapes and weights -----------------------------------------------------------
     @property
@@ -113,8 +114,12 @@ class KVModel:
 
     def fingerprint(self) -> str:
         """16 hex digits of what the model computes: its architecture fields and a sample of every
-        weight (kvmem.models.fingerprint), the same wherever the weights were loaded from."""
-        return fingerprint(self.hf)
+        weight (kvmem.models.fingerprint), the same wherever the weights were loaded from. Cached
+        until a parameter is replaced or edited in place (torch's per-tensor version counter)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.hf.parameters())
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, fingerprint(self.hf))
+        return self._fingerprint[1]
 
     def info(self) -> dict:
         n_params = sum(p.numel() for p in self.hf.parameters())
