@@ -2,7 +2,9 @@
 
 Per batch of rows [batch, seq_len]: one forward pass that stops after the last profiled layer (no
 LM head), coefficient hooks hand each layer's m [batch*seq_len, d_mlp] (and gate/up for gated FFNs)
-straight to that layer's statistics, and nothing is kept. Checkpoints (stats state + next row) are
+straight to that layer's statistics, and nothing is kept beyond them (with ``context`` on, the statistics
+include the m of the shown examples' context windows, taken while their tokens are in the batch:
+kvmem.stats.context). Checkpoints (stats state + next row) are
 written every ``checkpoint_every`` seconds at batch boundaries, so ``--resume`` continues with the
 same batches and ends bit-identical to an uninterrupted run.
 """
@@ -41,11 +43,25 @@ class ProfileConfig:
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16
     checkpoint_every: float = 300.0  # seconds between checkpoints (0: after every batch)
     shard: str | None = None  # "i/n": profile only the i-th of n contiguous blocks of rows (merge them later)
+    # context windows kept for the report (kvmem.stats.context): m of each shown example's neuron over its
+    # context, so `kvmem report` shades contexts without re-running the model. Defaults = ReportOptions'.
+    context: bool = True  # keep them at all
+    context_before: int = 10  # tokens before the example's token
+    context_after: int = 4  # tokens after it
+    context_top: int = 10  # for the first N slots of the top store (the sample and quadrant examples: all)
+    context_docs: int = 5  # ... of the per-document store
+    context_bottom: int = 5  # ... of the bottom store
+    context_dtype: str = "bfloat16"  # their values: bfloat16 (GPU runs compute m in it), float16 or float32
 
     def validate(self) -> "ProfileConfig":
         for name in ("seq_len", "top_k"):
             if getattr(self, name) < 1:
                 raise KvmemError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in CONTEXT_FIELDS[1:-1]:
+            if getattr(self, name) < 0:
+                raise KvmemError(f"{name} must be at least 0")
+        if self.context_dtype not in CONTEXT_DTYPES:
+            raise KvmemError(f"context_dtype must be one of {', '.join(CONTEXT_DTYPES)} (got {self.context_dtype!r})")
         if self.tokens is not None and self.tokens < 1:
             raise KvmemError("--tokens must be at least 1")
         if self.batch_size is not None and self.batch_size < 1:
@@ -53,6 +69,11 @@ class ProfileConfig:
         if self.shard is not None:
             parse_shard(self.shard)
         return self
+
+
+CONTEXT_FIELDS = ("context", "context_before", "context_after", "context_top", "context_docs", "context_bottom",
+                  "context_dtype")
+CONTEXT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -78,6 +99,17 @@ class Progress:
     elapsed: float = 0.0  # seconds spent in earlier sessions of this run
 
 
+def context_windows(model, cfg: ProfileConfig):
+    """A layer's ContextWindows for the settings of ``cfg`` (None when ``cfg.context`` is off)."""
+    from kvmem.stats.context import DTYPES, ContextWindows
+
+    if not cfg.context:
+        return None
+    return ContextWindows(model.d_mlp, before=cfg.context_before, after=cfg.context_after, n_top=cfg.context_top,
+                          n_docs=cfg.context_docs, n_bottom=cfg.context_bottom, dtype=DTYPES[cfg.context_dtype],
+                          device=model.device)
+
+
 def auto_batch_size(model, seq_len: int) -> int:
     """Rows per batch: ~8k tokens per pass on a GPU (backed off on OOM by the caller), 2k on CPU."""
     target = 8192 if model.device.type == "cuda" else 2048
@@ -94,7 +126,8 @@ class Profiler:
         self.layers = check_layers(model, cfg.layers)
         self.progress = progress
         self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
-                                        device=model.device) for layer in self.layers}
+                                        device=model.device, context=context_windows(model, cfg))
+                      for layer in self.layers}
         self.state = Progress()
         self.batch_size = cfg.batch_size or auto_batch_size(model, cfg.seq_len)
         self.doc_offsets = store.doc_offsets.to(model.device)
@@ -121,9 +154,9 @@ class Profiler:
         progress = json.loads((self.ckpt / "progress.json").read_text())
         saved = progress["config"]
         mine = asdict(self.cfg) | {"layers": self.layers}
-        for key in ("model", "corpus", "text_field", "tokens", "seq_len", "layers", "top_k", "shard"):
-            if saved[key] != (list(mine[key]) if isinstance(mine[key], tuple) else mine[key]):
-                raise KvmemError(f"--resume: the checkpoint was made with {key}={saved[key]!r}, not {mine[key]!r}")
+        for key in ("model", "corpus", "text_field", "tokens", "seq_len", "layers", "top_k", "shard") + CONTEXT_FIELDS:
+            if saved.get(key) != (list(mine[key]) if isinstance(mine[key], tuple) else mine[key]):
+                raise KvmemError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, not {mine[key]!r}")
         self.batch_size = progress["batch_size"]  # same batches -> bit-identical statistics
         self.stats = runfiles.load_stats(self.ckpt / progress["stats_file"], device=self.model.device)
         self.state = Progress(progress["next_row"], progress["elapsed"])

@@ -13,6 +13,8 @@ Per neuron (rows below are [d_mlp, ...]; all tensors live on ``device``):
   quadrants  gated layers: count [d, 4] of (gate>0, up>0), (gate>0, up<=0), (gate<=0, up>0),
              (gate<=0, up<=0) and per quadrant the largest-|m| example: value [d, 4], index [d, 4]
   l0_hist [d+1], l0_pos_sum [max_pos], l0_pos_count [max_pos]: neurons with m > 0 per token
+  context    optional (``context=ContextWindows(...)``): m over the context windows of the examples the
+             report shows, updated after the stores (kvmem.stats.context; needs contiguous token indices)
 
 Ties everywhere go to (value descending, then lower token index); see kvmem.stats.keys. Empty slots hold
 value NaN and index -1 (doc -1). Same input stream and batch boundaries give bit-identical state.
@@ -24,7 +26,8 @@ the second; the tests run every check on both.
 
 state_dict() names: meta.{version,d_mlp,k,gated,max_pos,last_index}, n, {top,bottom,sample}.{value,index},
 top_docs.{value,index,doc}, sample.priority (kept so that shifting indices does not redraw the sample),
-count_pos, sum, sumsq, hist, l0_hist, l0_pos_sum, l0_pos_count, quadrants.{count,value,index} (gated).
+count_pos, sum, sumsq, hist, l0_hist, l0_pos_sum, l0_pos_count, quadrants.{count,value,index} (gated),
+context.* (ContextWindows.state_dict, when kept).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from kvmem.stats.keys import (
 )
 from kvmem.stats.store import merge_entries, work_buffer
 from kvmem.stats import fused
+from kvmem.stats.context import ContextWindows
 from kvmem.stats.update import bounds, candidates, update_sample, update_values
 
 _STATE_VERSION = 1
@@ -86,7 +90,7 @@ class LayerStats:
     """Streaming per-neuron statistics of one FFN layer (see the module docstring)."""
 
     def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu",
-                 backend: str = "auto"):
+                 backend: str = "auto", context: ContextWindows | None = None):
         if d_mlp < 1 or k < 1 or max_pos < 1:
             raise KvmemError(f"LayerStats needs d_mlp, k, max_pos >= 1 (got {d_mlp}, {k}, {max_pos})")
         if backend not in BACKENDS:
@@ -117,6 +121,9 @@ class LayerStats:
             self._q_val = torch.full((d, 4), float("nan"), device=dev)
             self.quadrant_count = torch.zeros(d, 4, dtype=torch.int64, device=dev)
         self._last_index = -1  # largest token index seen (decides strict vs widened thresholds)
+        if context is not None and (context.d_mlp != d or context.device != dev):
+            raise KvmemError(f"context windows for d_mlp {context.d_mlp} on {context.device} do not fit this layer")
+        self.context = context
         self._paths: dict = {}  # code paths taken by the last update (diagnostics, tests)
 
     # ------------------------------------------------------------------ update
@@ -172,6 +179,10 @@ class LayerStats:
         self.l0_pos_count += torch.bincount(pos, minlength=self.max_pos)
         self.n += n
         self._last_index = max(self._last_index, last)
+        if self.context is not None:
+            if last - first != n - 1:
+                raise ValueError("context windows need contiguous token indices within a batch")
+            self.context.update(self, m, first)
 
     def _fused(self, m: torch.Tensor) -> bool:
         """Whether this update takes the fused CPU pass (kvmem.stats.fused)."""
@@ -232,6 +243,10 @@ class LayerStats:
             getattr(self, name).add_(getattr(other, name).to(dev))
         self.n += other.n
         self._last_index = max(self._last_index, other._last_index)
+        if (self.context is None) != (other.context is None):
+            raise KvmemError("cannot merge LayerStats with context windows and LayerStats without")
+        if self.context is not None:
+            self.context.merge(other.context, stats=self)
         return self
 
     # ------------------------------------------------------------------ read-outs
@@ -300,6 +315,8 @@ class LayerStats:
         if self.gated:
             q = self.quadrants
             sd.update({"quadrants.count": q.count, "quadrants.value": q.value, "quadrants.index": q.index})
+        if self.context is not None:
+            sd.update({f"context.{name}": t for name, t in self.context.state_dict().items()})
         return {name: t.detach().clone().contiguous() for name, t in sd.items()}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
@@ -334,6 +351,8 @@ class LayerStats:
             self._q_key = keys(self._q_val.abs(), get("quadrants.index"))
         self.n = int(sd["n"])
         self._last_index = int(sd["meta.last_index"])
+        ctx = {name[len("context."):]: t for name, t in sd.items() if name.startswith("context.")}
+        self.context = ContextWindows.from_state_dict(ctx, device=dev) if ctx else None
 
     def shifted(self, d_tokens: int, d_docs: int) -> "LayerStats":
         """A copy with every token index moved by d_tokens and document id by d_docs (to merge an

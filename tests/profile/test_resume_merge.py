@@ -70,12 +70,23 @@ def _state(run):
     return load_file(str(run.path / "stats.safetensors"))
 
 
-def assert_same_stats(a, b):
+def assert_same_stats(a, b, cuts=()):
+    """a (merged from shards starting at the global token indices ``cuts``) has b's statistics exactly;
+    its context windows know every position b knows except those across a cut from their example."""
     sa, sb = _state(a), _state(b)
     assert sa.keys() == sb.keys()
     for name in sa:
         if name.endswith((".sum", ".sumsq")):  # float64 sums in another order
             torch.testing.assert_close(sa[name], sb[name], rtol=1e-9, atol=1e-9)
+        elif name.endswith(".context.window"):
+            prefix = name[: -len("window")]
+            offs = torch.arange(-int(sa[prefix + "meta.before"]), int(sa[prefix + "meta.after"]) + 1)
+            index = sa[prefix + "index"][:, None]
+            side = lambda x: sum((x >= c).long() for c in cuts)  # noqa: E731
+            across = side(index + offs) != side(index)
+            wa, wb = sa[name].float(), sb[name].float()
+            assert torch.equal(~wa.isnan(), ~wb.isnan() & ~across), name
+            assert torch.equal(wa[~wa.isnan()], wb[~wa.isnan()]), name
         elif not name.endswith("meta.last_index"):  # exact; empty slots hold NaN
             torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, equal_nan=True, msg=name)
     assert torch.equal(a.tokens.ids, b.tokens.ids) and torch.equal(a.tokens.doc_offsets, b.tokens.doc_offsets)
@@ -99,7 +110,7 @@ def test_merge_of_shards_equals_one_run(tmp_path, corpus, tiny_models):
     b = kvmem.profile(replace(cfg, shard="1/2"), tmp_path / "b", model=model)
     assert b.tokens.continues_doc  # the shard boundary falls inside the long document
     merged = kvmem.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
-    assert_same_stats(merged, whole)
+    assert_same_stats(merged, whole, cuts=[b.tokens.offset])
     assert merged.tokens.n_docs == whole.tokens.n_docs
     # independent runs merge too: the second is moved after the first
     again = kvmem.merge([tmp_path / "whole", tmp_path / "whole"], tmp_path / "twice")
@@ -107,6 +118,10 @@ def test_merge_of_shards_equals_one_run(tmp_path, corpus, tiny_models):
     s2, s1 = again.stats[0], whole.stats[0]
     assert torch.equal(s2.count_pos, 2 * s1.count_pos) and s2.n == 2 * s1.n
     assert torch.equal(s2.top.value[:, 0], s1.top.value[:, 0])
+    n = whole.tokens.n_tokens  # the second run's windows moved with its tokens
+    later = s2.context.index >= n
+    assert later.any() and torch.equal(s2.context.window[later].float().nan_to_num(), s1.context.lookup(
+        s2.context.neuron[later], s2.context.index[later] - n).nan_to_num())
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, corpus, tiny_dirs, tiny_models):
@@ -120,7 +135,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, corpus, tiny_dirs, tiny_mode
     assert res.returncode == 0, res.stderr[-2000:]
     one, two = kvmem.open_run(tmp_path / "one"), kvmem.open_run(tmp_path / "two")
     assert two.manifest["settings"]["world_size"] == 2
-    assert_same_stats(two, one)
+    cut = one.tokens.rows(8) // 2 * 8  # where rank 1's block of rows starts
+    assert_same_stats(two, one, cuts=[cut])
     assert not (tmp_path / "two" / ".shards").exists()
 
 

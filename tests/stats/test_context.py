@@ -1,0 +1,237 @@
+"""ContextWindows: every kept window against m of the whole stream, after every batch; its entries are
+exactly the shown slots; state round trip, merge of blocks, shifting; end to end on tiny models."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from stats_reference import make_stream
+
+from kvmem.errors import KvmemError
+from kvmem.stats import ContextWindows, LayerStats
+
+K, BEFORE, AFTER, N_TOP, N_DOCS, N_BOTTOM = 5, 6, 3, 3, 2, 2
+
+
+def contiguous_stream(seed: int, gated: bool, n: int = 1500, d: int = 10, offset: int = 0):
+    """make_stream's activations, documents and uneven batches (sizes 1 to hundreds, cuts inside the long
+    document), with contiguous token indices starting at ``offset`` like the profiler's."""
+    st = make_stream(seed=seed, n=n, d=d, gated=gated)
+    st.ti = torch.arange(n) + offset
+    return st
+
+
+def make(d: int, gated: bool, dtype=torch.bfloat16) -> LayerStats:
+    ctx = ContextWindows(d, before=BEFORE, after=AFTER, n_top=N_TOP, n_docs=N_DOCS, n_bottom=N_BOTTOM, dtype=dtype)
+    return LayerStats(d, k=K, gated=gated, max_pos=64, context=ctx)
+
+
+def shown(s: LayerStats) -> set[tuple[int, int]]:
+    """(neuron, index) of the slots the report can show, read off the stores slot by slot."""
+    parts = [s.top.index[:, :N_TOP], s.top_docs.index[:, :N_DOCS], s.bottom.index[:, :N_BOTTOM], s.sample.index]
+    if s.gated:
+        parts.append(s.quadrants.index)
+    return {(n, i) for p in parts for n, row in enumerate(p.tolist()) for i in row if i >= 0}
+
+
+def expected(m: torch.Tensor, first: int, known_end: int, neuron: torch.Tensor, index: torch.Tensor,
+             dtype) -> torch.Tensor:
+    """m of each (neuron, index) over index-BEFORE .. index+AFTER, for tokens [first, known_end) of the
+    stream m [N, d] (whose first token is ``first``), NaN elsewhere: [E, W]."""
+    t = index[:, None] + torch.arange(-BEFORE, AFTER + 1)
+    ok = (t >= first) & (t < known_end)
+    v = m[(t - first).clamp(0, m.shape[0] - 1), neuron[:, None]].to(dtype)
+    return torch.where(ok, v, torch.tensor(float("nan"), dtype=dtype))
+
+
+def assert_windows(ctx: ContextWindows, want: torch.Tensor):
+    got = ctx.window
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.float().numpy(), want.float().numpy())  # NaN == NaN
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_windows_match_the_stream_after_every_batch(gated, dtype):
+    st = contiguous_stream(seed=3, gated=gated, offset=7)
+    s = make(st.m.shape[1], gated, dtype)
+    sizes = []
+    for m, ti, doc, pos, g, u in st.batches():
+        s.update(m, ti, doc, pos, gate=g, up=u)
+        ctx, end = s.context, int(ti[-1]) + 1
+        assert {(int(n), int(i)) for n, i in zip(ctx.neuron, ctx.index)} == shown(s)
+        assert torch.equal(ctx.key, ctx.key.sort().values)
+        # every window knows exactly the positions streamed so far (the carry reaches back over
+        # batches shorter than BEFORE), in the stored dtype; float32 is exact
+        assert_windows(ctx, expected(st.m, 7, end, ctx.neuron, ctx.index, dtype))
+        sizes.append(m.shape[0])
+    assert min(sizes) < BEFORE and max(sizes) > 100  # tiny and big batches ran
+    # lookup: by (neuron, index), NaN rows for pairs not kept
+    idx = s.top.index[:, 0]
+    got = s.context.lookup(torch.arange(idx.numel()), idx)
+    want = expected(st.m, 7, 7 + st.m.shape[0], torch.arange(idx.numel()), idx, dtype).float()
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert torch.isnan(s.context.lookup(torch.tensor([0]), torch.tensor([-1]))).all()
+    unshown = s.top.index[:, N_TOP]  # a slot not shown (unless another store shows it)
+    kept = {(n, int(i)) for n, i in enumerate(unshown.tolist())} & shown(s)
+    miss = [n for n in range(idx.numel()) if (n, int(unshown[n])) not in kept]
+    assert miss and torch.isnan(s.context.lookup(torch.tensor(miss), unshown[miss])).all()
+
+
+def test_an_example_at_the_end_of_the_stream_and_at_a_batch_boundary():
+    """A neuron whose top token is the last of the stream (window runs past the end) and one whose
+    top token is the first of a batch (window reaches back into the previous one)."""
+    n, d = 40, 3
+    m = torch.linspace(-1, 1, n * d).view(n, d).sin()
+    m[n - 1, 0] = 9.0
+    m[20, 1] = 9.0
+    s = LayerStats(d, k=2, context=ContextWindows(d, before=BEFORE, after=AFTER, n_top=1, n_docs=1, n_bottom=1))
+    ti = torch.arange(n)
+    for a, b in ((0, 20), (20, 21), (21, n)):
+        s.update(m[a:b], ti[a:b], torch.zeros(b - a, dtype=torch.long), ti[a:b] % 8)
+    got = s.context.lookup(torch.tensor([0, 1]), torch.tensor([n - 1, 20]))
+    want = expected(m, 0, n, torch.tensor([0, 1]), torch.tensor([n - 1, 20]), torch.bfloat16).float()
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert torch.isnan(got[0, BEFORE + 1:]).all() and not torch.isnan(got[1]).any()
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_state_round_trip_continues_bit_identically(tmp_path, gated):
+    st = contiguous_stream(seed=5, gated=gated)
+    d = st.m.shape[1]
+    whole = st.feed(make(d, gated))
+    batches = list(st.batches())
+    half = make(d, gated)
+    for m, ti, doc, pos, g, u in batches[:len(batches) // 2]:
+        half.update(m, ti, doc, pos, gate=g, up=u)
+    save_file(half.state_dict(), str(tmp_path / "s.safetensors"))
+    resumed = LayerStats.from_state_dict(load_file(str(tmp_path / "s.safetensors")))
+    assert resumed.context is not None and resumed.context.carry.numel()
+    for m, ti, doc, pos, g, u in batches[len(batches) // 2:]:
+        resumed.update(m, ti, doc, pos, gate=g, up=u)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith("context.") for k in a)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name].nan_to_num(), b[name].nan_to_num()), name
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_merge_of_blocks_keeps_what_either_block_knows(gated):
+    st = contiguous_stream(seed=11, gated=gated)
+    n, d = st.m.shape
+    whole = st.feed(make(d, gated))
+    cut = int(whole.context.index[whole.context.key.numel() // 2]) + 1  # through a shown window
+    parts = []
+    for a, b in ((0, cut), (cut, n)):
+        s = make(d, gated)
+        for m, ti, doc, pos, g, u in st.batches():
+            keep = (ti >= a) & (ti < b)
+            if keep.any():
+                s.update(m[keep], ti[keep], doc[keep], pos[keep], gate=None if g is None else g[keep],
+                         up=None if u is None else u[keep])
+        parts.append(s)
+    merged = parts[0].merge(parts[1])
+    ctx, ref = merged.context, whole.context
+    assert torch.equal(ctx.key, ref.key)  # the same shown slots
+    # known in a block: the positions on the example's side of the cut; the other side stays NaN
+    t = ctx.index[:, None] + torch.arange(-BEFORE, AFTER + 1)
+    same_side = (t < cut) == (ctx.index[:, None] < cut)
+    want = torch.where(same_side, ref.window, torch.tensor(float("nan"), dtype=ref.window.dtype))
+    assert_windows(ctx, want)
+    crossing = (~same_side & (t >= 0) & (t < n)).any(1)
+    assert crossing.any()  # some shown windows do cross the cut
+    assert torch.equal(ctx.carry, ref.carry) and torch.equal(ctx.carry_index, ref.carry_index)
+    # the other order gives the same windows
+    again = [make(d, gated) for _ in range(2)]
+    for s, (a, b) in zip(again, ((0, cut), (cut, n))):
+        for m, ti, doc, pos, g, u in st.batches():
+            keep = (ti >= a) & (ti < b)
+            if keep.any():
+                s.update(m[keep], ti[keep], doc[keep], pos[keep], gate=None if g is None else g[keep],
+                         up=None if u is None else u[keep])
+    other = again[1].merge(again[0]).context
+    assert torch.equal(other.key, ctx.key) and torch.equal(other.window.nan_to_num(), ctx.window.nan_to_num())
+    assert torch.equal(torch.isnan(other.window), torch.isnan(ctx.window))
+
+
+def test_shifted_moves_the_windows_with_the_tokens():
+    st = contiguous_stream(seed=2, gated=False, n=400)
+    s = st.feed(make(st.m.shape[1], False))
+    moved = s.shifted(1000, 3)
+    assert torch.equal(moved.context.index, s.context.index + 1000)
+    assert torch.equal(moved.context.neuron, s.context.neuron)
+    assert torch.equal(moved.context.window.nan_to_num(), s.context.window.nan_to_num())
+    assert torch.equal(moved.context.carry_index, s.context.carry_index + 1000)
+    assert {(int(a), int(b)) for a, b in zip(moved.context.neuron, moved.context.index)} == shown(moved)
+
+
+def test_refusals():
+    d = 4
+    with pytest.raises(KvmemError):
+        ContextWindows(d, before=-1)
+    with pytest.raises(KvmemError):
+        LayerStats(d, context=ContextWindows(d + 1))
+    s = LayerStats(d, context=ContextWindows(d))
+    with pytest.raises(ValueError, match="contiguous"):
+        s.update(torch.randn(3, d), torch.tensor([0, 1, 5]), torch.zeros(3, dtype=torch.long), torch.arange(3))
+    a, b = LayerStats(d, context=ContextWindows(d)), LayerStats(d, context=ContextWindows(d, after=5))
+    with pytest.raises(KvmemError):
+        a.merge(b)
+    with pytest.raises(KvmemError):
+        a.merge(LayerStats(d))
+
+
+# ---------------------------------------------------------------------- end to end: kvmem profile
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Short documents around one long one: windows cross rows, batches and documents."""
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n\n".join(["abs returns the absolute value.", "class attributes live in the class. " * 8,
+                                 "a for loop iterates.", "names are bound to objects by assignment."]))
+    return path
+
+
+def brute_force_coef(model, store, seq_len: int, batch: int) -> dict[int, torch.Tensor]:
+    """m [n_tokens, d_mlp] per layer, by run_capture over the profiler's rows in its batches."""
+    import kvmem
+
+    ids, n = store.ids.long(), store.n_tokens
+    full = n // seq_len
+    chunks = [ids[a * seq_len:min(a + batch, full) * seq_len].view(-1, seq_len) for a in range(0, full, batch)]
+    chunks += [ids[full * seq_len:][None]] if n % seq_len else []
+    caps = [kvmem.run_capture(model, x, layers=None).coef for x in chunks]
+    return {layer: torch.cat([c[layer].reshape(-1, model.d_mlp) for c in caps]).float() for layer in caps[0]}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neox", "opt"])
+def test_profiled_windows_match_a_brute_force_forward(tmp_path, corpus, tiny_models, family):
+    import kvmem
+    from kvmem.profile.runner import ProfileConfig
+
+    model = tiny_models[family]
+    seq, batch = 8, 2  # 16-token batches: every 15-token window of the defaults crosses rows and batches
+    cfg = ProfileConfig(corpus=str(corpus), seq_len=seq, batch_size=batch, top_k=6, checkpoint_every=1e9)
+    runs = {"whole": kvmem.profile(cfg, tmp_path / "whole", model=model)}
+    if family == "llama":  # a shard: windows reaching before its first token stay NaN
+        from dataclasses import replace
+
+        runs["shard"] = kvmem.profile(replace(cfg, shard="1/2"), tmp_path / "shard", model=model)
+    for name, run in runs.items():
+        store = run.tokens
+        assert run.manifest["settings"]["context_before"] == 10 and run.manifest["settings"]["context_top"] == 10
+        coef = brute_force_coef(model, store, seq, batch)
+        first, end = store.offset, store.offset + store.n_tokens
+        for layer, s in run.stats.items():
+            ctx = s.context
+            assert (ctx.before, ctx.after) == (10, 4) and ctx.window.dtype == torch.bfloat16
+            assert {(int(a), int(b)) for a, b in zip(ctx.neuron, ctx.index)} == {
+                (n, i) for p in [s.top.index, s.top_docs.index[:, :5], s.bottom.index[:, :5], s.sample.index]
+                + ([s.quadrants.index] if s.gated else []) for n, row in enumerate(p.tolist()) for i in row if i >= 0}
+            t = ctx.index[:, None] + torch.arange(-10, 5)
+            ok = (t >= first) & (t < end)
+            want = torch.where(ok, coef[layer][(t - first).clamp(0, end - first - 1), ctx.neuron[:, None]],
+                               torch.tensor(float("nan"))).to(torch.bfloat16)
+            np.testing.assert_array_equal(ctx.window.float().numpy(), want.float().numpy())
+            assert ((ctx.index % (seq * batch)) < 10).any()  # windows reaching into the previous batch
+        if name == "shard":
+            assert store.offset > 0 and (ctx.index - store.offset < 10).any()
