@@ -32,7 +32,8 @@ class ReportOptions:
     before: int = 10  # context tokens before the activating token
     after: int = 4  # and after
     n_vocab: int = 10  # value-side tokens, top and bottom
-    rerun_tokens: int = 100_000  # with a model: re-run at most this many corpus tokens to shade contexts
+    rerun_tokens: int = 100_000  # with a model: re-run at most this many corpus tokens to shade the contexts
+    # the run's context windows do not cover (runs of older kvmem, more examples or context than profiled)
 
 
 def safe_json(obj) -> str:

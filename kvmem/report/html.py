@@ -167,18 +167,11 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
     _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(rdata.neuron_index(run, projection, opts.n_vocab))}");\n')
 
     stats, store = run.stats, run.tokens
-    shading, shade_note = None, ("only the activating token is shaded: the run stores no activations of the "
-                                 "context tokens (pass the model to re-run it over the examples)")
-    if model is not None:
-        from kvmem.report.shade import shade
+    from kvmem.report.shade import context_shading
 
-        examples = {layer: rdata.layer_examples(s, store, opts) for layer, s in stats.items()}
-        shading = shade(model, run, examples, opts.before, opts.after, opts.rerun_tokens)
-        shade_note = (f"context tokens shaded by m of this neuron, re-computed by re-running the model over "
-                      f"{shading.tokens:,} corpus tokens ({shading.shaded:,} of {shading.total:,} examples shaded"
-                      + ("" if shading.shaded == shading.total else "; the rest show only the activating token")
-                      + f"; the re-computed m of the activating token is within {shading.max_rel_error:.1e} of "
-                        "the stored value, relative to the neuron's max |m|)")
+    # the context windows the profile kept; the model is re-run only for examples they do not cover
+    examples = {layer: rdata.layer_examples(s, store, opts) for layer, s in stats.items()}
+    shading, shade_note = context_shading(run, examples, opts.before, opts.after, model, opts.rerun_tokens)
     stages["shading"] = time.perf_counter() - t0 - stages["value_projection"]
     for layer, s in stats.items():
         side = rdata.vocab_side(projection, layer, opts.n_vocab) if projection is not None else None

@@ -1,7 +1,12 @@
-"""Activation of every context token of the shown examples, by re-running the model.
+"""Activation of every context token of the shown examples: read from the run, or by re-running the model.
 
-A run stores only the activating token's value. To shade a whole context window, the model is run
-again over the original input rows (row r = tokens [r·seq_len, (r+1)·seq_len) of the token store,
+A run profiled by this kvmem keeps, for every example the report can show, the neuron's m over the
+example's context window (kvmem.stats.context, ``LayerStats.context``): ``stored`` reads them, and no
+model runs. ``context_shading`` (what the report calls) uses them for every example they cover and falls
+back on ``shade`` only for the rest (older runs without windows, options asking for more examples or
+context than the profile kept, windows across a shard boundary), and only when a model is given.
+
+``shade`` re-runs the model: it is run again over the original input rows (row r = tokens [r·seq_len, (r+1)·seq_len) of the token store,
 exactly as the profiler batched them), capturing the profiled layers, and m[token, neuron] is gathered
 for every window token of every example. Rows are taken in order of need (top examples first) up to a
 token budget; an example is shaded only if all its window's rows were re-run. The activating token's
@@ -20,6 +25,9 @@ import numpy as np
 import torch
 
 from kvmem.capture import capture
+
+NO_CONTEXT = ("only the activating token is shaded: the run stores no activations of the context tokens "
+              "(profiled by an older kvmem; pass the model to re-run it over the examples)")
 
 
 @dataclass
@@ -97,7 +105,7 @@ def shade(model, run, examples: dict, before: int, after: int, budget_tokens: in
                 model.hf(input_ids=ids.to(model.device), use_cache=False)
     for layer in layers:
         stats = run.stats[layer]
-        scale = torch.maximum(stats.max.float().abs(), _min(stats).abs()).clamp(min=1e-12)  # [d_mlp]
+        scale = _scale(stats)
         g_req, n_req = requests[layer]
         vals = values[layer]
         # dense map back: one dict keyed by (g, n) would be slow for big layers; sort instead
@@ -113,22 +121,102 @@ def shade(model, run, examples: dict, before: int, after: int, budget_tokens: in
             found = (key_sorted[pos] == k) & (g >= 0) if len(key_sorted) else torch.zeros_like(g, dtype=torch.bool)
             m = torch.where(found, val_sorted[pos] if len(key_sorted) else torch.zeros_like(g, dtype=torch.float),
                             torch.full(g.shape, float("nan")))
-            complete = ((~torch.isnan(m)) | (g < 0)).all(-1) & (index >= 0)  # [d_mlp, n]
-            at = m[..., before]
-            err = ((at - v.float()).abs() / scale[:, None])[complete]
-            if err.numel():
-                result.max_rel_error = max(result.max_rel_error, float(err.max()))
-            result.shaded += int(complete.sum())
-            result.total += int((index >= 0).sum())
-            level = torch.round(10 * torch.nan_to_num(m, nan=0.0) / scale[:, None, None]).clamp(-10, 10).long()
-            codes = (level + ord("K")).flatten().tolist()
-            W = level.shape[-1]
-            flat = [bytes(codes[a:a + W]).decode("ascii") for a in range(0, len(codes), W)]
-            n = level.shape[1]
-            lists = [flat[a:a + n] for a in range(0, len(flat), n)]
-            comp = complete.tolist()
-            result.per_layer[layer][kind] = [[row if c else None for row, c in zip(a, b)] for a, b in zip(lists, comp)]
+            result.per_layer[layer][kind] = _encode(result, m, g >= 0, v, index, scale, before)
     return result
+
+
+def stored(stats: dict, store, examples: dict, before: int, after: int) -> Shading | None:
+    """The shading of each window from the run's context windows (``examples`` as for ``shade``); None if
+    a layer holds none (a run profiled by an older kvmem). Examples whose window the run does not hold
+    whole (inside the example's document) get None, like those ``shade`` leaves out."""
+    from kvmem.report.data import windows
+
+    if any(getattr(stats[layer], "context", None) is None for layer in examples):
+        return None
+    result = Shading()
+    for layer, kinds in examples.items():
+        s = stats[layer]
+        ctx, scale = s.context, _scale(s)
+        result.per_layer[layer] = {}
+        for kind, (v, index) in kinds.items():
+            neuron = torch.arange(index.shape[0])[:, None].expand_as(index)
+            if before <= ctx.before and after <= ctx.after:
+                m = ctx.lookup(neuron, index)[..., ctx.before - before:ctx.before + after + 1].cpu()  # [d, n, W]
+            else:  # more context than the profile kept
+                m = torch.full((*index.shape, before + 1 + after), float("nan"))
+            in_doc = windows(store, index, before, after) >= 0
+            m = torch.where(in_doc, m, torch.full_like(m, float("nan")))
+            result.per_layer[layer][kind] = _encode(result, m, in_doc, v, index, scale, before)
+    return result
+
+
+def context_shading(run, examples: dict, before: int, after: int, model=None,
+                    rerun_tokens: int = 100_000) -> tuple[Shading | None, str]:
+    """The report's shading and its note: the stored windows where they cover an example; with ``model``,
+    the model re-run (``shade``) over the rows of the other examples only; otherwise those show only the
+    activating token."""
+    got = stored(run.stats, run.tokens, examples, before, after)
+    if got is None:  # a run without context windows
+        if model is None:
+            return None, NO_CONTEXT
+        out = shade(model, run, examples, before, after, rerun_tokens)
+        return out, (f"context tokens shaded by m of this neuron, re-computed by re-running the model over "
+                     f"{out.tokens:,} corpus tokens ({out.shaded:,} of {out.total:,} examples shaded"
+                     f"{_rest(out)}{_check(out)})")
+    from_run, reran = got.shaded, ""
+    rest = {layer: {kind: (v, torch.where(_unshaded(got.per_layer[layer][kind], index), index, -1))
+                    for kind, (v, index) in kinds.items()} for layer, kinds in examples.items()}
+    if model is not None and any(bool((i >= 0).any()) for kinds in rest.values() for _, i in kinds.values()):
+        more = shade(model, run, rest, before, after, rerun_tokens)
+        got.rows, got.tokens, got.shaded = more.rows, more.tokens, got.shaded + more.shaded
+        got.max_rel_error = max(got.max_rel_error, more.max_rel_error)
+        for layer, kinds in more.per_layer.items():
+            for kind, new in kinds.items():
+                old = got.per_layer[layer][kind]
+                got.per_layer[layer][kind] = [[a if a is not None else b for a, b in zip(x, y)] for x, y in zip(old, new)]
+        reran = f"; {more.shaded:,} more by re-running the model over {more.tokens:,} corpus tokens"
+    return got, (f"context tokens shaded by m of this neuron, kept by the profile while it ran (no second forward "
+                 f"pass): {from_run:,} of {got.total:,} examples{reran}{_rest(got)}{_check(got)}")
+
+
+def _rest(s: Shading) -> str:
+    return "" if s.shaded == s.total else "; the rest show only the activating token"
+
+
+def _check(s: Shading) -> str:
+    return (f"; the m of the activating token is within {s.max_rel_error:.1e} of the stored value, relative to "
+            "the neuron's max |m|")
+
+
+def _unshaded(per_neuron: list, index: torch.Tensor) -> torch.Tensor:
+    """[d_mlp, n] bool: examples with an index and no shading string."""
+    return torch.tensor([[x is None for x in row] for row in per_neuron], dtype=torch.bool).view_as(index) & (index >= 0)
+
+
+def _encode(result: Shading, m: torch.Tensor, in_doc: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+            scale: torch.Tensor, before: int) -> list:
+    """Level strings [d_mlp][n] (None: not shaded) of windows m [d_mlp, n, W] (NaN: not known; positions
+    outside the document, in_doc False, are not needed); counts into ``result``."""
+    complete = ((~torch.isnan(m)) | ~in_doc).all(-1) & (index >= 0)  # [d_mlp, n]
+    at = m[..., before]
+    err = ((at - v.float()).abs() / scale[:, None])[complete]
+    if err.numel():
+        result.max_rel_error = max(result.max_rel_error, float(err.max()))
+    result.shaded += int(complete.sum())
+    result.total += int((index >= 0).sum())
+    level = torch.round(10 * torch.nan_to_num(m, nan=0.0) / scale[:, None, None]).clamp(-10, 10).long()
+    codes = (level + ord("K")).flatten().tolist()
+    W = level.shape[-1]
+    flat = [bytes(codes[a:a + W]).decode("ascii") for a in range(0, len(codes), W)]
+    n = level.shape[1]
+    lists = [flat[a:a + n] for a in range(0, len(flat), n)]
+    comp = complete.tolist()
+    return [[row if c else None for row, c in zip(a, b)] for a, b in zip(lists, comp)]
+
+
+def _scale(stats) -> torch.Tensor:
+    """max |m| per neuron [d_mlp] (clamped away from 0): the shading's full scale."""
+    return torch.maximum(stats.max.float().abs(), _min(stats).abs()).clamp(min=1e-12)
 
 
 def _min(stats) -> torch.Tensor:

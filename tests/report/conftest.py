@@ -42,7 +42,7 @@ def report_run(tmp_path_factory, tiny_models, hostile_corpus):
 
 @pytest.fixture(scope="session")
 def report_dir(tmp_path_factory, report_run):
-    """The report built with the model (value side computed, contexts shaded by re-running it)."""
+    """The report built with the model (value side computed; contexts shaded from the run's windows)."""
     from kvmem.report import build_report
 
     run, model = report_run

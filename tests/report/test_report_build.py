@@ -140,7 +140,7 @@ def test_layer_data_matches_run(report_dir, report_run):
 
 
 def test_shading_matches_brute_force(report_dir, report_run):
-    """Context shading vs m recomputed here row by row with run_capture."""
+    """Context shading (from the run's bfloat16 windows) vs m recomputed here row by row with run_capture."""
     import kvmem
 
     run, model = report_run
@@ -177,10 +177,12 @@ def test_shading_matches_brute_force(report_dir, report_run):
 def test_plain_report_degrades(plain_report_dir):
     meta = load_data(plain_report_dir / "data" / "meta.js")
     assert not meta["has_values"] and "not available" in meta["value_note"]
-    assert "only the activating token" in meta["shade_note"]
+    # no model, yet contexts are shaded: from the windows the profile kept (runs without them: test_report_shading)
+    assert "kept by the profile" in meta["shade_note"] and "only the activating token" not in meta["shade_note"]
     assert not meta["gated"]
     d = load_data(plain_report_dir / "data" / "layer-0.js")
-    assert not d["shaded"] and "vt" not in d["neurons"][0] and "q" not in d["neurons"][0]
+    assert d["shaded"] and "vt" not in d["neurons"][0] and "q" not in d["neurons"][0]
+    assert all(len(ex) == 3 and ex[2] for ex in d["neurons"][0]["top"])
     neurons = load_data(plain_report_dir / "data" / "neurons.js")
     assert "val" not in neurons
     assert "not available" in (plain_report_dir / "index.html").read_text(encoding="utf-8")
