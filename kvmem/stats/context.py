@@ -25,9 +25,10 @@ activations cannot overflow). Positions are not clipped to the example's documen
 documents): readers clip with the token store (kvmem.report.data.windows). Positions before the stream
 (or shard) start or after its end stay NaN; so do positions in another shard after ``merge``.
 
-state_dict() names: meta.{version,d_mlp,before,after,n_top,n_docs,n_bottom}, neuron [E] int64,
-index [E] int64 (so LayerStats.shifted moves it with the other token indices), window [E, W],
-carry.value [c, d_mlp], carry.index [c] int64.
+state_dict() names: meta.{version,d_mlp,before,after,n_top,n_docs,n_bottom}, count [d_mlp] int64 (entries
+per neuron: the entries are sorted by neuron, so this is all the file needs of it), index [E] int64 (so
+LayerStats.shifted moves it with the other token indices), window [E, W], carry.value [c, d_mlp],
+carry.index [c] int64.
 """
 
 from __future__ import annotations
@@ -87,9 +88,8 @@ class ContextWindows:
         if self.key.numel() == 0:
             return torch.full((key.numel(), self.width), float("nan"), dtype=self.dtype, device=self.device)
         pos = torch.searchsorted(self.key, key).clamp(max=self.key.numel() - 1)
-        found = self.key[pos] == key
-        return torch.where(found[:, None], self.window[pos], torch.tensor(float("nan"), dtype=self.dtype,
-                                                                          device=self.device))
+        new = (self.key.index_select(0, pos) != key).nonzero().squeeze(1)
+        return self.window.index_select(0, pos).index_fill_(0, new, float("nan"))
 
     # ------------------------------------------------------------------ update
     def update(self, stats, m: torch.Tensor, start: int) -> None:
@@ -108,17 +108,17 @@ class ContextWindows:
         if sel.numel() and n:
             t = index[sel, None] + self._offs  # [S, W] token of each position
             nb = neuron[sel, None]
-            w = window[sel]
+            w = window.index_select(0, sel)
             r = t - start
             in_m = (r >= 0) & (r < n)
-            got = m.reshape(-1)[(r.clamp(0, n - 1) * d + nb).flatten()].view_as(t).to(self.dtype)
-            w = torch.where(in_m, got, w)
+            got = m.reshape(-1).index_select(0, (r.clamp(0, n - 1) * d + nb).flatten()).view_as(t)
+            w = torch.where(in_m, got.to(self.dtype), w)
             if c:
                 rc = t - lo
                 in_c = (rc >= 0) & (rc < c)
-                got = self.carry[-c:].reshape(-1)[(rc.clamp(0, c - 1) * d + nb).flatten()].view_as(t)
-                w = torch.where(in_c, got, w)
-            window[sel] = w
+                got = self.carry[-c:].reshape(-1).index_select(0, (rc.clamp(0, c - 1) * d + nb).flatten())
+                w = torch.where(in_c, got.view_as(t), w)
+            window.index_copy_(0, sel, w)
         self.key, self.window = key, window
         self._set_carry(m, start, c)
 
@@ -200,7 +200,8 @@ class ContextWindows:
 
         sd = {"meta.version": i64(_STATE_VERSION), "meta.d_mlp": i64(self.d_mlp), "meta.before": i64(self.before),
               "meta.after": i64(self.after), "meta.n_top": i64(self.n_top), "meta.n_docs": i64(self.n_docs),
-              "meta.n_bottom": i64(self.n_bottom), "neuron": self.neuron, "index": self.index,
+              "meta.n_bottom": i64(self.n_bottom),
+              "count": torch.bincount(self.neuron, minlength=self.d_mlp), "index": self.index,
               "window": self.window, "carry.value": self.carry, "carry.index": self.carry_index}
         return {name: t.detach().clone().contiguous() for name, t in sd.items()}
 
@@ -212,7 +213,8 @@ class ContextWindows:
             raise KvmemError(f"ContextWindows state {meta} / {sd['window'].dtype} does not fit {self.settings} / "
                              f"{self.dtype}")
         dev = self.device
-        self.key = sd["neuron"].to(dev).long() * 2**32 + sd["index"].to(dev).long()
+        neuron = torch.repeat_interleave(torch.arange(self.d_mlp, device=dev), sd["count"].to(dev).long())
+        self.key = neuron * 2**32 + sd["index"].to(dev).long()
         self.window = sd["window"].to(dev).clone()
         self.carry, self.carry_index = sd["carry.value"].to(dev).clone(), sd["carry.index"].to(dev).long().clone()
         self._carry_end = int(self.carry_index[-1]) + 1 if self.carry_index.numel() else -1
