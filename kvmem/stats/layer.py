@@ -243,10 +243,10 @@ class LayerStats:
             getattr(self, name).add_(getattr(other, name).to(dev))
         self.n += other.n
         self._last_index = max(self._last_index, other._last_index)
-        if (self.context is None) != (other.context is None):
-            raise KvmemError("cannot merge LayerStats with context windows and LayerStats without")
-        if self.context is not None:
+        if self.context is not None and other.context is not None:
             self.context.merge(other.context, stats=self)
+        else:  # one side kept no windows (a run of an older kvmem): the merged run keeps none either
+            self.context = None
         return self
 
     # ------------------------------------------------------------------ read-outs
