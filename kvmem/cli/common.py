@@ -41,7 +41,7 @@ def handle_errors(fn):
             raise fail(str(e)) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: nothing finished was replaced; run the same command again to continue "
-                              "or redo it", markup=False, highlight=False)
+                              "or redo it", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper

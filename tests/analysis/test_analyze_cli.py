@@ -107,3 +107,27 @@ def test_bad_input_is_one_line(capsys, analyzed, argv):
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
+
+
+def test_an_analysis_interrupted_while_writing_keeps_the_old_one_and_reruns(capsys, analyzed, monkeypatch):
+    from kvmem.analysis import result
+
+    run = analyzed["llama"]
+    args = ["analyze", run, "--tokens", "320", "--measures", "sparsity", "--device", "cpu", "--json"]
+    assert cli(capsys, *args)[0] == 0
+    folder = run / "analysis"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real = result.AnalysisResult.write
+
+    def killed(self, where):
+        real(self, where)
+        raise KeyboardInterrupt  # Ctrl-C after the tables, before findings.json
+
+    monkeypatch.setattr(result.AnalysisResult, "write", killed)
+    args[3] = "256"  # another sample: tables that differ from the finished ones
+    code, _, err = cli(capsys, *args)
+    assert code == 130 and err.splitlines()[-1].startswith("interrupted: nothing finished was replaced")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the finished analysis is whole
+    monkeypatch.setattr(result.AnalysisResult, "write", real)
+    assert cli(capsys, *args)[0] == 0
+    assert not (run / "analysis.partial").exists()
