@@ -33,6 +33,7 @@ def report(
     """Write an offline HTML report (index.html + neuron pages; plotly.js stored once beside them)."""
     import kvmem
     from kvmem.report import ReportOptions, build_report, prompt_page
+    from kvmem.report.html import is_report
 
     for name, value in (("--examples", examples), ("--context", context), ("--rerun-tokens", rerun_tokens)):
         if value < 0:
@@ -46,7 +47,7 @@ def report(
             r = kvmem.open_run(run)
             r.check_model(kv, target)
             out = out or Path("reports") / r.path.name
-            if not (out / "index.html").is_file():
+            if not is_report(out):
                 with err_console.status(f"writing the report of {run} into {out} ..."):
                     build_report(r, out, model=kv)
             linked = r.profiled_layers

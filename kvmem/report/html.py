@@ -31,7 +31,7 @@ import jinja2
 import plotly.io as pio
 
 import kvmem
-from kvmem.atomic import MARKER, check_target, staged, write_json
+from kvmem.atomic import MARKER, check_target, staged, write_file, write_json, write_text
 from kvmem.report import data as rdata
 from kvmem.report import figures
 
@@ -75,10 +75,11 @@ def write_static(out: Path) -> None:
     target = static / "plotly.min.js"
     js = get_plotlyjs()
     if not target.is_file() or target.stat().st_size != len(js.encode()):
-        target.write_text(js, encoding="utf-8")
+        write_text(target, js)  # atomic: prompt pages add their static files to a finished report
     src = resources.files("kvmem.report") / "static"
     for name in STATIC:
-        (static / name).write_bytes((src / name).read_bytes())
+        data = (src / name).read_bytes()
+        write_file(static / name, lambda p, data=data: p.write_bytes(data))
 
 
 def _script(path: Path, text: str) -> None:

@@ -66,6 +66,7 @@ def prompt_page(model, prompt: str, out, *, linked_layers=None,
                 per_layer: int = 5, top: int = 20, through_norm: bool = False) -> Path:
     """Write ``prompt-SLUG.html`` into ``out`` (with its static files); neuron ids link to
     ``neuron.html#L.N`` when ``linked_layers`` (the layers a run report in ``out`` covers) is given."""
+    from kvmem.atomic import write_text
     from kvmem.report.html import env, write_static
 
     out = Path(out)
@@ -77,5 +78,5 @@ def prompt_page(model, prompt: str, out, *, linked_layers=None,
     html = env().get_template("prompt.html").render(
         title=model.spec, version=kvmem.__version__, prompt=prompt, data=d,
         has_index=(out / "index.html").is_file())
-    path.write_text(html, encoding="utf-8")
+    write_text(path, html)  # atomic: a page joined to a finished report is never half written
     return path
