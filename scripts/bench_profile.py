@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvmem  # noqa: E402
-from kvmem.profile.runner import Profiler, ProfileConfig, tune_allocator  # noqa: E402
+from kvmem.profile.runner import Profiler, ProfileConfig  # noqa: E402
+from kvmem.tuning import apply as apply_tuning  # noqa: E402
 from kvmem.profile.tokens import TokenStore  # noqa: E402
 
 SHAPES = {
@@ -186,7 +187,7 @@ def main() -> None:
         "tlens-cache": lambda: method_tlens(model, ids, batch),  # last: the bridge wraps the HF modules
     }
     if model.device.type == "cpu":  # kvmem profile tunes glibc's allocator; every method runs with it
-        print(f"glibc allocator tuned for large buffers (kvmem.profile.runner.tune_allocator): {tune_allocator()}")
+        print(f"CPU tuning for every method (kvmem.tuning, KVMEM_CPU_TUNING=0 turns it off): {apply_tuning()}")
     method_forward(model, ids[:batch], batch, head=False)  # warm-up (kernels, allocator)
     runs: dict[str, list[dict]] = {}
     order = [n for n in methods if n not in args.skip]

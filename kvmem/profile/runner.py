@@ -11,16 +11,15 @@ same batches and ends bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from kvmem import tuning
 from kvmem.capture import capture, check_layers
 from kvmem.errors import KvmemError
 from kvmem.models.load import DEFAULT_MODEL
@@ -43,6 +42,7 @@ class ProfileConfig:
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16
     checkpoint_every: float = 300.0  # seconds between checkpoints (0: after every batch)
     shard: str | None = None  # "i/n": profile only the i-th of n contiguous blocks of rows (merge them later)
+    cpu_tuning: bool = True  # on CPU: torch's OpenMP team for the stats kernel, glibc kept buffers (kvmem.tuning)
     # context windows kept for the report (kvmem.stats.context): m of each shown example's neuron over its
     # context, so `kvmem report` shades contexts without re-running the model. Defaults = ReportOptions'.
     context: bool = True  # keep them at all
@@ -129,6 +129,7 @@ class Profiler:
                                         device=model.device, context=context_windows(model, cfg))
                       for layer in self.layers}
         self.state = Progress()
+        self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)
         self.batch_size = cfg.batch_size or auto_batch_size(model, cfg.seq_len)
         self.doc_offsets = store.doc_offsets.to(model.device)
         self.what = ("coef", "gate", "pre") if model.gated else ("coef",)
@@ -195,7 +196,7 @@ class Profiler:
     def run(self) -> float:
         """Process every remaining batch; returns the total seconds spent (over all sessions)."""
         if self.model.device.type == "cpu":
-            tune_allocator()
+            self.tuning = tuning.apply(self.cfg.cpu_tuning)  # process-wide; kvmem.tuning has the switch
         start, last_ckpt = time.monotonic(), time.monotonic()
         for row, ids in self.batches():
             self.step(row, ids)
@@ -208,29 +209,6 @@ class Profiler:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         return self.state.elapsed + time.monotonic() - start
-
-
-_TUNED = False
-
-
-def tune_allocator() -> bool:
-    """glibc: serve large CPU buffers from the heap and keep freed ones for reuse (process-wide, once).
-
-    The capture hooks keep gate, up and m of a layer alive until its statistics are updated. With
-    glibc's default dynamic thresholds that extra peak makes every layer's activations come from
-    fresh mmap'ed (or freshly trimmed) memory, and a 2-core CPU then spends about a tenth of the
-    forward pass in page faults (1.6M minor faults per 16k tokens of SmolLM2, measured). A fixed
-    32 MiB mmap threshold and a 1 GiB trim threshold remove them. Returns whether it applied."""
-    global _TUNED
-    if _TUNED or not sys.platform.startswith("linux"):
-        return _TUNED
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        _TUNED = bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        _TUNED = False
-    return _TUNED
 
 
 def find_batch_size(model, cfg: ProfileConfig, store: TokenStore, out: Path) -> int:

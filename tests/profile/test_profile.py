@@ -142,15 +142,3 @@ def test_layers_subset_and_manifest(tmp_path, corpus, tiny_models):
     assert m["model"]["family"] == "opt" and m["time"]["tokens_per_second"] > 0
     assert not (tmp_path / "run" / "checkpoint").exists()
     assert set(run.layers.layer) == {1}
-
-
-def test_allocator_tuning_applies_on_glibc():
-    """kvmem profile sets glibc's mmap/trim thresholds once (both mallopt calls accepted)."""
-    import platform
-
-    from kvmem.profile.runner import tune_allocator
-
-    if platform.libc_ver()[0] != "glibc":
-        assert tune_allocator() is False
-    else:
-        assert tune_allocator() is True and tune_allocator() is True

@@ -15,14 +15,6 @@ from kvmem.profile.runner import ProfileConfig
 FILES = ("stats.safetensors", "tokens.safetensors", "neurons.parquet", "layers.parquet", "vocab.parquet")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("c") / "c.txt"
-    path.write_text("\n\n".join(["short one.", "a longer document about loops and iterators " * 9,
-                                 "another one", "the last document of the corpus, also short."]))
-    return path
-
-
 @pytest.fixture()
 def cfg(corpus):
     return ProfileConfig(corpus=str(corpus), seq_len=8, batch_size=2, top_k=4, checkpoint_every=1e9)

@@ -93,21 +93,13 @@ def assert_same_stats(a, b, cuts=()):
     assert torch.equal(a.tokens.ids, b.tokens.ids) and torch.equal(a.tokens.doc_offsets, b.tokens.doc_offsets)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("c") / "c.txt"
-    path.write_text("\n\n".join(["short one.", "a longer document about loops and iterators " * 9,
-                                 "another one", "the last document of the corpus, also short."]))
-    return path
-
-
 def test_merge_of_shards_equals_one_run(tmp_path, corpus, tiny_models):
     model = tiny_models["qwen2"]
     cfg = ProfileConfig(corpus=str(corpus), seq_len=8, batch_size=2, top_k=4, checkpoint_every=1e9)
     from dataclasses import replace
 
     whole = kvmem.profile(cfg, tmp_path / "whole", model=model)
-    a = kvmem.profile(replace(cfg, shard="0/2"), tmp_path / "a", model=model)
+    kvmem.profile(replace(cfg, shard="0/2"), tmp_path / "a", model=model)
     b = kvmem.profile(replace(cfg, shard="1/2"), tmp_path / "b", model=model)
     assert b.tokens.continues_doc  # the shard boundary falls inside the long document
     merged = kvmem.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")

@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from kvmem import tuning
 from kvmem.stats import parallel
 
 
@@ -22,14 +23,19 @@ def test_every_task_runs_once_in_order(use_omp, n):
     assert sorted(calls) == list(range(n))
 
 
-def test_torch_openmp_team_is_used_where_torch_runs_on_libgomp():
-    """On this CPU build torch runs on libgomp: the tasks run on two different threads of its team."""
+def test_torch_openmp_team_is_used_while_the_tuning_is_on():
+    """On this CPU build torch runs on libgomp: with the profiler's tuning on, the tasks run on two
+    threads of its team; with it off, on the pool."""
     assert "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
-    assert parallel._torch_gomp() is not None
-    threads = []
-    parallel.run_parallel([lambda: threads.append(threading.get_ident())] * 2)
-    assert len(threads) == 2
-    assert len(set(threads)) == (2 if torch.get_num_threads() > 1 else 1)
+    try:
+        assert tuning.apply(True)["omp_team"] is True and tuning.omp_team() is not None
+        threads = []
+        parallel.run_parallel([lambda: threads.append(threading.get_ident())] * 2)
+        assert len(threads) == 2
+        assert len(set(threads)) == (2 if torch.get_num_threads() > 1 else 1)
+    finally:
+        tuning.apply(False)
+    assert tuning.omp_team() is None
 
 
 @pytest.mark.parametrize("use_omp", [True, False])
