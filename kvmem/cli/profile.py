@@ -19,6 +19,7 @@ from kvmem.cli.common import DeviceOpt, DtypeOpt, JsonOpt, console, err_console,
 from kvmem.errors import KvmemError
 from kvmem.models.load import DEFAULT_MODEL
 
+STAGES = ("load", "tokenize", "profile", "value_projection", "writing")  # the order they run in
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by kvmem profile.")]
 
 
@@ -53,7 +54,13 @@ class TokensPerSecond(ProgressColumn):
 def _progress_bar(progress: Progress):
     def factory(total: int, done: int):
         task = progress.add_task("profiling", total=total, completed=done, resumed_from=done)
-        return lambda n: progress.advance(task, n)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+            if progress.tasks[task].finished:  # freeze its clock and rate: later stages are not the pass
+                progress.stop_task(task)
+
+        return advance
 
     return factory
 
@@ -139,7 +146,8 @@ def print_summary(run, s: dict) -> None:
     console.print(f"profiled {s['tokens']:,} tokens in {s['docs']:,} documents in {s['seconds']:.1f} s "
                   f"({s['tokens_per_second']:,.0f} tokens/s) -> {s['out']}", markup=False, highlight=False)
     if s["stages"]:
-        console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in s["stages"].items()),
+        order = sorted(s["stages"], key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
+        console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {s['stages'][k]:.1f} s" for k in order),
                       markup=False, highlight=False)
     table = Table("layer", "firing rate (m>0)", "dead", "dense (>50%)", "mean L0", "densest neuron",
                   title="per layer (firing = coefficient > 0)")
