@@ -67,15 +67,16 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
     job = {"config": _settings(cfg, model), "fingerprint": model.fingerprint()}
     staging = staging_of(out)
     continuing = _can_continue(staging, job, resume=resume, force=force, notes=notes)
+    if not continuing:  # before the staging folder is touched: a bad corpus leaves nothing behind
+        t = time.perf_counter()
+        store, corpus_info = _tokenized(cfg, model)
+        stages["tokenize"] = time.perf_counter() - t
     staging = open_staging(out, runfiles.PARTIAL_KIND, fresh=not continuing)
     ckpt = staging / "checkpoint"
     if continuing:
         store = TokenStore.load(ckpt / "tokens.safetensors")
         corpus_info = json.loads((ckpt / "corpus.json").read_text())
     else:
-        t = time.perf_counter()
-        store, corpus_info = _tokenized(cfg, model)
-        stages["tokenize"] = time.perf_counter() - t
         ckpt.mkdir(parents=True, exist_ok=True)
         runfiles.write_file(ckpt / "tokens.safetensors", store.save)
         runfiles.write_json(ckpt / "corpus.json", corpus_info)

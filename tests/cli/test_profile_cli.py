@@ -110,3 +110,4 @@ def test_force_with_a_bad_corpus_keeps_the_old_run(capsys, tmp_path, tiny_dirs, 
                        "--out", str(profiled), "--force")
     assert_one_line_error(code, err)
     assert {p.name: p.read_bytes() for p in profiled.iterdir() if p.is_file()} == before
+    assert not profiled.with_name(profiled.name + ".partial").exists()  # and nothing is left beside it
