@@ -27,7 +27,8 @@ from kvmem.atomic import check_target, is_own_partial, open_staging, publish, st
 from kvmem.errors import KvmemError
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import Corpus
-from kvmem.profile.runner import Profiler, ProfileConfig, find_batch_size, parse_shard, remove_checkpoint, shard_of
+from kvmem.profile.runner import (CONTEXT_FIELDS, Profiler, ProfileConfig, find_batch_size, parse_shard, remove_checkpoint,
+                                  shard_of)
 from kvmem.profile.tables import layer_table, neuron_table
 from kvmem.profile.tokens import TokenStore, tokenize
 
@@ -214,6 +215,10 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
         for key in ("layers", "top_k", "seq_len"):
             if r.manifest["settings"][key] != first["settings"][key]:
                 raise KvmemError(f"cannot merge {r.path}: --{key.replace('_', '-')} differs")
+        for key in CONTEXT_FIELDS:  # runs of kvmem 0.1 have none: their merge keeps no windows
+            mine, theirs = first["settings"].get(key), r.manifest["settings"].get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise KvmemError(f"cannot merge {r.path}: its {key} is {theirs!r}, not {mine!r}")
     store, stats, rekeyed = runs[0].tokens, dict(runs[0].stats), False
     for r in runs[1:]:
         other, other_stats = r.tokens, r.stats

@@ -139,3 +139,12 @@ def test_merge_into_its_own_unfinished_folder_succeeds(tmp_path, cfg, tiny_model
     assert not (tmp_path / "ab").exists()
     merged = kvmem.merge([a.path, b.path], tmp_path / "ab")
     assert merged.tokens.n_tokens == a.tokens.n_tokens + b.tokens.n_tokens
+
+
+def test_merge_names_the_context_setting_that_differs(tmp_path, cfg, tiny_models):
+    model = tiny_models["llama"]
+    a = kvmem.profile(replace(cfg, shard="0/2"), tmp_path / "a", model=model)
+    b = kvmem.profile(replace(cfg, shard="1/2", context_before=5), tmp_path / "b", model=model)
+    with pytest.raises(KvmemError, match="its context_before is 5, not 10"):
+        kvmem.merge([a.path, b.path], tmp_path / "ab")
+    assert not (tmp_path / "ab").exists() and not (tmp_path / "ab.partial").exists()
