@@ -6,18 +6,18 @@ renames it onto ``path`` (``write_json``, ``write_text``, ``write_parquet`` are 
 Folders: a folder result (a run, a report, an analysis, a cache entry) is built in its **staging
 sibling** ``NAME.partial`` beside ``NAME`` and moved into place only when complete:
 
-    with staged(target, kind="report", replace=...) as tmp:   # tmp = target.with_name(NAME.partial)
+    with staged(target, "report") as tmp:   # tmp = NAME.partial beside target
         ... write into tmp ...
     # on success: target is the new folder (an old one is swapped out and deleted only now)
 
 - The staging folder carries a marker file (``.kvmem-partial``, JSON: kind, target) written first, so
-  kvmem recognises its own unfinished output and a re-run replaces it (or, for a profile, continues it:
-  ``keep_on_error=True`` leaves it for ``--resume``). A ``NAME.partial`` without the marker is not
-  kvmem's and is refused, untouched.
+  kvmem recognises its own unfinished output and a re-run replaces it. A profile keeps its staging
+  folder across a kill to continue it (``open_staging`` + ``publish``, without ``staged``). A
+  ``NAME.partial`` without the marker is not kvmem's and is refused, untouched.
 - ``target`` itself only ever holds a complete result: the new folder is swapped in with one
   ``renameat2(RENAME_EXCHANGE)`` on Linux (two renames elsewhere), and the old one is deleted after.
-- ``replace`` says whether an existing ``target`` may be replaced; ``check_target`` is the one place
-  that decides, by what the folder holds (kvmem's own finished result of that kind, or anything else).
+- ``check_target`` is the one place that decides whether an existing ``target`` may be replaced, by
+  what the folder holds (kvmem's own finished result, or anything else) and ``--force``.
 """
 
 from __future__ import annotations
@@ -125,22 +125,21 @@ def discard(tmp: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(target: Path, kind: str, *, keep_on_error: bool = False, fresh: bool = True):
-    """Build a folder result in its staging sibling and publish it on success (module docstring)."""
+def staged(target: Path, kind: str):
+    """Build a folder result in a fresh staging sibling; publish it on success, discard it on error."""
     target = Path(target)
-    tmp = open_staging(target, kind, fresh=fresh)
+    tmp = open_staging(target, kind, fresh=True)
     try:
         yield tmp
     except BaseException:
-        if not keep_on_error:
-            discard(tmp)
+        discard(tmp)
         raise
     publish(tmp, target)
 
 
-def check_target(target: Path, kind: str, finished, *, force: bool) -> None:
+def check_target(target: Path, finished, *, force: bool) -> None:
     """Refuse to replace ``target`` unless it is absent, or ``finished(target)`` says it holds kvmem's
-    own finished result of ``kind`` (which a re-run replaces), or ``force``. ``finished`` is None when
+    own finished result (which a re-run replaces), or ``force``. ``finished`` is None when
     a finished result of this kind must not be replaced without ``force`` either (profile runs)."""
     target = Path(target)
     if not target.exists() or force:
@@ -151,11 +150,11 @@ def check_target(target: Path, kind: str, finished, *, force: bool) -> None:
         return
     own = finished is not None and finished(target)
     if not own:
-        raise KvmemError(f"{target} already holds {_describe(target, kind)}; choose another --out or pass "
+        raise KvmemError(f"{target} already holds {_describe(target)}; choose another --out or pass "
                          f"--force to replace it")
 
 
-def _describe(target: Path, kind: str) -> str:
+def _describe(target: Path) -> str:
     if (target / "manifest.json").is_file():
         return "a kvmem run"
     if (target / "checkpoint").is_dir():

@@ -54,7 +54,7 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
     notes = [] if notes is None else notes
     if resume and runfiles.is_run(out) and not is_own_partial(staging_of(out), runfiles.PARTIAL_KIND):
         raise KvmemError(f"--resume: {out} is a finished run; nothing to resume")
-    check_target(out, "run", None, force=force)
+    check_target(out, None, force=force)
     rank, world = _dist_rank_world()
     t = time.perf_counter()
     if model is None:
@@ -206,7 +206,7 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
     if len(runs) < 2:
         raise KvmemError("merge needs at least two runs")
     out = Path(out)
-    check_target(out, "run", None, force=force)
+    check_target(out, None, force=force)
     first = runs[0].manifest
     for r in runs[1:]:
         for key in ("fingerprint", "model_type", "d_mlp"):

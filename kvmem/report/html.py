@@ -128,7 +128,7 @@ def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = 
         run = kvmem.open_run(run)
     opts = options or rdata.ReportOptions()
     target = Path(out)
-    check_target(target, "report", is_report, force=force)
+    check_target(target, is_report, force=force)
     stages: dict[str, float] = {}
     with staged(target, "report") as tmp:
         if is_report(target):  # prompt pages joined to the old report stay with the new one
