@@ -73,6 +73,7 @@ class Batch:
     last: int
     monotone: bool
     stats: object = None
+    paths: dict = field(default_factory=dict)  # code paths taken (diagnostics, tests)
 
     @property
     def n(self) -> int:

@@ -239,30 +239,55 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def update(s, m: torch.Tensor, ti: torch.Tensor, doc: torch.Tensor, gate, up) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused pass of batch m [N, d] float32 contiguous (CPU) into LayerStats s: everything but the
-    l0 and position tallies, which the caller adds. Returns (l0 [N] int64, positives per neuron [d])."""
+# the components this pass updates (by registered name and class); any other component takes its own update
+FUSED = {"top": "Top", "bottom": "Bottom", "top_docs": "TopDocs", "sample": "Sample", "moments": "Moments",
+         "hist": "Histogram", "counts": "PositiveCounts", "quadrants": "Quadrants"}
+
+
+def covers(parts: dict) -> tuple[str, ...]:
+    """The names of ``parts`` this pass updates: all of FUSED that are present (quadrants only for gated
+    layers), or none when one of the others is missing or of another class."""
+    names = tuple(n for n in FUSED if n in parts)
+    if any(type(parts[n]).__name__ != FUSED[n] for n in names) or set(FUSED) - set(names) - {"quadrants"}:
+        return ()
+    return names
+
+
+def update(parts: dict, batch) -> tuple[str, ...]:
+    """One fused pass of the batch (kvmem.stats.base.Batch, m [N, d] float32 contiguous on the CPU) into the
+    components it covers; returns their names (empty: nothing done, every component updates itself)."""
+    names = covers(parts)
+    if not names:
+        return ()
+    m, ti, doc = batch.m, batch.index, batch.doc
     n, d = m.shape
     nblk = (d + BLOCK - 1) // BLOCK
-    if s.gated:
-        g = gate.to(torch.float32).contiguous()
-        u = up.to(torch.float32).contiguous()
-        qkey, qval, quad = s._q_key, s._q_val, s.quadrant_count
+    top, bot, docs, smp = parts["top"], parts["bottom"], parts["top_docs"], parts["sample"]
+    quad = parts.get("quadrants")
+    gated = quad is not None
+    if gated:
+        g = batch.gate.to(torch.float32).contiguous()
+        u = batch.up.to(torch.float32).contiguous()
+        qkey, qval, qcount = quad.keys, quad.value, quad.count
     else:
         g = u = torch.zeros(1, 1)
-        qkey, qval, quad = torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.int64)
-    for name in ("_top", "_bot", "_doc_key", "_doc_id", "_smp_key", "_smp_val"):
-        setattr(s, name, getattr(s, name).contiguous())
+        qkey, qval, qcount = torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.int64)
+    for c, attrs in ((top, ("keys",)), (bot, ("keys",)), (docs, ("keys", "doc")), (smp, ("keys", "value"))):
+        for a in attrs:
+            setattr(c, a, getattr(c, a).contiguous())
     l0_part = np.empty((nblk, n), dtype=np.int32)
     pos = np.zeros(d, dtype=np.int64)
     args = (
-        _np(m), _np(m.view(torch.int32)), _np(g), _np(u), s.gated, _np(ti), _np(token_hash(ti)), _np(doc),
-        _np(s._neuron_c), _LUT,
-        _np(s._top), _np(s._bot), _np(s._doc_key), _np(s._doc_id), _np(s._smp_key), _np(s._smp_val),
+        _np(m), _np(m.view(torch.int32)), _np(g), _np(u), gated, _np(ti), _np(token_hash(ti)), _np(doc),
+        _np(smp.neuron_c), _LUT,
+        _np(top.keys), _np(bot.keys), _np(docs.keys), _np(docs.doc), _np(smp.keys), _np(smp.value),
         _np(qkey), _np(qval),
-        l0_part, pos, _np(s.sum), _np(s.sumsq), _np(s.hist), _np(quad),
+        l0_part, pos, _np(parts["moments"].sum), _np(parts["moments"].sumsq), _np(parts["hist"].count), _np(qcount),
     )
-    parts = min(torch.get_num_threads(), nblk)
-    cuts = [nblk * p // parts for p in range(parts + 1)]
+    parts_n = min(torch.get_num_threads(), nblk)
+    cuts = [nblk * p // parts_n for p in range(parts_n + 1)]
     run_parallel([lambda a=a, b=b: _kernel(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
-    return torch.from_numpy(l0_part.sum(0, dtype=np.int64)), torch.from_numpy(pos)
+    l0, count = torch.from_numpy(l0_part.sum(0, dtype=np.int64)), torch.from_numpy(pos)
+    batch.positives = (l0, count)  # other components (the torch path of any not covered) reuse them
+    parts["counts"].add(l0, count, batch.pos)
+    return names

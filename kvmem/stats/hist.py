@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from kvmem.stats.store import bincount
+from kvmem.stats.base import Batch, Counters
+from kvmem.stats.store import bincount, work_buffer
 
 OCT_LO, OCT_HI, PER_OCT = -10, 14, 4
 N_REG = (OCT_HI - OCT_LO) * PER_OCT  # 96 regular bins per sign
@@ -104,3 +105,26 @@ def count_above(hist: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tens
     frac = torch.where(torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo), frac, torch.full_like(frac, 0.5))
     frac = frac.clamp(0.0, 1.0)
     return above + frac * straddle, straddle
+
+
+
+class Histogram(Counters):
+    """The component (kvmem.stats.base): ``count`` [d, N_BINS] int64, tokens per neuron and bin of HIST_EDGES.
+    Read-outs: ``above(t)`` / ``below(t)``: estimated tokens with m > t / m < -t per neuron, with error bounds."""
+
+    FIELDS = {"count": (lambda s: (s.d_mlp, N_BINS), torch.int64)}
+
+    def update(self, batch: Batch) -> None:
+        m = batch.m
+        n, d = m.shape
+        code = work_buffer("i32_a", (n, d), torch.int32, m.device)
+        flat = work_buffer("i32_b", (n, d), torch.int32, m.device)
+        self.count += batch_hist(m, code, flat).T
+
+    def above(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(estimate, bound) float64 [d] of the number of tokens with m > threshold [d]."""
+        return count_above(self.count, threshold)
+
+    def below(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(estimate, bound) float64 [d] of the number of tokens with m < -threshold [d] (the mirror image)."""
+        return count_above(self.count.flip(1), threshold)

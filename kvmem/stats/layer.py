@@ -1,130 +1,80 @@
-"""LayerStats: streaming, mergeable statistics of one FFN layer's coefficients m [N, d_mlp].
+"""LayerStats: the statistics of one FFN layer's coefficients m [N, d_mlp], a combination of components.
 
-Updated once per layer per batch while a corpus streams through the model (``kvmem profile``);
-shards merge exactly (``merge``) and the state round-trips through safetensors (``state_dict``).
-Per neuron (rows below are [d_mlp, ...]; all tensors live on ``device``):
+Updated once per layer per batch while a corpus streams through the model (``kvmem profile``); shards merge
+exactly (``merge``) and the state round-trips through safetensors (``state_dict``). The components are the
+ones registered in kvmem.stats.registry (each a kvmem.stats.base.Stat: its own state, update, merge and
+read-outs), plus optional context windows of the report's examples (kvmem.stats.context), updated last
+because they read the others' stores:
 
-  top        k largest m: value float32 [d, k], index int64 [d, k] (global token index, -1 = empty)
-  bottom     k smallest m (most negative first), same layout
-  top_docs   k documents with the largest max m, each document once: value, index (its argmax token), doc
-  sample     uniform random sample of k tokens with m > 0 (top-k of a hash of (token, neuron)): value, index
-  n, count_pos, sum, sumsq (float64), min, max      moments (min/max read off bottom/top)
-  hist       [d, 197] counts over the fixed bins HIST_EDGES (kvmem.stats.hist)
-  quadrants  gated layers: count [d, 4] of (gate>0, up>0), (gate>0, up<=0), (gate<=0, up>0),
-             (gate<=0, up<=0) and per quadrant the largest-|m| example: value [d, 4], index [d, 4]
-  l0_hist [d+1], l0_pos_sum [max_pos], l0_pos_count [max_pos]: neurons with m > 0 per token
-  context    optional (``context=ContextWindows(...)``): m over the context windows of the examples the
-             report shows, updated after the stores (kvmem.stats.context; needs contiguous token indices)
+  top, bottom, top_docs   k largest / smallest m, k documents by their max m (kvmem.stats.topk)
+  sample                  uniform sample of k tokens with m > 0 (kvmem.stats.sample)
+  moments                 float64 sum and sum of squares (kvmem.stats.moments)
+  hist                    [d, 197] counts over the fixed bins HIST_EDGES (kvmem.stats.hist)
+  counts                  m > 0 per neuron and per token (L0), by position (kvmem.stats.counts)
+  quadrants               gated layers: (gate, up) sign combinations and an example each (kvmem.stats.quadrants)
+  context                 optional: m over the context windows of the shown examples (kvmem.stats.context)
 
-Ties everywhere go to (value descending, then lower token index); see kvmem.stats.keys. Empty slots hold
-value NaN and index -1 (doc -1). Same input stream and batch boundaries give bit-identical state.
+Ties everywhere go to (value descending, then lower token index); see kvmem.stats.keys. Same input stream
+and batch boundaries give bit-identical state.
 
-Two update paths give the same statistics (the stores exactly, the float64 sums up to rounding):
-on CPU one fused pass over the batch (kvmem.stats.fused, numba), elsewhere a few large torch
-operations per batch (kvmem.stats.update: candidate masks, sparse merges). ``backend="torch"`` forces
-the second; the tests run every check on both.
+Backends: on CPU one fused numba pass over the batch updates the components it knows (kvmem.stats.fused);
+everything else, and every component on other devices or with ``backend="torch"``, takes the component's
+own ``update``. The tests run every check on both.
 
-state_dict() names: meta.{version,d_mlp,k,gated,max_pos,last_index}, n, {top,bottom,sample}.{value,index},
-top_docs.{value,index,doc}, sample.priority (kept so that shifting indices does not redraw the sample),
-count_pos, sum, sumsq, hist, l0_hist, l0_pos_sum, l0_pos_count, quadrants.{count,value,index} (gated),
-context.* (ContextWindows.state_dict, when kept).
+state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` and ``{component}.{key}`` for each
+component. Naming contract: a tensor whose name ends in ``.index`` holds global token indices (-1 = none),
+``top_docs.doc`` global document ids (-1 = none); ``shifted`` moves exactly those. Format 1 (kvmem 0.2,
+unprefixed moments and counts) is read and converted.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from kvmem.errors import KvmemError
-from kvmem.stats import readout
-from kvmem.stats.hist import N_BINS, batch_hist
-from kvmem.stats.keys import (
-    EMPTY,
-    MAX_TOKEN_INDEX,
-    decode_index,
-    decode_value,
-    encode,
-    encode_high,
-    key_high,
-    neuron_hash,
-)
-from kvmem.stats.store import merge_entries, work_buffer
-from kvmem.stats import fused
+from kvmem.stats import fused, readout
+from kvmem.stats.base import Batch, LayerSpec
 from kvmem.stats.context import ContextWindows
-from kvmem.stats.update import bounds, candidates, update_sample, update_values
+from kvmem.stats.keys import MAX_TOKEN_INDEX
+from kvmem.stats.quadrants import QuadrantSlots as Quadrants
+from kvmem.stats.registry import COMPONENTS, build
+from kvmem.stats.topk import Slots
 
-_STATE_VERSION = 1
+STATE_VERSION = 2
 BACKENDS = ("auto", "torch")
+# format 1 names -> format 2 names
+_V1_NAMES = {"n": "meta.n", "count_pos": "counts.pos", "sum": "moments.sum", "sumsq": "moments.sumsq",
+             "hist": "hist.count", "l0_hist": "counts.l0_hist", "l0_pos_sum": "counts.l0_pos_sum",
+             "l0_pos_count": "counts.l0_pos_count"}
+OPTIONAL = ("mass",)  # components a state may lack (written by an earlier kvmem): their read-outs are None
 
-
-class Slots(NamedTuple):
-    """A per-neuron store: value [d, k] float32, index [d, k] int64 (-1 empty), doc [d, k] (top_docs only)."""
-
-    value: torch.Tensor
-    index: torch.Tensor
-    doc: torch.Tensor | None = None
-
-
-class Quadrants(NamedTuple):
-    """Gated layers: count [d, 4] int64; largest-|m| example per quadrant: value [d, 4], index [d, 4]."""
-
-    count: torch.Tensor
-    value: torch.Tensor
-    index: torch.Tensor
-
-
-def _moments(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column sums of m and m*m [N, d] float32 as float64 [d]: every value is converted to float64 first
-    (squares of float32 values are exact in float64), so only the float64 additions round. The sums are
-    row-vector products (BLAS gemv: deterministic for a given thread count, twice as fast as sum(0))."""
-    x = work_buffer("f64", tuple(m.shape), torch.float64, m.device)
-    x.copy_(m)
-    ones = torch.ones(1, m.shape[0], dtype=torch.float64, device=m.device)
-    total = (ones @ x)[0]
-    x.mul_(x)
-    return total, (ones @ x)[0]
+__all__ = ["LayerStats", "Quadrants", "Slots", "STATE_VERSION"]
 
 
 class LayerStats:
     """Streaming per-neuron statistics of one FFN layer (see the module docstring)."""
 
     def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu",
-                 backend: str = "auto", context: ContextWindows | None = None):
-        if d_mlp < 1 or k < 1 or max_pos < 1:
-            raise KvmemError(f"LayerStats needs d_mlp, k, max_pos >= 1 (got {d_mlp}, {k}, {max_pos})")
+                 backend: str = "auto", context: ContextWindows | None = None,
+                 value_norm: torch.Tensor | None = None, components=None):
         if backend not in BACKENDS:
             raise KvmemError(f"LayerStats backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         # "auto": the fused one-pass kernel on CPU (kvmem.stats.fused), torch elsewhere; "torch": torch only
         self.backend = backend
-        self.d_mlp, self.k, self.gated, self.max_pos = int(d_mlp), int(k), bool(gated), int(max_pos)
-        self.device = torch.device(device)
-        d, dev = self.d_mlp, self.device
-
-        def keys(width: int = self.k) -> torch.Tensor:
-            return torch.full((d, width), EMPTY, dtype=torch.int64, device=dev)
-
-        self._top, self._bot, self._doc_key, self._smp_key = keys(), keys(), keys(), keys()
-        self._doc_id = torch.full((d, self.k), -1, dtype=torch.int64, device=dev)
-        self._smp_val = torch.full((d, self.k), float("nan"), device=dev)
-        self._neuron_c = neuron_hash(torch.arange(d, device=dev))
+        self.spec = LayerSpec(int(d_mlp), int(k), bool(gated), int(max_pos), torch.device(device), value_norm)
+        self.parts = build(self.spec, components)
         self.n = 0
-        self.count_pos = torch.zeros(d, dtype=torch.int64, device=dev)
-        self.sum = torch.zeros(d, dtype=torch.float64, device=dev)
-        self.sumsq = torch.zeros(d, dtype=torch.float64, device=dev)
-        self.hist = torch.zeros(d, N_BINS, dtype=torch.int64, device=dev)
-        self.l0_hist = torch.zeros(d + 1, dtype=torch.int64, device=dev)
-        self.l0_pos_sum = torch.zeros(self.max_pos, dtype=torch.int64, device=dev)
-        self.l0_pos_count = torch.zeros(self.max_pos, dtype=torch.int64, device=dev)
-        if self.gated:
-            self._q_key = keys(4)
-            self._q_val = torch.full((d, 4), float("nan"), device=dev)
-            self.quadrant_count = torch.zeros(d, 4, dtype=torch.int64, device=dev)
         self._last_index = -1  # largest token index seen (decides strict vs widened thresholds)
-        if context is not None and (context.d_mlp != d or context.device != dev):
+        if context is not None and (context.d_mlp != self.d_mlp or context.device != self.device):
             raise KvmemError(f"context windows for d_mlp {context.d_mlp} on {context.device} do not fit this layer")
         self.context = context
         self._paths: dict = {}  # code paths taken by the last update (diagnostics, tests)
+
+    d_mlp = property(lambda self: self.spec.d_mlp)
+    k = property(lambda self: self.spec.k)
+    gated = property(lambda self: self.spec.gated)
+    max_pos = property(lambda self: self.spec.max_pos)
+    device = property(lambda self: self.spec.device)
 
     # ------------------------------------------------------------------ update
     def update(self, coef, token_index, doc_id, pos_in_seq, gate=None, up=None) -> None:
@@ -158,89 +108,40 @@ class LayerStats:
             raise ValueError("doc_id must be non-negative and non-decreasing")
         if pmin < 0 or pmax >= self.max_pos:
             raise ValueError(f"pos_in_seq must lie in [0, {self.max_pos})")
-        monotone = first > self._last_index
-        self._paths = {}
         if self.gated:
             gate, up = gate.to(dev), up.to(dev)
-
-        if self._fused(m):
-            l0, pos_count = fused.update(self, m, ti, doc, gate, up)
-            self._paths["dense"] = "fused"
-        else:
-            l0, pos_count = self._dense_torch(m)
-            b = bounds(self, d, dev, monotone)
-            flat = candidates(m, b, gate, up) if b.any else None
-            update_values(self, m, ti, doc, b, flat, gate, up)
-            update_sample(self, m, ti, pos_count)
-            self._paths["dense"] = "torch"
-        self.count_pos += pos_count
-        self.l0_hist += torch.bincount(l0, minlength=d + 1)
-        self.l0_pos_sum.index_add_(0, pos, l0)
-        self.l0_pos_count += torch.bincount(pos, minlength=self.max_pos)
+        batch = Batch(m, ti, doc, pos, gate, up, first, last, first > self._last_index, stats=self)
+        done = fused.update(self.parts, batch) if self._fused(m) else ()
+        batch.paths["dense"] = "fused" if done else "torch"
+        for name, part in self.parts.items():
+            if name not in done:
+                part.update(batch)
         self.n += n
         self._last_index = max(self._last_index, last)
         if self.context is not None:
             if last - first != n - 1:
                 raise ValueError("context windows need contiguous token indices within a batch")
             self.context.update(self, m, first)
+        self._paths = batch.paths
 
     def _fused(self, m: torch.Tensor) -> bool:
         """Whether this update takes the fused CPU pass (kvmem.stats.fused)."""
         return self.backend != "torch" and m.device.type == "cpu" and fused.available
 
-    def _dense_torch(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense part of the torch path (any device): adds the moments and the histogram; returns
-        (l0 [N], positives per neuron [d]) of the batch."""
-        n, d = m.shape
-        dev = m.device
-        posf = work_buffer("f32_a", (n, d), torch.float32, dev)
-        torch.gt(m, 0, out=posf)
-        # float32 sums of 0/1 are exact integers below 2**24 in any order, so matrix-vector products do
-        l0 = (posf @ torch.ones(d, device=dev)).to(torch.int64)
-        pos_count = (torch.ones(n, device=dev) @ posf).to(torch.int64)
-        total, squares = _moments(m)
-        self.sum += total
-        self.sumsq += squares
-        code = work_buffer("i32_a", (n, d), torch.int32, dev)
-        flat = work_buffer("i32_b", (n, d), torch.int32, dev)
-        self.hist += batch_hist(m, code, flat).T
-        return l0, pos_count
-
     # ------------------------------------------------------------------ merge
-    def _check_compatible(self, other: "LayerStats") -> None:
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        """Add the statistics of other (a disjoint set of tokens) in place; returns self. Exact for the
+        stores, counts and histograms (documents split across the two are deduplicated by doc id). A
+        component kept by only one side (a run of an older kvmem) is dropped: the merge keeps what both have."""
         a = (self.d_mlp, self.k, self.gated, self.max_pos)
         b = (other.d_mlp, other.k, other.gated, other.max_pos)
         if a != b:
             raise KvmemError(f"cannot merge LayerStats with (d_mlp, k, gated, max_pos) {b} into {a}")
-
-    def merge(self, other: "LayerStats") -> "LayerStats":
-        """Add the statistics of other (a disjoint set of tokens) in place; returns self. Exact for the
-        stores, counts and histograms (documents split across the two are deduplicated by doc id)."""
-        self._check_compatible(other)
-        d, dev = self.d_mlp, self.device
-
-        def entries(keys: torch.Tensor, *payloads: torch.Tensor):
-            keys = keys.to(dev)
-            real = (keys != EMPTY).reshape(-1)
-            rows = torch.arange(d, device=dev).repeat_interleave(keys.shape[1])[real]
-            return rows, keys.reshape(-1)[real], [p.to(dev).reshape(-1)[real] for p in payloads]
-
-        r, key, _ = entries(other._top)
-        self._top, _ = merge_entries(self._top, [], [], r, key, [])
-        r, key, _ = entries(other._bot)
-        self._bot, _ = merge_entries(self._bot, [], [], r, key, [])
-        r, key, pay = entries(other._doc_key, other._doc_id)
-        self._doc_key, (self._doc_id,) = merge_entries(self._doc_key, [self._doc_id], [-1], r, key, pay, dedupe=0)
-        r, key, pay = entries(other._smp_key, other._smp_val)
-        self._smp_key, (self._smp_val,) = merge_entries(self._smp_key, [self._smp_val], [float("nan")], r, key, pay)
-        if self.gated:
-            ok, ov = other._q_key.to(dev), other._q_val.to(dev)
-            take = ok > self._q_key
-            self._q_key = torch.where(take, ok, self._q_key)
-            self._q_val = torch.where(take, ov, self._q_val)
-            self.quadrant_count += other.quadrant_count.to(dev)
-        for name in ("count_pos", "sum", "sumsq", "hist", "l0_hist", "l0_pos_sum", "l0_pos_count"):
-            getattr(self, name).add_(getattr(other, name).to(dev))
+        for name in list(self.parts):
+            if name in other.parts:
+                self.parts[name].merge(other.parts[name])
+            else:
+                del self.parts[name]
         self.n += other.n
         self._last_index = max(self._last_index, other._last_index)
         if self.context is not None and other.context is not None:
@@ -250,47 +151,49 @@ class LayerStats:
         return self
 
     # ------------------------------------------------------------------ read-outs
-    @property
-    def top(self) -> Slots:
-        return Slots(decode_value(self._top), decode_index(self._top))
+    def component(self, name: str):
+        """The component registered as ``name`` (KeyError if this layer does not keep it)."""
+        return self.parts[name]
 
-    @property
-    def bottom(self) -> Slots:
-        return Slots(-decode_value(self._bot) + 0.0, decode_index(self._bot))
-
-    @property
-    def top_docs(self) -> Slots:
-        return Slots(decode_value(self._doc_key), decode_index(self._doc_key), self._doc_id.clone())
-
-    @property
-    def sample(self) -> Slots:
-        return Slots(self._smp_val.clone(), decode_index(self._smp_key))
-
-    def _sample_priority(self) -> torch.Tensor:
-        """The sample's priorities [d, k] int64 in [0, 2**32) (-1 = empty); see kvmem.stats.keys."""
-        k = self._smp_key
-        return torch.where(k == EMPTY, torch.full_like(k, -1), key_high(k) + 2**31)
+    top = property(lambda self: self.parts["top"].slots(), doc="Slots: the k largest m per neuron")
+    bottom = property(lambda self: self.parts["bottom"].slots(), doc="Slots: the k smallest m (most negative first)")
+    top_docs = property(lambda self: self.parts["top_docs"].slots(), doc="Slots (+ doc): the k best documents")
+    sample = property(lambda self: self.parts["sample"].slots(), doc="Slots: uniform sample of tokens with m > 0")
+    max = property(lambda self: self.parts["top"].best(), doc="Largest m per neuron, float32 [d] (NaN before any)")
+    min = property(lambda self: self.parts["bottom"].best(), doc="Smallest m per neuron, float32 [d] (NaN before any)")
+    sum = property(lambda self: self.parts["moments"].sum)
+    sumsq = property(lambda self: self.parts["moments"].sumsq)
+    hist = property(lambda self: self.parts["hist"].count, doc="[d, N_BINS] counts over HIST_EDGES")
+    count_pos = property(lambda self: self.parts["counts"].pos, doc="tokens with m > 0 per neuron [d]")
+    l0_hist = property(lambda self: self.parts["counts"].l0_hist)
+    l0_pos_sum = property(lambda self: self.parts["counts"].l0_pos_sum)
+    l0_pos_count = property(lambda self: self.parts["counts"].l0_pos_count)
 
     @property
     def quadrants(self) -> Quadrants | None:
-        if not self.gated:
-            return None
-        return Quadrants(self.quadrant_count.clone(), self._q_val.clone(), decode_index(self._q_key))
+        """Gated layers: sign-combination counts and an example per quadrant; None otherwise."""
+        q = self.parts.get("quadrants")
+        return q.slots() if q is not None else None
 
     @property
-    def max(self) -> torch.Tensor:
-        """Largest m per neuron, float32 [d] (NaN before any update)."""
-        return decode_value(self._top[:, 0])
+    def quadrant_count(self) -> torch.Tensor:
+        return self.parts["quadrants"].count
 
     @property
-    def min(self) -> torch.Tensor:
-        """Smallest m per neuron, float32 [d] (NaN before any update)."""
-        return -decode_value(self._bot[:, 0]) + 0.0
+    def mass(self):
+        """kvmem.stats.mass.MassCounts (neurons carrying 50% / 90% of Σ|m|·‖v‖ per token), or None when
+        this layer does not keep it (no value norms given, or a run of an older kvmem)."""
+        return self.parts.get("mass")
 
-    mean = readout.mean
-    std = readout.std
+    def mean(self) -> torch.Tensor:
+        return self.parts["moments"].mean(self.n)
+
+    def std(self) -> torch.Tensor:
+        return self.parts["moments"].std(self.n)
+
     firing_rate = readout.firing_rate
     count_above = readout.count_above
+    count_below = readout.count_below
     to_frame = readout.to_frame
 
     # ------------------------------------------------------------------ state
@@ -300,59 +203,53 @@ class LayerStats:
         def i64(x: int) -> torch.Tensor:
             return torch.tensor(int(x), dtype=torch.int64, device=self.device)
 
-        top, bot, docs, smp = self.top, self.bottom, self.top_docs, self.sample
-        sd = {
-            "meta.version": i64(_STATE_VERSION), "meta.d_mlp": i64(self.d_mlp), "meta.k": i64(self.k),
-            "meta.gated": i64(self.gated), "meta.max_pos": i64(self.max_pos),
-            "meta.last_index": i64(self._last_index), "n": i64(self.n),
-            "top.value": top.value, "top.index": top.index,
-            "bottom.value": bot.value, "bottom.index": bot.index,
-            "top_docs.value": docs.value, "top_docs.index": docs.index, "top_docs.doc": docs.doc,
-            "sample.value": smp.value, "sample.index": smp.index, "sample.priority": self._sample_priority(),
-            "count_pos": self.count_pos, "sum": self.sum, "sumsq": self.sumsq, "hist": self.hist,
-            "l0_hist": self.l0_hist, "l0_pos_sum": self.l0_pos_sum, "l0_pos_count": self.l0_pos_count,
-        }
-        if self.gated:
-            q = self.quadrants
-            sd.update({"quadrants.count": q.count, "quadrants.value": q.value, "quadrants.index": q.index})
+        sd = {"meta.version": i64(STATE_VERSION), "meta.d_mlp": i64(self.d_mlp), "meta.k": i64(self.k),
+              "meta.gated": i64(self.gated), "meta.max_pos": i64(self.max_pos),
+              "meta.last_index": i64(self._last_index), "meta.n": i64(self.n)}
+        for name, part in self.parts.items():
+            sd.update({f"{name}.{key}": t for key, t in part.state_dict().items()})
         if self.context is not None:
             sd.update({f"context.{name}": t for name, t in self.context.state_dict().items()})
         return {name: t.detach().clone().contiguous() for name, t in sd.items()}
 
+    @staticmethod
+    def upgrade(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state of any readable format as format 2 (format 1: moments and counts without prefixes)."""
+        version = int(sd["meta.version"])
+        if version == STATE_VERSION:
+            return sd
+        if version != 1:
+            raise KvmemError(f"LayerStats state version {version} is not {STATE_VERSION}")
+        out = {_V1_NAMES.get(name, name): t for name, t in sd.items()}
+        out["meta.version"] = torch.tensor(STATE_VERSION)
+        return out
+
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Exact restore from state_dict() output (config must match this object's)."""
+        """Exact restore from state_dict() output (config must match this object's). The components are
+        the ones the state holds (the registered ones this layer applies, possibly without OPTIONAL ones)."""
+        sd = self.upgrade(sd)
         meta = tuple(int(sd[f"meta.{x}"]) for x in ("d_mlp", "k", "gated", "max_pos"))
-        if int(sd["meta.version"]) != _STATE_VERSION:
-            raise KvmemError(f"LayerStats state version {int(sd['meta.version'])} is not {_STATE_VERSION}")
         if meta != (self.d_mlp, self.k, int(self.gated), self.max_pos):
             raise KvmemError(f"LayerStats state with (d_mlp, k, gated, max_pos) {meta} does not fit this object")
-        dev = self.device
-
-        def get(name: str) -> torch.Tensor:
-            return sd[name].to(dev).clone()
-
-        def keys(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            return torch.where(index >= 0, encode(value, index), torch.full_like(index, EMPTY))
-
-        self._top = keys(get("top.value"), get("top.index"))
-        self._bot = keys(-get("bottom.value"), get("bottom.index"))
-        self._doc_key, self._doc_id = keys(get("top_docs.value"), get("top_docs.index")), get("top_docs.doc")
-        smp_index = get("sample.index")
-        # the stored priority, not one recomputed from the index: stats whose token indices were
-        # shifted (merging independent runs) keep the sample they drew
-        high = get("sample.priority") - 2**31
-        self._smp_key = torch.where(smp_index >= 0, encode_high(high, smp_index), torch.full_like(smp_index, EMPTY))
-        self._smp_val = get("sample.value")
-        for name in ("count_pos", "sum", "sumsq", "hist", "l0_hist", "l0_pos_sum", "l0_pos_count"):
-            setattr(self, name, get(name))
-        if self.gated:
-            self.quadrant_count = get("quadrants.count")
-            self._q_val = get("quadrants.value")
-            self._q_key = keys(self._q_val.abs(), get("quadrants.index"))
-        self.n = int(sd["n"])
+        prefixes = {name.split(".", 1)[0] for name in sd}
+        unknown = prefixes - set(COMPONENTS) - {"meta", "context"}
+        if unknown:
+            raise KvmemError(f"LayerStats state holds statistics this kvmem does not know: {', '.join(sorted(unknown))}")
+        expected = set(build(self.spec, None)) | (prefixes & set(OPTIONAL))
+        missing = expected - prefixes - set(OPTIONAL)
+        if missing:
+            raise KvmemError(f"LayerStats state lacks the statistics {', '.join(sorted(missing))}")
+        spec = self.spec
+        if "mass" in prefixes and "mass.value_norm" in sd:
+            spec = LayerSpec(spec.d_mlp, spec.k, spec.gated, spec.max_pos, spec.device, sd["mass.value_norm"])
+            self.spec = spec
+        self.parts = build(spec, [name for name in COMPONENTS if name in prefixes])
+        for name, part in self.parts.items():
+            part.load_state_dict({key[len(name) + 1:]: t for key, t in sd.items() if key.startswith(name + ".")})
+        self.n = int(sd["meta.n"])
         self._last_index = int(sd["meta.last_index"])
         ctx = {name[len("context."):]: t for name, t in sd.items() if name.startswith("context.")}
-        self.context = ContextWindows.from_state_dict(ctx, device=dev) if ctx else None
+        self.context = ContextWindows.from_state_dict(ctx, device=self.device) if ctx else None
 
     def shifted(self, d_tokens: int, d_docs: int) -> "LayerStats":
         """A copy with every token index moved by d_tokens and document id by d_docs (to merge an
@@ -369,10 +266,10 @@ class LayerStats:
     def from_state_dict(cls, sd: dict[str, torch.Tensor], device="cpu") -> "LayerStats":
         """A new LayerStats on device restored from state_dict() output."""
         s = cls(int(sd["meta.d_mlp"]), int(sd["meta.k"]), bool(int(sd["meta.gated"])), int(sd["meta.max_pos"]),
-                device=device)
+                device=device, components=())
         s.load_state_dict(sd)
         return s
 
     def __repr__(self) -> str:
         return (f"LayerStats(d_mlp={self.d_mlp}, k={self.k}, gated={self.gated}, max_pos={self.max_pos}, "
-                f"n={self.n}, device={str(self.device)!r})")
+                f"n={self.n}, device={str(self.device)!r}, components={list(self.parts)})")

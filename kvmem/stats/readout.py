@@ -1,24 +1,11 @@
-"""Read-outs of a LayerStats (bound as its methods): moments, count_above, to_frame."""
+"""Read-outs of a LayerStats that combine components (bound as its methods): firing_rate, count_above,
+count_below, to_frame."""
 
 from __future__ import annotations
 
 import pandas as pd
 import torch
 
-from kvmem.stats import hist as _hist
-
-
-def mean(self) -> torch.Tensor:
-    """Mean of m per neuron, float64 [d] (NaN before any token)."""
-    return self.sum / self.n if self.n else torch.full_like(self.sum, float("nan"))
-
-
-def std(self) -> torch.Tensor:
-    """Population standard deviation of m per neuron, float64 [d] (NaN before any token)."""
-    if not self.n:
-        return torch.full_like(self.sum, float("nan"))
-    mu = self.sum / self.n
-    return (self.sumsq / self.n - mu * mu).clamp(min=0.0).sqrt()
 
 
 def firing_rate(self) -> torch.Tensor:
@@ -35,7 +22,17 @@ def count_above(self, threshold, return_bound: bool = False):
     t = torch.as_tensor(threshold, dtype=torch.float32, device=self.device)
     if t.dim() == 0:
         t = t.expand(self.d_mlp)
-    est, bound = _hist.count_above(self.hist, t)
+    est, bound = self.component("hist").above(t)
+    return (est, bound) if return_bound else est
+
+
+def count_below(self, threshold, return_bound: bool = False):
+    """Estimated number of tokens with m < -threshold per neuron (the mirror of ``count_above``), float64
+    [d]; with return_bound=True (estimate, bound), the true count within estimate +- bound."""
+    t = torch.as_tensor(threshold, dtype=torch.float32, device=self.device)
+    if t.dim() == 0:
+        t = t.expand(self.d_mlp)
+    est, bound = self.component("hist").below(t)
     return (est, bound) if return_bound else est
 
 

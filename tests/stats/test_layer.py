@@ -13,7 +13,8 @@ from stats_reference import (
 )
 
 from kvmem.errors import KvmemError
-from kvmem.stats import LayerStats, update
+from kvmem.stats import LayerStats
+from kvmem.stats import sample as sample_mod
 
 K = 5
 
@@ -63,7 +64,8 @@ def test_update_matches_brute_force(gated, stats_path):
     s = st.feed(LayerStats(st.m.shape[1], k=K, gated=gated, max_pos=64))
     check(s, st)
     if stats_path == "torch":  # the warm paths ran: sparse candidates, hash intervals for the sample
-        assert st.paths[0]["values"] == "dense" and st.paths[-2]["values"] == "sparse"
+        for store in ("top", "bottom", "top_docs"):
+            assert st.paths[0][store] == "dense" and st.paths[-2][store] == "sparse"
         assert st.paths[0]["sample"] == "dense" and st.paths[-2]["sample"] == "range"
 
 
@@ -89,11 +91,11 @@ def test_reference_is_sensitive():
 def test_sample_paths(monkeypatch, limit, window, stats_path):
     """Every sample path is exact on its own: cyclic hash intervals (a narrow first window that often
     needs the redo, the default, one that never narrows) and the dense fallback."""
-    monkeypatch.setattr(update, "SAMPLE_RANGE_LIMIT", limit)
-    monkeypatch.setattr(update, "SAMPLE_WINDOW", window)
+    monkeypatch.setattr(sample_mod, "SAMPLE_RANGE_LIMIT", limit)
+    monkeypatch.setattr(sample_mod, "SAMPLE_WINDOW", window)
     redo = []
-    real = update._hash_ranges
-    monkeypatch.setattr(update, "_hash_ranges", lambda *a: redo.append(1) or real(*a))
+    real = sample_mod.Sample._hash_ranges
+    monkeypatch.setattr(sample_mod.Sample, "_hash_ranges", lambda *a: redo.append(1) or real(*a))
     st = make_stream(seed=2, n=1500, d=10)
     s = LayerStats(10, k=K, max_pos=64)
     paths = set()
