@@ -125,8 +125,10 @@ class Profiler:
         self.model, self.cfg, self.store, self.out = model, cfg, store, out
         self.layers = check_layers(model, cfg.layers)
         self.progress = progress
+        # value norms ‖v_i‖ weigh |m_i| in what each neuron writes (kvmem.stats.mass)
         self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
-                                        device=model.device, context=context_windows(model, cfg))
+                                        device=model.device, context=context_windows(model, cfg),
+                                        value_norm=model.value_norms(layer))
                       for layer in self.layers}
         self.state = Progress()
         self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)

@@ -37,7 +37,7 @@ from kvmem.stats.base import Batch, LayerSpec
 from kvmem.stats.context import ContextWindows
 from kvmem.stats.keys import MAX_TOKEN_INDEX
 from kvmem.stats.quadrants import QuadrantSlots as Quadrants
-from kvmem.stats.registry import COMPONENTS, build
+from kvmem.stats.registry import COMPONENTS, build, component_class
 from kvmem.stats.topk import Slots
 
 STATE_VERSION = 2
@@ -235,10 +235,6 @@ class LayerStats:
         unknown = prefixes - set(COMPONENTS) - {"meta", "context"}
         if unknown:
             raise KvmemError(f"LayerStats state holds statistics this kvmem does not know: {', '.join(sorted(unknown))}")
-        expected = set(build(self.spec, None)) | (prefixes & set(OPTIONAL))
-        missing = expected - prefixes - set(OPTIONAL)
-        if missing:
-            raise KvmemError(f"LayerStats state lacks the statistics {', '.join(sorted(missing))}")
         spec = self.spec
         if "mass" in prefixes and "mass.value_norm" in sd:
             spec = LayerSpec(spec.d_mlp, spec.k, spec.gated, spec.max_pos, spec.device, sd["mass.value_norm"])
@@ -250,6 +246,12 @@ class LayerStats:
         self._last_index = int(sd["meta.last_index"])
         ctx = {name[len("context."):]: t for name, t in sd.items() if name.startswith("context.")}
         self.context = ContextWindows.from_state_dict(ctx, device=self.device) if ctx else None
+
+    def missing(self) -> list[str]:
+        """The registered statistics a layer like this one keeps but this object lacks (a state written with
+        fewer components), except OPTIONAL ones; a run's reader refuses a run whose layers miss any."""
+        want = [n for n, c in ((n, component_class(n)) for n in COMPONENTS) if c.applies(self.spec)]
+        return [n for n in want if n not in self.parts and n not in OPTIONAL]
 
     def shifted(self, d_tokens: int, d_docs: int) -> "LayerStats":
         """A copy with every token index moved by d_tokens and document id by d_docs (to merge an
