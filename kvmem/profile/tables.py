@@ -149,10 +149,7 @@ def _quantile(hist: torch.Tensor, q: float) -> int:
 def mass_row(s) -> dict:
     """mass{50,90}_{mean,median,p90} of one layer (None when the run kept no mass statistic)."""
     row: dict = {}
-    try:  # TEMPORARY until LayerStats.mass lands (then: mass = s.mass)
-        mass = s.mass
-    except AttributeError:
-        mass = None
+    mass = s.mass
     for f in MASS:
         p = pct(f)
         if mass is None or not mass.n:
