@@ -1,6 +1,9 @@
-"""LayerStats.update in one pass over the batch, on CPU (numba).
+"""A CPU backend: the update of several components (kvmem.stats.base) in one pass over the batch (numba).
 
-The torch path (kvmem.stats.update) is built for a GPU: a dozen full passes over m [N, d_mlp]
+It covers the components named in ``FUSED`` (top, bottom, top_docs, sample, moments, hist, counts,
+quadrants) and writes their state tensors in place; each of them keeps its own torch ``update``, which other
+devices take and which the tests check against the same brute force. The torch updates are built for a
+GPU: a dozen full passes over m [N, d_mlp]
 (positive counts, float64 moments, histogram codes, candidate masks), then sorts and merges of the
 candidates. On a CPU each pass is a trip through memory and each small op has a fixed cost, and
 together they cost about a third of a transformer layer's forward pass. ``update`` does the whole
@@ -24,7 +27,7 @@ update in a single read of m (and gate, up):
 The kernel is compiled without numba's own threading (a second OpenMP runtime beside torch's would
 make the two spin against each other on a small CPU); the blocks are shared out to
 torch.get_num_threads() threads by kvmem.stats.parallel (torch's own OpenMP team where it can). GPU (and any device other than
-the CPU) takes the torch path, which the tests run on CPU too; both are checked against the same
+the CPU) takes the components' torch updates, which the tests run on CPU too; both are checked against the same
 brute-force statistics.
 """
 
