@@ -19,23 +19,15 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from kvmem.analysis.common import derangement
+from kvmem.analysis.common import derangement, local_index, run_slots
 from kvmem.analysis.result import AnalysisResult
 from kvmem.errors import KvmemError
-
-
-def store_of(stats, kind: str = "top") -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [d_mlp, k], global token index [d_mlp, k], -1 = empty) of a LayerStats store."""
-    if hasattr(stats, "store"):
-        values, index = stats.store(kind)
-    else:
-        slots = getattr(stats, kind)
-        values, index = slots[0], slots[1]
-    return values.cpu(), index.cpu().long()
+from kvmem.profile.run import Run
 
 
 def next_tokens(index: torch.Tensor, ids: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
-    """Token id following each global index [...] in the same document; -1 where there is none."""
+    """Token id following each index [...] into ``ids`` in the same document (``doc_offsets`` into the same
+    ``ids``); -1 where there is none or index < 0."""
     valid = index >= 0
     idx = index.clamp(min=0)
     doc = torch.searchsorted(doc_offsets, idx, right=True) - 1
@@ -53,7 +45,7 @@ def agreement_table(value_ids: torch.Tensor, nxt: torch.Tensor) -> dict[str, tor
     return {"ex1": match[:, 0, 0], "top1": match[:, 0, :].any(1), "topk": match.any(2).any(1), "has": valid.any(1)}
 
 
-def agreement(run, value_top_ids: torch.Tensor, *, n_examples: int | None = None, k: int = 10, n_perm: int = 5,
+def agreement(run: Run, value_top_ids: torch.Tensor, *, n_examples: int | None = None, k: int = 10, n_perm: int = 5,
               seed: int = 0, layers=None, value_bottom_ids: torch.Tensor | None = None) -> AnalysisResult:
     """Per-layer agreement and its derangement baseline. ``value_top_ids`` [n_layers, d_mlp, >= k] are the
     value vectors' top token ids (e.g. kvmem.vocab.project_values(model)['top_ids'])."""
@@ -64,16 +56,17 @@ def agreement(run, value_top_ids: torch.Tensor, *, n_examples: int | None = None
     gen = torch.Generator().manual_seed(seed)
     rows, pairs = [], []
     for layer in layers:
-        _, index = store_of(run.stats[layer], "top")
+        _, index = run_slots(run, layer, "top")
         if n_examples is not None:
             index = index[:, :n_examples]
-        nxt = next_tokens(index, store.ids, store.doc_offsets)  # [d, n]
+        nxt = next_tokens(local_index(index, store), store.ids, store.doc_offsets)  # [d, n]
         vals = value_top_ids[layer, :, :k].long().cpu()
         own = agreement_table(vals, nxt)
         neg = None
         if value_bottom_ids is not None:
-            _, bindex = store_of(run.stats[layer], "bottom")
-            bnxt = next_tokens(bindex[:, :n_examples] if n_examples else bindex, store.ids, store.doc_offsets)
+            _, bindex = run_slots(run, layer, "bottom")
+            bindex = bindex[:, :n_examples] if n_examples else bindex
+            bnxt = next_tokens(local_index(bindex, store), store.ids, store.doc_offsets)
             bvals = value_bottom_ids[layer, :, :1].long().cpu()
             neg = (bvals, bnxt, agreement_table(bvals, bnxt))
         has = own["has"]

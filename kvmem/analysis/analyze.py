@@ -19,39 +19,37 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from kvmem.analysis.common import sample_from_run
+from kvmem.analysis.common import run_slots, sample_from_run
 from kvmem.errors import KvmemError
+from kvmem.profile.run import Run
 
 MEASURES = ("sparsity", "coactivation", "composition", "knockouts", "agreement", "lexical")
 
 
-def run_neuron_stats(run, layers) -> pd.DataFrame | None:
-    """(layer, neuron, firing_rate, max) from the run's statistics, or None if they lack a firing rate."""
-    from kvmem.analysis.agreement import store_of
-
+def run_neuron_stats(run: Run, layers) -> pd.DataFrame:
+    """(layer, neuron, firing_rate, max) from the run's statistics."""
     frames = []
     for layer in layers:
-        s = run.stats[layer]
-        if not hasattr(s, "firing_rate"):
-            return None
-        values, _ = store_of(s, "top")
+        s = run.layer_stats(layer)
+        values, _ = run_slots(run, layer, "top")
         frames.append(pd.DataFrame({"layer": layer, "neuron": range(values.shape[0]),
                                     "firing_rate": s.firing_rate().cpu().numpy(), "max": values[:, 0].numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
-def default_queries(run, layers, stats: pd.DataFrame, rel: float = 0.25, min_rate: float = 0.001) -> list:
+def default_queries(run: Run, layers, stats: pd.DataFrame, rel: float = 0.25, min_rate: float = 0.001) -> list:
     """Per layer, the neuron with the largest max among those estimated (from the run's histogram) to exceed
-    ``rel`` x their max on at least ``min_rate`` of the tokens; the largest max overall if none or no histogram."""
+    ``rel`` x their max on at least ``min_rate`` of the tokens; the largest max overall if none does."""
     out = []
     for layer, g in stats.groupby("layer"):
         g = g.sort_values("neuron")
         score = torch.tensor(g["max"].to_numpy(), dtype=torch.float64)
-        s = run.stats[layer] if layer in getattr(run, "stats", {}) else None
-        if s is not None and hasattr(s, "count_above") and getattr(s, "n", 0):
+        s = run.layer_stats(int(layer))
+        if s.n:
             mx = torch.nan_to_num(s.max.double().cpu(), nan=0.0).clamp(min=0)
             rate = s.count_above(rel * mx).double().cpu() / s.n
             ok = rate >= min_rate
@@ -66,8 +64,8 @@ def steps(measures, n_layers: int) -> int:
     return sum(n_layers if m == "knockouts" else 1 for m in measures)
 
 
-def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096, composition_tokens: int = 1024,
-            measures=MEASURES, coactivation_neurons=None, layers=None, knockout_ks=None,
+def analyze(run: Run | str | Path, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096,
+            composition_tokens: int = 1024, measures=MEASURES, coactivation_neurons=None, layers=None, knockout_ks=None,
             device: str = "auto", dtype: str = "auto",
             cache: bool = True, progress=None, write: bool = True) -> dict:
     """Run ``measures`` on a run (folder or kvmem.open_run result); returns {measure: AnalysisResult,
@@ -78,10 +76,10 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     from kvmem.analysis.composition import composition
     from kvmem.analysis.knockout import knockouts
     from kvmem.analysis.lexical import lexical
-    from kvmem.analysis.sparsity import neuron_stats, sparsity
+    from kvmem.analysis.sparsity import sparsity
     from kvmem.analysis.findings import findings
 
-    if not hasattr(run, "manifest"):
+    if not isinstance(run, Run):
         run = kvmem.open_run(run)
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
@@ -89,7 +87,7 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     if tokens < 2:
         raise KvmemError("--tokens must be at least 2")
     if model is None:
-        model = kvmem.load(run.manifest["model"]["model"], device=device, dtype=dtype)
+        model = kvmem.load(run.model_spec, device=device, dtype=dtype)
     run.check_model(model)
     if layers is None:
         layers = run.profiled_layers
@@ -101,7 +99,7 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     tick = progress or (lambda label: None)
     sample = sample_from_run(run, tokens)
     stats = run_neuron_stats(run, layers)
-    maxima = None if stats is None else {layer: torch.tensor(g["max"].to_numpy()) for layer, g in stats.groupby("layer")}
+    maxima = {layer: torch.tensor(g["max"].to_numpy()) for layer, g in stats.groupby("layer")}
     results, seconds = {}, {}
 
     def timed(name, fn):
@@ -115,7 +113,7 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     if "coactivation" in measures:
         queries = coactivation_neurons
         if queries is None:
-            queries = default_queries(run, layers, stats if stats is not None else neuron_stats(model, sample, layers))
+            queries = default_queries(run, layers, stats)
         timed("coactivation", lambda: coactivation(model, sample, queries, layers=layers,
                                                                    maxima=maxima))
         tick("co-activation")
@@ -140,7 +138,7 @@ def analyze(run, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096
     if "lexical" in measures:
         timed("lexical", lambda: lexical(model, run, layers=layers))
         tick("lexical keys")
-    folder = Path(run.path) / "analysis"
+    folder = run.analysis_dir
     previous = _previous(folder, exclude=set(results)) if write else {}
     sample_tokens = {"sparsity": sample.n_tokens, "coactivation": sample.n_tokens,
                      "composition": sample.head(composition_tokens).n_tokens,
@@ -203,7 +201,7 @@ def _clean(obj):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+    if isinstance(obj, (np.generic, np.ndarray, torch.Tensor)):
         obj = obj.item()
     if isinstance(obj, float) and obj != obj:
         return None

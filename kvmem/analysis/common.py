@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.errors import KvmemError
+from kvmem.profile.run import Run, slots
+from kvmem.profile.tokens import TokenStore
 
 
 @dataclass
@@ -52,10 +54,23 @@ def sample_from_ids(ids: torch.Tensor, seq_len: int, max_tokens: int | None = No
     return Sample(ids[: n * seq_len].view(n, seq_len).clone(), source)
 
 
-def sample_from_run(run, max_tokens: int | None = None) -> Sample:
+def sample_from_run(run: Run, max_tokens: int | None = None) -> Sample:
     """Rows of the run's own seq_len from the start of its token store."""
-    return sample_from_ids(run.tokens.ids, int(run.manifest["settings"]["seq_len"]), max_tokens,
+    return sample_from_ids(run.tokens.ids, run.seq_len, max_tokens,
                            source=f"run {run.path} (first tokens of its token store)")
+
+
+def run_slots(run: Run, layer: int, kind: str = "top") -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's example store (kvmem.profile.run.slots) on the CPU: values [d_mlp, k] (NaN = empty),
+    global token index [d_mlp, k] int64 (-1 = empty)."""
+    s = slots(run.layer_stats(layer), kind)
+    return s.value.cpu(), s.index.cpu().long()
+
+
+def local_index(index: torch.Tensor, store: TokenStore) -> torch.Tensor:
+    """Global token indices [...] (-1 = none) -> indices into ``store.ids`` (-1 kept): a run of one shard
+    starts at ``store.offset``."""
+    return torch.where(index >= 0, index - store.offset, index)
 
 
 def sample_from_corpus(model, corpus: str = "pydoc", tokens: int = 20000, seq_len: int = 128) -> Sample:

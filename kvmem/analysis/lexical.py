@@ -20,9 +20,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from kvmem.analysis.agreement import store_of
+from kvmem.analysis.common import local_index, run_slots
 from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import run_capture
+from kvmem.profile.run import Run
+from kvmem.profile.tokens import TokenStore
 
 LENGTHS = (1, 2)
 
@@ -36,10 +38,10 @@ def mode_share(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, best / n.clamp(min=1), torch.full_like(n, float("nan")))
 
 
-def _shares(index: torch.Tensor, store) -> tuple[torch.Tensor, torch.Tensor]:
+def _shares(index: torch.Tensor, store: TokenStore) -> tuple[torch.Tensor, torch.Tensor]:
     """same_token and same_bigram shares [d] for global indices [d, n] (-1 empty)."""
     valid = index >= 0
-    idx = index.clamp(min=0)
+    idx = local_index(index, store).clamp(min=0)
     ids = store.ids.long()
     tok = ids[idx]
     doc_start = store.doc_offsets[torch.searchsorted(store.doc_offsets, idx, right=True) - 1]
@@ -50,12 +52,12 @@ def _shares(index: torch.Tensor, store) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def truncation(model, run, layer_examples: dict, tokens_per_batch: int = 4096) -> pd.DataFrame:
-    """layer_examples {layer: (neuron [e], index [e], stored value [e])} -> one row per example and L:
+def truncation(model, run: Run, layer_examples: dict, tokens_per_batch: int = 4096) -> pd.DataFrame:
+    """layer_examples {layer: (neuron [e], global index [e], stored value [e])} -> one row per example and L:
     layer, neuron, index, L, m_stored, m_trunc, retain. One short forward pass per layer and L, stopped
     after that layer: the sequences [e, L] are the last L tokens up to each example."""
-    seq_len = int(run.manifest["settings"]["seq_len"])
-    ids = run.tokens.ids.long()
+    seq_len = run.seq_len
+    ids, offset = run.tokens.ids.long(), run.tokens.offset
     out = []
     for L in LENGTHS:
         for layer, (neuron, index, value) in layer_examples.items():
@@ -63,7 +65,7 @@ def truncation(model, run, layer_examples: dict, tokens_per_batch: int = 4096) -
             neuron, index, value = neuron[keep], index[keep], value[keep]
             if index.numel() == 0:
                 continue
-            seqs = ids[index[:, None] + torch.arange(-L + 1, 1)]  # [e, L]
+            seqs = ids[index[:, None] - offset + torch.arange(-L + 1, 1)]  # [e, L]
             b = max(1, tokens_per_batch // L)
             got = []
             for start in range(0, seqs.shape[0], b):
@@ -77,7 +79,7 @@ def truncation(model, run, layer_examples: dict, tokens_per_batch: int = 4096) -
         columns=["layer", "neuron", "index", "L", "m_stored", "m_trunc", "retain"])
 
 
-def lexical(model, run, *, n_examples: int | None = None, n_neurons: int = 128, n_trunc: int = 5, seed: int = 0,
+def lexical(model, run: Run, *, n_examples: int | None = None, n_neurons: int = 128, n_trunc: int = 5, seed: int = 0,
             layers=None, tokens_per_batch: int = 4096) -> AnalysisResult:
     """Per-layer lexical shares (with a random-position baseline) and truncation retention."""
     store = run.tokens
@@ -85,11 +87,11 @@ def lexical(model, run, *, n_examples: int | None = None, n_neurons: int = 128, 
     gen = torch.Generator().manual_seed(seed)
     rows, chosen = [], {}
     for layer in layers:
-        values, index = store_of(run.stats[layer], "top")
+        values, index = run_slots(run, layer, "top")
         if n_examples is not None:
             values, index = values[:, :n_examples], index[:, :n_examples]
         tok_share, bi_share = _shares(index, store)
-        rand = torch.randint(0, store.n_tokens, index.shape, generator=gen)
+        rand = torch.randint(0, store.n_tokens, index.shape, generator=gen) + store.offset  # global indices
         rand = torch.where(index >= 0, rand, torch.full_like(rand, -1))
         b_tok, b_bi = _shares(rand, store)
         has = (index >= 0).any(1)

@@ -79,7 +79,7 @@ def analyze(
                         ("--composition-tokens", composition_tokens)):
         if value < 2:
             raise KvmemError(f"{name} must be at least 2")
-    spec = model or r.manifest["model"]["model"]
+    spec = model or r.model_spec
     with err_console.status(f"loading {spec} ..."):
         kv = kvmem.load(spec, device=device, dtype=dtype)
     queries = [n.strip() for n in neurons.split(",") if n.strip()] or None
@@ -102,7 +102,7 @@ def analyze(
                           layers=chosen_layers, knockout_ks=ks, progress=tick)
     results = {k: v for k, v in out.items() if k != "findings"}
     if json_out:
-        return print_json({"run": str(r.path), "analysis": str(Path(r.path) / "analysis"),
+        return print_json({"run": str(r.path), "analysis": str(r.analysis_dir),
                            "measures": {k: v.meta for k, v in results.items()},
                            "tables": {f"{k}_{t}": df.to_dict(orient="records") for k, v in results.items()
                                       for t, df in v.tables.items() if t in ("layers", "model", "partners")},
@@ -126,7 +126,7 @@ def analyze(
         nums = ", ".join(f"{k}={v:.3g}" for k, v in f["numbers"].items() if isinstance(v, (int, float)))
         table.add_row(Text(f["claim"]), Text(f["verdict"], style="bold"), Text(nums))
     console.print(table)
-    console.print(f"wrote {Path(r.path) / 'analysis'}", markup=False)
+    console.print(f"wrote {r.analysis_dir}", markup=False)
 
 
 @app.command()

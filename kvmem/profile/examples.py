@@ -9,17 +9,16 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from kvmem.errors import KvmemError
+from kvmem.profile.run import STORES, Run, slots
 
-KINDS = ("top", "bottom", "top_docs", "sample")
+KINDS = STORES
 
 
-def examples(run, layer: int, neuron: int, kind: str = "top", *, before: int = 12, after: int = 4) -> pd.DataFrame:
+def examples(run: Run, layer: int, neuron: int, kind: str = "top", *, before: int = 12, after: int = 4
+             ) -> pd.DataFrame:
     """One row per stored example, best first: value, index, doc, token, context tokens, marked text."""
-    if kind not in KINDS:
-        raise KvmemError(f"unknown example kind {kind!r}; choose from {', '.join(KINDS)}")
-    slots = getattr(run.stats[layer], kind)
-    v, idx = slots.value[neuron], slots.index[neuron]
+    store_slots = slots(run.layer_stats(layer), kind)
+    v, idx = store_slots.value[neuron], store_slots.index[neuron]
     keep = idx >= 0
     v, idx = v[keep].tolist(), idx[keep].tolist()
     store, vocab = run.tokens, run.vocab

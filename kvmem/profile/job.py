@@ -29,6 +29,7 @@ from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import Corpus
 from kvmem.profile.runner import (CONTEXT_FIELDS, Profiler, ProfileConfig, find_batch_size, parse_shard, remove_checkpoint,
                                   shard_of)
+from kvmem.profile.schema import RUN_FORMAT
 from kvmem.profile.tables import layer_table, neuron_table
 from kvmem.profile.tokens import TokenStore, tokenize
 
@@ -183,6 +184,7 @@ def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corp
     runfiles.write_parquet(out / "neurons.parquet", neurons)
     runfiles.write_parquet(out / "layers.parquet", layer_table(stats))
     manifest = {
+        "format": RUN_FORMAT,  # kvmem.profile.schema: what a run folder of this format holds
         "kvmem_version": kvmem.__version__,
         "model": {k: model_meta[k] for k in ("model", "source", "family", "model_type", "n_layers", "d_model",
                                               "d_mlp", "d_vocab", "activation", "gated", "fingerprint", "dtype",

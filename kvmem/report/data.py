@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from kvmem.profile.run import Run, slots
+from kvmem.profile.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from kvmem.stats import LayerStats
 
 KINDS = ("top", "top_docs", "bottom", "bands", "quad")
 
@@ -43,11 +50,6 @@ def safe_json(obj) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def local_doc(store, local: torch.Tensor) -> torch.Tensor:
-    """Local document id of local token indices (stores with or without a global offset)."""
-    return torch.searchsorted(store.doc_offsets, local, right=True) - 1
-
-
 def packed(obj) -> str:
     """gzip-compressed JSON as base64 (only [A-Za-z0-9+/=]: safe anywhere in a script); the page
     inflates it with the browser's DecompressionStream. Deterministic (no gzip timestamp)."""
@@ -66,14 +68,13 @@ def unpacked(text: str):
     return json.loads(gzip.decompress(base64.b64decode(text)).decode("utf-8"))
 
 
-def windows(store, index: torch.Tensor, before: int, after: int) -> torch.Tensor:
+def windows(store: TokenStore, index: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """Token ids around each global index [...] -> [..., before + 1 + after] int64; -1 outside the
     index's document or where index < 0."""
-    offset = int(getattr(store, "offset", 0))
     flat = index.reshape(-1).long()
     valid = flat >= 0
-    local = (flat - offset).clamp(0, max(store.n_tokens - 1, 0))
-    doc = local_doc(store, local)
+    local = (flat - store.offset).clamp(0, max(store.n_tokens - 1, 0))
+    doc = store.local_doc_of(local)
     start, end = store.doc_offsets[doc], store.doc_offsets[doc + 1]
     pos = local[:, None] + torch.arange(-before, after + 1)
     inside = (pos >= start[:, None]) & (pos < end[:, None]) & valid[:, None]
@@ -81,10 +82,9 @@ def windows(store, index: torch.Tensor, before: int, after: int) -> torch.Tensor
     return torch.where(inside, ids, torch.full_like(ids, -1)).reshape(*index.shape, -1)
 
 
-def token_at(store, index: torch.Tensor) -> torch.Tensor:
+def token_at(store: TokenStore, index: torch.Tensor) -> torch.Tensor:
     """Token id at each global index [...] (-1 where index < 0)."""
-    offset = int(getattr(store, "offset", 0))
-    local = (index.long() - offset).clamp(0, max(store.n_tokens - 1, 0))
+    local = (index.long() - store.offset).clamp(0, max(store.n_tokens - 1, 0))
     return torch.where(index >= 0, store.ids.long()[local], torch.full_like(index.long(), -1))
 
 
@@ -110,50 +110,52 @@ def _round(x: torch.Tensor, digits: int = 4) -> list:
     return (torch.round(x * scale) / scale).tolist()
 
 
-def layer_examples(stats, store, opts: ReportOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def layer_examples(stats: LayerStats, store: TokenStore, opts: ReportOptions
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per kind: (values [d_mlp, n], global index [d_mlp, n]) of the examples the page shows."""
     out = {}
     for kind, n in (("top", opts.n_top), ("top_docs", opts.n_docs), ("bottom", opts.n_bottom)):
-        v, i = store_of(stats, kind)
+        v, i = shown_slots(stats, kind)
         out[kind] = (v[:, :n].float(), i[:, :n].long())
-    v, i = store_of(stats, "sample")
+    v, i = shown_slots(stats, "sample")
     out["bands"] = band_picks(v, i.long(), opts.per_band)
-    q = getattr(stats, "quadrants", None) if getattr(stats, "gated", False) else None
-    if q is not None and not isinstance(q, torch.Tensor):
+    q = stats.quadrants  # None unless the layer is gated
+    if q is not None:
         out["quad"] = (torch.nan_to_num(q.value.float().cpu(), nan=0.0), q.index.long().cpu())
     return out
 
 
-def store_of(stats, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(value [d_mlp, k] float32 with 0 in empty slots, index [d_mlp, k] int64, -1 empty) of a store."""
-    slots = stats.store(kind) if hasattr(stats, "store") else getattr(stats, kind)
-    v, i = slots[0].float().cpu(), slots[1].long().cpu()
-    return torch.nan_to_num(v, nan=0.0), i
+def shown_slots(stats: LayerStats, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A store as the page shows it (kvmem.profile.run.slots, on the CPU): value [d_mlp, k] float32 with 0
+    in empty slots, index [d_mlp, k] int64, -1 empty."""
+    s = slots(stats, kind)
+    return torch.nan_to_num(s.value.float().cpu(), nan=0.0), s.index.long().cpu()
 
 
-def layer_payload(layer: int, stats, store, opts: ReportOptions, *, vocab_side: dict | None = None,
-                  shading: dict | None = None) -> dict:
+def layer_payload(layer: int, stats: LayerStats, store: TokenStore, opts: ReportOptions, *,
+                  vocab_side: dict | None = None, shading: dict | None = None) -> dict:
     """The neuron-page data of one layer (see the module docstring)."""
 
     ex = layer_examples(stats, store, opts)
-    top_v, top_i = store_of(stats, "top")
+    top_v, top_i = shown_slots(stats, "top")
     top_tok = token_at(store, top_i)
-    hist = stats_hist(stats)  # [d_mlp, B]
+    hist = stats.hist.long().cpu()  # [d_mlp, N_BINS] activation histogram counts
     nz = hist > 0
     any_nz = nz.any(1)
     first = torch.where(any_nz, nz.float().argmax(1), torch.zeros_like(any_nz, dtype=torch.long))
     last = torch.where(any_nz, hist.shape[1] - 1 - nz.flip(1).float().argmax(1), torch.full_like(first, -1))
-    quad = stats_quadrants(stats)
-    maxima, minima = stats.max.float().cpu(), stats_min(stats)
+    # gated layers: tokens per sign combination [d_mlp, 4] (order of figures.QUADRANTS)
+    q = stats.quadrants
+    quad = None if q is None else q.count.long().cpu().tolist()
+    maxima, minima = stats.max.float().cpu(), stats.min.float().cpu()
     # the layer's windows, once each: examples of different neurons often share a token
-    offset = int(getattr(store, "offset", 0))
     every = torch.cat([i.flatten() for _, i in ex.values()])
     uniq = every[every >= 0].unique()  # sorted global indices [n_windows]
     win = windows(store, uniq, opts.before, opts.after).tolist()
     wdoc = store.doc_of(uniq).tolist() if uniq.numel() else []
     kinds = {}
     for kind, (v, i) in ex.items():
-        ref = torch.searchsorted(uniq, i.clamp(min=offset)) if uniq.numel() else torch.zeros_like(i)
+        ref = torch.searchsorted(uniq, i.clamp(min=store.offset)) if uniq.numel() else torch.zeros_like(i)
         kinds[kind] = {"v": _round(v), "r": torch.where(i >= 0, ref, torch.full_like(ref, -1)).tolist(),
                        "s": shading.get(kind) if shading else None}
     neurons = []
@@ -177,21 +179,6 @@ def layer_payload(layer: int, stats, store, opts: ReportOptions, *, vocab_side: 
             "shaded": shading is not None, "win": win, "wdoc": wdoc, "neurons": neurons}
 
 
-def stats_hist(stats) -> torch.Tensor:
-    """The activation histogram counts [d_mlp, N_BINS] (int64) of a LayerStats."""
-    return stats.hist.long().cpu()
-
-
-def stats_quadrants(stats) -> list | None:
-    """Gated layers: tokens per sign combination [d_mlp, 4] as lists (order of figures.QUADRANTS)."""
-    q = stats.quadrants if getattr(stats, "gated", False) else None
-    return None if q is None else q.count.long().cpu().tolist()
-
-
-def stats_min(stats) -> torch.Tensor:
-    return stats.min.float().cpu()
-
-
 def vocab_side(projection, layer: int, n: int) -> dict:
     """Top and bottom value tokens [[id, logit], ...] per neuron of one layer, from a ValueProjection."""
     out = {}
@@ -202,7 +189,7 @@ def vocab_side(projection, layer: int, n: int) -> dict:
     return out
 
 
-def neuron_index(run, projection=None, n_value_tokens: int = 3) -> dict:
+def neuron_index(run: Run, projection=None, n_value_tokens: int = 3) -> dict:
     """The overview table, columnar: layer, neuron, firing rate, max, top trigger token id, top value
     token ids (one list per neuron, empty without a projection)."""
     df = run.neurons
@@ -219,5 +206,6 @@ def neuron_index(run, projection=None, n_value_tokens: int = 3) -> dict:
     return cols
 
 
-def l0_hists(run) -> dict[int, np.ndarray]:
-    return {layer: s.l0_hist.double().cpu().numpy() for layer, s in run.stats.items() if hasattr(s, "l0_hist")}
+def l0_hists(run: Run) -> dict[int, np.ndarray]:
+    """Per layer, tokens by their L0 (neurons with m > 0) [d_mlp + 1]."""
+    return {layer: s.l0_hist.double().cpu().numpy() for layer, s in run.stats.items()}

@@ -20,11 +20,17 @@ max|m|) of that neuron, in [-10, 10], written as chr(ord('K') + level) (so 'A' =
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvmem.capture import capture
+from kvmem.profile.run import Run
+from kvmem.profile.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from kvmem.stats import LayerStats
 
 NO_CONTEXT = ("only the activating token is shaded: the run stores no activations of the context tokens "
               "(profiled by an older kvmem; pass the model to re-run it over the examples)")
@@ -40,11 +46,12 @@ class Shading:
     max_rel_error: float = 0.0  # activating token: |recomputed - stored| / max|m| of the neuron
 
 
-def shade(model, run, examples: dict, before: int, after: int, budget_tokens: int, batch_rows: int = 8) -> Shading:
+def shade(model, run: Run, examples: dict, before: int, after: int, budget_tokens: int, batch_rows: int = 8
+          ) -> Shading:
     """``examples[layer][kind] = (values [d_mlp, n], index [d_mlp, n])``; returns the shading of each window."""
-    seq_len = int(run.manifest["settings"]["seq_len"])
+    seq_len = run.seq_len
     store = run.tokens
-    offset = int(getattr(store, "offset", 0))
+    offset = store.offset
     offs = torch.arange(-before, after + 1)
     # windows' global token indices, per (layer, kind): [d_mlp, n, W]; -1 where not a token of the doc
     from kvmem.report.data import windows
@@ -104,7 +111,7 @@ def shade(model, run, examples: dict, before: int, after: int, budget_tokens: in
             with torch.inference_mode(), capture(model, layers, ("coef",), stop=True, on_layer=on_layer):
                 model.hf(input_ids=ids.to(model.device), use_cache=False)
     for layer in layers:
-        stats = run.stats[layer]
+        stats = run.layer_stats(layer)
         scale = _scale(stats)
         g_req, n_req = requests[layer]
         vals = values[layer]
@@ -125,13 +132,14 @@ def shade(model, run, examples: dict, before: int, after: int, budget_tokens: in
     return result
 
 
-def stored(stats: dict, store, examples: dict, before: int, after: int) -> Shading | None:
+def stored(stats: dict[int, LayerStats], store: TokenStore, examples: dict, before: int, after: int
+           ) -> Shading | None:
     """The shading of each window from the run's context windows (``examples`` as for ``shade``); None if
     a layer holds none (a run profiled by an older kvmem). Examples whose window the run does not hold
     whole (inside the example's document) get None, like those ``shade`` leaves out."""
     from kvmem.report.data import windows
 
-    if any(getattr(stats[layer], "context", None) is None for layer in examples):
+    if any(stats[layer].context is None for layer in examples):
         return None
     result = Shading()
     for layer, kinds in examples.items():
@@ -150,7 +158,7 @@ def stored(stats: dict, store, examples: dict, before: int, after: int) -> Shadi
     return result
 
 
-def context_shading(run, examples: dict, before: int, after: int, model=None,
+def context_shading(run: Run, examples: dict, before: int, after: int, model=None,
                     rerun_tokens: int = 100_000) -> tuple[Shading | None, str]:
     """The report's shading and its note: the stored windows where they cover an example; with ``model``,
     the model re-run (``shade``) over the rows of the other examples only; otherwise those show only the
@@ -214,11 +222,6 @@ def _encode(result: Shading, m: torch.Tensor, in_doc: torch.Tensor, v: torch.Ten
     return [[row if c else None for row, c in zip(a, b)] for a, b in zip(lists, comp)]
 
 
-def _scale(stats) -> torch.Tensor:
+def _scale(stats: LayerStats) -> torch.Tensor:
     """max |m| per neuron [d_mlp] (clamped away from 0): the shading's full scale."""
-    return torch.maximum(stats.max.float().abs(), _min(stats).abs()).clamp(min=1e-12)
-
-
-def _min(stats) -> torch.Tensor:
-    m = getattr(stats, "min", None)
-    return m.float() if isinstance(m, torch.Tensor) else torch.zeros(stats.d_mlp)
+    return torch.maximum(stats.max.float().abs(), stats.min.float().abs()).clamp(min=1e-12)

@@ -1,51 +1,54 @@
-"""Agreement and lexical keys against brute force, on a run-shaped object built independently of the
-profiler (top examples found by a plain top-k over captured coefficients)."""
-
-from pathlib import Path
-from types import SimpleNamespace
+"""Agreement and lexical keys against brute force, on runs profiled from the tiny models (whose top stores are
+checked here against a plain top-k over captured coefficients), one of them a shard of its stream."""
 
 import numpy as np
 import pytest
 import torch
 
+import kvmem
 from kvmem.analysis.agreement import agreement, next_tokens
 from kvmem.analysis.lexical import lexical
 from kvmem.capture import run_capture
-from kvmem.profile.corpus import Corpus
-from kvmem.profile.tokens import tokenize
 
 SEQ, K = 32, 6
+RUNS = {"gpt2": ("gpt2", None), "llama": ("llama", None), "gpt2-shard": ("gpt2", "1/2")}
 
 
-def fake_run(model, n_tokens=640):
-    store, _ = tokenize(Corpus("pydoc"), model.tokenizer, n_tokens)
-    n = store.n_tokens // SEQ * SEQ
-    rows = store.ids[:n].long().view(-1, SEQ)
-    cap = run_capture(model, rows)
-    stats = {}
-    for layer in range(model.n_layers):
-        m = cap.coef[layer].reshape(-1, model.d_mlp)
-        top, bottom = m.topk(K, dim=0), m.topk(K, dim=0, largest=False)
-        stats[layer] = SimpleNamespace(top=(top.values.T.contiguous(), top.indices.T.contiguous()),
-                                       bottom=(bottom.values.T.contiguous(), bottom.indices.T.contiguous()))
-    return SimpleNamespace(tokens=store, stats=stats, profiled_layers=list(range(model.n_layers)),
-                           manifest={"settings": {"seq_len": SEQ}}, path=Path("fake"))
+def profiled(model, out, shard=None, n_tokens=640):
+    """A real run of ``model`` over the first tokens of pydoc; its top store checked against brute force."""
+    cfg = kvmem.ProfileConfig(corpus="pydoc", tokens=n_tokens, seq_len=SEQ, top_k=K, batch_size=4,
+                              checkpoint_every=1e9, shard=shard)
+    run = kvmem.profile(cfg, out, model=model)
+    store = run.tokens
+    assert store.n_tokens % SEQ == 0 and store.offset == (n_tokens // 2 if shard else 0)
+    cap = run_capture(model, store.ids.long().view(-1, SEQ))
+    for layer in run.profiled_layers:
+        m = cap.coef[layer].reshape(-1, model.d_mlp)  # [local token, neuron]
+        top = run.stats[layer].top
+        want = m.topk(K, dim=0).values.T
+        assert torch.allclose(top.value, want, rtol=1e-4, atol=1e-5)
+        local = top.index - store.offset
+        assert torch.allclose(m.gather(0, local.T).T, top.value, rtol=1e-4, atol=1e-5)
+    return run
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_models):
-    return {fam: fake_run(tiny_models[fam]) for fam in ("gpt2", "llama")}
+def runs(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("measures")
+    return {name: profiled(tiny_models[fam], root / name, shard) for name, (fam, shard) in RUNS.items()}
 
 
 def brute_next(i, store):
+    """The token after global index i in its document, or None."""
     ids, off = store.ids.tolist(), store.doc_offsets.tolist()
+    i -= store.offset
     doc = max(d for d in range(len(off) - 1) if off[d] <= i)
     return ids[i + 1] if i + 1 < off[doc + 1] else None
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_agreement_matches_brute_force(tiny_models, runs, family):
-    model, run = tiny_models[family], runs[family]
+@pytest.mark.parametrize("name", list(RUNS))
+def test_agreement_matches_brute_force(tiny_models, runs, name):
+    model, run = tiny_models[RUNS[name][0]], runs[name]
     logits = torch.stack([model.layers[layer].W_out.double() @ model.W_U.double() for layer in range(model.n_layers)])
     value_top = logits.argsort(-1, descending=True)[..., :5]
     value_bottom = logits.argsort(-1)[..., :2]
@@ -57,7 +60,7 @@ def test_agreement_matches_brute_force(tiny_models, runs, family):
         for i in range(model.d_mlp):
             j = partner_of(i)
             store = run.stats[layer].bottom if kind == "neg" else run.stats[layer].top
-            nxt = [brute_next(x, run.tokens) for x in store[1][j].tolist()]
+            nxt = [brute_next(x, run.tokens) for x in store.index[j].tolist()]
             if all(t is None for t in nxt):
                 continue
             count += 1
@@ -97,14 +100,14 @@ def test_next_tokens_stop_at_document_ends(runs):
     assert got[-1] == store.ids[1]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_lexical_matches_brute_force(tiny_models, runs, family):
-    model, run = tiny_models[family], runs[family]
+@pytest.mark.parametrize("name", list(RUNS))
+def test_lexical_matches_brute_force(tiny_models, runs, name):
+    model, run = tiny_models[RUNS[name][0]], runs[name]
     res = lexical(model, run, n_neurons=10, n_trunc=3)
     table = res["layers"].set_index("layer")
-    ids, off = run.tokens.ids.tolist(), run.tokens.doc_offsets.tolist()
+    ids, off, base = run.tokens.ids.tolist(), run.tokens.doc_offsets.tolist(), run.tokens.offset
     for layer in range(model.n_layers):
-        index = run.stats[layer].top[1]
+        index = run.stats[layer].top.index - base  # local
         shares, bishares = [], []
         for i in range(model.d_mlp):
             toks = [ids[x] for x in index[i].tolist()]
@@ -120,12 +123,13 @@ def test_lexical_matches_brute_force(tiny_models, runs, family):
     ex = res["truncation"]
     assert set(ex.L) == {1, 2} and len(ex) > 0
     for row in ex.sample(12, random_state=0).itertuples():  # each truncated run, redone by hand
-        seq = torch.tensor([ids[row.index - row.L + 1: row.index + 1]])
+        seq = torch.tensor([ids[row.index - base - row.L + 1: row.index - base + 1]])
         m = run_capture(model, seq, [row.layer]).coef[row.layer][0, -1, row.neuron]
         assert row.m_trunc == pytest.approx(float(m), rel=1e-4, abs=1e-6)
         assert row.index % SEQ >= row.L
-        assert row.m_stored == pytest.approx(float(run.stats[row.layer].top[0][row.neuron][
-            run.stats[row.layer].top[1][row.neuron].tolist().index(row.index)]))
+        top = run.stats[row.layer].top
+        slot = top.index[row.neuron].tolist().index(row.index)
+        assert row.m_stored == pytest.approx(float(top.value[row.neuron][slot]))
     g = ex[ex.L == 1].groupby("layer").retain.median()
     for layer, med in g.items():
         assert table.loc[layer, "retain_1"] == pytest.approx(med)

@@ -135,7 +135,8 @@ def test_bfloat16_windows_are_the_brute_force_m_rounded(report_dir, report_run):
 def test_a_run_without_windows_falls_back_on_the_model(tmp_path, runs, report_run):
     _, model = report_run
     run = runs["old"]
-    assert all(s.context is None for s in run.stats.values())
+    assert not any(run.has_context(layer) for layer in run.profiled_layers)
+    assert shade_mod.stored(run.stats, run.tokens, {0: {}}, 10, 4) is None
     plain = build_report(run, tmp_path / "plain")
     assert load_data(plain.path / "data" / "meta.js")["shade_note"] == shade_mod.NO_CONTEXT
     assert not load_data(plain.path / "data" / "layer-0.js")["shaded"]
