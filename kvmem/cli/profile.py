@@ -20,6 +20,9 @@ from kvmem.errors import KvmemError
 from kvmem.models.load import DEFAULT_MODEL
 
 STAGES = ("load", "tokenize", "profile", "value_projection", "writing")  # the order they run in
+# kvmem rank --by: the neuron table's column each choice sorts by
+RANK_BY = {"active": "active_10pct_maxabs", "pos": "pos_10pct_maxabs", "neg": "neg_10pct_maxabs", "maxabs": "max_abs",
+           "max": "max", "mean": "mean", "rate": "firing_rate"}
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by kvmem profile.")]
 
 
@@ -149,12 +152,53 @@ def print_summary(run, s: dict) -> None:
         order = sorted(s["stages"], key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
         console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {s['stages'][k]:.1f} s" for k in order),
                       markup=False, highlight=False)
-    table = Table("layer", "firing rate (m>0)", "dead", "dense (>50%)", "mean L0", "densest neuron",
-                  title="per layer (firing = coefficient > 0)")
-    for row in run.layers.itertuples():
-        table.add_row(str(row.layer), f"{row.firing_rate:.1%}", str(row.dead), str(row.dense),
-                      f"{row.l0_mean:.1f} / {row.d_mlp}", f"{row.densest} ({row.densest_rate:.0%})")
-    console.print(table)
+    console.print(layer_table(run))
+
+
+def _share(x: float) -> str:
+    return "–" if x != x else f"{x:.1%}"
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _mass(mean: float, d_mlp: int) -> str:
+    return "–" if mean != mean else f"{mean:,.0f} / {d_mlp:,}"
+
+
+def layer_table(run) -> Table:
+    """The closing summary's table, one row per layer. Every family gets the magnitude figures (τ = 10% of
+    each neuron's max |m|, mass-L0); ReLU/GELU models also the m > 0 figures beside them (for gated FFNs,
+    whose coefficients are sign-symmetric, m > 0 holds for about half of all tokens and says nothing: it
+    stays in layers.parquet)."""
+    gated = bool(run.manifest["model"]["gated"])
+    layers = run.layers
+    has_mass = bool(layers["mass50_mean"].notna().any())
+    cols = ["layer", "active\n|m|>10% max|m|\n(± bound)", "m>+10%\nmax|m|", "m<−10%\nmax|m|",
+            "dense / rare\n|m|>10%: >50% /\n<1% of tokens"]
+    if has_mass:
+        cols += ["mass-L0 50%\nmean neurons\n(of d_mlp)", "mass-L0 90%\nmean neurons\n(of d_mlp)"]
+    cols += ["max |m|\n(neuron)"]
+    if not gated:
+        cols += ["firing\nm>0", "dead\nnever m>0", "mean L0\nm>0"]
+    n = int(layers["n_tokens"].max()) if len(layers) else 0
+    title = (f"per layer, over {n:,} tokens: active = |m| > τ, τ = 10% of each neuron's max |m| (shares from the "
+             f"histogram, ± their bound); mass-L0 = neurons carrying 50% / 90% of Σ|m_i|·‖v_i‖ per token")
+    if gated and len(layers):
+        title += (f"; gated FFN, sign-symmetric: m > 0 holds on {layers['firing_rate'].min():.1%}–"
+                  f"{layers['firing_rate'].max():.1%} of tokens in every layer (the m > 0 figures are in layers.parquet)")
+    table = Table(*cols, title=title)
+    for row in layers.itertuples():
+        cells = [str(row.layer), f"{row.active_10pct_maxabs:.1%} ±{row.active_10pct_maxabs_err:.1%}",
+                 _share(row.pos_10pct_maxabs), _share(row.neg_10pct_maxabs), f"{row.dense_10pct} / {row.rare_10pct}"]
+        if has_mass:
+            cells += [_mass(row.mass50_mean, row.d_mlp), _mass(row.mass90_mean, row.d_mlp)]
+        cells += [f"{_num(row.max_abs_activation)} ({row.max_abs_neuron})"]
+        if not gated:
+            cells += [_share(row.firing_rate), str(row.dead), f"{row.l0_mean:,.1f} / {row.d_mlp:,}"]
+        table.add_row(*cells)
+    return table
 
 
 @app.command()
@@ -207,29 +251,33 @@ def top(
 @handle_errors
 def rank(
     run: RunArg,
-    by: Annotated[str, typer.Option(help="max (top activation), mean, or rate (firing rate, m > 0).")] = "max",
+    by: Annotated[str, typer.Option(help="active (share of tokens with |m| > 10% of the neuron's max |m|), pos (m > +10%), "
+                                         "neg (m < -10%), maxabs (max |m|), max (top m), mean, or rate (m > 0).")] = "max",
     top_n: Annotated[int, typer.Option("--top", help="How many neurons.")] = 20,
     layers: Annotated[str | None, typer.Option(help="Only these layers, e.g. 0-5.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """The neurons of a run ranked by max activation, mean activation or firing rate."""
+    """The neurons of a run ranked by a magnitude share, max |m|, max or mean activation, or firing rate."""
     from kvmem.neurons import parse_layers
     from kvmem.profile.run import open_run
 
-    column = {"max": "max", "mean": "mean", "rate": "firing_rate"}.get(by)
+    column = RANK_BY.get(by)
     if column is None:
-        raise KvmemError(f"--by must be max, mean or rate, not {by!r}")
+        raise KvmemError(f"--by must be one of {', '.join(RANK_BY)}, not {by!r}")
     r = open_run(run)
     df = r.neurons
     chosen = parse_layers(layers, r.manifest["model"]["n_layers"])
     if chosen is not None:
         df = df[df.layer.isin(chosen)]
     df = df.sort_values([column, "layer", "neuron"], ascending=[False, True, True]).head(top_n)
-    cols = ["id", "layer", "neuron", "max", "mean", "firing_rate", "top_token", "top_context"]
+    cols = ["id", "layer", "neuron", "max_abs", "active_10pct_maxabs", "active_10pct_maxabs_err", "pos_10pct_maxabs",
+            "neg_10pct_maxabs", "max", "mean", "firing_rate", "top_token", "top_context"]
     if json_out:
-        return print_json({"by": by, "neurons": df[cols].to_dict(orient="records")})
-    table = Table("neuron", "max", "mean", "firing rate", "top example", title=f"top {len(df)} neurons by {by}")
+        return print_json({"by": by, "column": column, "neurons": df[cols].to_dict(orient="records")})
+    table = Table("neuron", "max |m|", "active\n|m|>10% max|m|", "m>+10%\nmax|m|", "m<−10%\nmax|m|", "max m", "mean m",
+                  "firing\nm>0", "top example", title=f"top {len(df)} neurons by {by} ({column})")
     for row in df.itertuples():
-        table.add_row(row.id, f"{row.max:.3f}", f"{row.mean:.4f}", f"{row.firing_rate:.2%}",
-                      Text(row.top_context.replace("\n", "⏎")))
+        table.add_row(row.id, _num(row.max_abs), f"{row.active_10pct_maxabs:.2%} ±{row.active_10pct_maxabs_err:.2%}",
+                      f"{row.pos_10pct_maxabs:.2%}", f"{row.neg_10pct_maxabs:.2%}", f"{row.max:.3g}", f"{row.mean:.3g}",
+                      f"{row.firing_rate:.2%}", Text(row.top_context.replace("\n", "⏎")))
     console.print(table)

@@ -52,6 +52,57 @@ def test_top_and_rank(capsys, profiled):
     assert rates[0] == pytest.approx(table.firing_rate.max())
 
 
+@pytest.mark.parametrize("by, column", [("active", "active_10pct_maxabs"), ("maxabs", "max_abs"),
+                                        ("neg", "neg_10pct_maxabs")])
+def test_rank_by_magnitude(capsys, profiled, by, column):
+    import kvmem
+
+    code, out, _ = run(capsys, "rank", str(profiled), "--by", by, "--top", "6", "--json")
+    res = json.loads(out)
+    values = [n[column] for n in res["neurons"]]
+    assert code == 0 and res["column"] == column and len(values) == 6 and values == sorted(values, reverse=True)
+    assert values[0] == pytest.approx(kvmem.open_run(profiled).neurons[column].max())
+    code, out, _ = run(capsys, "rank", str(profiled), "--by", by, "--top", "3")
+    assert code == 0 and f"top 3 neurons by {by} ({column})" in out
+
+
+def summary_text(run, monkeypatch) -> str:
+    """The closing summary of a run as printed on a wide terminal."""
+    import io
+
+    from rich.console import Console
+
+    import kvmem.cli.profile as cli
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=buf, width=300))
+    cli.print_summary(run, cli.run_summary(run))
+    return buf.getvalue()
+
+
+def test_summary_headlines_magnitude_figures(monkeypatch, tmp_path, tiny_dirs, corpus, profiled):
+    """Gated: the magnitude figures per layer, each header with its threshold; m > 0 only named. GELU: both."""
+    import kvmem
+
+    gated = kvmem.open_run(profiled)
+    text = summary_text(gated, monkeypatch)
+    for header in ("active", "|m|>10% max|m|", "m>+10%", "m<−10%", "dense / rare", ">50% /", "<1% of tokens", "max |m|"):
+        assert header in text, header
+    assert "m>0" not in text and "sign-symmetric" in text
+    layers = gated.layers
+    for row in layers.itertuples():
+        assert f"{row.active_10pct_maxabs:.1%} ±{row.active_10pct_maxabs_err:.1%}" in text
+        assert f"({row.max_abs_neuron})" in text
+    has_mass = bool(layers["mass50_mean"].notna().all())
+    assert ("mass-L0 50%" in text) == has_mass and ("mass-L0 90%" in text) == has_mass
+    assert main(["profile", str(tiny_dirs["gpt2"]), "--corpus", str(corpus), "--seq-len", "16",
+                 "--out", str(tmp_path / "g"), "--json"]) == 0
+    text = summary_text(kvmem.open_run(tmp_path / "g"), monkeypatch)
+    for header in ("|m|>10% max|m|", "m>+10%", "m<−10%", "firing", "m>0", "dead", "never m>0", "mean L0"):
+        assert header in text, header
+    assert "sign-symmetric" not in text
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["top", "{run}", "1.x"], "malformed neuron"),
     (["top", "{run}", "9.1"], "out of range"),
