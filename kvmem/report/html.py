@@ -33,11 +33,13 @@ import plotly.io as pio
 import kvmem
 from kvmem.atomic import MARKER, check_target, staged, write_file, write_json, write_text
 from kvmem.report import data as rdata
-from kvmem.report import figures
+from kvmem.report import figures, overview
 
 STATIC = ("report.js", "report.css")
 REPORT_FILE, REPORT_FORMAT = "report.json", "kvmem-report/1"
 LEGACY_FILES = ("index.html", "static/report.js", "data/meta.js")
+MAGNITUDE_TITLE = "Magnitude: |m| against τ = 10% of each neuron's max |m|, and mass-L0"
+SIGN_TITLE = "For comparison: m > 0 (firing = coefficient > 0)"
 
 
 @dataclass
@@ -165,7 +167,8 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
         hi = int(max(projection["top_ids"].max(), projection["bottom_ids"].max())) + 1
         vocab += [f"<id {i}>" for i in range(len(vocab), hi)]
     _script(out / "data" / "vocab.js", f"KV.vocab = {rdata.safe_json(vocab)};\n")
-    _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(rdata.neuron_index(run, projection, opts.n_vocab))}");\n')
+    table = rdata.neuron_index(run, projection, opts.n_vocab) | overview.neuron_columns(run.neurons)
+    _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(table)}");\n')
 
     stats, store = run.stats, run.tokens
     from kvmem.report.shade import context_shading
@@ -196,7 +199,9 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
     _script(out / "data" / "meta.js", f"KV.meta = {rdata.safe_json(meta)};\n")
 
     layers_df, neurons_df = run.layers, run.neurons
-    figs = figures.layer_figures(layers_df, neurons_df, rdata.l0_hists(run))
+    figs = figures.layer_figures(layers_df, neurons_df, rdata.l0_hists(run), overview.mass_data(run))
+    sections = [(title, [(name, figure_json(figs[name]), name in figures.WIDE) for name in names if name in figs])
+                for title, names in ((MAGNITUDE_TITLE, figures.MAGNITUDE), (SIGN_TITLE, figures.SIGN))]
     card = [("model", m["model"]), ("family", f"{m['family']} ({m['model_type']})"), ("layers", m["n_layers"]),
             ("d_model", f"{m['d_model']:,}"), ("d_mlp", f"{m['d_mlp']:,}"),
             ("activation", f"{m['activation']}{' (gated FFN)' if m['gated'] else ''}"),
@@ -210,7 +215,7 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
     t = env()
     common = {"title": m["model"], "version": kvmem.__version__, "n_tokens": n_tokens}
     (out / "index.html").write_text(t.get_template("index.html").render(
-        **common, card=card, figs={k: figure_json(f) for k, f in figs.items()}, value_note=value_note,
+        **common, card=card, sections=sections, gated=bool(m["gated"]), value_note=value_note,
         has_findings=(Path(run.path) / "analysis" / "findings.json").is_file(),
         has_values=projection is not None, n_search=opts.n_vocab, d_mlp=m["d_mlp"], n_neurons=len(neurons_df),
         top_k=settings["top_k"]), encoding="utf-8")

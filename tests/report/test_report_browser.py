@@ -43,7 +43,44 @@ def test_overview(driver, report_dir):
     rows = driver.execute_script("return document.querySelectorAll('table.neurons tbody tr').length")
     assert rows == 50  # one page of the paged table, not every neuron in the DOM
     assert driver.execute_script(PWNED) is None
+    # the max |m| chart is drawn on a log axis, its outliers named
+    assert driver.execute_script("return document.getElementById('fig-max_abs').layout.yaxis.type") == "log"
+    assert driver.execute_script("return document.querySelectorAll('#fig-max_abs .annotation').length") >= 1
     driver.save_screenshot(str(ARTIFACTS / "report-overview.png"))
+
+
+SHOWN = """return (() => {
+  const N = KV.neurons, col = arguments[0];
+  const ids = Array.from(document.querySelectorAll('table.neurons tbody tr td:first-child a')).map(a => a.textContent);
+  const at = id => { const [l, n] = id.split('.').map(Number); return N.layer.findIndex((x, j) => x === l && N.neuron[j] === n); };
+  return {values: ids.map(id => N[col][at(id)]), best: Math.max(...N[col]),
+          header: document.querySelector('th[data-col="' + col + '"]').textContent,
+          info: document.getElementById('pageinfo').textContent};
+})()"""
+
+
+def test_default_sort_and_share_filter(driver, report_dir, plain_report_dir):
+    """Gated: the table opens on the share of tokens with |m| > 10% of max |m| (not m > 0, about one half for
+    every neuron), and the share filter applies to it; GELU: it opens on the firing rate m > 0."""
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, url(report_dir / "index.html"), "document.querySelectorAll('table.neurons tbody tr').length > 0")
+    shown = driver.execute_script(SHOWN, "act")
+    assert shown["header"] == "|m| > 10% max|m| \u25be"
+    assert shown["values"][0] == shown["best"] and shown["values"] == sorted(shown["values"], reverse=True)
+    assert driver.find_element(By.ID, "ratecol").get_attribute("value") == "act"
+    box = driver.find_element(By.ID, "minrate")
+    box.clear()
+    box.send_keys("0.3")
+    n = driver.execute_script("return KV.neurons.act.filter(x => x >= 0.3).length")
+    assert 0 < n < len(driver.execute_script("return KV.neurons.act"))
+    wait_for(driver, f"document.getElementById('pageinfo').textContent.startsWith('{n} neurons')")
+    assert min(driver.execute_script(SHOWN, "act")["values"]) >= 0.3
+    assert console_errors(driver) == []
+    open_page(driver, url(plain_report_dir / "index.html"), "document.querySelectorAll('table.neurons tbody tr').length > 0")
+    shown = driver.execute_script(SHOWN, "rate")
+    assert shown["header"] == "m > 0 \u25be" and shown["values"][0] == shown["best"]
+    assert driver.find_element(By.ID, "ratecol").get_attribute("value") == "rate"
 
 
 def test_search_by_token_and_id(driver, report_dir):

@@ -194,9 +194,72 @@ def test_neuron_index(report_dir, report_run):
     df = run.neurons
     assert cols["layer"] == df["layer"].tolist() and cols["neuron"] == df["neuron"].tolist()
     assert cols["rate"] == pytest.approx(df["firing_rate"].tolist(), rel=2e-3)
+    # the magnitude columns the table sorts and filters by (τ = 10% of the neuron's max |m|)
+    for key, column, digits in (("act", "active_10pct_maxabs", 3), ("pos", "pos_10pct_maxabs", 3),
+                                ("neg", "neg_10pct_maxabs", 3), ("maxabs", "max_abs", 4),
+                                ("act_err", "active_10pct_maxabs_err", 2)):
+        assert cols[key] == pytest.approx(df[column].tolist(), rel=0.5 * 10 ** (1 - digits), abs=1e-12), key
     ids = run.tokens.ids
     assert [run.vocab[ids[i]] for i in df["top_index"]] == [run.vocab[t] for t in cols["trig"]]
     assert df["top_token"].tolist() == [run.vocab[t] for t in cols["trig"]]
+
+
+def overview_figures(root: Path) -> tuple[list[str], dict[str, dict], list[str]]:
+    """(section headings, {name: figure JSON} in page order, names in page order) of an overview page."""
+    text = (root / "index.html").read_text(encoding="utf-8")
+    heads = re.findall(r'<h2 class="section">(.*?)</h2>', text)
+    figs = {m.group(1): json.loads(m.group(2)) for m in
+            re.finditer(r'<script type="application/json" data-fig="fig-([\w-]+)">(.*?)</script>', text, re.S)}
+    return heads, figs, list(figs)
+
+
+def test_overview_puts_magnitude_first(report_dir, plain_report_dir, report_run):
+    """Both families: the magnitude figures first (τ and token count in every title, max |m| on a log axis
+    with its outliers named), the m > 0 figures below for comparison."""
+    run, _ = report_run
+    n = f"{run.manifest['corpus']['n_tokens']:,} tokens"
+    for root, gated in ((report_dir, True), (plain_report_dir, False)):
+        heads, figs, order = overview_figures(root)
+        assert heads[0].startswith("Magnitude: |m| against τ = 10% of each neuron&#39;s max |m|")
+        assert heads[1].startswith("For comparison: m &gt; 0")
+        magnitude = [name for name in order if name in ("active_share", "dense_rare", "mass_l0", "max_abs",
+                                                        "mass_distribution", "mass_by_position")]
+        assert order[:len(magnitude)] == magnitude and order[:2] == ["active_share", "dense_rare"]
+        assert ("quadrants" in order) == gated
+        for name, fig in figs.items():
+            title = fig["layout"]["title"]["text"]
+            assert n in title, (name, title)
+            if name in ("active_share", "dense_rare"):
+                assert "τ = 10% of each neuron's max |m|" in title, name
+            elif name in ("firing_rate", "dead_dense", "l0", "l0_distribution"):
+                assert title.startswith("m > 0"), name
+        # the active share stacks m > +τ and m < -τ per layer, with the bound as error bar
+        bars = {tr["name"]: tr for tr in figs["active_share"]["data"]}
+        layers = kvmem_layers(root)
+        assert values(bars["m > +τ"]["y"]) == pytest.approx(layers["pos_10pct_maxabs"].tolist())
+        assert values(bars["m < −τ"]["y"]) == pytest.approx(layers["neg_10pct_maxabs"].tolist())
+        assert values(bars["m < −τ"]["error_y"]["array"]) == pytest.approx(layers["active_10pct_maxabs_err"].tolist())
+        # max |m|: log axis, the largest neurons named layer.neuron with their value
+        fig = figs["max_abs"]
+        assert fig["layout"]["yaxis"]["type"] == "log"
+        named = [a["text"] for a in fig["layout"]["annotations"]]
+        assert named and all(re.fullmatch(r"\d+\.\d+: [\d,.]+", t) for t in named)
+
+
+def values(v) -> list:
+    """A data array of a figure's JSON: a list, or plotly's {"dtype", "bdata"} (base64) for numpy arrays."""
+    import base64
+
+    if isinstance(v, dict):
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist()
+    return list(v)
+
+
+def kvmem_layers(root: Path):
+    """The layers table of the run a report was built from (report.json names it)."""
+    import kvmem
+
+    return kvmem.open_run(json.loads((root / "report.json").read_text())["run"]).layers
 
 
 def test_figures_api(report_run):
@@ -204,12 +267,34 @@ def test_figures_api(report_run):
     from kvmem.stats import HIST_EDGES
 
     run, _ = report_run
-    figs = figures.layer_figures(run.layers, run.neurons, {k: s.l0_hist.numpy() for k, s in run.stats.items()})
-    assert set(figs) == {"firing_rate", "dead_dense", "l0", "l0_distribution", "max_activation", "quadrants"}
+    d_mlp = run.manifest["model"]["d_mlp"]
+    gen = np.random.default_rng(0)
+    dist = {layer: {f: np.bincount(gen.integers(1, d_mlp, 300), minlength=d_mlp + 1) for f in (0.5, 0.9)}
+            for layer in run.stats}
+    by_pos = {layer: {f: np.r_[gen.uniform(1, d_mlp, 20), [np.nan] * 12] for f in (0.5, 0.9)} for layer in run.stats}
+    figs = figures.layer_figures(run.layers, run.neurons, {k: s.l0_hist.numpy() for k, s in run.stats.items()},
+                                 {"distribution": dist, "by_position": by_pos})
+    assert set(figs) == {"active_share", "dense_rare", "max_abs", "mass_distribution", "mass_by_position", "firing_rate",
+                         "dead_dense", "l0", "l0_distribution", "quadrants"} | (
+                            {"mass_l0"} if run.layers["mass50_mean"].notna().all() else set())
     for name, fig in figs.items():
         assert isinstance(fig, go.Figure) and fig.data, name
-        assert "token" in fig.layout.title.text or name == "max_activation", name
+        assert "token" in fig.layout.title.text, name
     assert list(figs["firing_rate"].data[0].y) == pytest.approx(run.layers["firing_rate"].tolist())
+    # mass-L0 distribution: per layer and share, the tokens in each range of counts add up to all of them
+    heat = figs["mass_distribution"].data
+    assert len(heat) == 2 and np.asarray(heat[1].z).sum(1) == pytest.approx(np.ones(len(dist)))
+    # by position: log-spaced ranges 0, 1, 2–3, ..., 16–19 (the positions with tokens), means of the positions
+    pos = figs["mass_by_position"].data[0]
+    assert list(pos.x) == ["0", "1", "2–3", "4–7", "8–15", "16–31"]
+    assert pos.z[0][3] == pytest.approx(by_pos[0][0.5][4:8].mean())
+    assert pos.z[0][5] == pytest.approx(by_pos[0][0.5][16:20].mean())
+    # mass-L0 per layer from the layers table (a stand-in frame where the run kept no mass statistic)
+    layers = run.layers.assign(mass50_mean=3.0, mass50_median=2, mass50_p90=5, mass90_mean=9.0, mass90_median=8,
+                               mass90_p90=12)
+    fig = figures.mass_l0(layers)
+    assert [tr.name for tr in fig.data if tr.type == "bar"] == ["mean, 50% of the mass", "mean, 90% of the mass"]
+    assert "50% / 90% of Σ" in fig.layout.title.text and "tokens" in fig.layout.title.text
     hist = run.stats[0].hist[3].numpy()
     fig = figures.activation_histogram(HIST_EDGES.numpy(), hist)
     assert fig.data[0].y.sum() == hist.sum() == run.manifest["corpus"]["n_tokens"]

@@ -62,19 +62,31 @@
   };
 
   /* ---------------- overview: the paged, sortable, filterable neuron table ---------------- */
-  KV.overview = function () {
+  /* opts: {gated, default_sort}: gated FFNs open sorted by the share with |m| > 10% of max |m| (their m > 0
+     rate is about one half for every neuron), the others by the firing rate (m > 0). */
+  KV.overview = function (opts) {
     KV.renderFigures();
-    KV.unpack("neurons").then(function (N) { KV.neurons = N; table(); });
+    KV.unpack("neurons").then(function (N) { KV.neurons = N; table(opts || {}); });
   };
-  function table() {
+  var SHARES = { act: 1, pos: 1, neg: 1, rate: 1 };
+  function table(opts) {
     var N = KV.neurons, n = N.layer.length, norm = KV.vocab.map(function (t) { return t.trim().toLowerCase(); });
-    var hasVal = !!N.val, PAGE = 50, state = { rows: [], sort: "rate", dir: -1, page: 0 };
-    var cols = [["id", "neuron"], ["rate", "firing rate"], ["max", "max m"], ["trig", "top trigger token"]];
-    if (hasVal) cols.push(["val", "top value tokens"]);
+    var first = opts.default_sort || "act";
+    var hasVal = !!N.val, PAGE = 50, state = { rows: [], sort: first, dir: -1, page: 0 };
+    // [key, header, tooltip, class]: every share header states its threshold
+    var cols = [["id", "neuron", "layer.neuron", "c-id"],
+                ["act", "|m| > 10% max|m|", "share of tokens with |m| > 10% of the neuron's max |m| (either sign), \u00b1 the histogram's bound", "c-act"],
+                ["pos", "m > +10%", "share of tokens with m > +10% of the neuron's max |m|", "c-num"],
+                ["neg", "m < \u221210%", "share of tokens with m < \u221210% of the neuron's max |m|", "c-num"],
+                ["maxabs", "max |m|", "largest |m| over the corpus (exact)", "c-num"],
+                ["rate", "m > 0", "firing rate: share of tokens with m > 0 (exact)", "c-num"],
+                ["trig", "top trigger token", "the token of the neuron's highest activation", "c-trig"]];
+    if (hasVal) cols.push(["val", "top value tokens", "the top tokens of v \u00b7 W_U", "c-val"]);
     var layerSel = document.getElementById("layer"), seen = {};
     N.layer.forEach(function (l) { if (!seen[l]) { seen[l] = 1; var o = el("option", null, "layer " + l); o.value = l; layerSel.appendChild(o); } });
     var q = document.getElementById("q"), qmode = document.getElementById("qmode"), qexact = document.getElementById("qexact");
-    var minrate = document.getElementById("minrate"), hidedead = document.getElementById("hidedead");
+    var minrate = document.getElementById("minrate"), ratecol = document.getElementById("ratecol"), hidedead = document.getElementById("hidedead");
+    ratecol.value = SHARES[first] ? first : "act";
     if (!hasVal) { qmode.value = "trig"; qmode.querySelector('option[value="val"]').disabled = true; }
     function key(i) {
       if (state.sort === "id") return N.layer[i] * 1e7 + N.neuron[i];
@@ -83,12 +95,12 @@
       return N[state.sort][i];
     }
     function filter() {
-      var text = q.value.trim(), lay = layerSel.value, mr = parseFloat(minrate.value) || 0, rows = [];
+      var text = q.value.trim(), lay = layerSel.value, mr = parseFloat(minrate.value) || 0, rows = [], share = N[ratecol.value];
       var idm = /^(\d+)\.(\d+)$/.exec(text), t = text.toLowerCase(), mode = qmode.value, exact = qexact.checked;
       function match(id) { var s = norm[id]; return s !== undefined && (exact ? s === t : s.indexOf(t) >= 0); }
       for (var i = 0; i < n; i++) {
         if (lay !== "" && N.layer[i] !== +lay) continue;
-        if (N.rate[i] < mr || (hidedead.checked && N.rate[i] === 0)) continue;
+        if (share[i] < mr || (hidedead.checked && N.rate[i] === 0)) continue;
         if (idm) { if (N.layer[i] !== +idm[1] || N.neuron[i] !== +idm[2]) continue; }
         else if (t) {
           var ok = (mode !== "val" && match(N.trig[i]));
@@ -105,7 +117,8 @@
     function render() {
       var table = el("table", "neurons"), thead = el("thead"), tr = el("tr");
       cols.forEach(function (c) {
-        var th = el("th", "sortable", c[1] + (state.sort === c[0] ? (state.dir < 0 ? " \u25be" : " \u25b4") : ""));
+        var th = el("th", "sortable " + c[3], c[1] + (state.sort === c[0] ? (state.dir < 0 ? " \u25be" : " \u25b4") : ""));
+        th.title = c[2]; th.setAttribute("data-col", c[0]);
         th.addEventListener("click", function () { state.dir = state.sort === c[0] ? -state.dir : (c[0] === "id" || c[0] === "trig" || c[0] === "val" ? 1 : -1); state.sort = c[0]; filter(); });
         tr.appendChild(th);
       });
@@ -115,8 +128,13 @@
         var r = el("tr"), id = N.layer[i] + "." + N.neuron[i], a = el("a", null, id);
         a.href = "neuron.html#" + id;
         var td = el("td"); td.appendChild(a); r.appendChild(td);
+        td = el("td", "num", pct(N.act[i]));
+        if (N.act_err[i] > 0) td.appendChild(el("span", "err", " \u00b1" + pct(N.act_err[i])));
+        r.appendChild(td);
+        r.appendChild(el("td", "num", pct(N.pos[i])));
+        r.appendChild(el("td", "num", pct(N.neg[i])));
+        r.appendChild(el("td", "num", fmt(N.maxabs[i])));
         r.appendChild(el("td", "num", pct(N.rate[i])));
-        r.appendChild(el("td", "num", fmt(N.max[i])));
         td = el("td"); if (N.trig[i] >= 0) td.appendChild(tokenEl(vocab(N.trig[i]))); r.appendChild(td);
         if (hasVal) { td = el("td"); N.val[i].slice(0, 4).forEach(function (v) { td.appendChild(tokenEl(vocab(v))); }); r.appendChild(td); }
         tbody.appendChild(r);
@@ -131,7 +149,7 @@
     document.getElementById("prev").addEventListener("click", function () { state.page--; render(); });
     document.getElementById("next").addEventListener("click", function () { state.page++; render(); });
     var timer = null;
-    [q, qmode, qexact, layerSel, minrate, hidedead].forEach(function (x) {
+    [q, qmode, qexact, layerSel, minrate, ratecol, hidedead].forEach(function (x) {
       x.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(filter, 120); });
     });
     filter();
