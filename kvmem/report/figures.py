@@ -34,12 +34,13 @@ def _tokens(layers: pd.DataFrame) -> str:
     return f"{n:,} tokens"
 
 
-def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320) -> go.Figure:
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320, top: int | None = None) -> go.Figure:
     """Title (a second line after <br>, in <sup>) at the top left, the legend in a row between the title and
     the plot (never over either), the mode bar upright at the right edge (never over the title)."""
     legend = sum(1 for tr in fig.data if tr.type != "heatmap") > 1  # plotly shows one from two traces on
-    top = 32 + (16 if "<br>" in title else 0) + (18 if legend else 0)
-    fig.update_layout(title=dict(text=title, font=dict(size=14), x=0.01, xanchor="left", y=1 - 10 / height,
+    if top is None:
+        top = 36 + (16 if "<br>" in title else 0) + (18 if legend else 0)
+    fig.update_layout(title=dict(text=title, font=dict(size=14), x=0.01, xanchor="left", y=1 - 14 / height,
                                  yref="container", yanchor="top"),
                       template="plotly_white", height=height, margin=dict(l=60, r=30, t=top, b=45),
                       xaxis_title=x, yaxis_title=y, modebar=dict(orientation="v"),
@@ -47,6 +48,10 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320) -> go
     if x == "layer" or y == "layer":
         n = len(fig.data[0].x if x == "layer" else fig.data[0].y) if fig.data else 1
         fig.update_xaxes(dtick=max(1, -(-n // 16))) if x == "layer" else fig.update_yaxes(dtick=max(1, -(-n // 16)))
+    if x == "layer" and fig.data and fig.layout.xaxis.range is None:  # markers beside bars: no stray ticks
+        xs = [float(v) for tr in fig.data for v in (tr.x if tr.x is not None else [])]
+        if xs:
+            fig.update_xaxes(range=[min(xs) - 0.6, max(xs) + 0.6])
     return fig
 
 
@@ -99,7 +104,7 @@ def mass_l0(layers: pd.DataFrame) -> go.Figure:
         x = layers["layer"].astype("float64") + shift
         traces += [
             go.Bar(x=layers["layer"], y=layers[f"mass{p}_mean"], name=f"mean, {p}% of the mass",
-                   marker_color=MASS_COLORS[p],
+                   marker_color=MASS_COLORS[p], legendrank=p,
                    hovertemplate=f"layer %{{x}}<br>{p}% of Σ|m|·‖v‖: %{{y:,.1f}} neurons (mean)<extra></extra>"),
             go.Scatter(x=x, y=layers[f"mass{p}_median"].astype("float64"), name="median", mode="markers",
                        legendgroup="median", showlegend=p == 50, marker=dict(color="#212529", size=6),
@@ -141,28 +146,36 @@ def _range_labels(x, step: int) -> list[str]:
 
 def mass_distribution(dists: dict[int, dict[float, np.ndarray]], d_mlp: int, bins: int = 64) -> go.Figure:
     """Heatmaps, one per share (50%, 90%): for each layer, the share of tokens whose mass-L0 falls in each
-    range. ``dists[layer][f]`` [d_mlp + 1] counts tokens by their mass-L0 (LayerStats.mass.distribution)."""
+    range. ``dists[layer][f]`` [d_mlp + 1] counts tokens by their mass-L0 (LayerStats.mass.distribution).
+    Each panel's x axis runs from 0 to the largest mass-L0 of any token, in ``bins`` equal ranges."""
     from plotly.subplots import make_subplots
 
     fracs = (0.5, 0.9)
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[f"{round(f * 100)}% of Σ|m|·‖v‖" for f in fracs])
-    n_tokens, steps = 0, []
-    for j, f in enumerate(fracs):
-        layer_ids, x, z, step, n = _binned({layer: d[f] for layer, d in dists.items()}, bins)
-        n_tokens, steps = max(n_tokens, n), steps + [step]
+    panels, n_tokens = [], 0
+    for f in fracs:
+        hists = {layer: np.asarray(d[f], dtype=np.float64) for layer, d in dists.items()}
+        hi = max((int(np.flatnonzero(h)[-1]) if h.any() else 0) for h in hists.values())
+        layer_ids, x, z, step, n = _binned({layer: h[:hi + 1] for layer, h in hists.items()}, bins)
+        panels.append((f, layer_ids, x, z, step, hi))
+        n_tokens = max(n_tokens, n)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.05,
+                        subplot_titles=[f"{round(f * 100)}% of Σ|m|·‖v‖ (ranges of {step})"
+                                        for f, _, _, _, step, _ in panels])
+    for j, (f, layer_ids, x, z, step, hi) in enumerate(panels):
         labels = _range_labels(x, step)
         fig.add_trace(go.Heatmap(z=z, x=x + (step - 1) / 2, y=layer_ids, coloraxis="coloraxis",
                                  customdata=[labels] * len(z),
                                  hovertemplate=f"layer %{{y}}<br>{round(f * 100)}% of the mass in %{{customdata}} "
                                                "neurons: %{z:.2%} of tokens<extra></extra>"), row=1, col=j + 1)
-        fig.update_xaxes(title_text="neurons carrying it", range=[0, d_mlp], row=1, col=j + 1)
+        fig.update_xaxes(title_text=f"neurons carrying {round(f * 100)}% (of {d_mlp:,})", range=[0, x[-1] + step],
+                         row=1, col=j + 1)
     fig.update_layout(coloraxis=dict(colorscale="Greens", colorbar=dict(title="share of<br>tokens", tickformat=".0%")))
-    fig.update_yaxes(title_text="layer", row=1, col=1)
-    _layout(fig, f"Distribution of mass-L0 per layer: share of {n_tokens:,} tokens by the number of neurons carrying "
-                 f"50% / 90% of Σ<sub>i</sub> |m<sub>i</sub>|·‖v<sub>i</sub>‖ (ranges of {steps[0]}; of {d_mlp:,})",
-            "", "", height=420)
-    fig.update_layout(xaxis_title=None, yaxis_title="layer")
+    _layout(fig, f"Distribution of mass-L0 per layer: neurons carrying 50% / 90% of Σ<sub>i</sub> |m<sub>i</sub>|·"
+                 f"‖v<sub>i</sub>‖ at a token<br><sup>share of the layer's {n_tokens:,} tokens in each range; of "
+                 f"{d_mlp:,} neurons</sup>", "", "", height=430, top=78)
+    fig.update_layout(xaxis_title=f"neurons carrying 50% (of {d_mlp:,})", yaxis_title="layer")
+    if len(panels[0][1]) > 1:
+        fig.update_yaxes(dtick=max(1, -(-len(panels[0][1]) // 16)))
     for ann in fig.layout.annotations:
         ann.font.size = 12
     return fig
@@ -211,9 +224,11 @@ def mass_by_position(by_pos: dict[int, dict[float, np.ndarray]], d_mlp: int, n_t
     bar = dict(len=1.0, y=0.5, thickness=12, title=dict(text="neurons", side="right"))
     fig.update_layout(coloraxis=dict(colorscale="Greens", colorbar=dict(x=0.45, **bar)),
                       coloraxis2=dict(colorscale="Purples", colorbar=dict(x=1.0, **bar)))
-    _layout(fig, f"Mass-L0 by position: mean number of neurons carrying 50% / 90% of Σ<sub>i</sub> |m<sub>i</sub>|·‖v<sub>i</sub>‖ "
-                 f"(of {d_mlp:,}; {n_tokens:,} tokens; position ranges log-spaced)", "", "", height=420)
-    fig.update_layout(xaxis_title=None, yaxis_title="layer")
+    _layout(fig, "Mass-L0 by position in the input row: neurons carrying 50% / 90% of Σ<sub>i</sub> |m<sub>i</sub>|·"
+                 f"‖v<sub>i</sub>‖ at a token<br><sup>mean over the {n_tokens:,} tokens at each position (ranges "
+                 f"log-spaced); of {d_mlp:,} neurons</sup>", "", "", height=430, top=78)
+    fig.update_layout(xaxis_title="position in the row", yaxis_title="layer")
+    fig.update_yaxes(dtick=max(1, -(-len(layer_ids) // 16)))
     for ann in fig.layout.annotations:
         ann.font.size = 12
     return fig
