@@ -23,6 +23,7 @@ COMPONENTS: dict[str, str] = {
     "hist": "kvmem.stats.hist:Histogram",
     "counts": "kvmem.stats.counts:PositiveCounts",
     "quadrants": "kvmem.stats.quadrants:Quadrants",
+    "mass": "kvmem.stats.mass:MassCounts",
 }
 RESERVED = ("meta", "context")
 
