@@ -11,6 +11,9 @@ from typing import Annotated
 import typer
 from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -152,7 +155,8 @@ def print_summary(run, s: dict) -> None:
         order = sorted(s["stages"], key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
         console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {s['stages'][k]:.1f} s" for k in order),
                       markup=False, highlight=False)
-    console.print(layer_table(run))
+    for table in layer_tables(run, console):
+        console.print(table)
 
 
 def _share(x: float) -> str:
@@ -163,42 +167,61 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
-def _mass(mean: float, d_mlp: int) -> str:
-    return "–" if mean != mean else f"{mean:,.0f} / {d_mlp:,}"
-
-
-def layer_table(run) -> Table:
-    """The closing summary's table, one row per layer. Every family gets the magnitude figures (τ = 10% of
-    each neuron's max |m|, mass-L0); ReLU/GELU models also the m > 0 figures beside them (for gated FFNs,
-    whose coefficients are sign-symmetric, m > 0 holds for about half of all tokens and says nothing: it
-    stays in layers.parquet)."""
+def layer_tables(run, console: Console) -> list[Table]:
+    """The closing summary, one row per layer. Every family gets the magnitude figures (τ = 10% of each
+    neuron's max |m|, mass-L0); ReLU/GELU models also the m > 0 figures, beside them when the console is
+    wide enough for both, else in a second table below. Gated FFNs get no m > 0 columns: their coefficients
+    are sign-symmetric, m > 0 holds for about half of all tokens, and the title says so (the figures stay in
+    layers.parquet). Every header states its threshold; numbers never wrap (narrow terminals fold headers)."""
     gated = bool(run.manifest["model"]["gated"])
     layers = run.layers
+    d_mlp = int(layers["d_mlp"].max()) if len(layers) else 0
     has_mass = bool(layers["mass50_mean"].notna().any())
-    cols = ["layer", "active\n|m|>10% max|m|\n(± bound)", "m>+10%\nmax|m|", "m<−10%\nmax|m|",
-            "dense / rare\n|m|>10%: >50% /\n<1% of tokens"]
+    magnitude = ["active\n|m|>10%\nmax|m|\n±bound", "m>+10%\nmax|m|", "m<−10%\nmax|m|", "dense/\nrare\n|m|>10%\n>50/<1%"]
     if has_mass:
-        cols += ["mass-L0 50%\nmean neurons\n(of d_mlp)", "mass-L0 90%\nmean neurons\n(of d_mlp)"]
-    cols += ["max |m|\n(neuron)"]
-    if not gated:
-        cols += ["firing\nm>0", "dead\nnever m>0", "mean L0\nm>0"]
+        magnitude += ["mass-L0\n50%\nmean", "mass-L0\n90%\nmean"]
+    magnitude += ["max\n|m|", "neuron"]
+    sign = [] if gated else ["firing\nm>0", "dead\nnever\nm>0", "mean\nL0\nm>0"]
     n = int(layers["n_tokens"].max()) if len(layers) else 0
     title = (f"per layer, over {n:,} tokens: active = |m| > τ, τ = 10% of each neuron's max |m| (shares from the "
-             f"histogram, ± their bound); mass-L0 = neurons carrying 50% / 90% of Σ|m_i|·‖v_i‖ per token")
+             f"histogram, ± their bound, in points); dense/rare: neurons active on > 50% / < 1% of tokens; mass-L0 = "
+             f"neurons (of {d_mlp:,}) carrying 50% / 90% of Σ|m_i|·‖v_i‖ at a token")
     if gated and len(layers):
         title += (f"; gated FFN, sign-symmetric: m > 0 holds on {layers['firing_rate'].min():.1%}–"
                   f"{layers['firing_rate'].max():.1%} of tokens in every layer (the m > 0 figures are in layers.parquet)")
-    table = Table(*cols, title=title)
+    else:
+        title += f"; firing = m > 0 (exact), dead = never m > 0, L0 = neurons with m > 0 at a token (of {d_mlp:,})"
+    rows = []
     for row in layers.itertuples():
-        cells = [str(row.layer), f"{row.active_10pct_maxabs:.1%} ±{row.active_10pct_maxabs_err:.1%}",
-                 _share(row.pos_10pct_maxabs), _share(row.neg_10pct_maxabs), f"{row.dense_10pct} / {row.rare_10pct}"]
+        cells = [str(row.layer), f"{100 * row.active_10pct_maxabs:.1f}±{100 * row.active_10pct_maxabs_err:.1f}%",
+                 _share(row.pos_10pct_maxabs), _share(row.neg_10pct_maxabs), f"{row.dense_10pct}/{row.rare_10pct}"]
         if has_mass:
-            cells += [_mass(row.mass50_mean, row.d_mlp), _mass(row.mass90_mean, row.d_mlp)]
-        cells += [f"{_num(row.max_abs_activation)} ({row.max_abs_neuron})"]
+            cells += [_mass(row.mass50_mean), _mass(row.mass90_mean)]
+        cells += [_num(row.max_abs_activation), row.max_abs_neuron]
         if not gated:
-            cells += [_share(row.firing_rate), str(row.dead), f"{row.l0_mean:,.1f} / {row.d_mlp:,}"]
-        table.add_row(*cells)
-    return table
+            cells += [_share(row.firing_rate), str(row.dead), f"{row.l0_mean:,.0f}"]
+        rows.append(cells)
+
+    def table(text: str, picked: list[int]) -> Table:
+        t = Table(title=text, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        headers = ["layer"] + magnitude + sign
+        for j in picked:
+            t.add_column(headers[j], justify="left" if j == 0 else "right", no_wrap=False,
+                         min_width=max([len(r[j]) for r in rows] + [5 if j == 0 else 4]))
+        for cells in rows:
+            t.add_row(*[cells[j] for j in picked])
+        return t
+
+    every = list(range(1 + len(magnitude) + len(sign)))
+    whole = table(title, every)
+    if gated or Measurement.get(console, console.options.update_width(10_000), whole).maximum <= console.width:
+        return [whole]
+    first = list(range(1 + len(magnitude)))
+    return [table(title, first), table("m > 0, for comparison", [0] + every[len(first):])]
+
+
+def _mass(mean: float) -> str:
+    return "–" if mean != mean else f"{mean:,.0f}"
 
 
 @app.command()

@@ -66,7 +66,7 @@ def test_rank_by_magnitude(capsys, profiled, by, column):
     assert code == 0 and f"top 3 neurons by {by} ({column})" in out
 
 
-def summary_text(run, monkeypatch) -> str:
+def summary_text(run, monkeypatch, width: int = 300) -> str:
     """The closing summary of a run as printed on a wide terminal."""
     import io
 
@@ -75,7 +75,7 @@ def summary_text(run, monkeypatch) -> str:
     import kvmem.cli.profile as cli
 
     buf = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=buf, width=300))
+    monkeypatch.setattr(cli, "console", Console(file=buf, width=width))
     cli.print_summary(run, cli.run_summary(run))
     return buf.getvalue()
 
@@ -86,21 +86,30 @@ def test_summary_headlines_magnitude_figures(monkeypatch, tmp_path, tiny_dirs, c
 
     gated = kvmem.open_run(profiled)
     text = summary_text(gated, monkeypatch)
-    for header in ("active", "|m|>10% max|m|", "m>+10%", "m<−10%", "dense / rare", ">50% /", "<1% of tokens", "max |m|"):
+    for header in ("active", "|m|>10%", "max|m|", "±bound", "m>+10%", "m<−10%", "dense/", ">50/<1%", "max", "neuron"):
         assert header in text, header
+    words = " ".join(text.split())  # the title wraps at the table's width
+    assert "τ = 10% of each neuron's max |m|" in words and "> 50% / < 1% of tokens" in words
     assert "m>0" not in text and "sign-symmetric" in text
     layers = gated.layers
     for row in layers.itertuples():
-        assert f"{row.active_10pct_maxabs:.1%} ±{row.active_10pct_maxabs_err:.1%}" in text
-        assert f"({row.max_abs_neuron})" in text
+        line = next(x for x in text.splitlines() if x.split()[:1] == [str(row.layer)] and "±" in x)
+        assert f"{100 * row.active_10pct_maxabs:.1f}±{100 * row.active_10pct_maxabs_err:.1f}%" in line
+        assert f"{row.dense_10pct}/{row.rare_10pct}" in line and line.rstrip().endswith(row.max_abs_neuron)
+        if row.mass50_mean == row.mass50_mean:
+            assert f" {row.mass50_mean:,.0f} " in line and f" {row.mass90_mean:,.0f} " in line
     has_mass = bool(layers["mass50_mean"].notna().all())
-    assert ("mass-L0 50%" in text) == has_mass and ("mass-L0 90%" in text) == has_mass
+    assert ("mass-L0" in text) == has_mass and ("50%" in text) == has_mass
     assert main(["profile", str(tiny_dirs["gpt2"]), "--corpus", str(corpus), "--seq-len", "16",
                  "--out", str(tmp_path / "g"), "--json"]) == 0
     text = summary_text(kvmem.open_run(tmp_path / "g"), monkeypatch)
-    for header in ("|m|>10% max|m|", "m>+10%", "m<−10%", "firing", "m>0", "dead", "never m>0", "mean L0"):
+    for header in ("|m|>10%", "m>+10%", "m<−10%", "firing", "m>0", "dead", "never", "L0"):
         assert header in text, header
-    assert "sign-symmetric" not in text
+    assert "sign-symmetric" not in text and "m > 0, for comparison" not in text
+    # a terminal too narrow for both: the m > 0 figures in a second table, every number whole
+    narrow = summary_text(kvmem.open_run(tmp_path / "g"), monkeypatch, width=80)
+    assert "m > 0, for comparison" in narrow and "…" not in narrow.split("per layer")[1]
+    assert max(len(line) for line in narrow.splitlines()) <= 80
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -159,28 +159,39 @@ def test_layer_table(profiled):
 
 
 def test_mass_figures(profiled):
-    """mass{50,90}_{mean,median,p90} from the mass read-outs, against brute force over the captured m."""
+    """mass{50,90}_{mean,median,p90} and the mass read-outs, against brute force over the captured m."""
     model, run, acts = profiled
-    stats = {}
-    expected = {}
+    layers = run.layers
     pos = torch.arange(run.tokens.n_tokens) % SEQ
-    for layer, A in acts.items():
-        norms = model.value_norms(layer).float()
-        counts = {f: mass_counts(A, norms, f) for f in tables.MASS}
-        stats[layer] = WithMass(run.stats[layer], StandInMass(counts, pos, model.d_mlp, SEQ))
-        expected[layer] = counts
-    layers = tables.layer_table(stats)
     for row in layers.itertuples():
+        A, mass = acts[row.layer], run.stats[row.layer].mass
+        norms = model.value_norms(row.layer).float()
+        assert mass is not None and mass.n == run.tokens.n_tokens
         for f in tables.MASS:
-            c = expected[row.layer][f]
+            c = mass_counts(A, norms, f)
             p = tables.pct(f)
-            assert getattr(row, f"mass{p}_mean") == pytest.approx(c.double().mean())
+            assert torch.equal(mass.distribution(f), torch.bincount(c, minlength=model.d_mlp + 1))
+            assert getattr(row, f"mass{p}_mean") == pytest.approx(c.double().mean().item())
             srt = c.sort().values
             assert getattr(row, f"mass{p}_median") == int(srt[(len(c) + 1) // 2 - 1])
             assert getattr(row, f"mass{p}_p90") == int(srt[int(torch.tensor(0.9 * len(c)).ceil()) - 1])
             assert 1 <= getattr(row, f"mass{p}_median") <= model.d_mlp
+            expect = StandInMass({f: c}, pos, model.d_mlp, SEQ).by_position(f)
+            torch.testing.assert_close(mass.by_position(f)[:SEQ].double(), expect[:SEQ], equal_nan=True)
         assert row.mass50_mean <= row.mass90_mean
     assert str(layers["mass50_median"].dtype) == "Int64"
-    # a run without the mass statistic: the columns are there, empty
+
+
+def test_mass_figures_from_a_stand_in_and_without_mass(profiled):
+    """layer_table reads only the documented read-outs of LayerStats.mass; a run without it keeps the
+    columns, empty."""
+    model, run, acts = profiled
+    pos = torch.arange(run.tokens.n_tokens) % SEQ
+    stats = {layer: WithMass(run.stats[layer], StandInMass({f: torch.full((len(pos),), 3 + layer) for f in tables.MASS},
+                                                           pos, model.d_mlp, SEQ)) for layer in acts}
+    layers = tables.layer_table(stats)
+    assert layers["mass90_mean"].tolist() == [3.0 + layer for layer in acts]
+    assert layers["mass50_p90"].tolist() == [3 + layer for layer in acts]
     bare = tables.layer_table({layer: WithMass(run.stats[layer], None) for layer in acts})
     assert bare["mass90_mean"].isna().all() and bare["mass90_p90"].isna().all()
+    assert str(bare["mass90_p90"].dtype) == "Int64"
