@@ -222,15 +222,15 @@ def test_overview_puts_magnitude_first(report_dir, plain_report_dir, report_run)
         heads, figs, order = overview_figures(root)
         assert heads[0].startswith("Magnitude: |m| against τ = 10% of each neuron&#39;s max |m|")
         assert heads[1].startswith("For comparison: m &gt; 0")
-        magnitude = [name for name in order if name in ("active_share", "dense_rare", "mass_l0", "max_abs",
-                                                        "mass_distribution", "mass_by_position")]
-        assert order[:len(magnitude)] == magnitude and order[:2] == ["active_share", "dense_rare"]
-        assert ("quadrants" in order) == gated
+        assert order[:6] == ["active_share", "dense_rare", "mass_l0", "max_abs", "mass_distribution", "mass_by_position"]
+        assert order[6:] == ["firing_rate", "dead_dense", "l0", "l0_distribution"] + (["quadrants"] if gated else [])
         for name, fig in figs.items():
             title = fig["layout"]["title"]["text"]
             assert n in title, (name, title)
             if name in ("active_share", "dense_rare"):
                 assert "τ = 10% of each neuron's max |m|" in title, name
+            elif name.startswith("mass"):
+                assert "50% / 90% of Σ" in title, name
             elif name in ("firing_rate", "dead_dense", "l0", "l0_distribution"):
                 assert title.startswith("m > 0"), name
         # the active share stacks m > +τ and m < -τ per layer, with the bound as error bar
@@ -239,6 +239,13 @@ def test_overview_puts_magnitude_first(report_dir, plain_report_dir, report_run)
         assert values(bars["m > +τ"]["y"]) == pytest.approx(layers["pos_10pct_maxabs"].tolist())
         assert values(bars["m < −τ"]["y"]) == pytest.approx(layers["neg_10pct_maxabs"].tolist())
         assert values(bars["m < −τ"]["error_y"]["array"]) == pytest.approx(layers["active_10pct_maxabs_err"].tolist())
+        # mass-L0: mean bars per layer; the distribution heatmaps add up to every token of each layer
+        means = [tr for tr in figs["mass_l0"]["data"] if tr["type"] == "bar"]
+        assert values(means[0]["y"]) == pytest.approx(layers["mass50_mean"].tolist())
+        assert values(means[1]["y"]) == pytest.approx(layers["mass90_mean"].tolist())
+        for heat in figs["mass_distribution"]["data"]:
+            z = np.array(values(heat["z"]), dtype=np.float64)
+            assert z.sum(1) == pytest.approx(np.ones(len(layers)))
         # max |m|: log axis, the largest neurons named layer.neuron with their value
         fig = figs["max_abs"]
         assert fig["layout"]["yaxis"]["type"] == "log"
@@ -251,7 +258,8 @@ def values(v) -> list:
     import base64
 
     if isinstance(v, dict):
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist()
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return a.reshape([int(x) for x in str(v["shape"]).split(",")]).tolist() if "shape" in v else a.tolist()
     return list(v)
 
 
@@ -274,9 +282,8 @@ def test_figures_api(report_run):
     by_pos = {layer: {f: np.r_[gen.uniform(1, d_mlp, 20), [np.nan] * 12] for f in (0.5, 0.9)} for layer in run.stats}
     figs = figures.layer_figures(run.layers, run.neurons, {k: s.l0_hist.numpy() for k, s in run.stats.items()},
                                  {"distribution": dist, "by_position": by_pos})
-    assert set(figs) == {"active_share", "dense_rare", "max_abs", "mass_distribution", "mass_by_position", "firing_rate",
-                         "dead_dense", "l0", "l0_distribution", "quadrants"} | (
-                            {"mass_l0"} if run.layers["mass50_mean"].notna().all() else set())
+    assert set(figs) == {"active_share", "dense_rare", "mass_l0", "max_abs", "mass_distribution", "mass_by_position",
+                         "firing_rate", "dead_dense", "l0", "l0_distribution", "quadrants"}
     for name, fig in figs.items():
         assert isinstance(fig, go.Figure) and fig.data, name
         assert "token" in fig.layout.title.text, name
