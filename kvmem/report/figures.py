@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 QUADRANTS = (("gate_pos_up_pos", "gate > 0, up > 0", "#2b8a3e"), ("gate_pos_up_neg", "gate > 0, up < 0", "#e8590c"),
              ("gate_neg_up_pos", "gate < 0, up > 0", "#1c7ed6"), ("gate_neg_up_neg", "gate < 0, up < 0", "#862e9c"))
 POS, NEG = "#e8590c", "#1c7ed6"
+MUTED = "#495057"  # a title's second line
 
 
 def _tokens(layers: pd.DataFrame) -> str:
@@ -35,11 +36,12 @@ def _tokens(layers: pd.DataFrame) -> str:
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320, top: int | None = None) -> go.Figure:
-    """Title (a second line after <br>, in <sup>) at the top left, the legend in a row between the title and
+    """Title (a second line after <br>, in <sup>: drawn smaller and grey) at the top left, the legend in a row between the title and
     the plot (never over either), the mode bar upright at the right edge (never over the title)."""
     legend = sum(1 for tr in fig.data if tr.type != "heatmap") > 1  # plotly shows one from two traces on
     if top is None:
-        top = 36 + (16 if "<br>" in title else 0) + (18 if legend else 0)
+        top = 36 + (18 if "<br>" in title else 0) + (18 if legend else 0)
+    title = title.replace("<sup>", f"<span style='font-size:11.5px;color:{MUTED}'>").replace("</sup>", "</span>")
     fig.update_layout(title=dict(text=title, font=dict(size=14), x=0.01, xanchor="left", y=1 - 14 / height,
                                  yref="container", yanchor="top"),
                       template="plotly_white", height=height, margin=dict(l=60, r=30, t=top, b=45),
@@ -172,7 +174,7 @@ def mass_distribution(dists: dict[int, dict[float, np.ndarray]], d_mlp: int, bin
     fig.update_layout(coloraxis=dict(colorscale="Greens", colorbar=dict(title="share of<br>tokens", tickformat=".0%")))
     _layout(fig, f"Distribution of mass-L0 per layer: neurons carrying 50% / 90% of Σ<sub>i</sub> |m<sub>i</sub>|·"
                  f"‖v<sub>i</sub>‖ at a token<br><sup>share of the layer's {n_tokens:,} tokens in each range; of "
-                 f"{d_mlp:,} neurons</sup>", "", "", height=430, top=78)
+                 f"{d_mlp:,} neurons</sup>", "", "", height=430, top=80)
     fig.update_layout(xaxis_title=f"neurons carrying 50% (of {d_mlp:,})", yaxis_title="layer")
     if len(panels[0][1]) > 1:
         fig.update_yaxes(dtick=max(1, -(-len(panels[0][1]) // 16)))
@@ -225,8 +227,8 @@ def mass_by_position(by_pos: dict[int, dict[float, np.ndarray]], d_mlp: int, n_t
     fig.update_layout(coloraxis=dict(colorscale="Greens", colorbar=dict(x=0.45, **bar)),
                       coloraxis2=dict(colorscale="Purples", colorbar=dict(x=1.0, **bar)))
     _layout(fig, "Mass-L0 by position in the input row: neurons carrying 50% / 90% of Σ<sub>i</sub> |m<sub>i</sub>|·"
-                 f"‖v<sub>i</sub>‖ at a token<br><sup>mean over the {n_tokens:,} tokens at each position (ranges "
-                 f"log-spaced); of {d_mlp:,} neurons</sup>", "", "", height=430, top=78)
+                 f"‖v<sub>i</sub>‖ at a token<br><sup>mean over the tokens at each position of the row (position ranges "
+                 f"log-spaced; {n_tokens:,} tokens); of {d_mlp:,} neurons</sup>", "", "", height=430, top=80)
     fig.update_layout(xaxis_title="position in the row", yaxis_title="layer")
     fig.update_yaxes(dtick=max(1, -(-len(layer_ids) // 16)))
     for ann in fig.layout.annotations:
@@ -281,7 +283,7 @@ def max_abs(neurons: pd.DataFrame, top: int = 5) -> go.Figure:
     named = neurons.assign(clipped=ma).nlargest(top, "clipped")
     _name_points(fig, named, layer_ids, lo=float(np.log10(ma.min())), hi=float(np.log10(ma.max())), height=360)
     fig.update_yaxes(type="log", exponentformat="power", dtick=1)
-    fig.update_xaxes(range=[layer_ids[0] - 1, layer_ids[-1] + 1] if layer_ids else None)
+    fig.update_xaxes(range=[layer_ids[0] - 0.7, layer_ids[-1] + 0.7] if layer_ids else None)
     n = f"{int(neurons['n'].max()):,} tokens" if len(neurons) else "no tokens"
     return _layout(fig, f"Max |m| per neuron by layer, log axis (box 25–75%, whiskers 5–95%)<br><sup>the {len(named)} "
                         f"largest named (layer.neuron: max |m|); over {n}</sup>", "layer", "max |m| (log)", height=360)
