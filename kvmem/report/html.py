@@ -1,7 +1,9 @@
 """``build_report(run, out)``: the offline HTML report of a profile run.
 
 reports/NAME/
-  index.html            overview: model card, per-layer figures, the neuron table with search
+  index.html            overview: model card, per-layer figures (magnitude first: |m| against 10% of each
+                        neuron's max |m|, mass-L0, max |m|; then m > 0 for comparison; figures.py,
+                        overview.py), the neuron table with search
   neuron.html           one page for every neuron: neuron.html#17.1234 renders 17.1234 on demand
   static/plotly.min.js  plotly.js, once, from the installed plotly package (no CDN)
   static/report.js, static/report.css
