@@ -315,7 +315,7 @@ class MassCounts(Counters):
     def uses_numba(self, batch: Batch) -> bool:
         """Whether update(batch) takes the numba kernel (see the module docstring)."""
         return (numba is not None and not FORCE_TORCH and fused.available and batch.m.device.type == "cpu"
-                and getattr(batch.stats, "backend", "auto") != "torch")
+                and (batch.stats is None or batch.stats.backend != "torch"))
 
     def token_k(self, m: torch.Tensor, use_numba: bool | None = None) -> torch.Tensor:
         """k_f [N, len(FRACTIONS)] int64 of a batch m [N, d] (on the statistic's device), without adding it.
@@ -332,8 +332,7 @@ class MassCounts(Counters):
         use = self.uses_numba(batch)
         k = self.token_k(batch.m, use)
         self.last_path = "numba" if use else "torch"
-        if isinstance(getattr(batch, "paths", None), dict):
-            batch.paths[self.name or "mass"] = self.last_path
+        batch.paths[self.name] = self.last_path
         self.add(k, batch.pos)
 
     def add(self, k: torch.Tensor, pos: torch.Tensor) -> None:
