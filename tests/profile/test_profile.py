@@ -43,6 +43,14 @@ def brute_force(model, run):
     return {kind: {layer: torch.cat(v) for layer, v in d.items()} for kind, d in acts.items()}
 
 
+def _value_norms(model, layer: int) -> torch.Tensor:
+    """‖v_i‖ from the HF module itself: GPT-2's Conv1D c_proj stores [d_mlp, d_model], Llama's down_proj
+    nn.Linear [d_model, d_mlp]."""
+    if model.hf.config.model_type == "gpt2":
+        return model.hf.transformer.h[layer].mlp.c_proj.weight.detach().double().norm(dim=1)
+    return model.hf.model.layers[layer].mlp.down_proj.weight.detach().double().norm(dim=0)
+
+
 def hist_bins(a: torch.Tensor) -> torch.Tensor:
     """Bins of HIST_EDGES by their documented rule, with torch.bucketize."""
     pos = torch.bucketize(a, HIST_EDGES, right=True) - 1
@@ -104,6 +112,16 @@ def test_every_statistic_matches_brute_force(tmp_path, corpus, tiny_models, fami
         nrn = torch.arange(model.d_mlp)[:, None].expand_as(smp.index)
         assert ok.any() and (A[smp.index[ok], nrn[ok]] > 0).all()
         assert torch.equal(smp.value[ok], A[smp.index[ok], nrn[ok]])
+        # mass-L0: per token the fewest neurons whose |m_i|·‖v_i‖ reach 50% / 90% of the sum, ‖v_i‖ read off
+        # the HF module's own down-projection weight
+        c = A.double().abs() * _value_norms(model, layer)
+        srt = torch.sort(c, dim=1, descending=True).values.cumsum(1)
+        total = srt[:, -1:]
+        for f in (0.5, 0.9):
+            k = torch.where(total[:, 0] > 0, 1 + (srt < f * total).sum(1), 0)
+            assert torch.equal(s.mass.distribution(f), torch.bincount(k, minlength=model.d_mlp + 1))
+            by_pos = torch.zeros(SEQ, dtype=torch.float64).index_add_(0, pos, k.double()) / torch.bincount(pos, minlength=SEQ)
+            torch.testing.assert_close(s.mass.by_position(f)[:SEQ], by_pos)
         # gated: the four sign quadrants of gate and up
         if model.gated:
             G, U = acts["gate"][layer], acts["pre"][layer]
