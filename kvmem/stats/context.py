@@ -25,10 +25,15 @@ float16 it keeps float32's range, so massive activations cannot overflow. float3
 documents): readers clip with the token store (kvmem.report.data.windows). Positions before the stream
 (or shard) start or after its end stay NaN; so do positions in another shard after ``merge``.
 
-Cost per update: a sort of the referenced keys (torch.unique), a searchsorted against the kept ones and a
-fill of the windows that reach into the batch, about 3 ms per SmolLM2 layer (1536 neurons, ~57k entries)
-on 2 CPU cores once the stores settle; on a GPU, unique and nonzero each synchronise with the host once
-per layer (LayerStats.update already does for its input checks). Memory: 8 + 2·W bytes per entry.
+Update on the CPU (numba, ``_collect`` and ``_fill``, neurons shared out to torch's threads like
+kvmem.stats.fused): per neuron the shown slots' token indices are read off the stores' int64 keys, sorted
+and merged with the kept entries of that neuron; the windows are copied over and the positions in the
+carry and the batch filled, those in the batch in token order (a window reads one column of m over W rows;
+in neuron order nearly every read would miss the TLB). Other devices, float16 windows and
+LayerStats(backend="torch") take the torch ops (a sort of the referenced keys with torch.unique, a
+searchsorted against the kept ones, gathers of the windows that reach into the batch; on a GPU, unique and
+nonzero each synchronise with the host once per layer); the tests hold the two to the same state bit for
+bit. Memory: 8 + 2·W bytes per entry.
 
 state_dict() names: meta.{version,d_mlp,before,after,n_top,n_docs,n_bottom}, count [d_mlp] int64 (entries
 per neuron: the entries are sorted by neuron, so this is all the file needs of it), index [E] int64 (so
@@ -38,13 +43,23 @@ carry.index [c] int64.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvmem.errors import KvmemError
+from kvmem.stats.keys import EMPTY
+from kvmem.stats.parallel import run_parallel
+
+try:  # numba is a dependency; a platform without its wheels still works on the torch path
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
 
 _STATE_VERSION = 1
 _LOW = 2**32 - 1
 _PAD = 2**63 - 1  # sorts after every real key
+# the store classes whose ``keys`` the CPU pass reads (kvmem.stats.topk, sample, quadrants)
+_STORE_CLASSES = {"top": "Top", "top_docs": "TopDocs", "bottom": "Bottom", "sample": "Sample", "quadrants": "Quadrants"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -104,9 +119,77 @@ class ContextWindows:
         n, d = m.shape
         if d != self.d_mlp:
             raise ValueError(f"m must be [N, {self.d_mlp}], got {tuple(m.shape)}")
+        c = int(self.carry_index.numel()) if self._carry_end == start else 0  # the tokens just before?
+        stores = self._stores(stats, m)
+        if stores is not None:
+            self._update_cpu(stores, m, start, c)
+        else:
+            self._update_torch(stats, m, start, c)
+        self._set_carry(m, start, c)
+
+    def _stores(self, stats, m: torch.Tensor):
+        """The store keys [d, *] (int64, contiguous) of the shown slots, in the order of ``referenced``,
+        when the numba pass can take this update (CPU, numba, a window dtype it writes, the stores of
+        kvmem.stats.topk / sample / quadrants); None otherwise."""
+        if not (_numba_ok and self.device.type == "cpu" and m.device.type == "cpu"
+                and self.dtype in (torch.bfloat16, torch.float32) and m.dtype == torch.float32):
+            return None
+        parts = getattr(stats, "parts", None)
+        if parts is None or getattr(stats, "backend", "auto") == "torch":  # LayerStats(backend="torch"): torch only
+            return None
+        names = ["top", "top_docs", "bottom", "sample"] + (["quadrants"] if stats.gated else [])
+        out = []
+        for name in names:
+            part = parts.get(name)
+            if type(part).__name__ != _STORE_CLASSES[name]:
+                return None
+            keys = part.keys
+            if keys.dtype != torch.int64 or keys.device.type != "cpu" or keys.dim() != 2 or keys.shape[0] != self.d_mlp:
+                return None
+            out.append(keys.contiguous())
+        return out
+
+    def _update_cpu(self, stores, m: torch.Tensor, start: int, c: int) -> None:
+        """update on the CPU: per neuron, the shown slots' indices (read off the store keys) sorted and merged
+        with the kept entries, and the windows filled from the carry and m, in two numba passes over the
+        neurons (``_collect``, ``_fill``)."""
+        d, n = self.d_mlp, m.shape[0]
+        top, docs, bot, smp = stores[:4]
+        quad = stores[4] if len(stores) > 4 else torch.full((1, 0), EMPTY, dtype=torch.int64)
+        widths = (min(self.n_top, top.shape[1]), min(self.n_docs, docs.shape[1]), min(self.n_bottom, bot.shape[1]),
+                  smp.shape[1], quad.shape[1] if len(stores) > 4 else 0)
+        slots = max(1, sum(widths))
+        scratch = np.empty((d, slots), dtype=np.int64)
+        cnt = np.zeros(d + 1, dtype=np.int64)
+        np_stores = [t.numpy() for t in (top, docs, bot, smp, quad)]
+        parts_n = max(1, min(torch.get_num_threads(), d // 64 or 1))
+        cuts = [d * p // parts_n for p in range(parts_n + 1)]
+        run_parallel([lambda a=a, b=b: _collect(a, b, *np_stores, *widths, scratch, cnt)
+                      for a, b in zip(cuts[:-1], cuts[1:])])
+        new_start = np.zeros(d + 1, dtype=np.int64)
+        np.cumsum(cnt[:d], out=new_start[1:])
+        e = int(new_start[d])
+        old_key = self.key.contiguous()
+        old_start = torch.searchsorted(old_key, torch.arange(d + 1, dtype=torch.int64) * 2**32).numpy()
+        bits = torch.int16 if self.dtype == torch.bfloat16 else torch.int32
+        key = torch.empty(e, dtype=torch.int64)
+        window = torch.empty((e, self.width), dtype=self.dtype)
+        fill = n > 0
+        cc = c if fill else 0
+        carry = self.carry.contiguous()
+        args = (scratch, new_start, old_key.numpy(), old_start, self.window.contiguous().view(bits).numpy(),
+                key.numpy(), window.view(bits).numpy(), m.view(torch.int32).numpy(),
+                carry.view(bits).numpy(), carry.shape[0] - cc, start - cc, start, n if fill else 0,
+                self.before, self.after, self.dtype == torch.bfloat16)
+        run_parallel([lambda a=a, b=b: _fill(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
+        self.key, self.window = key, window
+
+    def _update_torch(self, stats, m: torch.Tensor, start: int, c: int) -> None:
+        """update with torch ops (any device): unique of the referenced keys, searchsorted against the kept
+        ones, gathers of the windows that reach into the known tokens."""
+        n, d = m.shape
         key = self.referenced(stats)
         window = self._keep(key)
-        c = int(self.carry_index.numel()) if self._carry_end == start else 0  # the tokens just before?
         lo = start - c  # known tokens: [lo, start + n)
         index, neuron = key & _LOW, key >> 32
         sel = (index + self.after >= lo).nonzero().squeeze(1)  # windows reaching into the known tokens
@@ -125,7 +208,6 @@ class ContextWindows:
                 w = torch.where(in_c, got.view_as(t), w)
             window.index_copy_(0, sel, w)
         self.key, self.window = key, window
-        self._set_carry(m, start, c)
 
     def _set_carry(self, m: torch.Tensor, start: int, c: int) -> None:
         """The last ``before`` known tokens: the carry's last c (contiguous with the batch), then m."""
@@ -234,3 +316,113 @@ class ContextWindows:
     def __repr__(self) -> str:
         return (f"ContextWindows(d_mlp={self.d_mlp}, before={self.before}, after={self.after}, n_top={self.n_top}, "
                 f"n_docs={self.n_docs}, n_bottom={self.n_bottom}, entries={self.key.numel()})")
+
+
+# ---------------------------------------------------------------------- CPU kernels (numba)
+def _take(keys, j, width, out, c):
+    """Append the token indices of the first ``width`` filled slots of row j of store keys to out[j, c:]."""
+    for s in range(width):
+        k = keys[j, s]
+        if k != EMPTY:
+            out[j, c] = _LOW - (k & _LOW)
+            c += 1
+    return c
+
+
+def _collect(j0, j1, top, docs, bot, smp, quad, n_top, n_docs, n_bot, n_smp, n_quad, out, cnt):
+    """Neurons j0 .. j1: the sorted distinct token indices the shown slots reference, into out[j, :cnt[j]]."""
+    for j in range(j0, j1):
+        c = _take(top, j, n_top, out, 0)
+        c = _take(docs, j, n_docs, out, c)
+        c = _take(bot, j, n_bot, out, c)
+        c = _take(smp, j, n_smp, out, c)
+        c = _take(quad, j, n_quad, out, c)
+        for a in range(1, c):  # insertion sort (at most a few dozen slots)
+            x = out[j, a]
+            b = a - 1
+            while b >= 0 and out[j, b] > x:
+                out[j, b + 1] = out[j, b]
+                b -= 1
+            out[j, b + 1] = x
+        u = 0
+        for a in range(c):
+            if u == 0 or out[j, a] != out[j, u - 1]:
+                out[j, u] = out[j, a]
+                u += 1
+        cnt[j] = u
+
+
+def _fill(j0, j1, idx, new_start, old_key, old_start, old_win, key, win, mbits, carry, c_off, lo, start, n,
+          before, after, bf16):
+    """Neurons j0 .. j1: the entries idx[j, :count] (sorted) at new_start[j] of key / win, their windows
+    the kept ones (old_key, old_win at old_start[j]; NaN for new entries), the positions in the carry
+    (tokens lo .. start - 1 at carry rows c_off ..) and in the batch (m's float32 bits, tokens start ..
+    start + n - 1) filled; windows as bits (bfloat16 rounded to nearest even like torch).
+
+    The positions in the batch are filled in token order (a counting sort of the entries reaching into it):
+    a window reads one column of m over ``width`` rows, and neighbouring tokens share those rows' pages
+    and cache lines, where neuron order would miss the TLB on nearly every read."""
+    width = before + 1 + after
+    nan = 0x7FC0 if bf16 else 0x7FC00000
+    e0, e1 = new_start[j0], new_start[j1]
+    task = np.empty(e1 - e0, np.int64)  # entries whose window reaches into the batch
+    nt = 0
+    for j in range(j0, j1):
+        o, oe = old_start[j], old_start[j + 1]
+        base = new_start[j]
+        for u in range(new_start[j + 1] - base):
+            i = idx[j, u]
+            e = base + u
+            key[e] = j * 4294967296 + i
+            while o < oe and (old_key[o] & _LOW) < i:
+                o += 1
+            if o < oe and (old_key[o] & _LOW) == i:
+                for w in range(width):
+                    win[e, w] = old_win[o, w]
+            else:
+                for w in range(width):
+                    win[e, w] = nan
+            if n > 0 and i + after >= lo:
+                for t in range(max(i - before, lo), min(i + after + 1, start)):
+                    win[e, t - i + before] = carry[c_off + t - lo, j]
+                if i + after >= start and i - before < start + n:
+                    task[nt] = e
+                    nt += 1
+    if nt == 0:
+        return
+    # counting sort of the tasks by their first token in the batch
+    span = n + before + 1
+    first = np.zeros(span + 1, np.int64)
+    for a in range(nt):
+        i = key[task[a]] & _LOW
+        first[max(i - before, start) - start + 1] += 1
+    for r in range(span):
+        first[r + 1] += first[r]
+    order = np.empty(nt, np.int64)
+    for a in range(nt):
+        e = task[a]
+        r = max((key[e] & _LOW) - before, start) - start
+        order[first[r]] = e
+        first[r] += 1
+    for a in range(nt):
+        e = order[a]
+        i = key[e] & _LOW
+        j = key[e] >> 32
+        for t in range(max(i - before, start), min(i + after + 1, start + n)):
+            v = np.int64(mbits[t - start, j]) & 0xFFFFFFFF
+            if bf16:
+                if (v & 0x7FFFFFFF) > 0x7F800000:  # NaN: what torch's vectorised cast writes
+                    r = -1
+                else:
+                    r = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+                    r = r - 65536 if r >= 32768 else r
+                win[e, t - i + before] = r
+            else:
+                win[e, t - i + before] = mbits[t - start, j]
+
+
+_numba_ok = numba is not None
+if numba is not None:
+    _jit = numba.njit(cache=True, nogil=True)
+    _take = _jit(_take)
+    _collect, _fill = _jit(_collect), _jit(_fill)

@@ -21,9 +21,9 @@ def contiguous_stream(seed: int, gated: bool, n: int = 1500, d: int = 10, offset
     return st
 
 
-def make(d: int, gated: bool, dtype=torch.bfloat16) -> LayerStats:
+def make(d: int, gated: bool, dtype=torch.bfloat16, backend: str = "auto") -> LayerStats:
     ctx = ContextWindows(d, before=BEFORE, after=AFTER, n_top=N_TOP, n_docs=N_DOCS, n_bottom=N_BOTTOM, dtype=dtype)
-    return LayerStats(d, k=K, gated=gated, max_pos=64, context=ctx)
+    return LayerStats(d, k=K, gated=gated, max_pos=64, context=ctx, backend=backend)
 
 
 def shown(s: LayerStats) -> set[tuple[int, int]]:
@@ -50,11 +50,13 @@ def assert_windows(ctx: ContextWindows, want: torch.Tensor):
     np.testing.assert_array_equal(got.float().numpy(), want.float().numpy())  # NaN == NaN
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # auto: the numba pass on CPU; torch: the torch ops
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_windows_match_the_stream_after_every_batch(gated, dtype):
+def test_windows_match_the_stream_after_every_batch(gated, dtype, backend):
     st = contiguous_stream(seed=3, gated=gated, offset=7)
-    s = make(st.m.shape[1], gated, dtype)
+    s = make(st.m.shape[1], gated, dtype, backend)
+    assert (s.context._stores(s, st.m) is not None) == (backend == "auto" and dtype != torch.float16)
     sizes = []
     for m, ti, doc, pos, g, u in st.batches():
         s.update(m, ti, doc, pos, gate=g, up=u)
@@ -76,6 +78,58 @@ def test_windows_match_the_stream_after_every_batch(gated, dtype):
     kept = {(n, int(i)) for n, i in enumerate(unshown.tolist())} & shown(s)
     miss = [n for n in range(idx.numel()) if (n, int(unshown[n])) not in kept]
     assert miss and torch.isnan(s.context.lookup(torch.tensor(miss), unshown[miss])).all()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[t.dtype])
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_the_numba_pass_and_the_torch_ops_keep_the_same_state_bit_for_bit(gated, dtype):
+    """Two ContextWindows over the same LayerStats, one by the CPU pass and one by the torch ops, after every
+    batch: the same entries, windows (NaN bits and the rounding of m included: the m they see holds NaN,
+    infinities, bfloat16 rounding ties and subnormals), carry; also across a state round trip, a batch left
+    out (the carry no longer adjacent), an update without tokens and a merge. float16 takes the torch ops."""
+    st = contiguous_stream(seed=8, gated=gated, n=1200, d=70)
+    odd = st.m.clone()  # what the windows see (the stores take st.m)
+    for every, value in ((7, 1 + 2**-8), (9, 1 + 3 * 2**-8), (10, -(1 + 3 * 2**-8)), (11, float("inf")),
+                         (13, -float("inf")), (15, float("nan")), (17, -float("nan")), (19, 2**-140)):
+        odd[every // 2::every, every % 5::3] = value  # ties round to even: down, up, up; bfloat16 subnormal
+    d = st.m.shape[1]
+    s = LayerStats(d, k=K, gated=gated, max_pos=64)
+
+    def windows():
+        return ContextWindows(d, before=BEFORE, after=AFTER, n_top=N_TOP, n_docs=N_DOCS, n_bottom=N_BOTTOM, dtype=dtype)
+
+    def both(m, start):
+        fast.update(s, m, start)
+        s.backend = "torch"  # the torch ops on the same stores
+        slow.update(s, m, start)
+        s.backend = "auto"
+        assert torch.equal(fast.key, slow.key) and torch.equal(bits(fast.window), bits(slow.window))
+        assert torch.equal(bits(fast.carry), bits(slow.carry)) and torch.equal(fast.carry_index, slow.carry_index)
+
+    fast, slow = windows(), windows()
+    assert (fast._stores(s, st.m) is not None) == (dtype != torch.float16)
+    batches = list(st.batches())
+    for i, (m, ti, doc, pos, g, u) in enumerate(batches):
+        s.update(m, ti, doc, pos, gate=g, up=u)
+        a = int(ti[0])
+        if i == len(batches) // 3:
+            continue  # a gap: the next batch does not continue the carry
+        if i == len(batches) // 2:
+            fast = ContextWindows.from_state_dict(fast.state_dict())
+            both(odd[:0], a)
+        both(odd[a:a + m.shape[0]], a)
+    assert torch.isnan(fast.window).any() and (~torch.isnan(fast.window)).any()
+    # merges (torch ops), then the CPU pass again
+    other = windows()
+    other.update(s, odd[:50], 0)
+    for c in (fast, slow):
+        c.merge(other, stats=s)
+    both(odd[-40:], odd.shape[0] - 40)
+    both(odd[:30], odd.shape[0])
 
 
 def test_an_example_at_the_end_of_the_stream_and_at_a_batch_boundary():
