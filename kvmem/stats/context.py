@@ -25,11 +25,14 @@ float16 it keeps float32's range, so massive activations cannot overflow. float3
 documents): readers clip with the token store (kvmem.report.data.windows). Positions before the stream
 (or shard) start or after its end stay NaN; so do positions in another shard after ``merge``.
 
-Update on the CPU (numba, ``_collect`` and ``_fill``, neurons shared out to torch's threads like
-kvmem.stats.fused): per neuron the shown slots' token indices are read off the stores' int64 keys, sorted
-and merged with the kept entries of that neuron; the windows are copied over and the positions in the
-carry and the batch filled, those in the batch in token order (a window reads one column of m over W rows;
-in neuron order nearly every read would miss the TLB). Other devices, float16 windows and
+Update on the CPU (numba, ``_plan`` and ``_fill``, neurons shared out to torch's threads like
+kvmem.stats.fused): per neuron the shown slots' token indices are read off the stores' int64 keys and
+merged with the kept entries of that neuron; after the first update only the keys that entered or left a
+store row are looked at (a merge walk of the row against its copy from the previous update, with a count
+of referencing slots per entry), so a neuron whose shown slots did not change costs a few dozen compares.
+The windows are copied over and the positions in the carry and the batch filled, those in the batch in
+token order (a window reads one column of m over W rows; in neuron order nearly every read would miss the
+TLB). Other devices, float16 windows and
 LayerStats(backend="torch") take the torch ops (a sort of the referenced keys with torch.unique, a
 searchsorted against the kept ones, gathers of the windows that reach into the batch; on a GPU, unique and
 nonzero each synchronise with the host once per layer); the tests hold the two to the same state bit for
@@ -83,6 +86,9 @@ class ContextWindows:
         self.carry = torch.zeros(0, self.d_mlp, dtype=dtype, device=self.device)
         self.carry_index = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._carry_end = -1  # token index after the carry's last (-1: no carry)
+        # the CPU pass's memo (see _plan), valid while _snap_of is self.key: the shown slots' keys [d, slots]
+        # behind self.key, each entry's number of referencing slots [E], each neuron's first entry [d + 1]
+        self._snap, self._snap_of, self._refs, self._start = None, None, None, None
 
     @property
     def settings(self) -> tuple[int, ...]:
@@ -150,39 +156,49 @@ class ContextWindows:
         return out
 
     def _update_cpu(self, stores, m: torch.Tensor, start: int, c: int) -> None:
-        """update on the CPU: per neuron, the shown slots' indices (read off the store keys) sorted and merged
-        with the kept entries, and the windows filled from the carry and m, in two numba passes over the
-        neurons (``_collect``, ``_fill``)."""
+        """update on the CPU: per neuron, the shown slots' indices (read off the store keys) merged with the
+        kept entries (``_plan``), then the windows copied and filled from the carry and m (``_fill``); two
+        numba passes over the neurons, shared out to torch's threads."""
         d, n = self.d_mlp, m.shape[0]
         top, docs, bot, smp = stores[:4]
-        quad = stores[4] if len(stores) > 4 else torch.full((1, 0), EMPTY, dtype=torch.int64)
+        quad = stores[4] if len(stores) > 4 else torch.full((d, 0), EMPTY, dtype=torch.int64)
         widths = (min(self.n_top, top.shape[1]), min(self.n_docs, docs.shape[1]), min(self.n_bottom, bot.shape[1]),
-                  smp.shape[1], quad.shape[1] if len(stores) > 4 else 0)
-        slots = max(1, sum(widths))
-        scratch = np.empty((d, slots), dtype=np.int64)
+                  quad.shape[1])
+        slots = sum(widths) + smp.shape[1]
+        old_key = self.key.contiguous()
+        e_old = old_key.numel()
+        # the previous update's shown keys and reference counts, while they still describe self.key
+        incr = (self._snap is not None and self._snap_of is self.key and self._snap.shape == (d, slots)
+                and self._refs.shape[0] == e_old)
+        snap = self._snap if incr else np.full((d, slots), EMPTY, dtype=np.int64)
+        old_refs = self._refs if incr else np.zeros(0, dtype=np.int32)
+        idx = np.empty((d, slots), dtype=np.int64)
+        src = np.empty((d, slots), dtype=np.int64)
+        refs = np.empty((d, slots), dtype=np.int32)
         cnt = np.zeros(d + 1, dtype=np.int64)
+        old_start = self._start if incr else torch.searchsorted(old_key, torch.arange(d + 1) * 2**32).numpy()
         np_stores = [t.numpy() for t in (top, docs, bot, smp, quad)]
         parts_n = max(1, min(torch.get_num_threads(), d // 64 or 1))
         cuts = [d * p // parts_n for p in range(parts_n + 1)]
-        run_parallel([lambda a=a, b=b: _collect(a, b, *np_stores, *widths, scratch, cnt)
-                      for a, b in zip(cuts[:-1], cuts[1:])])
+        args = (*np_stores, *widths, snap, incr, old_key.numpy(), old_start, old_refs, idx, src, refs, cnt)
+        run_parallel([lambda a=a, b=b: _plan(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
         new_start = np.zeros(d + 1, dtype=np.int64)
         np.cumsum(cnt[:d], out=new_start[1:])
         e = int(new_start[d])
-        old_key = self.key.contiguous()
-        old_start = torch.searchsorted(old_key, torch.arange(d + 1, dtype=torch.int64) * 2**32).numpy()
         bits = torch.int16 if self.dtype == torch.bfloat16 else torch.int32
         key = torch.empty(e, dtype=torch.int64)
         window = torch.empty((e, self.width), dtype=self.dtype)
+        new_refs = np.empty(e, dtype=np.int32)
         fill = n > 0
         cc = c if fill else 0
         carry = self.carry.contiguous()
-        args = (scratch, new_start, old_key.numpy(), old_start, self.window.contiguous().view(bits).numpy(),
-                key.numpy(), window.view(bits).numpy(), m.view(torch.int32).numpy(),
-                carry.view(bits).numpy(), carry.shape[0] - cc, start - cc, start, n if fill else 0,
-                self.before, self.after, self.dtype == torch.bfloat16)
+        args = (idx, src, refs, new_start, self.window.contiguous().view(bits).numpy(), key.numpy(),
+                window.view(bits).numpy(), new_refs, m.view(torch.int32).numpy(), carry.view(bits).numpy(),
+                carry.shape[0] - cc, start - cc, start, n if fill else 0, self.before, self.after,
+                self.dtype == torch.bfloat16)
         run_parallel([lambda a=a, b=b: _fill(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
         self.key, self.window = key, window
+        self._snap, self._snap_of, self._refs, self._start = snap, key, new_refs, new_start
 
     def _update_torch(self, stats, m: torch.Tensor, start: int, c: int) -> None:
         """update with torch ops (any device): unique of the referenced keys, searchsorted against the kept
@@ -319,44 +335,163 @@ class ContextWindows:
 
 
 # ---------------------------------------------------------------------- CPU kernels (numba)
-def _take(keys, j, width, out, c):
-    """Append the token indices of the first ``width`` filled slots of row j of store keys to out[j, c:]."""
-    for s in range(width):
-        k = keys[j, s]
-        if k != EMPTY:
-            out[j, c] = _LOW - (k & _LOW)
-            c += 1
-    return c
+def _bsearch(old_key, lo, hi, x):
+    """Position of token index x among old_key[lo:hi] (one neuron's entries, ascending), or -1."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        v = old_key[mid] & _LOW
+        if v < x:
+            lo = mid + 1
+        elif v > x:
+            hi = mid
+        else:
+            return mid
+    return -1
 
 
-def _collect(j0, j1, top, docs, bot, smp, quad, n_top, n_docs, n_bot, n_smp, n_quad, out, cnt):
-    """Neurons j0 .. j1: the sorted distinct token indices the shown slots reference, into out[j, :cnt[j]]."""
+def _plan(j0, j1, top, docs, bot, smp, quad, n_top, n_docs, n_bot, n_quad, snap, incr, old_key, old_start,
+          old_refs, idx, src, refs, cnt):
+    """Neurons j0 .. j1: the sorted distinct token indices the shown slots reference now, into
+    idx[j, :cnt[j]], with their kept entry (src: position in old_key, -1 = new) and how many shown slots
+    reference each (refs). snap[j] holds the shown slots' keys of the previous update (written here for the
+    next); with ``incr`` (old_refs are those of the previous update's entries) only the keys that left or
+    entered a store row are looked at: a row is sorted descending, so one merge walk of the previous and
+    the current row finds them. A row found out of order, or no ``incr``, sorts all the slots instead
+    and merges them with the kept entries."""
+    width = snap.shape[1]
+    n_smp = smp.shape[1]
+    ref = np.empty(width + 1, np.int64)  # the neuron's kept entries: their reference counts
+    new = np.empty(width + 1, np.int64)  # token indices entering (with repeats)
     for j in range(j0, j1):
-        c = _take(top, j, n_top, out, 0)
-        c = _take(docs, j, n_docs, out, c)
-        c = _take(bot, j, n_bot, out, c)
-        c = _take(smp, j, n_smp, out, c)
-        c = _take(quad, j, n_quad, out, c)
-        for a in range(1, c):  # insertion sort (at most a few dozen slots)
-            x = out[j, a]
+        o0, o1 = old_start[j], old_start[j + 1]
+        ok = incr and o1 - o0 <= width
+        nn = 0
+        if ok:
+            for a in range(o1 - o0):
+                ref[a] = old_refs[o0 + a]
+            base = 0
+            for st in range(4):
+                keys = top if st == 0 else docs if st == 1 else bot if st == 2 else smp
+                w = n_top if st == 0 else n_docs if st == 1 else n_bot if st == 2 else n_smp
+                p = 0
+                c = 0
+                while ok:
+                    pk = snap[j, base + p] if p < w else EMPTY
+                    ck = keys[j, c] if c < w else EMPTY
+                    if c > 0 and c < w and ck != EMPTY and ck >= keys[j, c - 1]:
+                        ok = False  # not sorted descending
+                    elif pk == EMPTY and ck == EMPTY:
+                        break
+                    elif pk == ck:
+                        p += 1
+                        c += 1
+                    elif pk > ck:  # left the shown slots
+                        q = _bsearch(old_key, o0, o1, _LOW - (pk & _LOW))
+                        if q < 0:
+                            ok = False
+                        else:
+                            ref[q - o0] -= 1
+                        p += 1
+                    else:  # entered them
+                        x = _LOW - (ck & _LOW)
+                        q = _bsearch(old_key, o0, o1, x)
+                        if q >= 0:
+                            ref[q - o0] += 1
+                        else:
+                            new[nn] = x
+                            nn += 1
+                        c += 1
+                base += w
+            for col in range(n_quad):
+                if not ok:
+                    break
+                pk = snap[j, base + col]
+                ck = quad[j, col]
+                if pk != ck:
+                    if pk != EMPTY:
+                        q = _bsearch(old_key, o0, o1, _LOW - (pk & _LOW))
+                        if q < 0:
+                            ok = False
+                        else:
+                            ref[q - o0] -= 1
+                    if ck != EMPTY:
+                        x = _LOW - (ck & _LOW)
+                        q = _bsearch(old_key, o0, o1, x)
+                        if q >= 0:
+                            ref[q - o0] += 1
+                        else:
+                            new[nn] = x
+                            nn += 1
+        if ok:  # a memo that does not add up (it cannot, short of a bug) is not trusted
+            live = nn
+            for a in range(o1 - o0):
+                if ref[a] < 0:
+                    ok = False
+                live += ref[a] > 0
+            ok = ok and live <= width
+        if not ok:  # every shown slot, sorted, then merged with the kept entries
+            for a in range(o1 - o0):
+                ref[a] = 0
+            nn = 0
+            for st in range(5):
+                keys = top if st == 0 else docs if st == 1 else bot if st == 2 else smp if st == 3 else quad
+                w = n_top if st == 0 else n_docs if st == 1 else n_bot if st == 2 else n_smp if st == 3 else n_quad
+                for col in range(w):
+                    k = keys[j, col]
+                    if k != EMPTY:
+                        new[nn] = _LOW - (k & _LOW)
+                        nn += 1
+        for a in range(1, nn):  # insertion sort (of a few entering indices, or of every slot)
+            x = new[a]
             b = a - 1
-            while b >= 0 and out[j, b] > x:
-                out[j, b + 1] = out[j, b]
+            while b >= 0 and new[b] > x:
+                new[b + 1] = new[b]
                 b -= 1
-            out[j, b + 1] = x
+            new[b + 1] = x
+        # merge: the kept entries still referenced and the entering indices (repeats counted)
         u = 0
-        for a in range(c):
-            if u == 0 or out[j, a] != out[j, u - 1]:
-                out[j, u] = out[j, a]
+        a = 0
+        b = 0
+        nk = o1 - o0
+        while a < nk or b < nn:
+            ka = old_key[o0 + a] & _LOW if a < nk else _PAD
+            kb = new[b] if b < nn else _PAD
+            if ka < kb:
+                if ref[a] > 0:
+                    idx[j, u] = ka
+                    src[j, u] = o0 + a
+                    refs[j, u] = ref[a]
+                    u += 1
+                a += 1
+            else:
+                r = 0
+                while b < nn and new[b] == kb:
+                    r += 1
+                    b += 1
+                idx[j, u] = kb
+                if ka == kb:
+                    src[j, u] = o0 + a
+                    refs[j, u] = ref[a] + r
+                    a += 1
+                else:
+                    src[j, u] = -1
+                    refs[j, u] = r
                 u += 1
         cnt[j] = u
+        base = 0
+        for st in range(5):
+            keys = top if st == 0 else docs if st == 1 else bot if st == 2 else smp if st == 3 else quad
+            w = n_top if st == 0 else n_docs if st == 1 else n_bot if st == 2 else n_smp if st == 3 else n_quad
+            for col in range(w):
+                snap[j, base + col] = keys[j, col]
+            base += w
 
 
-def _fill(j0, j1, idx, new_start, old_key, old_start, old_win, key, win, mbits, carry, c_off, lo, start, n,
+def _fill(j0, j1, idx, src, refs, new_start, old_win, key, win, new_refs, mbits, carry, c_off, lo, start, n,
           before, after, bf16):
-    """Neurons j0 .. j1: the entries idx[j, :count] (sorted) at new_start[j] of key / win, their windows
-    the kept ones (old_key, old_win at old_start[j]; NaN for new entries), the positions in the carry
-    (tokens lo .. start - 1 at carry rows c_off ..) and in the batch (m's float32 bits, tokens start ..
+    """Neurons j0 .. j1: the entries idx[j, :count] (sorted, from ``_plan``) at new_start[j] of key / win /
+    new_refs, their windows the kept ones (old_win[src]; NaN for new entries, src -1), the positions in the
+    carry (tokens lo .. start - 1 at carry rows c_off ..) and in the batch (m's float32 bits, tokens start ..
     start + n - 1) filled; windows as bits (bfloat16 rounded to nearest even like torch).
 
     The positions in the batch are filled in token order (a counting sort of the entries reaching into it):
@@ -368,15 +503,14 @@ def _fill(j0, j1, idx, new_start, old_key, old_start, old_win, key, win, mbits, 
     task = np.empty(e1 - e0, np.int64)  # entries whose window reaches into the batch
     nt = 0
     for j in range(j0, j1):
-        o, oe = old_start[j], old_start[j + 1]
         base = new_start[j]
         for u in range(new_start[j + 1] - base):
             i = idx[j, u]
             e = base + u
             key[e] = j * 4294967296 + i
-            while o < oe and (old_key[o] & _LOW) < i:
-                o += 1
-            if o < oe and (old_key[o] & _LOW) == i:
+            new_refs[e] = refs[j, u]
+            o = src[j, u]
+            if o >= 0:
                 for w in range(width):
                     win[e, w] = old_win[o, w]
             else:
@@ -424,5 +558,5 @@ def _fill(j0, j1, idx, new_start, old_key, old_start, old_win, key, win, mbits, 
 _numba_ok = numba is not None
 if numba is not None:
     _jit = numba.njit(cache=True, nogil=True)
-    _take = _jit(_take)
-    _collect, _fill = _jit(_collect), _jit(_fill)
+    _bsearch = _jit(_bsearch)
+    _plan, _fill = _jit(_plan), _jit(_fill)
