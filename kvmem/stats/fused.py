@@ -14,11 +14,14 @@ update in a single read of m (and gate, up):
     in token order: the result does not depend on the number of threads;
   * counts, positives, float64 moments, the histogram (kvmem.stats.hist bins, read off the float32
     bits) and the quadrant sign counts are accumulated in block-local arrays and added at the end;
+  * the rows of a block lie a page apart, where the hardware prefetchers stop: each row of m, gate and
+    up is prefetched AHEAD rows before it is read (the llvm.prefetch intrinsic);
   * the stores (top, bottom, top_docs, sample, quadrant examples) are updated in place, entry by entry:
-    a cheap integer test on the high half of the key (the order-preserving image of the value, or the
-    sample priority) against the store's current k-th entry lets through the few entries that may
-    enter, which are then compared on the full int64 key (kvmem.stats.keys) and inserted into the
-    sorted row. Keys are unique per neuron, so the stores end up exactly as on the torch path (the
+    a cheap test of each row against the stores' current k-th entries (float32 compares of the value
+    with the entry's value, which agree with the keys' order as mono32 folds -0.0 onto +0.0; the sample
+    priority as an int32) lets through the few entries that may enter; a branch-free loop without
+    stores (which LLVM vectorizes) says whether a row has any, a second one marks them in a bit mask,
+    and each is then compared on the full int64 key (kvmem.stats.keys) and inserted into the sorted row. Keys are unique per neuron, so the stores end up exactly as on the torch path (the
     top-k keys of everything seen), whatever the order of the tokens;
   * top_docs: per block and neuron the running max of the current document (first token on ties) is
     kept, and offered to the store when the document ends (or the batch does), replacing the entry of
@@ -51,7 +54,7 @@ AHEAD = 8  # rows of m, gate and up prefetched ahead of the one being read (see 
 LOW = (1 << 32) - 1
 TWO32 = 1 << 32
 INT32_MIN = -(1 << 31)
-BELOW = -(1 << 62)  # below every high half of a key
+TWO31 = 1 << 31
 
 
 def _insert(keys, r, key):
@@ -93,41 +96,71 @@ def _offer_doc(keys, docs, r, key, doc):
     _insert_p(keys, docs, r, key, doc)
 
 
+def _unmono(tmp, ftmp, hi):
+    """The float32 whose mono32 is hi (an int32 in int64); -inf for an empty slot's high half (-2**31)."""
+    if hi == INT32_MIN:
+        return -np.inf
+    tmp[0] = hi ^ 0x7FFFFFFF if hi < 0 else hi
+    return ftmp[0]
+
+
+def _ctz(x):
+    """Index of the lowest set bit of x != 0."""
+    j = 0
+    while (x >> j) & 1 == 0:
+        j += 1
+    return j
+
+
+def _mono(v):
+    """mono32 of float32 bits v (int32 in int64), -0.0 folded onto +0.0."""
+    v = 0 if v == INT32_MIN else v
+    return v ^ 0x7FFFFFFF if v < 0 else v
+
+
 def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
             top, bot, dkey, did, skey, sval, qkey, qval,
             l0_part, pos, s1, s2, hist, quad):
     n, d = m.shape
     k = top.shape[1]
+    tmp = np.zeros(1, np.int32)
+    hbase = np.arange(BLOCK).astype(np.uint32) * np.uint32(N_BINS)  # a neuron's row in the flat local histogram
+    ftmp = tmp.view(np.float32)
     for b in range(b0, b1):
         j0 = b * BLOCK
         w = min(d, j0 + BLOCK) - j0
         a1 = np.zeros(BLOCK)
         a2 = np.zeros(BLOCK)
         npos = np.zeros(BLOCK, np.int32)
-        h = np.zeros((BLOCK, N_BINS), np.int32)
+        h = np.zeros(BLOCK * N_BINS, np.int32)  # [BLOCK, N_BINS] flat
         ng = np.zeros(BLOCK, np.int32)
         nu = np.zeros(BLOCK, np.int32)
         ngu = np.zeros(BLOCK, np.int32)
-        qc = np.zeros(BLOCK, np.int64)
-        mo = np.zeros(BLOCK, np.int64)
-        # high halves of each store's last key (EMPTY -> -2**31: everything passes the first test)
-        tk = np.empty(BLOCK, np.int64)
-        bk = np.empty(BLOCK, np.int64)
-        sk = np.empty(BLOCK, np.int64)
-        qk = np.zeros((4, BLOCK), np.int64)
-        ncb = np.empty(BLOCK, np.int64)
-        hf = np.zeros(BLOCK, np.int32)
+        # the stores' entry thresholds: m >= ft may enter top, m <= fb bottom, |m| >= fq<c> quadrant c's
+        # slot (float32 compares agree with the key order: mono32 folds -0.0 onto +0.0), and the sample
+        # priority pr >= sk (int32: th + nx wraps like the priority's 32 bits, nx = neuron hash + 2**31)
+        ft = np.empty(BLOCK, np.float32)
+        fb = np.empty(BLOCK, np.float32)
+        sk = np.empty(BLOCK, np.int32)
+        nx = np.empty(BLOCK, np.int32)
+        fq0 = np.full(BLOCK, -np.inf, np.float32)
+        fq1 = np.full(BLOCK, -np.inf, np.float32)
+        fq2 = np.full(BLOCK, -np.inf, np.float32)
+        fq3 = np.full(BLOCK, -np.inf, np.float32)
         for j in range(w):
-            tk[j] = top[j0 + j, k - 1] >> 32
-            bk[j] = bot[j0 + j, k - 1] >> 32
-            sk[j] = skey[j0 + j, k - 1] >> 32
-            ncb[j] = nc[j0 + j]
+            r = j0 + j
+            ft[j] = _unmono(tmp, ftmp, top[r, k - 1] >> 32)
+            fb[j] = -_unmono(tmp, ftmp, bot[r, k - 1] >> 32)
+            sk[j] = skey[r, k - 1] >> 32
+            nx[j] = np.int32((nc[r] & LOW) - TWO31)
             if gated:
-                for q in range(4):
-                    qk[q, j] = qkey[j0 + j, q] >> 32
-        # the current document's running max per neuron (high half of the key) and its row
-        cm = np.full(BLOCK, BELOW, np.int64)
-        cr = np.zeros(BLOCK, np.int64)
+                fq0[j] = _unmono(tmp, ftmp, qkey[r, 0] >> 32)
+                fq1[j] = _unmono(tmp, ftmp, qkey[r, 1] >> 32)
+                fq2[j] = _unmono(tmp, ftmp, qkey[r, 2] >> 32)
+                fq3[j] = _unmono(tmp, ftmp, qkey[r, 3] >> 32)
+        # the current document's running max per neuron and its row
+        cm = np.zeros(BLOCK, np.float32)
+        cr = np.zeros(BLOCK, np.int32)
         for i in range(n):
             if i + AHEAD < n:  # a block's rows lie a page apart: the hardware prefetchers do not follow
                 for c in range(0, w, 16):
@@ -135,11 +168,21 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
                     if gated:
                         _prefetch(gate, i + AHEAD, j0 + c)
                         _prefetch(up, i + AHEAD, j0 + c)
-            if i > 0 and doc[i] != doc[i - 1]:
-                for j in range(w):
-                    _offer_doc(dkey, did, j0 + j, cm[j] * TWO32 + (LOW - ti[cr[j]]), doc[i - 1])
-                    cm[j] = BELOW
             row = m[i, j0:j0 + w]
+            if i == 0 or doc[i] != doc[i - 1]:
+                if i > 0:
+                    for j in range(w):
+                        ftmp[0] = cm[j]
+                        _offer_doc(dkey, did, j0 + j, _mono(np.int64(tmp[0])) * TWO32 + (LOW - ti[cr[j]]), doc[i - 1])
+                for j in range(w):
+                    cm[j] = row[j]
+                    cr[j] = i
+            else:
+                for j in range(w):
+                    x = row[j]
+                    better = x > cm[j]
+                    cm[j] = x if better else cm[j]
+                    cr[j] = i if better else cr[j]
             brow = bits[i, j0:j0 + w]
             lp = 0
             for j in range(w):
@@ -151,16 +194,9 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
                 npos[j] += p
             l0_part[b, i] = lp
             for j in range(w):
-                h[j, lut[(brow[j] >> 21) & 2047]] += 1
-            for j in range(w):
-                v = np.int64(brow[j])
-                v = 0 if v == INT32_MIN else v
-                mj = v ^ 0x7FFFFFFF if v < 0 else v
-                mo[j] = mj
-                better = mj > cm[j]
-                cm[j] = mj if better else cm[j]
-                cr[j] = i if better else cr[j]
-            # which entries may enter a store: vectorizable flags first, the rare hits after
+                h[hbase[j] + lut[np.uint32(brow[j]) >> 21]] += 1
+            thi = np.int32(((th[i] + TWO31) & LOW) - TWO31)
+            hit = False
             if gated:
                 grow = gate[i, j0:j0 + w]
                 urow = up[i, j0:j0 + w]
@@ -169,67 +205,90 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
                     ui = np.int32(urow[j] > 0)
                     ng[j] += gi
                     nu[j] += ui
-                    ngu[j] += gi & ui
-                    qc[j] = 3 - 2 * gi - ui  # the quadrant's column in LayerStats.quadrants
-                    mj = mo[j]
-                    ab = mj if mj >= 0 else -1 - mj  # mono of |m|
-                    gm = -np.int64(gi)  # all ones where gate > 0 (bit masks: no branches, vectorizes)
-                    um = -np.int64(ui)
-                    qb = ((qk[0, j] & um | qk[1, j] & ~um) & gm) | ((qk[2, j] & um | qk[3, j] & ~um) & ~gm)
-                    hf[j] = np.int32(ab >= qb)
+                for j in range(w):
+                    ngu[j] += np.int32(grow[j] > 0) & np.int32(urow[j] > 0)
+                for j in range(w):  # no stores: vectorizes without alias checks
+                    x = row[j]
+                    gp = grow[j] > 0
+                    upz = urow[j] > 0
+                    q0, q1, q2, q3 = fq0[j], fq1[j], fq2[j], fq3[j]  # loaded unconditionally: selects, no branches
+                    qa = q0 if upz else q1
+                    qc = q2 if upz else q3
+                    qb = qa if gp else qc
+                    pr = np.int32(thi + nx[j])
+                    hit |= (x >= ft[j]) | (x <= fb[j]) | ((x > 0) & (pr >= sk[j])) | (abs(x) >= qb)
             else:
                 for j in range(w):
-                    hf[j] = 0
-            thi = th[i]
-            nh = 0
-            for j in range(w):
-                mj = mo[j]
-                neg = -1 - mj if mj != 0 else 0  # mono of -m
-                pr = ((thi + ncb[j]) & LOW) - (1 << 31)  # sample priority, high half
-                f = hf[j] | np.int32(mj >= tk[j]) | np.int32(neg >= bk[j]) | (np.int32(mj > 0) & np.int32(pr >= sk[j]))
-                hf[j] = f
-                nh += f
-            if nh == 0:
+                    x = row[j]
+                    pr = np.int32(thi + nx[j])
+                    hit |= (x >= ft[j]) | (x <= fb[j]) | ((x > 0) & (pr >= sk[j]))
+            if not hit:
                 continue
             low = LOW - ti[i]
-            for j in range(w):
-                if hf[j] == 0:
-                    continue
-                mj = mo[j]
+            fl = 0  # bit j: entry j may enter a store (the same tests, on the rows that have one)
+            if gated:
+                for j in range(w):
+                    x = row[j]
+                    gp = grow[j] > 0
+                    upz = urow[j] > 0
+                    q0, q1, q2, q3 = fq0[j], fq1[j], fq2[j], fq3[j]
+                    qa = q0 if upz else q1
+                    qc = q2 if upz else q3
+                    qb = qa if gp else qc
+                    pr = np.int32(thi + nx[j])
+                    f = (x >= ft[j]) | (x <= fb[j]) | ((x > 0) & (pr >= sk[j])) | (abs(x) >= qb)
+                    fl |= np.int64(f) << j
+            else:
+                for j in range(w):
+                    x = row[j]
+                    pr = np.int32(thi + nx[j])
+                    f = (x >= ft[j]) | (x <= fb[j]) | ((x > 0) & (pr >= sk[j]))
+                    fl |= np.int64(f) << j
+            while fl != 0:
+                j = _ctz(fl)
+                fl &= fl - 1
+                x = row[j]
+                pr = np.int32(thi + nx[j])
+                mj = _mono(np.int64(brow[j]))
                 r = j0 + j
-                if mj >= tk[j]:
-                    key = mj * TWO32 + low
-                    if key > top[r, k - 1]:
-                        _insert(top, r, key)
-                        tk[j] = top[r, k - 1] >> 32
+                key = mj * TWO32 + low
+                if key > top[r, k - 1]:
+                    _insert(top, r, key)
+                    ft[j] = _unmono(tmp, ftmp, top[r, k - 1] >> 32)
                 neg = -1 - mj if mj != 0 else 0
-                if neg >= bk[j]:
-                    key = neg * TWO32 + low
-                    if key > bot[r, k - 1]:
-                        _insert(bot, r, key)
-                        bk[j] = bot[r, k - 1] >> 32
-                pr = ((thi + ncb[j]) & LOW) - (1 << 31)
-                if mj > 0 and pr >= sk[j]:
-                    key = pr * TWO32 + low
+                key = neg * TWO32 + low
+                if key > bot[r, k - 1]:
+                    _insert(bot, r, key)
+                    fb[j] = -_unmono(tmp, ftmp, bot[r, k - 1] >> 32)
+                if mj > 0:
+                    key = np.int64(pr) * TWO32 + low
                     if key > skey[r, k - 1]:
-                        _insert_p(skey, sval, r, key, row[j])
+                        _insert_p(skey, sval, r, key, x)
                         sk[j] = skey[r, k - 1] >> 32
                 if gated:
-                    c = qc[j]
+                    c = 3 - 2 * np.int64(gate[i, r] > 0) - np.int64(up[i, r] > 0)
                     ab = mj if mj >= 0 else -1 - mj
-                    if ab >= qk[c, j]:
-                        key = ab * TWO32 + low
-                        if key > qkey[r, c]:
-                            qkey[r, c] = key
-                            qval[r, c] = row[j]
-                            qk[c, j] = ab
+                    key = ab * TWO32 + low
+                    if key > qkey[r, c]:
+                        qkey[r, c] = key
+                        qval[r, c] = x
+                        fa = _unmono(tmp, ftmp, ab)
+                        if c == 0:
+                            fq0[j] = fa
+                        elif c == 1:
+                            fq1[j] = fa
+                        elif c == 2:
+                            fq2[j] = fa
+                        else:
+                            fq3[j] = fa
         for j in range(w):
-            _offer_doc(dkey, did, j0 + j, cm[j] * TWO32 + (LOW - ti[cr[j]]), doc[n - 1])
+            ftmp[0] = cm[j]
+            _offer_doc(dkey, did, j0 + j, _mono(np.int64(tmp[0])) * TWO32 + (LOW - ti[cr[j]]), doc[n - 1])
             s1[j0 + j] += a1[j]
             s2[j0 + j] += a2[j]
             pos[j0 + j] = npos[j]
             for c in range(N_BINS):
-                hist[j0 + j, c] += h[j, c]
+                hist[j0 + j, c] += h[j * N_BINS + c]
             if gated:
                 quad[j0 + j, 0] += ngu[j]
                 quad[j0 + j, 1] += ng[j] - ngu[j]
@@ -275,9 +334,10 @@ if numba is not None:
 
     _jit = numba.njit(cache=True, nogil=True)
     _insert, _insert_p, _offer_doc = _jit(_insert), _jit(_insert_p), _jit(_offer_doc)
+    _unmono, _mono, _ctz = _jit(_unmono), _jit(_mono), _jit(_ctz)
     _kernel = _jit(_kernel)
 
-_LUT = BIN_LUT.numpy().astype(np.int32)  # float32 bit code -> histogram bin
+_LUT = BIN_LUT.numpy().astype(np.uint8)  # float32 bit code -> histogram bin
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
