@@ -1,6 +1,6 @@
 """Time only the fused CPU pass (kvmem.stats.fused.update) on synthetic SwiGLU batches with warm stores.
 
-    python scripts/bench_fused.py [--n 2048] [--d-mlp 1536] [--threads 1] [--reps 9] [--plain]
+    python scripts/bench_fused.py [--n 2048] [--d-mlp 1536] [--threads 1] [--reps 9] [--plain] [--signs]
                                   [--module /path/to/variant.py] [--check]
 
 Batches are like scripts/bench_stats.py's (m = silu(gate) * up with a heavy-tailed per-token scale,
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--module", default=None, help="a variant of kvmem/stats/fused.py to time instead")
     ap.add_argument("--check", action="store_true", help="compare the variant's states with kvmem.stats.fused")
+    ap.add_argument("--signs", action="store_true",
+                    help="sign_preserving_act (up's sign from m's and gate's; --check compares with it off)")
     ap.add_argument("--omp", action="store_true", help="torch's OpenMP team for the blocks (kvmem.tuning)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,9 +87,9 @@ def main() -> None:
     data = [make_batch(i, args.n, args.d_mlp, gen) for i in range(args.warm + args.reps)]
     comps = COMPS if gated else COMPS[:-1]
     mod = load(args.module)
-    s = LayerStats(args.d_mlp, k=args.k, gated=gated, max_pos=1024, components=comps)
+    s = LayerStats(args.d_mlp, k=args.k, gated=gated, max_pos=1024, components=comps, sign_preserving_act=args.signs)
     run(mod, data[:1], s, gated, None)  # compile
-    s = LayerStats(args.d_mlp, k=args.k, gated=gated, max_pos=1024, components=comps)
+    s = LayerStats(args.d_mlp, k=args.k, gated=gated, max_pos=1024, components=comps, sign_preserving_act=args.signs)
     run(mod, data[: args.warm], s, gated, None)
     times: list = []
     run(mod, data[args.warm:], s, gated, times)

@@ -99,6 +99,18 @@ class Progress:
     elapsed: float = 0.0  # seconds spent in earlier sessions of this run
 
 
+# activations with act(g)·g >= 0 and act(g) != 0 for g != 0 (up to underflow): kvmem.stats.base.LayerSpec
+SIGN_PRESERVING_ACTS = frozenset({"silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu"})
+
+
+def sign_preserving(model) -> bool:
+    """Whether the model's FFN activation keeps its input's sign (only the known names; anything else: no)."""
+    try:
+        return str(model.activation) in SIGN_PRESERVING_ACTS
+    except Exception:  # an adapter without a named activation
+        return False
+
+
 def context_windows(model, cfg: ProfileConfig):
     """A layer's ContextWindows for the settings of ``cfg`` (None when ``cfg.context`` is off)."""
     from kvmem.stats.context import DTYPES, ContextWindows
@@ -128,7 +140,8 @@ class Profiler:
         # value norms ‖v_i‖ weigh |m_i| in what each neuron writes (kvmem.stats.mass)
         self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
                                         device=model.device, context=context_windows(model, cfg),
-                                        value_norm=model.value_norms(layer))
+                                        value_norm=model.value_norms(layer),
+                                        sign_preserving_act=sign_preserving(model))
                       for layer in self.layers}
         self.state = Progress()
         self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)

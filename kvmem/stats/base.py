@@ -41,6 +41,11 @@ class LayerSpec:
     # ‖v_i‖ [d] float32: norm of each neuron's value vector (row i of W_out), the weight of |m_i| in what
     # the neuron writes; None: statistics that need it (kvmem.stats.mass) are not kept
     value_norm: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # the gate's activation keeps the sign of its input: act(g)·g >= 0, and act(g) != 0 wherever g != 0 and
+    # the product does not underflow (SiLU, GELU, GELU-tanh, ReLU; not e.g. a shifted or negated one). Then
+    # wherever m != 0, (up > 0) == ((m > 0) == (gate > 0)), which lets the CPU pass (kvmem.stats.fused)
+    # skip reading up. A run-time property of the model, not of the statistics (not in the state)
+    sign_preserving_act: bool = False
 
     def __post_init__(self):
         if self.d_mlp < 1 or self.k < 1 or self.max_pos < 1:

@@ -16,6 +16,10 @@ update in a single read of m (and gate, up):
     bits) and the quadrant sign counts are accumulated in block-local arrays and added at the end;
   * the rows of a block lie a page apart, where the hardware prefetchers stop: each row of m, gate and
     up is prefetched AHEAD rows before it is read (the llvm.prefetch intrinsic);
+  * gated layers whose activation keeps its input's sign (LayerSpec.sign_preserving_act: SiLU, GELU,
+    ReLU) take up's sign from m's and gate's, (up > 0) == ((m > 0) == (gate > 0)) wherever m != 0, and
+    read up only on the rare rows with an m == 0 (exact zeros, underflow): a third less to read; the
+    kernel is compiled for it as a second function (_kernel_signs) so that the flag costs no branch;
   * the stores (top, bottom, top_docs, sample, quadrant examples) are updated in place, entry by entry:
     a cheap test of each row against the stores' current k-th entries (float32 compares of the value
     with the entry's value, which agree with the keys' order as mono32 folds -0.0 onto +0.0; the sample
@@ -36,6 +40,8 @@ brute-force statistics.
 
 from __future__ import annotations
 
+from types import FunctionType
+
 import numpy as np
 import torch
 
@@ -55,6 +61,9 @@ LOW = (1 << 32) - 1
 TWO32 = 1 << 32
 INT32_MIN = -(1 << 31)
 TWO31 = 1 << 31
+# up's sign taken from m's and gate's where m != 0 (kvmem.stats.base.LayerSpec.sign_preserving_act); the
+# kernel is compiled once with it False (_kernel) and once True (_kernel_signs)
+SIGNS = False
 
 
 def _insert(keys, r, key):
@@ -118,6 +127,15 @@ def _mono(v):
     return v ^ 0x7FFFFFFF if v < 0 else v
 
 
+def _cand(x, gp, upz, pr, ft, fb, sk, q0, q1, q2, q3):
+    """Whether m = x may enter a store of a gated layer (gate > 0: gp, up > 0: upz; the thresholds as in
+    _kernel). The quadrant thresholds are all taken and selected, no branches."""
+    qa = q0 if upz else q1
+    qc = q2 if upz else q3
+    qb = qa if gp else qc
+    return (x >= ft) | (x <= fb) | ((x > 0) & (pr >= sk)) | (abs(x) >= qb)
+
+
 def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
             top, bot, dkey, did, skey, sval, qkey, qval,
             l0_part, pos, s1, s2, hist, quad):
@@ -167,7 +185,8 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
                     _prefetch(m, i + AHEAD, j0 + c)
                     if gated:
                         _prefetch(gate, i + AHEAD, j0 + c)
-                        _prefetch(up, i + AHEAD, j0 + c)
+                        if not SIGNS:
+                            _prefetch(up, i + AHEAD, j0 + c)
             row = m[i, j0:j0 + w]
             if i == 0 or doc[i] != doc[i - 1]:
                 if i > 0:
@@ -199,24 +218,45 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
             hit = False
             if gated:
                 grow = gate[i, j0:j0 + w]
-                urow = up[i, j0:j0 + w]
-                for j in range(w):
-                    gi = np.int32(grow[j] > 0)
-                    ui = np.int32(urow[j] > 0)
-                    ng[j] += gi
-                    nu[j] += ui
-                for j in range(w):
-                    ngu[j] += np.int32(grow[j] > 0) & np.int32(urow[j] > 0)
-                for j in range(w):  # no stores: vectorizes without alias checks
-                    x = row[j]
-                    gp = grow[j] > 0
-                    upz = urow[j] > 0
-                    q0, q1, q2, q3 = fq0[j], fq1[j], fq2[j], fq3[j]  # loaded unconditionally: selects, no branches
-                    qa = q0 if upz else q1
-                    qc = q2 if upz else q3
-                    qb = qa if gp else qc
-                    pr = np.int32(thi + nx[j])
-                    hit |= (x >= ft[j]) | (x <= fb[j]) | ((x > 0) & (pr >= sk[j])) | (abs(x) >= qb)
+                if SIGNS:  # up's sign from m's and gate's; up itself only where m is 0 (see update)
+                    urow = grow  # not read
+                    zr = False
+                    for j in range(w):
+                        gp = grow[j] > 0
+                        gi = np.int32(gp)
+                        ui = np.int32((row[j] > 0) == gp)
+                        ng[j] += gi
+                        nu[j] += ui
+                        ngu[j] += gi & ui
+                        zr |= row[j] == 0
+                    if zr:  # rare: correct the counts from up, and send the zeros to the stores' exact tests
+                        for j in range(w):
+                            if row[j] == 0:
+                                gi = np.int32(grow[j] > 0)
+                                dv = 1 - gi
+                                ut = np.int32(up[i, j0 + j] > 0)
+                                nu[j] += ut - dv
+                                ngu[j] += (gi & ut) - (gi & dv)
+                        hit = True
+                else:
+                    urow = up[i, j0:j0 + w]
+                    for j in range(w):
+                        gi = np.int32(grow[j] > 0)
+                        ui = np.int32(urow[j] > 0)
+                        ng[j] += gi
+                        nu[j] += ui
+                        ngu[j] += gi & ui
+                if SIGNS:  # (two loops: a select between up's and the derived sign would still load up)
+                    for j in range(w):  # no stores: vectorizes without alias checks
+                        x = row[j]
+                        gp = grow[j] > 0
+                        hit |= _cand(x, gp, (x > 0) == gp, np.int32(thi + nx[j]), ft[j], fb[j], sk[j],
+                                     fq0[j], fq1[j], fq2[j], fq3[j])
+                else:
+                    for j in range(w):
+                        x = row[j]
+                        hit |= _cand(x, grow[j] > 0, urow[j] > 0, np.int32(thi + nx[j]), ft[j], fb[j], sk[j],
+                                     fq0[j], fq1[j], fq2[j], fq3[j])
             else:
                 for j in range(w):
                     x = row[j]
@@ -227,17 +267,19 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
             low = LOW - ti[i]
             fl = 0  # bit j: entry j may enter a store (the same tests, on the rows that have one)
             if gated:
-                for j in range(w):
-                    x = row[j]
-                    gp = grow[j] > 0
-                    upz = urow[j] > 0
-                    q0, q1, q2, q3 = fq0[j], fq1[j], fq2[j], fq3[j]
-                    qa = q0 if upz else q1
-                    qc = q2 if upz else q3
-                    qb = qa if gp else qc
-                    pr = np.int32(thi + nx[j])
-                    f = (x >= ft[j]) | (x <= fb[j]) | ((x > 0) & (pr >= sk[j])) | (abs(x) >= qb)
-                    fl |= np.int64(f) << j
+                if SIGNS:  # zeros (m == 0: up's sign unknown here) go to the exact tests
+                    for j in range(w):
+                        x = row[j]
+                        gp = grow[j] > 0
+                        f = _cand(x, gp, (x > 0) == gp, np.int32(thi + nx[j]), ft[j], fb[j], sk[j],
+                                  fq0[j], fq1[j], fq2[j], fq3[j])
+                        fl |= np.int64(f | (x == 0)) << j
+                else:
+                    for j in range(w):
+                        x = row[j]
+                        f = _cand(x, grow[j] > 0, urow[j] > 0, np.int32(thi + nx[j]), ft[j], fb[j], sk[j],
+                                  fq0[j], fq1[j], fq2[j], fq3[j])
+                        fl |= np.int64(f) << j
             else:
                 for j in range(w):
                     x = row[j]
@@ -266,7 +308,12 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
                         _insert_p(skey, sval, r, key, x)
                         sk[j] = skey[r, k - 1] >> 32
                 if gated:
-                    c = 3 - 2 * np.int64(gate[i, r] > 0) - np.int64(up[i, r] > 0)
+                    gq = gate[i, r] > 0
+                    if SIGNS and x != 0:
+                        uq = (x > 0) == gq
+                    else:
+                        uq = up[i, r] > 0
+                    c = 3 - 2 * np.int64(gq) - np.int64(uq)
                     ab = mj if mj >= 0 else -1 - mj
                     key = ab * TWO32 + low
                     if key > qkey[r, c]:
@@ -294,6 +341,13 @@ def _kernel(b0, b1, m, bits, gate, up, gated, ti, th, doc, nc, lut,
                 quad[j0 + j, 1] += ng[j] - ngu[j]
                 quad[j0 + j, 2] += nu[j] - ngu[j]
                 quad[j0 + j, 3] += n - ng[j] - nu[j] + ngu[j]
+
+
+def _with_globals(f, name, **consts):
+    """A copy of function f named name (numba's cache tells them apart by it) seeing consts as globals."""
+    g = FunctionType(f.__code__, {**f.__globals__, **consts}, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = name
+    return g
 
 
 if numba is not None:
@@ -334,7 +388,9 @@ if numba is not None:
 
     _jit = numba.njit(cache=True, nogil=True)
     _insert, _insert_p, _offer_doc = _jit(_insert), _jit(_insert_p), _jit(_offer_doc)
-    _unmono, _mono, _ctz = _jit(_unmono), _jit(_mono), _jit(_ctz)
+    _unmono, _mono, _ctz, _cand = _jit(_unmono), _jit(_mono), _jit(_ctz), _jit(_cand)
+    # two kernels: SIGNS a compile-time constant (a run-time flag left the up loops' cost in: ~2 ms of 9)
+    _kernel_signs = _jit(_with_globals(_kernel, "_kernel_signs", SIGNS=True))
     _kernel = _jit(_kernel)
 
 _LUT = BIN_LUT.numpy().astype(np.uint8)  # float32 bit code -> histogram bin
@@ -370,6 +426,8 @@ def update(parts: dict, batch) -> tuple[str, ...]:
     top, bot, docs, smp = parts["top"], parts["bottom"], parts["top_docs"], parts["sample"]
     quad = parts.get("quadrants")
     gated = quad is not None
+    # up's sign from m's and gate's wherever m != 0 (kvmem.stats.base.LayerSpec.sign_preserving_act)
+    signs = gated and bool(quad.spec.sign_preserving_act)
     if gated:
         g = batch.gate.to(torch.float32).contiguous()
         u = batch.up.to(torch.float32).contiguous()
@@ -391,7 +449,8 @@ def update(parts: dict, batch) -> tuple[str, ...]:
     )
     parts_n = min(torch.get_num_threads(), nblk)
     cuts = [nblk * p // parts_n for p in range(parts_n + 1)]
-    run_parallel([lambda a=a, b=b: _kernel(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
+    kern = _kernel_signs if signs else _kernel
+    run_parallel([lambda a=a, b=b: kern(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
     l0, count = torch.from_numpy(l0_part.sum(0, dtype=np.int64)), torch.from_numpy(pos)
     batch.positives = (l0, count)  # other components (the torch path of any not covered) reuse them
     parts["counts"].add(l0, count, batch.pos)

@@ -56,12 +56,14 @@ class LayerStats:
 
     def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu",
                  backend: str = "auto", context: ContextWindows | None = None,
-                 value_norm: torch.Tensor | None = None, components=None):
+                 value_norm: torch.Tensor | None = None, components=None, sign_preserving_act: bool = False):
         if backend not in BACKENDS:
             raise KvmemError(f"LayerStats backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         # "auto": the fused one-pass kernel on CPU (kvmem.stats.fused), torch elsewhere; "torch": torch only
         self.backend = backend
-        self.spec = LayerSpec(int(d_mlp), int(k), bool(gated), int(max_pos), torch.device(device), value_norm)
+        # sign_preserving_act: see LayerSpec (m = act(gate) * up with act keeping gate's sign)
+        self.spec = LayerSpec(int(d_mlp), int(k), bool(gated), int(max_pos), torch.device(device), value_norm,
+                              bool(sign_preserving_act))
         self.parts = build(self.spec, components)
         self.n = 0
         self._last_index = -1  # largest token index seen (decides strict vs widened thresholds)
@@ -237,7 +239,8 @@ class LayerStats:
             raise KvmemError(f"LayerStats state holds statistics this kvmem does not know: {', '.join(sorted(unknown))}")
         spec = self.spec
         if "mass" in prefixes and "mass.value_norm" in sd:
-            spec = LayerSpec(spec.d_mlp, spec.k, spec.gated, spec.max_pos, spec.device, sd["mass.value_norm"])
+            spec = LayerSpec(spec.d_mlp, spec.k, spec.gated, spec.max_pos, spec.device, sd["mass.value_norm"],
+                             spec.sign_preserving_act)
             self.spec = spec
         self.parts = build(spec, [name for name in COMPONENTS if name in prefixes])
         for name, part in self.parts.items():
