@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvmem  # noqa: E402
-from kvmem.profile.runner import Profiler, ProfileConfig  # noqa: E402
+from kvmem.profile.runner import Profiler, ProfileConfig, auto_batch_size  # noqa: E402
 from kvmem.tuning import apply as apply_tuning  # noqa: E402
 from kvmem.profile.tokens import TokenStore  # noqa: E402
 
@@ -179,7 +179,7 @@ def main() -> None:
 
         store, _ = tokenize(Corpus("pydoc"), model.tokenizer, n_rows * args.seq_len)
         ids = store.ids[: n_rows * args.seq_len].long().view(n_rows, args.seq_len)
-    batch = args.batch or max(1, (8192 if model.device.type == "cuda" else 2048) // args.seq_len)
+    batch = args.batch or auto_batch_size(model, args.seq_len)  # what kvmem profile takes by default
     methods = {
         "forward+logits": lambda: method_forward(model, ids, batch, head=True),
         "forward-no-head": lambda: method_forward(model, ids, batch, head=False),
