@@ -22,11 +22,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from kvmem.stats.hist import count_above as _hist_count_above
+from kvmem.stats.mass import FRACTIONS as MASS  # shares of Σ_i |m_i|·‖v_i‖ for mass-L0
 
 FRACTIONS = (0.01, 0.1, 0.5)  # τ as fractions of each neuron's max |m|
 HEADLINE = 0.1  # the τ of the headline figures (summary, overview, layers table)
-MASS = (0.5, 0.9)  # shares of Σ_i |m_i|·‖v_i‖ for mass-L0
 DENSE, RARE = 0.5, 0.01  # dense: active on more than half of the tokens; rare: on less than 1%
 CONTEXT_BEFORE = 6
 
@@ -41,14 +40,13 @@ def max_abs(s) -> torch.Tensor:
     return torch.maximum(s.max.nan_to_num(0.0), (-s.min).nan_to_num(0.0)).clamp(min=0.0)
 
 
-def _count(values: torch.Tensor, hist: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens with x > t per neuron (t [d] >= 0), with the bound: the histogram's estimate (kvmem.stats.hist),
+def _exact_where_stored(values: torch.Tensor, est: torch.Tensor, bound: torch.Tensor, t: torch.Tensor):
+    """Tokens with x > t per neuron (t [d] >= 0), with the bound: the histogram's estimate (est, bound),
     made exact where the exact store of the largest x holds every x > t (its last slot is empty or <= t),
     and kept within the store's lower bound (k tokens) otherwise.
 
-    values: that store's values [d, k] (NaN in empty slots, largest first); hist [d, N_BINS] of x.
+    values: that store's values [d, k] (NaN in empty slots, largest first).
     Returns (estimate float64 [d], bound float64 [d])."""
-    est, bound = _hist_count_above(hist, t)
     v = values.float().cpu()
     t = t.float().cpu()
     k = v.shape[1]
@@ -62,18 +60,16 @@ def _count(values: torch.Tensor, hist: torch.Tensor, t: torch.Tensor) -> tuple[t
 
 
 def count_above(s, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens with m > t per neuron (t [d] >= 0): (estimate, bound) float64 [d] (see _count)."""
-    return _count(s.top.value, s.hist, t)
+    """Tokens with m > t per neuron (t [d] >= 0): (estimate, bound) float64 [d], from the histogram
+    (LayerStats.count_above), exact where the top store holds every such token."""
+    return _exact_where_stored(s.top.value, *s.count_above(t, return_bound=True), t)
 
 
 def count_below(s, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens with m < -t per neuron (t [d] >= 0): (estimate, bound) float64 [d].
-
-    The histogram is the mirror image of itself under m -> -m (bin b holds E[b] < m <= E[b+1] for m < 0,
-    HIST_EDGES[b] = -HIST_EDGES[197 - b]), so the bins flipped are the histogram of -m with the positive
-    side's convention, and m < -t is -m > t there. The bottom store (most negative first) is the top
-    store of -m."""
-    return _count(-s.bottom.value, s.hist.flip(1), t)
+    """Tokens with m < -t per neuron (t [d] >= 0): (estimate, bound) float64 [d], from the histogram's
+    mirror image (LayerStats.count_below), exact where the bottom store (the top store of -m) holds every
+    such token."""
+    return _exact_where_stored(-s.bottom.value, *s.count_below(t, return_bound=True), t)
 
 
 def magnitude_shares(s, fractions=FRACTIONS) -> dict[str, torch.Tensor]:
