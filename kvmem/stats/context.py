@@ -349,6 +349,28 @@ def _bsearch(old_key, lo, hi, x):
     return -1
 
 
+def _leave(old_key, o0, o1, ref, pk):
+    """The slot key pk left the shown slots: one reference less to its kept entry (False: none is kept,
+    the memo does not add up)."""
+    q = _bsearch(old_key, o0, o1, _LOW - (pk & _LOW))
+    if q < 0:
+        return False
+    ref[q - o0] -= 1
+    return True
+
+
+def _enter(old_key, o0, o1, ref, new, nn, ck):
+    """The slot key ck entered the shown slots: one reference more to its kept entry, or its token index
+    appended to new (returns the new count nn)."""
+    x = _LOW - (ck & _LOW)
+    q = _bsearch(old_key, o0, o1, x)
+    if q >= 0:
+        ref[q - o0] += 1
+        return nn
+    new[nn] = x
+    return nn + 1
+
+
 def _plan(j0, j1, top, docs, bot, smp, quad, n_top, n_docs, n_bot, n_quad, snap, incr, old_key, old_start,
           old_refs, idx, src, refs, cnt):
     """Neurons j0 .. j1: the sorted distinct token indices the shown slots reference now, into
@@ -386,20 +408,10 @@ def _plan(j0, j1, top, docs, bot, smp, quad, n_top, n_docs, n_bot, n_quad, snap,
                         p += 1
                         c += 1
                     elif pk > ck:  # left the shown slots
-                        q = _bsearch(old_key, o0, o1, _LOW - (pk & _LOW))
-                        if q < 0:
-                            ok = False
-                        else:
-                            ref[q - o0] -= 1
+                        ok = _leave(old_key, o0, o1, ref, pk)
                         p += 1
                     else:  # entered them
-                        x = _LOW - (ck & _LOW)
-                        q = _bsearch(old_key, o0, o1, x)
-                        if q >= 0:
-                            ref[q - o0] += 1
-                        else:
-                            new[nn] = x
-                            nn += 1
+                        nn = _enter(old_key, o0, o1, ref, new, nn, ck)
                         c += 1
                 base += w
             for col in range(n_quad):
@@ -409,19 +421,9 @@ def _plan(j0, j1, top, docs, bot, smp, quad, n_top, n_docs, n_bot, n_quad, snap,
                 ck = quad[j, col]
                 if pk != ck:
                     if pk != EMPTY:
-                        q = _bsearch(old_key, o0, o1, _LOW - (pk & _LOW))
-                        if q < 0:
-                            ok = False
-                        else:
-                            ref[q - o0] -= 1
+                        ok = _leave(old_key, o0, o1, ref, pk)
                     if ck != EMPTY:
-                        x = _LOW - (ck & _LOW)
-                        q = _bsearch(old_key, o0, o1, x)
-                        if q >= 0:
-                            ref[q - o0] += 1
-                        else:
-                            new[nn] = x
-                            nn += 1
+                        nn = _enter(old_key, o0, o1, ref, new, nn, ck)
         if ok:  # a memo that does not add up (it cannot, short of a bug) is not trusted
             live = nn
             for a in range(o1 - o0):
@@ -559,4 +561,5 @@ _numba_ok = numba is not None
 if numba is not None:
     _jit = numba.njit(cache=True, nogil=True)
     _bsearch = _jit(_bsearch)
+    _leave, _enter = _jit(_leave), _jit(_enter)
     _plan, _fill = _jit(_plan), _jit(_fill)
