@@ -4,9 +4,13 @@
                                   tokenizer has one, so a document never runs into the next unmarked)
   doc_offsets  [n_docs + 1] int64 document d is ids[doc_offsets[d]:doc_offsets[d+1]]
 
-The stream is cut into model input rows of ``seq_len`` tokens (the last row may be shorter); a
-token's global index is its place in the stream, its position is index % seq_len. A document
-longer than ``seq_len`` simply spans rows. Saved as ``tokens.safetensors``.
+A token's global index is its place in the stream. How the stream is cut into model input rows is a
+``RowLayout`` (kept in the run manifest, rebuilt from the store): since run format 3 every row lies in
+one document (a document longer than a row continues in the next row, each row starting afresh), the
+tokenizer's BOS is prepended to every row when it has one (the store never holds it: its global
+index is -1), and statistics skip row position 0 (the BOS, or the first token without one: the
+attention-sink position) unless asked to keep it. Runs of formats 1-2 cut the flat stream into rows
+of ``seq_len`` tokens across documents, without BOS (``doc_rows=False``). Saved as ``tokens.safetensors``.
 
 A shard (``--shard i/n``, torchrun ranks) holds a contiguous block of rows of the whole stream:
 ``offset`` is the global index of its first token and ``doc_base`` the global id of its first
@@ -17,7 +21,7 @@ global; ``ids`` and ``doc_offsets`` are local to the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,10 +70,16 @@ class TokenStore:
         return self.ids[lo:hi].tolist(), local - lo
 
     def slice_rows(self, start_row: int, end_row: int, seq_len: int) -> "TokenStore":
-        """The shard holding rows [start_row, end_row): ids, local doc offsets, continues_doc."""
+        """The shard holding stream rows [start_row, end_row) of ``seq_len`` tokens (legacy layout)."""
         a, b = start_row * seq_len, min(end_row * seq_len, self.n_tokens)
         if a >= b:
             raise KvmemError(f"rows {start_row}..{end_row} hold no tokens (the stream has {self.rows(seq_len)} rows)")
+        return self.slice_tokens(a, b)
+
+    def slice_tokens(self, a: int, b: int) -> "TokenStore":
+        """The shard holding local tokens [a, b): ids, local doc offsets, continues_doc, global offsets kept."""
+        if not 0 <= a < b <= self.n_tokens:
+            raise KvmemError(f"tokens {a}..{b} are not a non-empty range of the store's {self.n_tokens}")
         ends = self.local_doc_of(torch.tensor([a, b - 1]))
         first, last = int(ends[0]), int(ends[1])
         offsets = self.doc_offsets[first:last + 2].clone().clamp(a, b) - a
@@ -129,3 +139,127 @@ def tokenize(corpus, tokenizer, max_tokens: int | None, *, batch_docs: int = 64)
         raise KvmemError("the corpus gives no tokens")
     ran_out = max_tokens is not None and total < max_tokens
     return TokenStore(torch.cat(ids), torch.tensor(offsets, dtype=torch.int64)), ran_out
+
+
+# --- rows -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowLayout:
+    """How a token store is cut into model input rows (axes: R rows; b rows of a batch, L positions).
+
+    Rows are numbered in stream order (``starts`` strictly increasing); row r holds the store tokens
+    [starts[r], starts[r] + lengths[r]) (global indices), after the BOS when ``bos_id`` is set. With
+    ``doc_rows`` a document of n tokens gives ceil(n / c) rows of c = seq_len - (1 if BOS) tokens, the
+    last one shorter; rows never span two documents. Build one with ``RowLayout.build``; the manifest
+    keeps ``settings()`` and the rows are rebuilt from the store (they depend on it alone)."""
+
+    seq_len: int  # tokens per model row INCLUDING the BOS token
+    bos_id: int | None  # prepended to every row when not None (the tokenizer's BOS)
+    doc_rows: bool  # True: rows start at a document start or continue one document; False: legacy stream rows
+    skip_first: bool  # statistics skip row position 0 (the BOS, or the first token without BOS)
+    starts: torch.Tensor = field(repr=False)  # [R] int64 global index of each row's first store token
+    lengths: torch.Tensor = field(repr=False)  # [R] int64 store tokens in each row
+    pad_id: int = 0  # id written at padded positions (masked out; any valid id)
+
+    @classmethod
+    def build(cls, store: TokenStore, seq_len: int, bos_id: int | None = None, doc_rows: bool = True,
+              skip_first: bool = True, pad_id: int | None = None) -> "RowLayout":
+        """The rows of ``store`` (a whole stream or a shard; a shard cut at row boundaries of the whole
+        stream's layout gets exactly those rows, with the same global indices)."""
+        bos_id = None if bos_id is None else int(bos_id)
+        per_row = seq_len - (1 if bos_id is not None else 0)
+        if per_row < 1:
+            raise KvmemError(f"seq_len must be at least {2 if bos_id is not None else 1} "
+                             f"({'1 token after the BOS' if bos_id is not None else 'one token'}); got {seq_len}")
+        n = store.n_tokens
+        if doc_rows:
+            off = store.doc_offsets.long()
+            size = off[1:] - off[:-1]
+            per_doc = (size + per_row - 1) // per_row  # rows of each document
+            doc = torch.repeat_interleave(torch.arange(size.numel()), per_doc)
+            first_row = torch.cumsum(per_doc, 0) - per_doc
+            k = torch.arange(doc.numel()) - first_row[doc]
+            local = off[doc] + k * per_row
+            lengths = torch.minimum(off[doc + 1] - local, torch.full_like(local, per_row))
+        else:
+            local = torch.arange(0, n, per_row, dtype=torch.int64)
+            lengths = (n - local).clamp(max=per_row)
+        pad = pad_id if pad_id is not None else (bos_id if bos_id is not None else 0)
+        return cls(int(seq_len), bos_id, bool(doc_rows), bool(skip_first), local + store.offset, lengths, int(pad))
+
+    @classmethod
+    def from_settings(cls, store: TokenStore, settings: dict) -> "RowLayout":
+        """The layout of ``store`` from ``settings()`` as kept in a run manifest."""
+        return cls.build(store, int(settings["seq_len"]), settings.get("bos_id"), bool(settings["doc_rows"]),
+                         bool(settings["skip_first"]), settings.get("pad_id"))
+
+    def settings(self) -> dict:
+        """What the run manifest keeps ("layout"): the rows follow from these and the store."""
+        return {"seq_len": self.seq_len, "bos_id": self.bos_id, "doc_rows": self.doc_rows,
+                "skip_first": self.skip_first, "pad_id": self.pad_id}
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.starts.numel())
+
+    @property
+    def first(self) -> int:
+        """Model row position of a row's first store token (1 after a BOS, else 0)."""
+        return 1 if self.bos_id is not None else 0
+
+    def row_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Row number of each global token index (same shape); the index must lie in the layout's rows."""
+        index = torch.as_tensor(index, dtype=torch.int64)
+        row = torch.searchsorted(self.starts, index, right=True) - 1
+        bad = (row < 0) | (index >= self.starts[row.clamp(min=0)] + self.lengths[row.clamp(min=0)])
+        if bool(bad.any()):
+            raise KvmemError(f"token index {int(index[bad].flatten()[0])} is not in this layout's rows")
+        return row
+
+    def position(self, index: torch.Tensor) -> torch.Tensor:
+        """Position of each global token index in its model row (BOS = position 0; same shape)."""
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return index - self.starts[self.row_of(index)] + self.first
+
+    def prefix(self, store: TokenStore, index: int) -> list[int]:
+        """The ids the model saw in that token's row up to and including the token (BOS first)."""
+        row = int(self.row_of(torch.tensor([int(index)]))[0])
+        a = int(self.starts[row]) - store.offset
+        ids = store.ids[a:int(index) - store.offset + 1].tolist()
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def batch(self, store: TokenStore, rows) -> "RowBatch":
+        """Model input of ``rows`` (row numbers, in the order given), right-padded to the longest."""
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        if rows.numel() == 0:
+            raise KvmemError("a batch needs at least one row")
+        starts, lengths = self.starts[rows], self.lengths[rows]
+        f = self.first
+        width = int(lengths.max()) + f
+        col = torch.arange(width)[None, :] - f  # [1, L] offset in the row's store tokens (-1: BOS)
+        real = (col >= 0) & (col < lengths[:, None])  # [b, L]
+        index = torch.where(real, starts[:, None] + col, torch.full_like(col, -1))
+        ids = torch.full((rows.numel(), width), self.pad_id, dtype=torch.int64)
+        ids[real] = store.ids[index[real] - store.offset].long()
+        mask = real.clone()
+        if f:
+            ids[:, 0] = self.bos_id
+            mask[:, 0] = True
+        counted = real.clone()
+        if self.skip_first:
+            counted[:, 0] = False
+        return RowBatch(ids, mask, index, counted)
+
+
+@dataclass
+class RowBatch:
+    """Model input of some rows of a RowLayout (axes: b rows, L positions, L = longest row incl. BOS)."""
+
+    ids: torch.Tensor  # [b, L] int64 model input (BOS first when bos_id; right-padded with pad_id)
+    mask: torch.Tensor  # [b, L] bool attention mask (False on padding)
+    index: torch.Tensor  # [b, L] int64 global token index; -1 for BOS and padding
+    counted: torch.Tensor  # [b, L] bool positions that enter statistics (index >= 0 and not skipped)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """[b, L] int64 position of each entry in its model row."""
+        return torch.arange(self.ids.shape[1]).expand_as(self.ids)
