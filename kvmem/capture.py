@@ -1,4 +1,4 @@
-"""Capture FFN coefficients with plain PyTorch hooks, for every family the same way.
+"""Capture FFN tensors through the hook layer (kvmem.hooks), for every family the same way.
 
 What can be recorded per layer (all [batch, pos, ...], detached, in the model's dtype):
   "coef"  m, the input of W_out                       [batch, pos, d_mlp]
@@ -22,12 +22,10 @@ from typing import Callable, Iterable
 import torch
 
 from kvmem.errors import KvmemError
+from kvmem.hooks import hooks
 
 KINDS = ("coef", "pre", "gate", "x", "out")
-
-
-class StopForward(Exception):
-    """Raised by a hook to end the forward pass early; swallowed by ``capture``."""
+POINT = {kind: f"ffn.{kind}" for kind in KINDS}  # capture kind -> kvmem.hooks point
 
 
 @dataclass
@@ -74,55 +72,32 @@ def capture(model, layers: Iterable[int] | None = None, what: Iterable[str] = ("
     if "gate" in what and not model.gated:
         raise KvmemError(f"{model.family} FFNs are not gated: nothing to capture as 'gate'")
     cap = Captured(layers, what, {kind: {} for kind in what})
-    shape: list[torch.Size] = [torch.Size()]  # [batch, pos] of the current forward pass
     pending: dict[int, dict[str, torch.Tensor]] = {}
-    last = layers[-1]
 
-    def shaped(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        return t.view(*shape[-1], t.shape[-1]) if t.dim() == 2 else t  # OPT flattens [batch*pos]
+    def keep(layer: int, kind: str):
+        def fn(t: torch.Tensor) -> None:
+            if on_layer is None:
+                cap.data[kind][layer] = t.detach()
+            else:
+                pending.setdefault(layer, {})[kind] = t.detach()
+        return fn
 
-    def keep(layer: int, kind: str, t: torch.Tensor) -> None:
-        if on_layer is None:
-            cap.data[kind][layer] = shaped(t)
-        else:
-            pending.setdefault(layer, {})[kind] = shaped(t)
+    def finish(layer: int):
+        def fn(t: torch.Tensor) -> None:
+            if on_layer is not None and layer in pending:
+                on_layer(layer, pending.pop(layer))
+        return fn
 
-    def finish(layer: int) -> None:
-        if on_layer is not None and layer in pending:
-            on_layer(layer, pending.pop(layer))
-        if stop and layer == last:
-            cap.stopped = True
-            raise StopForward
-
-    def record_shape(m, args):
-        shape[-1] = args[0].shape[:2]
-
-    handles = [model.adapter.embed().register_forward_pre_hook(record_shape)]
+    fns: dict = {}
     for layer in layers:
-        lay = model.layers[layer]
-        if "x" in what:
-            handles.append(lay.in_module.register_forward_pre_hook(lambda m, a, i=layer: keep(i, "x", a[0])))
-        if "pre" in what:
-            handles.append(lay.in_module.register_forward_hook(lambda m, a, o, i=layer: keep(i, "pre", o)))
-        if "gate" in what:
-            handles.append(lay.gate_module.register_forward_hook(lambda m, a, o, i=layer: keep(i, "gate", o)))
-        if "coef" in what:
-            handles.append(lay.out_module.register_forward_pre_hook(lambda m, a, i=layer: keep(i, "coef", a[0])))
-
-        def after_ffn(m, a, o, i=layer):
-            if "out" in what:
-                keep(i, "out", o)
-            finish(i)
-
-        handles.append(lay.ffn_module.register_forward_hook(after_ffn))
-    try:
-        yield cap
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+        for kind in what:
+            fns.setdefault((POINT[kind], layer), []).append(keep(layer, kind))
+        fns.setdefault(("ffn.out", layer), []).append(finish(layer))  # the layer's FFN is done
+    with hooks(model, fns, stop_after=stop) as run:
+        try:
+            yield cap
+        finally:
+            cap.stopped = run.stopped
 
 
 def run_capture(model, input_ids: torch.Tensor, layers: Iterable[int] | None = None,
