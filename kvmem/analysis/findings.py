@@ -1,17 +1,18 @@
-"""Claims about FFN layers, each checked against the measured numbers with an explicit rule.
+"""Claims about FFN layers as key-value memories, each judged on intervals by a rule of ``rules.toml``.
 
-``findings(results, n_layers)`` returns a list of dicts (written as ``analysis/findings.json``):
-  claim       the claim as people state it, with its source
-  measure     the analysis that tests it (kvmem.analysis.<measure>)
-  figures     the tables and columns to plot: [{"table": "agreement_layers.parquet", "x": "layer", "y": [...]}]
-  threshold   the thresholds the numbers depend on (text)
-  n_tokens    the token count behind the numbers
-  baseline    what the numbers are compared with (text)
-  rule        the verdict rule, stated in words (the code below implements exactly this)
-  verdict     "supported" | "not supported" | "mixed"
-  numbers     the figures the verdict was computed from (dict of floats)
-Layers are split into thirds by relative depth (kvmem.analysis.common.thirds). A claim whose measure was
-not run is left out.
+``findings(results, n_layers)`` returns one dict per claim of the rules file, in its order (the list
+written into ``analysis/findings.json`` by ``document``):
+  name, title, claim, source   the claim as the paper states it, with section and figure
+  measure                      the analysis that tests it (kvmem.analysis.<measure>)
+  verdict                      "supported" | "not supported" | "inconclusive" | "not tested"
+  reason                       why "not tested" (measure not run, column missing, empty depth third)
+  checks                       [{"check", "state": yes/no/unsure, "estimate", "lo", "hi", "threshold"}]
+  rule, threshold, baseline    the rule in words (thresholds filled in), its thresholds, the baseline
+  numbers                      every figure the verdict used: {name, name_lo, name_hi, n_name, ...}
+  figures                      tables and columns to plot: [{"table", "x", "y", "ref"}]
+  n_tokens, note, seen_data    sample size; the rules file's note; whether a threshold was set after data
+``results`` maps measure names to AnalysisResults ({"layers", optional "units", ...} tables, see the
+table contract in kvmem.analysis.rules). Depth thirds come from kvmem.analysis.common.thirds.
 """
 
 from __future__ import annotations
@@ -19,179 +20,251 @@ from __future__ import annotations
 import math
 
 from kvmem.analysis.common import thirds
+from kvmem.analysis.rules import (NO, NOT_TESTED, UNSURE, YES, Est, Rules, above, below, combine, difference,
+                                  load_rules, majority, pick, pooled, per_layer)
 
-# --- the rules' constants ------------------------------------------------------------------------
-AGREE_SE = 3.0  # upper-third agreement must exceed its baseline by 3 binomial standard errors of the baseline ...
-AGREE_RATIO = 2.0  # ... and be at least twice the baseline
-LEX_MARGIN = 0.02  # lower-third lexical excess (share - baseline) must exceed upper's by 2 points
-RETAIN_MARGIN = 0.05  # lower-third kept_1 must exceed upper's by 5 points
-SPARSE_ACTIVE = 0.10  # "sparse": on average at most 10% of neurons above 10% of their max per token ...
-SPARSE_CARRY = 0.25  # ... and 90% of the output norm bound carried by at most 25% of the neurons
-NOVEL_SUPPORTED, NOVEL_MIXED = 0.5, 0.25  # share of tokens whose FFN prediction no top-10 sub-update makes
-KEEP_SUPPORTED = 0.5  # the residual's top token kept on at least half the tokens
-NONLIN_RATIO = 0.5  # linearization costs at least half of what removal costs
-KNOCK_RATIO, KNOCK_MIN = 2.0, 0.01  # top-k zeroing costs >= 2x random-k zeroing and >= 0.01 nats
-MAJORITY = 0.5
+ORDER = ("agreement", "lexical", "sparsity", "composition", "cases", "nonlinear", "topk")
 
 
-def _mean(df, col, layers):
-    sel = df[df.layer.isin(layers)][col]
-    return float(sel.mean()) if len(sel) else math.nan
+def _check(name: str, state: str, e: Est | None, threshold: float | None) -> dict:
+    return {"check": name, "state": state, "estimate": None if e is None else e.value,
+            "lo": None if e is None else e.lo, "hi": None if e is None else e.hi, "threshold": threshold,
+            "interval": None if e is None else e.how}
 
 
-def _verdict(checks: list[bool]) -> str:
-    return "supported" if all(checks) else "not supported" if not any(checks) else "mixed"
+class _NotTested(Exception):
+    pass
 
 
-def _band(x: float, hi: float, lo: float) -> str:
-    return "supported" if x >= hi else "mixed" if x >= lo else "not supported"
+def _need(x, what: str):
+    if x is None or (isinstance(x, list) and not x):
+        raise _NotTested(what)
+    return x
 
 
-def findings(results: dict, n_layers: int) -> list[dict]:
+def _layers_of(res) -> list[int]:
+    df = res.tables.get("layers")
+    return sorted(int(x) for x in df.layer.unique()) if df is not None and "layer" in df else []
+
+
+def _third(res, n_layers: int, part: str) -> list[int]:
+    layers = _layers_of(res)
+    got = thirds(layers, n_layers)[part]
+    return _need(got, f"the {part} third has no analysed layer (analysed: {_fmt_layers(layers)} of {n_layers})")
+
+
+def _fmt_layers(layers) -> str:
+    return ",".join(map(str, layers)) if len(layers) <= 8 else f"{layers[0]}-{layers[-1]} ({len(layers)} layers)"
+
+
+def _uniform(res, names) -> float | None:
+    for name in names:
+        if name in res.meta:
+            return float(res.meta[name])
+    df = res.tables.get("layers")
+    col = pick(df, names)
+    return float(df[col].mean()) if col is not None else None
+
+
+# --- the claims ------------------------------------------------------------------------------------------
+
+def _agreement(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
+    upper, lower = _third(res, n_layers, "upper"), _third(res, n_layers, "lower")
+    up = _need(pooled(res, upper, c["rate"], rules), f"no agreement column {c['rate']}")
+    bu = _need(pooled(res, upper, c["baseline"], rules), f"no baseline column {c['baseline']}")
+    lo = _need(pooled(res, lower, c["rate"], rules), "no lower-third agreement")
+    bl = _need(pooled(res, lower, c["baseline"], rules), "no lower-third baseline")
+    uni = _uniform(res, c["uniform"])
+    nums.update(up.as_dict("upper") | bu.as_dict("upper_base") | lo.as_dict("lower") | bl.as_dict("lower_base"))
+    if uni is not None:
+        nums["uniform"] = uni
+    p = pick(res.tables.get("layers"), c.get("pvalue", []))
+    if p is not None:
+        df = res.tables["layers"]
+        nums["upper_p_perm_max"] = float(df[df.layer.isin(upper)][p].max())
+    bar = max(bu.hi, uni if uni is not None else -math.inf)
+    checks = [_check("upper third above both baselines", above(up, bar), up, bar)]
+    margin = float(c["lower_margin"])
+    if lo.lo <= bl.hi or lo.hi <= bl.value + margin:
+        near = YES
+    elif lo.lo > bl.hi + margin:
+        near = NO
+    else:
+        near = UNSURE
+    checks.append(_check("lower third near chance", near, lo, bl.hi + margin))
+    return checks
+
+
+def _lexical(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
+    upper, lower = _third(res, n_layers, "upper"), _third(res, n_layers, "lower")
+    units = res.tables.get("units")
+    names = c["excess"]
+    if pick(res.tables.get("layers"), names) is None and pick(units, names) is None:  # derive the excess
+        st, bst = pick(res.tables.get("layers"), c["same_token"]), pick(res.tables.get("layers"), c["base_same_token"])
+        _need(st and bst, "no lexical excess or same_token/base_same_token columns")
+        res = _with_layer_column(res, "_excess", lambda d: d[st] - d[bst])
+        names = ["_excess"]
+    ex = _need(difference(res, lower, res, upper, names, rules), "no lexical excess")
+    kept = _need(difference(res, lower, res, upper, c["kept"], rules), f"no column {c['kept']}")
+    nums.update(ex.as_dict("excess_lower_minus_upper") | kept.as_dict("kept_1_lower_minus_upper"))
+    for part, layers in (("lower", lower), ("upper", upper)):
+        for key, cols in (("excess", names), ("kept_1", c["kept"])):
+            e = pooled(res, layers, cols, rules)
+            if e is not None:
+                nums.update(e.as_dict(f"{part}_{key}"))
+    return [_check("lexical excess: lower - upper > 0", above(ex, 0.0), ex, 0.0),
+            _check("kept_1: lower - upper > 0", above(kept, 0.0), kept, 0.0)]
+
+
+def _with_layer_column(res, name, fn):
+    from kvmem.analysis.result import AnalysisResult
+
+    tables = {"layers": res.tables["layers"].assign(**{name: fn})}
+    return AnalysisResult(res.measure, tables, res.meta)
+
+
+def _sparsity(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
+    layers = _need(_layers_of(res), "no layers")
+    act = _need(pooled(res, layers, c["active"], rules), f"no active-share column {c['active']}")
+    carry = _need(pooled(res, layers, c["carry"], rules), f"no carry column {c['carry']}")
+    nums.update(act.as_dict("active") | carry.as_dict("carry90_share"))
+    return [_check(f"active share < {c['max_active']:.0%}", below(act, c["max_active"]), act, c["max_active"]),
+            _check(f"carry-90% share < {c['max_carry']:.0%}", below(carry, c["max_carry"]), carry, c["max_carry"])]
+
+
+def _composition(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
+    novel = _need(per_layer(res, c["rate"], rules), f"no composition column {c['rate']}")
+    base = _need(per_layer(res, c["baseline"], rules), f"no composition baseline column {c['baseline']}")
+    checks = []
+    for layer, e in sorted(novel.items()):
+        b = base.get(layer)
+        states = [above(e, c["paper_share"])]
+        if b is not None:
+            states.append(below(e, b.lo) if c.get("baseline_relation", "below") == "below" else above(e, b.hi))
+        state = NO if NO in states else YES if all(s == YES for s in states) else UNSURE
+        checks.append(_check(f"layer {layer}: novel share vs {c['paper_share']:.0%} and its baseline", state, e,
+                             c["paper_share"]))
+        nums.update(e.as_dict(f"L{layer}_novel") | ({} if b is None else b.as_dict(f"L{layer}_base")))
+    worst = min(novel.values(), key=lambda e: e.value)
+    nums.update(worst.as_dict("min_layer_novel"))
+    return checks
+
+
+def _cases(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
+    layers = _need(_layers_of(res), "no layers")
+    est = {}
+    for key in ("residual", "ffn", "agree", "compose"):
+        est[key] = _need(pooled(res, layers, c[key], rules), f"no case column {c[key]}")
+        nums.update(est[key].as_dict(f"case_{key}"))
+    changed = _need(pooled(res, layers, c["changed_to_ffn"], rules), f"no column {c['changed_to_ffn']}")
+    nums.update(changed.as_dict("changed_to_ffn"))
+    others = [above(est["residual"], est[k].hi) for k in ("ffn", "agree", "compose")]
+    dom = NO if NO in others else YES if all(s == YES for s in others) else UNSURE
+    bar = max(est[k].hi for k in ("ffn", "agree", "compose"))
+    return [_check("residual case above each other case", dom, est["residual"], bar),
+            _check(f"changed tops that are the FFN's own top < {c['rare']:.0%}", below(changed, c["rare"]), changed,
+                   c["rare"])]
+
+
+def _nonlinear(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
+    rem = _need(per_layer(res, c["remove"], rules), "no 'remove' column")
+    lin = _need(per_layer(res, c["linear"], rules), "no 'linear' column")
+    checks = []
+    for layer in sorted(set(rem) & set(lin)):
+        r, e = rem[layer], lin[layer]
+        bar = c["ratio"] * r.value
+        state = NO if e.hi <= bar else YES if (e.lo > bar and r.lo > 0) else UNSURE
+        checks.append(_check(f"layer {layer}: linear > {c['ratio']} x remove", state, e, bar))
+        nums.update(r.as_dict(f"L{layer}_remove") | e.as_dict(f"L{layer}_linear"))
+    return _need(checks, "no layer with both knock-outs")
+
+
+def _topk(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
+    k = max(res.meta.get("ks") or [0])
+    top = _need(per_layer(res, c["top"], rules, k=k), f"no top-k column for k = {k}")
+    rnd = _need(per_layer(res, c["random"], rules, k=k), f"no random-k column for k = {k}")
+    nums["k"] = k
+    checks = []
+    for layer in sorted(set(top) & set(rnd)):
+        t, r = top[layer], rnd[layer]
+        bar = max(r.hi, c["min_nats"])
+        state = YES if t.lo > bar else NO if t.hi <= r.value else UNSURE
+        checks.append(_check(f"layer {layer}: top-{k} above random-{k}", state, t, bar))
+        nums.update(t.as_dict(f"L{layer}_top") | r.as_dict(f"L{layer}_random"))
+    return _need(checks, "no layer with both knock-outs")
+
+
+CLAIMS = {"agreement": (_agreement, combine), "lexical": (_lexical, combine), "sparsity": (_sparsity, combine),
+          "composition": (_composition, combine), "cases": (_cases, combine),
+          "nonlinear": (_nonlinear, majority), "topk": (_topk, majority)}
+
+FIGURES = {
+    "agreement": ("agreement_layers.parquet", ["agree_ex1", "base_ex1", "agree_top1", "base_top1"]),
+    "lexical": ("lexical_layers.parquet", ["same_token", "base_same_token", "kept_1", "kept_2"]),
+    "sparsity": ("sparsity_layers.parquet", ["active10", "active_abs_gt10pct_max", "active_gt10pct_max",
+                                             "carry90_share"]),
+    "composition": ("composition_layers.parquet", ["novel", "base_novel", "novel_active", "compose"]),
+    "cases": ("composition_layers.parquet", ["case_residual", "case_ffn", "case_agreement", "case_composition",
+                                             "changed_to_ffn"]),
+    "nonlinear": ("knockouts_layers.parquet", ["remove", "linear"]),
+    "topk": ("knockouts_layers.parquet", ["top_max_k{k}", "top_rate_k{k}", "random_k{k}"]),
+}
+REFERENCE = {"agreement": [{"y": 0.035, "label": "Geva 2021 Fig. 4: up to ~3.5% (upper layers)"}],
+             "composition": [{"y": 0.68, "label": "Geva 2021 §5.1: >= 68% in every layer"}]}
+
+
+def _figures(name: str, res) -> list[dict]:
+    table, ys = FIGURES[name]
+    df = res.tables.get("layers")
+    k = max(res.meta.get("ks") or [0]) if name == "topk" else None
+    ys = [y.format(k=k) if k is not None else y for y in ys]
+    ys = [y for y in ys if df is not None and y in df.columns]
+    return [{"table": table, "x": "layer", "y": ys, "ref": REFERENCE.get(name, [])}] if ys else []
+
+
+def _text(c: dict) -> dict:
+    """Thresholds of a claim (its numeric entries) and its rule with them filled in."""
+    th = {k: v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    try:
+        rule = c["rule"].format(**th)
+    except (KeyError, ValueError, IndexError):
+        rule = c["rule"]
+    return {"rule": rule, "thresholds": th,
+            "threshold": "; ".join(f"{k} = {v:g}" for k, v in th.items()) or "see rule"}
+
+
+def findings(results: dict, n_layers: int, rules: Rules | None = None) -> list[dict]:
+    """One finding per claim of the rules (see the module docstring); claims whose measure was not run
+    are kept, with verdict "not tested"."""
+    rules = rules or load_rules()
     out = []
-    if "agreement" in results:
-        r = results["agreement"]
-        df = r["layers"]
-        th = thirds(df.layer.tolist(), n_layers)
-        up, lo = _mean(df, "agree_top1", th["upper"]), _mean(df, "agree_top1", th["lower"])
-        base_up = _mean(df, "base_top1", th["upper"])
-        n_up = float(df[df.layer.isin(th["upper"])].n_neurons.sum())
-        margin = AGREE_SE * math.sqrt(max(base_up * (1 - base_up), 0.0) / max(n_up, 1.0))
-        a = up >= base_up + margin and up >= AGREE_RATIO * base_up
-        extra = {}
-        if "agree_neg_top1" in df.columns:  # gated: suppressed token vs the bottom examples' next tokens
-            extra = {f"{part}_{col}": _mean(df, col, th[part]) for part in ("lower", "upper")
-                     for col in ("agree_neg_top1", "base_neg_top1")}
-        out.append({
-            "claim": "A neuron's value vector predicts the token that follows its top-activating examples, "
-                     "near chance in lower layers and rising in upper layers (Geva et al. 2021, section 5).",
-            "measure": "agreement",
-            "figures": [{"table": "agreement_layers.parquet", "x": "layer",
-                         "y": ["agree_top1", "base_top1", "agree_topk", "base_topk"]
-                         + (["agree_neg_top1", "base_neg_top1"] if "agree_neg_top1" in df.columns else [])}],
-            "threshold": f"value top-1 token among the next tokens of the neuron's top {int(df.n_examples.max())} "
-                         f"examples; top-{r.meta['k']} for agree_topk",
-            "n_tokens": r.meta["n_tokens"],
-            "baseline": r.meta["baseline"],
-            "rule": f"supported if the upper third's mean agree_top1 exceeds its baseline by {AGREE_SE:g} binomial "
-                    f"standard errors (sqrt(p(1-p)/n), n = the upper third's neurons; here {margin:.4f}) and is at "
-                    f"least {AGREE_RATIO:g}x it, AND exceeds the lower third's; mixed if one holds; else not supported",
-            "verdict": _verdict([a, up > lo]),
-            "numbers": {"upper_agree_top1": up, "upper_base_top1": base_up, "margin": margin, "upper_neurons": n_up, "lower_agree_top1": lo,
-                        "lower_base_top1": _mean(df, "base_top1", th["lower"]),
-                        "upper_agree_topk": _mean(df, "agree_topk", th["upper"]),
-                        "upper_base_topk": _mean(df, "base_topk", th["upper"])} | extra})
-    if "lexical" in results:
-        r = results["lexical"]
-        df = r["layers"].assign(excess=lambda d: d.same_token - d.base_same_token)
-        th = thirds(df.layer.tolist(), n_layers)
-        ex_lo, ex_up = _mean(df, "excess", th["lower"]), _mean(df, "excess", th["upper"])
-        k_lo, k_up = _mean(df, "kept_1", th["lower"]), _mean(df, "kept_1", th["upper"])
-        out.append({
-            "claim": "Keys in lower layers detect shallow (lexical) patterns, keys in upper layers semantic ones "
-                     "(Geva et al. 2021, section 4).",
-            "measure": "lexical",
-            "figures": [{"table": "lexical_layers.parquet", "x": "layer",
-                         "y": ["same_token", "base_same_token", "same_bigram", "kept_1", "kept_2"]}],
-            "threshold": "same_token: share of top examples on the neuron's most frequent token; kept_1: share of "
-                         f"examples keeping >= {r.meta['kept_threshold']} of their activation with only the "
-                         "activating token as context",
-            "n_tokens": r.meta["n_tokens"],
-            "baseline": r.meta["baseline"],
-            "rule": f"supported if the lower third's lexical excess (same_token - baseline) exceeds the upper "
-                    f"third's by {LEX_MARGIN} AND its kept_1 exceeds the upper third's by {RETAIN_MARGIN}; "
-                    "mixed if one holds; else not supported",
-            "verdict": _verdict([ex_lo >= ex_up + LEX_MARGIN, k_lo >= k_up + RETAIN_MARGIN]),
-            "numbers": {"lower_same_token": _mean(df, "same_token", th["lower"]),
-                        "upper_same_token": _mean(df, "same_token", th["upper"]),
-                        "lower_excess": ex_lo, "upper_excess": ex_up, "lower_kept_1": k_lo, "upper_kept_1": k_up,
-                        "lower_kept_2": _mean(df, "kept_2", th["lower"]),
-                        "upper_kept_2": _mean(df, "kept_2", th["upper"])}})
-    if "sparsity" in results:
-        r = results["sparsity"]
-        s = r["model"].iloc[0]
-        out.append({
-            "claim": "FFN activations are sparse: few neurons are active per token and few carry the output.",
-            "measure": "sparsity",
-            "figures": [{"table": "sparsity_layers.parquet", "x": "layer",
-                         "y": ["active_gt0", "active_gt1pct_max", "active_gt10pct_max", "carry50_share",
-                               "carry90_share"]}],
-            "threshold": "active: m > 0, > 1% and > 10% of the neuron's max; carry: share of d_mlp whose "
-                         "|m_i|*||v_i|| sum to 50% / 90% of the total",
-            "n_tokens": r.meta["n_tokens"],
-            "baseline": r.meta["baseline"],
-            "rule": f"supported if on average at most {SPARSE_ACTIVE:.0%} of neurons exceed 10% of their max per "
-                    f"token AND 90% of the norm bound is carried by at most {SPARSE_CARRY:.0%} of the neurons; "
-                    "mixed if one holds; else not supported",
-            "verdict": _verdict([s.active_gt10pct_max <= SPARSE_ACTIVE, s.carry90_share <= SPARSE_CARRY]),
-            "numbers": {k: float(s[k]) for k in ("active_gt0", "active_gt1pct_max", "active_gt10pct_max",
-                                                 "abs_gt_1x_mean", "abs_gt_10x_mean", "carry50_mean",
-                                                 "carry90_mean", "carry50_share", "carry90_share")}})
-    if "composition" in results:
-        r = results["composition"]
-        df = r["layers"]
-        novel = float(df.novel_top10.mean())
-        out.append({
-            "claim": "An FFN layer's prediction is usually a composition: none of its individual top memories "
-                     "predicts it (Geva et al. 2021, section 6: at least 68% of examples).",
-            "measure": "composition",
-            "figures": [{"table": "composition_layers.parquet", "x": "layer",
-                         "y": ["novel_top10", "novel_all", "top1_agrees", "chance_top10"]}],
-            "threshold": f"top {r.meta['top_sub_updates']} sub-updates by |m_i|*||v_i||",
-            "n_tokens": r.meta["n_tokens"], "baseline": r.meta["baseline"],
-            "rule": f"supported if the mean novel_top10 over layers is >= {NOVEL_SUPPORTED}, mixed if >= "
-                    f"{NOVEL_MIXED}, else not supported",
-            "verdict": _band(novel, NOVEL_SUPPORTED, NOVEL_MIXED),
-            "numbers": {"novel_top10": novel, "novel_all": float(df.novel_all.mean()),
-                        "top1_agrees": float(df.top1_agrees.mean()), "chance_top10": float(df.chance_top10.mean())}})
-        share = float((df.keep >= KEEP_SUPPORTED).mean())
-        out.append({
-            "claim": "The FFN update usually keeps the residual stream's top prediction; it changes it by promoting "
-                     "its own token or by eliminating the old one less often (Geva et al. 2021, section 6.2).",
-            "measure": "composition",
-            "figures": [{"table": "composition_layers.parquet", "x": "layer",
-                         "y": ["keep", "promotion", "elimination"]}],
-            "threshold": f"keep >= {KEEP_SUPPORTED} of tokens in a layer", "n_tokens": r.meta["n_tokens"],
-            "baseline": "keep + promotion + elimination = 1 per layer",
-            "rule": f"supported if keep >= {KEEP_SUPPORTED} in more than {MAJORITY:.0%} of layers, mixed if in some, "
-                    "not supported if in none",
-            "verdict": "supported" if share > MAJORITY else "mixed" if share > 0 else "not supported",
-            "numbers": {"layers_keeping": share, "keep": float(df.keep.mean()),
-                        "promotion": float(df.promotion.mean()), "elimination": float(df.elimination.mean())}})
-    if "knockouts" in results:
-        out.extend(_knockout_findings(results["knockouts"]))
+    for name, c in rules.data["claims"].items():
+        fn, decide = CLAIMS[name]
+        res = results.get(c["measure"])
+        f = {"name": name, "title": c.get("title", name), "claim": c["claim"], "source": c["source"],
+             "measure": c["measure"], **_text(c), "note": c.get("note", ""), "seen_data": bool(c.get("seen_data")),
+             "n_tokens": None if res is None else res.meta.get("n_tokens"),
+             "baseline": "" if res is None else str(res.meta.get("baseline", "")),
+             "figures": [] if res is None else _figures(name, res)}
+        nums: dict = {}
+        if res is None:
+            f.update(verdict=NOT_TESTED, reason=f"measure {c['measure']!r} was not run", checks=[], numbers={})
+        else:
+            try:
+                checks = fn(res, c, n_layers, rules, nums)
+                f.update(verdict=decide([ch["state"] for ch in checks]), reason="", checks=checks, numbers=nums)
+            except _NotTested as e:
+                f.update(verdict=NOT_TESTED, reason=str(e), checks=[], numbers=nums)
+        out.append(f)
     return out
 
 
-def _knockout_findings(r) -> list[dict]:
-    df = r["layers"]
-    k = max(r.meta["ks"])
-    rem, lin = df["remove"], df["linear"]
-    nonlin = float(((lin >= NONLIN_RATIO * rem) & (rem > 0)).mean())
-    top, rnd = df[f"top_max_k{k}"], df[f"random_k{k}"]
-    matters = float(((top >= KNOCK_RATIO * rnd.clip(lower=0)) & (top >= KNOCK_MIN)).mean())
-    common = {"measure": "knockouts", "n_tokens": r.meta["n_tokens"]}
-    return [
-        common | {
-            "claim": "The FFN's nonlinearity matters: replacing the activation by the identity costs about as "
-                     "much as removing the FFN.",
-            "figures": [{"table": "knockouts_layers.parquet", "x": "layer", "y": ["remove", "linear"]}],
-            "threshold": "loss increase in nats per token", "baseline": f"unmodified loss {r.meta['baseline_loss']:.4f}",
-            "rule": f"supported if linear >= {NONLIN_RATIO} x remove (and remove > 0) in more than {MAJORITY:.0%} of "
-                    "layers, mixed if in some, not supported if in none",
-            "verdict": "supported" if nonlin > MAJORITY else "mixed" if nonlin > 0 else "not supported",
-            "numbers": {"layers_share": nonlin, "mean_remove": float(rem.mean()), "mean_linear": float(lin.mean()),
-                        "max_remove": float(rem.max()), "argmax_remove_layer": int(df.layer[rem.idxmax()])}},
-        common | {
-            "claim": "A few high-activation neurons matter more than the rest: zeroing a layer's top neurons by max "
-                     "activation costs more than zeroing as many random neurons.",
-            "figures": [{"table": "knockouts_layers.parquet", "x": "layer",
-                         "y": [f"top_max_k{k}", f"top_rate_k{k}", f"random_k{k}"]}],
-            "threshold": f"k = {k} neurons per layer; loss increase in nats per token",
-            "baseline": f"k random neurons of the same layer ({r.meta['n_random']} draw(s))",
-            "rule": f"supported if top_max >= {KNOCK_RATIO} x random and >= {KNOCK_MIN} nats in more than "
-                    f"{MAJORITY:.0%} of layers, mixed if in some, not supported if in none",
-            "verdict": "supported" if matters > MAJORITY else "mixed" if matters > 0 else "not supported",
-            "numbers": {"layers_share": matters, "mean_top_max": float(top.mean()),
-                        "mean_top_rate": float(df[f"top_rate_k{k}"].mean()), "mean_random": float(rnd.mean())}},
-    ]
+def document(results: dict, n_layers: int, rules: Rules | None = None) -> dict:
+    """What findings.json holds: the kvmem version, the rules' version and sha256, the findings and the
+    paper-versus-measured table (kvmem.analysis.paper)."""
+    import kvmem
+    from kvmem.analysis.paper import paper_table
+
+    rules = rules or load_rules()
+    return {"kvmem_version": kvmem.__version__, "rules": rules.header(),
+            "findings": findings(results, n_layers, rules), "paper": paper_table(results, n_layers, rules)}
