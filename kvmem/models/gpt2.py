@@ -1,6 +1,7 @@
 """GPT-2: Conv1D weights stored [in, out]; m = GELU(x·W_in + b_in); tied unembedding."""
 
 from kvmem.models.base import Adapter, FFNLayer
+from kvmem.models.fields import ANY, POSITIVE
 from kvmem.models.registry import register
 
 
@@ -9,10 +10,16 @@ class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     family = "gpt2"
     act_field = "activation_function"
-
-    def check_config(self, config) -> None:
-        self.require(config, "activation_function", ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh"), self.family)
-        self.require(config, "add_cross_attention", (False, None), self.family)
+    handled = {
+        "activation_function": ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh"),
+        "n_embd": POSITIVE, "n_layer": POSITIVE, "n_inner": ANY, "layer_norm_epsilon": ANY,
+    }
+    ignored = frozenset({
+        "n_positions", "n_ctx", "n_head", "resid_pdrop", "embd_pdrop", "attn_pdrop", "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+        # heads for sequence classification / multiple choice, unused by the causal LM
+        "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    })
 
     def blocks(self):
         return self.model.transformer.h

@@ -11,8 +11,16 @@ _ADAPTERS: dict[str, type] = {}
 
 def register(cls):
     for model_type in cls.model_types:
+        if model_type in _ADAPTERS and _ADAPTERS[model_type] is not cls:
+            raise KvmemError(f"model_type {model_type!r} registered twice ({_ADAPTERS[model_type].__name__}, {cls.__name__})")
         _ADAPTERS[model_type] = cls
     return cls
+
+
+def adapters() -> dict[str, type]:
+    """model_type -> adapter class, for every registered adapter (sorted by model_type)."""
+    _load_families()
+    return dict(sorted(_ADAPTERS.items()))
 
 
 def supported() -> dict[str, str]:
@@ -33,4 +41,5 @@ def adapter_for(model: nn.Module):
 
 
 def _load_families() -> None:
-    from kvmem.models import gemma, gpt2, llama, neox, opt  # noqa: F401  (registration)
+    from kvmem.models import (cohere, falcon, gemma, gemma2, gpt2, gptj, granite, llama, neox, olmo2, opt,  # noqa: F401
+                              phi3, qwen3, smollm3, starcoder2)  # (registration)
