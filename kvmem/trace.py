@@ -1,8 +1,8 @@
 """What each FFN does to one prediction, layer by layer: ``trace(model, prompt)``.
 
 One forward pass records, at one position, the FFN coefficients m [d_mlp] and output [d_model]
-of every layer (``kvmem.capture``) and the residual stream after every decoder block (a forward
-hook on ``model.adapter.blocks()[l]``). Every supported family adds the FFN output to the
+of every layer and the residual stream after every decoder block (the hook points ffn.coef,
+ffn.out and resid.post of ``kvmem.hooks``). Every supported family adds the FFN output to the
 residual stream inside the block, so
     resid_after[l]  = the output of block l                                  [d_model]
     resid_before[l] = resid_after[l] - ffn_out[l]                            [d_model]
@@ -31,8 +31,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kvmem.capture import capture
 from kvmem.errors import KvmemError
+from kvmem.hooks import hooks, record
 from kvmem.query import resolve_position
 from kvmem.vocab import vocab_strings
 
@@ -122,27 +122,16 @@ def resolve_target(model, target: str | int | None, logits: torch.Tensor) -> int
 
 def run_residuals(model, ids: torch.Tensor, pos: int):
     """One forward pass: (logits [d_vocab], coef [n_layers, d_mlp], ffn_out [n_layers, d_model],
-    resid_after [n_layers, d_model]) at position ``pos``; all hooks removed afterwards."""
-    after: dict[int, torch.Tensor] = {}
-
-    def hook(i):
-        def fn(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            after[i] = out[0, pos].detach()
-        return fn
-
-    blocks = model.adapter.blocks()
-    handles = [blocks[i].register_forward_hook(hook(i)) for i in range(model.n_layers)]
-    try:
-        with torch.inference_mode(), capture(model, what=("coef", "out")) as cap:
-            logits = model.hf(input_ids=ids, use_cache=False).logits[0, pos].float()
-    finally:
-        for h in handles:
-            h.remove()
+    resid_after [n_layers, d_model]) at position ``pos``, read at the hook points ffn.coef, ffn.out and
+    resid.post (kvmem.hooks); all hooks removed afterwards."""
     layers = range(model.n_layers)
-    coef = torch.stack([cap["coef"][i][0, pos] for i in layers])
-    out = torch.stack([cap["out"][i][0, pos] for i in layers])
-    return logits, coef, out, torch.stack([after[i] for i in layers])
+    got: dict = {}
+    keep = lambda name: [(name, i) for i in layers]  # noqa: E731
+    with torch.inference_mode(), hooks(model, record(keep("ffn.coef") + keep("ffn.out") + keep("resid.post"), got)):
+        logits = model.hf(input_ids=ids, use_cache=False).logits[0, pos].float()
+    coef, out, after = (torch.stack([got[(name, i)][0, pos] for i in layers])
+                        for name in ("ffn.coef", "ffn.out", "resid.post"))
+    return logits, coef, out, after
 
 
 @torch.inference_mode()
