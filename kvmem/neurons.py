@@ -1,20 +1,72 @@
-"""Neuron ids written ``layer.neuron`` (0-based), parsed and checked against a model."""
+"""Neuron ids, parsed and formatted through one type, ``NeuronId`` (all indices 0-based):
+
+  "12.345"      neuron 345 of layer 12's FFN (dense)
+  "12.e3.45"    neuron 45 of routed expert 3 of layer 12 (mixture of experts)
+  "12.s0.45"    neuron 45 of shared expert 0 of layer 12
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from kvmem.errors import KvmemError
 
-_NEURON = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
+_ID = re.compile(r"^\s*(\d+)\.(?:([es])(\d+)\.)?(\d+)\s*$")
+_FORMS = "LAYER.NEURON (e.g. 17.1234), or LAYER.eEXPERT.NEURON / LAYER.sSHARED.NEURON for experts (e.g. 12.e3.45)"
+
+
+@dataclass(frozen=True, order=True)
+class NeuronId:
+    """One FFN neuron: ``layer``, ``neuron`` (its index in the layer's, or the expert's, d_mlp), ``expert``
+    (None for a dense FFN) and ``shared`` (True: ``expert`` indexes the layer's shared experts)."""
+
+    layer: int
+    neuron: int
+    expert: int | None = None
+    shared: bool = False
+
+    def __post_init__(self):
+        if self.layer < 0 or self.neuron < 0 or (self.expert is not None and self.expert < 0):
+            raise KvmemError(f"neuron id fields must be >= 0, got {self!r}")
+        if self.shared and self.expert is None:
+            raise KvmemError("a shared-expert neuron needs its expert index")
+
+    @classmethod
+    def parse(cls, text: str) -> NeuronId:
+        """'12.345', '12.e3.45' or '12.s0.45'; anything else is a KvmemError."""
+        match = _ID.match(text) if isinstance(text, str) else None
+        if not match:
+            raise KvmemError(f"malformed neuron {text!r}: write it as {_FORMS}")
+        layer, kind, expert, neuron = match.groups()
+        return cls(int(layer), int(neuron), None if kind is None else int(expert), kind == "s")
+
+    @property
+    def dense(self) -> bool:
+        return self.expert is None
+
+    def __str__(self) -> str:
+        if self.expert is None:
+            return f"{self.layer}.{self.neuron}"
+        return f"{self.layer}.{'s' if self.shared else 'e'}{self.expert}.{self.neuron}"
+
+    def check(self, n_layers: int | None = None, d_mlp: int | None = None) -> NeuronId:
+        """This id, after checking it against a model's shape (a KvmemError names what is out of range)."""
+        if n_layers is not None and self.layer >= n_layers:
+            raise KvmemError(f"neuron {self}: layer {self.layer} out of range (the model has layers 0..{n_layers - 1})")
+        if d_mlp is not None and self.neuron >= d_mlp:
+            raise KvmemError(f"neuron {self}: index {self.neuron} out of range (layers have neurons 0..{d_mlp - 1})")
+        return self
 
 
 def parse_neuron(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[int, int]:
-    """'17.1234' -> (17, 1234); a malformed id or one out of range is a KvmemError."""
-    match = _NEURON.match(text)
-    if not match:
-        raise KvmemError(f"malformed neuron {text!r}: write it as LAYER.NEURON, e.g. 17.1234")
-    layer, neuron = int(match[1]), int(match[2])
+    """'17.1234' -> (17, 1234) for a dense model; a malformed id, one out of range, or an expert id (this
+    function serves dense FFNs) is a KvmemError."""
+    nid = NeuronId.parse(text)
+    if not nid.dense:
+        raise KvmemError(f"neuron {nid}: an expert neuron, but this command reads dense FFN neurons "
+                         "(LAYER.NEURON)")
+    layer, neuron = nid.layer, nid.neuron
     if n_layers is not None and layer >= n_layers:
         raise KvmemError(f"neuron {text}: layer {layer} out of range (the model has layers 0..{n_layers - 1})")
     if d_mlp is not None and neuron >= d_mlp:
@@ -42,5 +94,6 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
     return sorted(out)
 
 
-def neuron_id(layer: int, neuron: int) -> str:
-    return f"{layer}.{neuron}"
+def neuron_id(layer: int, neuron: int, expert: int | None = None, shared: bool = False) -> str:
+    """The written form of a neuron id ('17.1234', '12.e3.45', '12.s0.45')."""
+    return str(NeuronId(layer, neuron, expert, shared))
