@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 
+from kvmem.analysis import ci
 from kvmem.analysis.common import thirds
 from kvmem.analysis.rules import (NO, NOT_TESTED, UNSURE, YES, Est, Rules, above, below, combine, difference,
-                                  load_rules, majority, pick, pooled, per_layer)
+                                  load_rules, majority, null_pooled, pick, pooled, per_layer)
 
 ORDER = ("agreement", "lexical", "sparsity", "composition", "cases", "nonlinear", "topk")
 
@@ -71,17 +72,22 @@ def _uniform(res, names) -> float | None:
 def _agreement(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
     upper, lower = _third(res, n_layers, "upper"), _third(res, n_layers, "lower")
     up = _need(pooled(res, upper, c["rate"], rules), f"no agreement column {c['rate']}")
-    bu = _need(pooled(res, upper, c["baseline"], rules), f"no baseline column {c['baseline']}")
+    bu = _need(null_pooled(res, upper, c["null"], rules) or pooled(res, upper, c["baseline"], rules),
+               f"no baseline column {c['baseline']}")
     lo = _need(pooled(res, lower, c["rate"], rules), "no lower-third agreement")
-    bl = _need(pooled(res, lower, c["baseline"], rules), "no lower-third baseline")
+    bl = _need(null_pooled(res, lower, c["null"], rules) or pooled(res, lower, c["baseline"], rules),
+               "no lower-third baseline")
     uni = _uniform(res, c["uniform"])
     nums.update(up.as_dict("upper") | bu.as_dict("upper_base") | lo.as_dict("lower") | bl.as_dict("lower_base"))
     if uni is not None:
         nums["uniform"] = uni
-    p = pick(res.tables.get("layers"), c.get("pvalue", []))
-    if p is not None:
-        df = res.tables["layers"]
-        nums["upper_p_perm_max"] = float(df[df.layer.isin(upper)][p].max())
+    if bu.how.startswith("spread"):  # pooled permutation p-value of the upper third against the draws
+        null = res.tables["null"]
+        col = pick(null, c["null"])
+        sel = null[null.layer.isin(upper) & null[col].notna()]
+        w = sel[f"n_{col}"] if f"n_{col}" in sel.columns else 1.0
+        draws = (sel[col] * w).groupby(sel.draw).sum() / (w if isinstance(w, float) else w.groupby(sel.draw).sum())
+        nums["upper_p_perm"] = ci.perm_pvalue(up.value, draws.to_numpy())
     bar = max(bu.hi, uni if uni is not None else -math.inf)
     checks = [_check("upper third above both baselines", above(up, bar), up, bar)]
     margin = float(c["lower_margin"])

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from kvmem.analysis.common import thirds
-from kvmem.analysis.rules import Rules, load_rules, per_layer, pick, pooled
+from kvmem.analysis.rules import Rules, load_rules, null_pooled, per_layer, pick, pooled
 
 
 def _rel(layers, n_layers: int) -> str:
@@ -61,7 +61,8 @@ def paper_table(results: dict, n_layers: int, rules: Rules | None = None) -> lis
             if not layers:
                 row["status"] = f"not tested: the {p['depth']} third has no analysed layer"
                 continue
-            e = pooled(res, layers, [col], rules)
+            e = (null_pooled(res, layers, [c for c in p["columns"]] + [col.removeprefix("base_")], rules)
+                 if p.get("null") else None) or pooled(res, layers, [col], rules)
             if e is None:
                 row["status"] = "no value in these layers"
                 continue

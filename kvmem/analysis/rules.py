@@ -140,6 +140,28 @@ def pooled(res, layers, names, rules: Rules | None = None) -> Est | None:
     return Est(value, value, value, n, "none")
 
 
+def null_pooled(res, layers, names, rules: Rules | None = None) -> Est | None:
+    """A baseline pooled over ``layers`` from the measure's ``null`` table (one row per (layer, draw): the
+    draw's rate and its count ``n_{rate}``): per draw, the count-weighted mean over the layers; the value is
+    the mean over draws and the interval the draws' central ``level`` range (their spread). None without
+    a null table holding the column."""
+    null = res.tables.get("null") if res is not None else None
+    col = pick(null, names)
+    if col is None or "draw" not in null.columns:
+        return None
+    sel = null[null.layer.isin(list(layers)) & null[col].notna()]
+    if sel.empty:
+        return None
+    w = sel[f"n_{col}"] if f"n_{col}" in sel.columns else pd.Series(1.0, index=sel.index)
+    g = (sel[col] * w).groupby(sel.draw).sum() / w.groupby(sel.draw).sum()
+    g = g.dropna()
+    if g.empty:
+        return None
+    q = (1 - float((rules.data if rules else {}).get("level", ci.LEVEL))) / 2
+    return Est(float(g.mean()), float(g.quantile(q)), float(g.quantile(1 - q)), float(len(g)),
+               f"spread of {len(g)} derangement draws")
+
+
 def per_layer(res, names, rules: Rules | None = None, k=None) -> dict[int, Est]:
     """{layer: Est} for every layer of the measure's layers table (bounds from its ``_lo``/``_hi``
     columns, else a bootstrap of its units by layer, else point estimates)."""

@@ -203,3 +203,19 @@ def test_rules_file_errors_are_one_line(tmp_path):
         load_rules(bad)
     with pytest.raises(KvmemError, match="rules file"):
         load_rules(tmp_path / "missing.toml")
+
+
+def test_agreement_baseline_from_the_derangement_draws():
+    """With a null table (one row per layer and draw), the baseline's interval is the spread of the draws
+    pooled over the third, and the upper third's permutation p-value is reported."""
+    res = agreement(upper=0.05)
+    null = pd.DataFrame([{"layer": layer, "draw": d, "ex1": 0.045 + 0.001 * d, "n_ex1": 100}
+                         for layer in range(9) for d in range(20)])
+    res.tables["null"] = null
+    f = verdict({"agreement": res}, "agreement")
+    assert f["numbers"]["upper_base"] == pytest.approx(0.045 + 0.001 * 9.5)
+    assert f["numbers"]["upper_base_hi"] > 0.06 and f["verdict"] != "supported"
+    assert 0 < f["numbers"]["upper_p_perm"] <= 1
+    res.tables["null"] = null.assign(ex1=0.001 * null.draw / 20)
+    f = verdict({"agreement": res}, "agreement")
+    assert f["checks"][0]["state"] == "yes" and f["numbers"]["upper_p_perm"] == pytest.approx(1 / 21)
