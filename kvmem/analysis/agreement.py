@@ -1,104 +1,210 @@
-"""Key-value agreement (Geva et al. 2021, section 5): does a neuron's value predict what follows its keys?
+"""Key-value agreement (Geva et al. 2021, section 4, Figs. 4-6): does a neuron's value predict the token that
+follows its key's top trigger?
 
-Per neuron i of a layer: the next tokens after its top-n activating examples (the token following each
-example's global index in the token store, if it lies in the same document), and its value's top-k tokens
-(argsort of v_i·W_U, raw, no final norm). Per layer, over neurons with at least one valid example:
-  agree_ex1    share of neurons whose value top-1 token is the next token of their single top example
-  agree_top1   share whose value top-1 token is the next token of any of their top-n examples
-  agree_topk   share where any of the value's top-k tokens is the next token of any top-n example
-Baseline (same columns, ``base_*``): neuron i's value is compared with the examples of neuron π(i), π a
-random derangement of the layer's neurons (no neuron keeps its own examples), averaged over ``n_perm``
-derangements. The pairs used are returned in the ``pairs`` table.
-With ``value_bottom_ids`` (gated FFNs, where m < 0 writes -v_i): ``neg_top1`` / ``base_neg_top1`` compare the
-value's most suppressed token (argmin of v_i·W_U) with the next tokens of the neuron's bottom examples (most
-negative m), with the same derangements.
+Triggers are the run's per-document store (``top_docs``: each document once, by its max m; position-0 and other
+uncounted positions are already excluded by the profiler). A trigger's *next token* is the token after it in its
+document (kvmem.analysis.prefixes.next_in_doc); a trigger that ends its document has none and is EXCLUDED from the
+rate (not a miss). The value's vocabulary distribution is v_i·W_U in float32 over the tokenizer's defined ids
+(``n_defined``; padded unembedding ids are masked), raw (no final norm, no LM-head bias).
+
+Per neuron (the ``units`` table, one row per (layer, neuron); NaN = not counted):
+  ex1          1 if the value's top-1 token is the next token of the neuron's top-1 trigger (the paper's measure,
+               the headline), counted where that trigger has a next token
+  docs_any     1 if the value's top-1 token is the next token of any of the top-n triggers (n documents)
+  topk         1 if any of the value's top-k tokens is the next token of any of the top-n triggers
+  next_rank    rank (1 = the value's top token) of the top-1 trigger's next token in the value's distribution
+               (ties to the lower id), Fig. 5; next_top10 = next_rank <= 10
+  next_prob    probability of that next token under softmax(v_i·W_U) over the defined ids, Fig. 6
+  neg_any      gated FFNs (m < 0 writes -v_i): 1 if the value's most suppressed token (argmin) is the next token of
+               any of the neuron's top-n bottom examples (most negative m, per token)
+  doc          global document id of the top-1 trigger (the bootstrap cluster); neg_doc: of the first bottom example
+Per layer (the ``layers`` table): for each rate r of ex1, docs_any, topk, next_top10, next_prob, neg_any: r, r_lo,
+r_hi (95% cluster bootstrap over documents, kvmem.analysis.ci), n_r (neurons counted); base_r and p_r for ex1,
+docs_any, topk, neg_any: the derangement baseline (neuron i's value against the triggers of neuron pi(i), pi a
+random derangement of the layer's neurons; mean of ``n_perm`` draws) and its one-sided permutation p-value;
+uniform_r: the rate a uniformly random defined token (or k distinct ones) would get, 1/|V| for ex1 (the paper
+quotes 0.0004%); next_rank_median, next_prob_median; n_neurons (the layer's d_mlp).
+``null``: one row per (layer, draw) with each baseline rate and its count (to pool layers per draw);
+``pairs``: the derangements of the first ``keep_pairs`` draws (layer, draw, neuron, partner).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import torch
 
-from kvmem.analysis.common import derangement, local_index, run_slots
+from kvmem.analysis import ci
+from kvmem.analysis.common import derangement
+from kvmem.analysis.prefixes import next_in_doc
 from kvmem.analysis.result import AnalysisResult
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
 
-
-def next_tokens(index: torch.Tensor, ids: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
-    """Token id following each index [...] into ``ids`` in the same document (``doc_offsets`` into the same
-    ``ids``); -1 where there is none or index < 0."""
-    valid = index >= 0
-    idx = index.clamp(min=0)
-    doc = torch.searchsorted(doc_offsets, idx, right=True) - 1
-    nxt = idx + 1
-    ok = valid & (nxt < doc_offsets[(doc + 1).clamp(max=doc_offsets.numel() - 1)])
-    out = ids.long()[nxt.clamp(max=ids.numel() - 1)]
-    return torch.where(ok, out, torch.full_like(out, -1))
+RATES = ("ex1", "docs_any", "topk", "next_top10", "next_prob", "neg_any")
+NULL_RATES = ("ex1", "docs_any", "topk", "neg_any")
+TOP10 = 10
 
 
-def agreement_table(value_ids: torch.Tensor, nxt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """value_ids [d, k] (value top-k, best first), nxt [d, n] (-1 invalid) -> per-neuron booleans [d]:
-    ex1, top1, topk, and has (at least one valid next token)."""
+def n_defined(model) -> int:
+    """Vocabulary ids the tokenizer defines (ids from here to d_vocab are padding of the unembedding)."""
+    return min(len(model.tokenizer), model.d_vocab)
+
+
+@torch.inference_mode()
+def value_logits(model, layer: int, rows: slice) -> torch.Tensor:
+    """v_i·W_U for the neurons ``rows`` of ``layer``: float32 [c, n_defined] on the CPU (raw, no final norm)."""
+    v = model.layers[layer].W_out[rows].float()  # [c, d_model]
+    return (v @ model.W_U.float()[:, :n_defined(model)]).cpu()
+
+
+def match_table(value_ids: torch.Tensor, nxt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """value_ids [d, k] (the value's tokens, best first), nxt [d, n] (next tokens of the triggers, best first,
+    -1 = none) -> float [d] per neuron, NaN where not counted: ex1 (value top-1 vs trigger 1), any (value top-1 vs
+    any trigger), topk (any of k vs any trigger)."""
     valid = nxt >= 0
     match = (value_ids[:, :, None] == nxt[:, None, :]) & valid[:, None, :]  # [d, k, n]
-    return {"ex1": match[:, 0, 0], "top1": match[:, 0, :].any(1), "topk": match.any(2).any(1), "has": valid.any(1)}
+    nan = torch.tensor(float("nan"))
+    has = valid.any(1)
+    return {"ex1": torch.where(valid[:, 0], match[:, 0, 0].float(), nan),
+            "any": torch.where(has, match[:, 0, :].any(1).float(), nan),
+            "topk": torch.where(has, match.any(2).any(1).float(), nan)}
 
 
-def agreement(run: Run, value_top_ids: torch.Tensor, *, n_examples: int | None = None, k: int = 10, n_perm: int = 5,
-              seed: int = 0, layers=None, value_bottom_ids: torch.Tensor | None = None) -> AnalysisResult:
-    """Per-layer agreement and its derangement baseline. ``value_top_ids`` [n_layers, d_mlp, >= k] are the
-    value vectors' top token ids (e.g. kvmem.vocab.project_values(model)['top_ids'])."""
+def uniform_any(nxt: torch.Tensor, k: int, n_vocab: int) -> torch.Tensor:
+    """[d] probability that k distinct uniformly random defined tokens include one of the row's distinct valid
+    next tokens (NaN where the row has none): 1 - C(V - s, k) / C(V, k)."""
+    out = torch.full((nxt.shape[0],), float("nan"), dtype=torch.float64)
+    for i, row in enumerate(nxt.tolist()):
+        s = len({t for t in row if t >= 0})
+        if s:
+            miss = 0.0 if n_vocab - s < k else math.exp(math.lgamma(n_vocab - s + 1) - math.lgamma(n_vocab - s - k + 1)
+                                                       - math.lgamma(n_vocab + 1) + math.lgamma(n_vocab - k + 1))
+            out[i] = 1 - miss
+    return out
+
+
+def _rate(x: torch.Tensor) -> tuple[float, int]:
+    ok = ~torch.isnan(x)
+    n = int(ok.sum())
+    return (float(x[ok].mean()) if n else float("nan")), n
+
+
+def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_perm: int = 100, seed: int = 0,
+              layers=None, chunk: int = 256, keep_pairs: int = 5, n_boot: int = ci.N_BOOT) -> AnalysisResult:
+    """Per-layer agreement (module docstring) of ``model``'s values with ``run``'s per-document triggers.
+    ``n_examples``: triggers per neuron for docs_any/topk (default: all the store holds); ``k``: value tokens for
+    topk; ``n_perm``: derangement draws; ``chunk``: neurons per projection matmul."""
     store = run.tokens
     layers = run.profiled_layers if layers is None else list(layers)
-    if value_top_ids.shape[-1] < k:
-        raise KvmemError(f"agreement needs the value vectors' top {k} tokens, got {value_top_ids.shape[-1]}")
+    V = n_defined(model)
+    if not 1 <= k <= V:
+        raise KvmemError(f"k must be between 1 and the number of defined vocabulary ids {V}, got {k}")
+    if n_perm < 1:
+        raise KvmemError(f"n_perm must be at least 1, got {n_perm}")
+    if n_examples is not None and n_examples < 1:
+        raise KvmemError(f"n_examples must be at least 1, got {n_examples}")
+    gated = run.gated
     gen = torch.Generator().manual_seed(seed)
-    rows, pairs = [], []
+    rows, units, nulls, pairs = [], [], [], []
     for layer in layers:
-        _, index = run_slots(run, layer, "top")
-        if n_examples is not None:
-            index = index[:, :n_examples]
-        nxt = next_tokens(local_index(index, store), store.ids, store.doc_offsets)  # [d, n]
-        vals = value_top_ids[layer, :, :k].long().cpu()
-        own = agreement_table(vals, nxt)
+        docs = run.slots(layer, "top_docs")
+        index = docs.index.cpu().long()[:, :n_examples]  # [d, n] global token index, -1 empty
+        d = index.shape[0]
+        nxt = next_in_doc(store, index)  # [d, n]
+        first = nxt[:, 0]
+        top_ids, bottom_id = [], []
+        rank, prob = torch.full((d,), float("nan"), dtype=torch.float64), torch.full((d,), float("nan"), dtype=torch.float64)
+        for start in range(0, d, chunk):
+            sl = slice(start, min(d, start + chunk))
+            logits = value_logits(model, layer, sl)  # [c, V]
+            top_ids.append(logits.topk(k, dim=1).indices)
+            bottom_id.append(logits.argmin(1, keepdim=True))
+            t = first[sl]
+            ok = t >= 0
+            if bool(ok.any()):
+                lg, tt = logits[ok], t[ok]
+                own = lg.gather(1, tt[:, None])  # [c', 1]
+                ids = torch.arange(V)[None, :]
+                r = (lg > own).sum(1) + ((lg == own) & (ids < tt[:, None])).sum(1) + 1
+                p = torch.softmax(lg.double(), dim=1).gather(1, tt[:, None]).squeeze(1)
+                rank[torch.arange(sl.start, sl.stop)[ok]] = r.double()
+                prob[torch.arange(sl.start, sl.stop)[ok]] = p
+        vals = torch.cat(top_ids)  # [d, k]
+        own = match_table(vals, nxt)
+        unit = {"layer": layer, "neuron": np.arange(d), "doc": _docs(store, index[:, 0]),
+                "ex1": own["ex1"].numpy(), "docs_any": own["any"].numpy(), "topk": own["topk"].numpy(),
+                "next_rank": rank.numpy(), "next_top10": torch.where(torch.isnan(rank), rank, (rank <= TOP10).double()).numpy(),
+                "next_prob": prob.numpy()}
         neg = None
-        if value_bottom_ids is not None:
-            _, bindex = run_slots(run, layer, "bottom")
-            bindex = bindex[:, :n_examples] if n_examples else bindex
-            bnxt = next_tokens(local_index(bindex, store), store.ids, store.doc_offsets)
-            bvals = value_bottom_ids[layer, :, :1].long().cpu()
-            neg = (bvals, bnxt, agreement_table(bvals, bnxt))
-        has = own["has"]
-        n_has = int(has.sum())
-        row = {"layer": layer, "n_neurons": n_has, "n_examples": int(index.shape[1]), "k": k,
-               "n_tokens": run.tokens.n_tokens}
-        for name in ("ex1", "top1", "topk"):
-            row[f"agree_{name}"] = float(own[name][has].float().mean()) if n_has else float("nan")
+        if gated:
+            bindex = run.slots(layer, "bottom").index.cpu().long()[:, :n_examples]
+            bnxt = next_in_doc(store, bindex)
+            bvals = torch.cat(bottom_id)  # [d, 1]
+            neg = (bvals, bnxt)
+            unit["neg_any"] = match_table(bvals, bnxt)["any"].numpy()
+            unit["neg_doc"] = _docs(store, bindex[:, 0])
+        u = pd.DataFrame(unit)
+        units.append(u)
+        row = {"layer": layer, "n_neurons": d, "n_examples": int(index.shape[1]), "k": k, "n_vocab": V}
+        row.update(_intervals(u, [r for r in RATES if r in u and r != "neg_any"], "doc", n_boot, seed))
         if neg is not None:
-            row["agree_neg_top1"] = float(neg[2]["top1"][neg[2]["has"]].float().mean()) if bool(neg[2]["has"].any()) \
-                else float("nan")
-        base = {name: [] for name in ("ex1", "top1", "topk", "neg_top1")}
+            row.update(_intervals(u, ["neg_any"], "neg_doc", n_boot, seed))
+        row["next_rank_median"] = float(np.nanmedian(u.next_rank)) if u.next_rank.notna().any() else float("nan")
+        row["next_prob_median"] = float(np.nanmedian(u.next_prob)) if u.next_prob.notna().any() else float("nan")
+        # derangement null: neuron i's value against the triggers of neuron pi(i)
+        draws = {r: [] for r in NULL_RATES}
         for draw in range(n_perm):
-            perm = derangement(vals.shape[0], gen)
-            other = agreement_table(vals, nxt[perm])
-            ok = other["has"]
-            for name in ("ex1", "top1", "topk"):
-                base[name].append(float(other[name][ok].float().mean()) if bool(ok.any()) else float("nan"))
+            perm = derangement(d, gen)
+            o = match_table(vals, nxt[perm])
+            got = {"ex1": _rate(o["ex1"]), "docs_any": _rate(o["any"]), "topk": _rate(o["topk"])}
             if neg is not None:
-                o = agreement_table(neg[0], neg[1][perm])
-                base["neg_top1"].append(float(o["top1"][o["has"]].float().mean()) if bool(o["has"].any())
-                                        else float("nan"))
-            pairs.append(pd.DataFrame({"layer": layer, "draw": draw, "neuron": range(vals.shape[0]),
-                                       "partner": perm.numpy()}))
-        for name, v in base.items():
+                got["neg_any"] = _rate(match_table(neg[0], neg[1][perm])["any"])
+            nulls.append({"layer": layer, "draw": draw, **{r: v[0] for r, v in got.items()},
+                          **{f"n_{r}": v[1] for r, v in got.items()}})
+            for r, v in got.items():
+                draws[r].append(v[0])
+            if draw < keep_pairs:
+                pairs.append(pd.DataFrame({"layer": layer, "draw": draw, "neuron": np.arange(d), "partner": perm.numpy()}))
+        for r, v in draws.items():
             if v:
-                row[f"base_{name}"] = float(torch.tensor(v).mean())
-        row["lift_top1"] = row["agree_top1"] / row["base_top1"] if row["base_top1"] > 0 else float("nan")
+                row[f"base_{r}"] = float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
+                row[f"p_{r}"] = ci.perm_pvalue(row[r], v)
+        row["uniform_ex1"] = 1 / V
+        row["uniform_docs_any"] = float(np.nanmean(uniform_any(nxt, 1, V))) if bool((nxt >= 0).any()) else float("nan")
+        row["uniform_topk"] = float(np.nanmean(uniform_any(nxt, k, V))) if bool((nxt >= 0).any()) else float("nan")
+        row["uniform_next_top10"] = min(TOP10, V) / V
+        row["uniform_next_prob"] = 1 / V
+        if neg is not None:
+            row["uniform_neg_any"] = float(np.nanmean(uniform_any(neg[1], 1, V))) if bool((neg[1] >= 0).any()) \
+                else float("nan")
         rows.append(row)
-    meta = {"n_tokens": run.tokens.n_tokens, "k": k, "n_perm": n_perm, "seed": seed,
-            "examples": "the run's top store (largest m)", "value_tokens": "top-k of v_i W_U (raw, no final norm)",
-            "baseline": f"values paired with the examples of another neuron of the same layer (random derangement, "
-                        f"mean of {n_perm} draws)"}
-    return AnalysisResult("agreement", {"layers": pd.DataFrame(rows), "pairs": pd.concat(pairs, ignore_index=True)},
-                          meta)
+    meta = {"section": "Geva et al. 2021 section 4 (Figs. 4-6)", "n_tokens": store.n_tokens, "k": k, "n_perm": n_perm,
+            "seed": seed, "n_examples": n_examples, "n_vocab": V, "top10": TOP10, "n_boot": n_boot, "level": ci.LEVEL,
+            "headline": "ex1: value top-1 token == next token of the key's top-1 trigger (one trigger per document)",
+            "triggers": "the run's per-document store top_docs (each document once, by its max m)",
+            "next_token": "the token after the trigger in its document; a trigger ending its document is excluded",
+            "value_tokens": "v_i W_U in float32 over the tokenizer's defined ids (raw: no final norm, no bias)",
+            "baseline": f"derangement: values paired with the triggers of another neuron of the same layer "
+                        f"(mean of {n_perm} draws; p = one-sided permutation p-value); uniform: a uniformly random "
+                        f"defined token (1/|V| for ex1)",
+            "intervals": "95% cluster bootstrap over the global document of each neuron's top-1 trigger (neg_any: of "
+                         "its first bottom example)",
+            "negative": "gated FFNs only: value argmin vs next tokens of the bottom store (per-token, most negative m)"}
+    return AnalysisResult("agreement", {"layers": pd.DataFrame(rows), "units": pd.concat(units, ignore_index=True),
+                                        "null": pd.DataFrame(nulls),
+                                        "pairs": pd.concat(pairs, ignore_index=True)}, meta)
+
+
+def _docs(store, index: torch.Tensor) -> np.ndarray:
+    """Global document id of each global index [d] (-1 where the index is -1)."""
+    doc = store.doc_of(index.clamp(min=store.offset))
+    return torch.where(index >= 0, doc, torch.full_like(doc, -1)).numpy()
+
+
+def _intervals(units: pd.DataFrame, cols: list[str], cluster: str, n_boot: int, seed: int) -> dict:
+    """{r, r_lo, r_hi, n_r} of each rate column over the units (cluster bootstrap over ``cluster``)."""
+    out = ci.bootstrap(units, cols, cluster=cluster, n_boot=n_boot, seed=seed).iloc[0].to_dict()
+    return {c: v for c, v in out.items() if c not in ("n_units", "n_clusters")}
