@@ -1,54 +1,96 @@
 """Sparsity stated with its thresholds: how many neurons are active per token, and how many carry the output.
 
-Per layer, over the token sample (every token of every row), for the coefficients m [tokens, d_mlp]:
-  active_gt0              share of neurons with m > 0 exactly (mean over tokens)
-  active_gt{1,10}pct_max  share with m > 1% / 10% of that neuron's max over the sample
-                          (a neuron whose max is <= 0 never counts)
+Magnitudes, not signs: a gated (SwiGLU) coefficient m = act(gate)·up is sign-symmetric and m = -5 writes as
+much as m = +5, so a neuron is *active* at a token when |m_i| > f · (its max |m| over the reference), f = 1%
+or 10% (a neuron whose max |m| is 0 is never active). The reference maxima are given (e.g. the run's, from
+kvmem.analysis.neurons) or the sample's own.
+
+Per layer, over the sample's counted tokens (no BOS, padding or skipped position 0), for m [tokens, d_mlp]:
+  active1, active10       share of neurons with |m| > 1% / 10% of their max |m| (mean over tokens)  [headline]
+  active_gt0              share with m > 0 exactly (secondary, sign-blind: meaningful for ReLU/GELU only)
   abs_gt_{1,10}x_mean     share with |m_i| > 1x / 10x the token's mean |m| over the layer's neurons
-  carry{50,90}_*          the fewest neurons whose contribution norms |m_i|·‖v_i‖ sum to 50% / 90% of
-                          sum_i |m_i|·‖v_i‖ at that token (the triangle-inequality bound on ‖m·W_out‖;
-                          mean, median and 90th percentile over tokens, and mean as a share of d_mlp)
-  q_{gate}{up}            gated FFNs: share of (token, neuron) pairs in each sign quadrant of
-                          gate = x·W_gate + b_gate and up = x·W_in + b_in (pp, pn, np, nn)
-``neuron_stats`` (the first pass) gives each neuron's firing rate (m > 0), max and mean |m| over the sample.
+  carry{50,90}_share      the fewest neurons whose contribution norms |m_i|·‖v_i‖ sum to 50% / 90% of
+                          sum_i |m_i|·‖v_i‖ at that token (the triangle-inequality bound on ‖m·W_out‖), as a share
+                          of d_mlp (mean over tokens); carry{50,90}_mean / _median / _p90 as counts
+  q_gate_{pos,neg}_up_{pos,neg}  gated FFNs: share of (token, neuron) pairs in each sign quadrant of
+                          gate = x·W_gate + b_gate and up = x·W_in + b_in
+Every rate r in RATES has r_lo, r_hi (95% cluster bootstrap over documents, kvmem.analysis.ci), n_r (tokens)
+and the layer row n_units / n_clusters (tokens / documents). The ``units`` table has one row per (layer,
+counted token): layer, doc, index and the RATES as floats (the token's share), for pooled depth thirds.
+``neuron_stats`` (a pass over the sample) gives each neuron's max |m|, its |m|-based active rate and the
+m > 0 firing rate (secondary).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
-from kvmem.analysis.common import Sample, batches
+from kvmem.analysis import ci
+from kvmem.analysis.common import Sample, forward, row_batches
+from kvmem.analysis.neurons import ACTIVE_REL, maxima_of
 from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import capture, check_layers
+from kvmem.errors import KvmemError
 
 MAX_FRACTIONS = (0.01, 0.1)
 MEAN_MULTIPLES = (1.0, 10.0)
 CARRY = (0.5, 0.9)
+RATES = ("active1", "active10", "active_gt0", "carry50_share", "carry90_share")
+
+
+def _tag(f: float) -> str:
+    return f"active{round(f * 100)}"
 
 
 @torch.inference_mode()
-def neuron_stats(model, sample: Sample, layers=None, tokens_per_batch: int = 2048) -> pd.DataFrame:
-    """One row per (layer, neuron): firing_rate (m > 0), max m, mean |m| over the sample; n_tokens."""
+def neuron_stats(model, sample: Sample, layers=None, tokens_per_batch: int = 2048, *, rel: float = ACTIVE_REL,
+                 rates: bool = True) -> pd.DataFrame:
+    """One row per (layer, neuron) over the sample's counted tokens: max_abs (max |m|), max, min, mean_abs,
+    active_rate (share of tokens with |m| > rel · max_abs; a second pass, skipped when ``rates`` is False:
+    NaN), firing_rate (m > 0, secondary), n_tokens."""
     layers = check_layers(model, layers)
-    d = model.d_mlp
-    acc = {layer: [torch.zeros(d, dtype=torch.float64, device=model.device),
-                   torch.full((d,), -torch.inf, device=model.device),
-                   torch.zeros(d, dtype=torch.float64, device=model.device)] for layer in layers}
+    d, dev = model.d_mlp, model.device
+    acc = {layer: {"pos": torch.zeros(d, dtype=torch.float64, device=dev),
+                   "max": torch.full((d,), -torch.inf, device=dev), "min": torch.full((d,), torch.inf, device=dev),
+                   "abs": torch.zeros(d, dtype=torch.float64, device=dev),
+                   "act": torch.zeros(d, dtype=torch.float64, device=dev)} for layer in layers}
+    thr: dict = {}
 
-    def on_layer(layer, t):
-        m = t["coef"].reshape(-1, d).float()
+    def first(layer, t, keep):
+        m = t["coef"][keep].float()  # [n, d]: counted tokens only
         a = acc[layer]
-        a[0] += (m > 0).sum(0)
-        a[1] = torch.maximum(a[1], m.max(0).values)
-        a[2] += m.abs().sum(0, dtype=torch.float64)
+        a["pos"] += (m > 0).sum(0)
+        if m.shape[0]:
+            a["max"] = torch.maximum(a["max"], m.max(0).values)
+            a["min"] = torch.minimum(a["min"], m.min(0).values)
+        a["abs"] += m.abs().sum(0, dtype=torch.float64)
 
-    for rows in batches(sample, model.device, tokens_per_batch):
-        with capture(model, layers, ("coef",), stop=True, on_layer=on_layer):
-            model.hf(input_ids=rows, use_cache=False)
+    def second(layer, t, keep):
+        acc[layer]["act"] += (t["coef"][keep].float().abs() > thr[layer]).sum(0)
+
+    def sweep(fn):
+        for part in row_batches(sample, dev, tokens_per_batch):
+            with capture(model, layers, ("coef",), stop=True, on_layer=lambda i, t: fn(i, t, part.counted)):
+                forward(model, part)
+
+    sweep(first)
+    mx = {layer: torch.maximum(a["max"], -a["min"]).clamp(min=0) for layer, a in acc.items()}
+    if rates:
+        thr.update({layer: torch.where(m > 0, rel * m, torch.full_like(m, torch.inf)) for layer, m in mx.items()})
+        sweep(second)
     n = sample.n_tokens
-    frames = [pd.DataFrame({"layer": layer, "neuron": range(d), "firing_rate": (a[0] / n).cpu().numpy(),
-                            "max": a[1].cpu().numpy(), "mean_abs": (a[2] / n).cpu().numpy(), "n_tokens": n})
+    if n == 0:
+        raise KvmemError("the sample has no counted tokens")
+
+    def np_(x):
+        return x.double().cpu().numpy()
+
+    frames = [pd.DataFrame({"layer": layer, "neuron": range(d), "max_abs": np_(mx[layer]), "max": np_(a["max"]),
+                            "min": np_(a["min"]), "mean_abs": np_(a["abs"] / n),
+                            "active_rate": np_(a["act"] / n) if rates else np.nan,
+                            "firing_rate": np_(a["pos"] / n), "n_tokens": n})
               for layer, a in acc.items()]
     return pd.concat(frames, ignore_index=True)
 
@@ -67,74 +109,94 @@ def carry_counts(contrib: torch.Tensor, shares) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def sparsity(model, sample: Sample, layers=None, *, maxima: dict | None = None, tokens_per_batch: int = 2048,
-             stats: pd.DataFrame | None = None) -> AnalysisResult:
-    """Per-layer sparsity at explicit thresholds (see the module docstring). ``maxima`` {layer: [d_mlp]}
-    (e.g. the run's) sets the "% of the neuron's max" thresholds; by default the sample's own max."""
+             stats: pd.DataFrame | None = None, n_boot: int = ci.N_BOOT, seed: int = 0) -> AnalysisResult:
+    """Per-layer sparsity at explicit |m| thresholds (see the module docstring). ``maxima`` {layer: [d_mlp]}
+    max |m| per neuron (e.g. the run's: kvmem.analysis.neurons) sets the "% of the neuron's max |m|"
+    thresholds; else ``stats`` (a neuron table with max_abs); else the sample's own."""
     layers = check_layers(model, layers)
-    d = model.d_mlp
-    maxima_source = "given (e.g. the run's per-neuron max)"
+    d, dev = model.d_mlp, model.device
+    maxima_source = "given max |m| per neuron (e.g. the run's)"
     if maxima is None:
-        maxima_source = "the sample's own per-neuron max"
+        maxima_source = "max |m| per neuron from the given neuron table"
         if stats is None:
-            stats = neuron_stats(model, sample, layers, tokens_per_batch)
-        maxima = {layer: torch.tensor(g["max"].to_numpy()) for layer, g in stats.groupby("layer")}
-    mx = {layer: maxima[layer].float().to(model.device) for layer in layers}
-    norms = {layer: model.value_norms(layer).to(model.device) for layer in layers}
-    keys = (["gt0"] + [f"gt{round(f * 100)}pct_max" for f in MAX_FRACTIONS]
-            + [f"abs_gt_{c:g}x_mean" for c in MEAN_MULTIPLES])
-    sums = {layer: dict.fromkeys(keys, 0.0) for layer in layers}
-    hists = {layer: {p: torch.zeros(d + 1, dtype=torch.float64, device=model.device) for p in CARRY} for layer in layers}
-    quads = {layer: torch.zeros(4, dtype=torch.float64, device=model.device) for layer in layers}
+            maxima_source = "the sample's own max |m| per neuron"
+            stats = neuron_stats(model, sample, layers, tokens_per_batch, rates=False)
+        maxima = maxima_of(stats)
+    missing = [layer for layer in layers if layer not in maxima]
+    if missing:
+        raise KvmemError(f"maxima: no max |m| for layer {missing[0]}")
+    mx = {layer: maxima[layer].float().abs().to(dev) for layer in layers}
+    norms = {layer: model.value_norms(layer).to(dev).float() for layer in layers}
+    quads = {layer: torch.zeros(4, dtype=torch.float64, device=dev) for layer in layers}
+    cols = {layer: [] for layer in layers}  # per batch: [n, RATES + abs_gt_* + carry counts]
     what = ("coef", "gate", "pre") if model.gated else ("coef",)
+    docs, index = [], []
 
-    def on_layer(layer, t):
-        m = t["coef"].reshape(-1, d).float()
-        s = sums[layer]
-        s["gt0"] += float((m > 0).float().mean(1).sum())
+    def on_layer(layer, t, keep):
+        m = t["coef"][keep].float()  # [n, d] counted tokens
+        a = m.abs()
+        out = []
         for f in MAX_FRACTIONS:
             thr = torch.where(mx[layer] > 0, f * mx[layer], torch.full_like(mx[layer], torch.inf))
-            s[f"gt{round(f * 100)}pct_max"] += float((m > thr).float().mean(1).sum())
-        a = m.abs()
+            out.append((a > thr).float().mean(1))
+        out.append((m > 0).float().mean(1))
+        counts = carry_counts(a * norms[layer], CARRY)
+        out += [c.float() / d for c in counts]
         mean_abs = a.mean(1, keepdim=True)
-        for c in MEAN_MULTIPLES:
-            s[f"abs_gt_{c:g}x_mean"] += float((a > c * mean_abs).float().mean(1).sum())
-        contrib = a * norms[layer].float()
-        for p, counts in zip(CARRY, carry_counts(contrib, CARRY)):
-            hists[layer][p] += torch.bincount(counts, minlength=d + 1).double()
+        out += [(a > c * mean_abs).float().mean(1) for c in MEAN_MULTIPLES]
+        out += [c.float() for c in counts]
+        cols[layer].append(torch.stack(out, 1).cpu())
         if model.gated:
-            g = t["gate"].reshape(-1, d) > 0
-            u = t["pre"].reshape(-1, d) > 0
+            g = t["gate"][keep] > 0
+            u = t["pre"][keep] > 0
             quads[layer] += torch.stack([(g & u).sum(), (g & ~u).sum(), (~g & u).sum(), (~g & ~u).sum()]).double()
 
-    for rows in batches(sample, model.device, tokens_per_batch):
-        with capture(model, layers, what, stop=True, on_layer=on_layer):
-            model.hf(input_ids=rows, use_cache=False)
+    for part in row_batches(sample, dev, tokens_per_batch):
+        docs.append(part.doc[part.counted].cpu())
+        index.append(part.index[part.counted].cpu())
+        with capture(model, layers, what, stop=True, on_layer=lambda i, t, k=part.counted: on_layer(i, t, k)):
+            forward(model, part)
     n = sample.n_tokens
-    out = []
+    if n == 0:
+        raise KvmemError("the sample has no counted tokens")
+    doc, idx = torch.cat(docs).numpy(), torch.cat(index).numpy()
+    extra = [f"abs_gt_{c:g}x_mean" for c in MEAN_MULTIPLES] + [f"carry{round(p * 100)}_count" for p in CARRY]
+    frames = []
     for layer in layers:
-        row = {"layer": layer, "n_tokens": n, "d_mlp": d}
-        row.update({f"active_{k}" if not k.startswith("abs") else k: v / n for k, v in sums[layer].items()})
-        for p in CARRY:
-            h = hists[layer][p].cpu()
-            counts = torch.arange(d + 1, dtype=torch.float64)
-            cdf = h.cumsum(0) / h.sum()
-            tag = f"carry{round(p * 100)}"
-            row[f"{tag}_mean"] = float((h * counts).sum() / h.sum())
-            row[f"{tag}_median"] = int(torch.searchsorted(cdf, torch.tensor([0.5], dtype=torch.float64))[0])
-            row[f"{tag}_p90"] = int(torch.searchsorted(cdf, torch.tensor([0.9], dtype=torch.float64))[0])
-            row[f"{tag}_share"] = row[f"{tag}_mean"] / d
-        if model.gated:
-            q = (quads[layer] / quads[layer].sum()).cpu().tolist()
-            row.update(q_gate_pos_up_pos=q[0], q_gate_pos_up_neg=q[1], q_gate_neg_up_pos=q[2], q_gate_neg_up_neg=q[3])
-        out.append(row)
-    per_layer = pd.DataFrame(out)
+        x = torch.cat(cols[layer]).numpy()
+        f = pd.DataFrame(x, columns=list(RATES) + extra)
+        f.insert(0, "layer", layer)
+        f.insert(1, "doc", doc)
+        f.insert(2, "index", idx)
+        frames.append(f)
+    allu = pd.concat(frames, ignore_index=True)
+    per_layer = ci.bootstrap(allu, list(RATES), by="layer", n_boot=n_boot, seed=seed)
+    per_layer = per_layer.rename(columns={"n_units": "n_tokens", "n_clusters": "n_docs"})
+    per_layer.insert(1, "d_mlp", d)
+    means = allu.groupby("layer")[extra[:len(MEAN_MULTIPLES)]].mean().reset_index()
+    per_layer = per_layer.merge(means, on="layer")
+    for p in CARRY:
+        tag = f"carry{round(p * 100)}"
+        g = allu.groupby("layer")[f"{tag}_count"]
+        per_layer[f"{tag}_mean"] = g.mean().to_numpy()
+        per_layer[f"{tag}_median"] = g.quantile(0.5, interpolation="lower").to_numpy().astype(int)
+        per_layer[f"{tag}_p90"] = g.quantile(0.9, interpolation="lower").to_numpy().astype(int)
+    if model.gated:
+        q = torch.stack([quads[layer] / quads[layer].sum() for layer in layers]).cpu().numpy()
+        for j, name in enumerate(("q_gate_pos_up_pos", "q_gate_pos_up_neg", "q_gate_neg_up_pos", "q_gate_neg_up_neg")):
+            per_layer[name] = q[:, j]
+    units = allu[["layer", "doc", "index", *RATES]].astype({c: np.float32 for c in RATES})
     summary = per_layer.drop(columns=["layer"]).mean(numeric_only=True).to_frame().T
     summary.insert(0, "layers", len(layers))
     summary["n_tokens"] = n
-    meta = {"n_tokens": n, "sample": sample.source, "max_fractions": list(MAX_FRACTIONS),
-            "mean_multiples": list(MEAN_MULTIPLES), "carry_shares": list(CARRY),
-            "maxima": maxima_source,
+    meta = {"n_tokens": n, "n_docs": sample.n_docs, "sample": sample.source,
+            "active": "|m_i| > f x max |m_i| (magnitude: a SwiGLU neuron at m = -5 is active); "
+                      "active_gt0 = m > 0 is secondary (sign-blind)",
+            "max_fractions": list(MAX_FRACTIONS), "mean_multiples": list(MEAN_MULTIPLES),
+            "carry_shares": list(CARRY), "maxima": maxima_source, "rates": list(RATES),
             "carry_definition": "fewest neurons whose |m_i|*||v_i|| sum to the share of sum_i |m_i|*||v_i||",
+            "interval": f"95% cluster bootstrap over documents ({n_boot} draws, seed {seed})",
+            "units": "one row per (layer, counted token): the token's shares",
             "baseline": "a dense layer would have every share at 1.0 and carry counts near the share times d_mlp",
             "gated": model.gated, "activation": model.activation}
-    return AnalysisResult("sparsity", {"layers": per_layer, "model": summary}, meta)
+    return AnalysisResult("sparsity", {"layers": per_layer, "model": summary, "units": units}, meta)

@@ -42,14 +42,16 @@ def test_sparsity_matches_brute_force(tiny_models, samples, family):
     table = res["layers"].set_index("layer")
     for layer in range(model.n_layers):
         m = cap.coef[layer].reshape(-1, model.d_mlp).double().numpy()
-        mx = m.max(0)
         norms = model.layers[layer].W_out.double().norm(dim=1).numpy()
         row = table.loc[layer]
         assert row.n_tokens == m.shape[0]
         assert row.active_gt0 == pytest.approx((m > 0).mean(), abs=1e-6)
-        for f, name in ((0.01, "active_gt1pct_max"), (0.1, "active_gt10pct_max")):
-            want = np.mean([[(m[t, i] > f * mx[i]) and mx[i] > 0 for i in range(m.shape[1])] for t in range(m.shape[0])])
+        mx = np.abs(m).max(0)
+        for f, name in ((0.01, "active1"), (0.1, "active10")):  # magnitude: |m| > f * max |m|
+            want = np.mean([[abs(m[t, i]) > f * mx[i] and mx[i] > 0 for i in range(m.shape[1])]
+                            for t in range(m.shape[0])])
             assert row[name] == pytest.approx(want, abs=1e-6)
+            assert row[f"{name}_lo"] - 1e-9 <= row[name] <= row[f"{name}_hi"] + 1e-9
         a = np.abs(m)
         assert row["abs_gt_1x_mean"] == pytest.approx((a > a.mean(1, keepdims=True)).mean(), abs=1e-6)
         for p, tag in ((0.5, "carry50"), (0.9, "carry90")):
@@ -63,12 +65,17 @@ def test_sparsity_matches_brute_force(tiny_models, samples, family):
                 counts.append(k)
             assert row[f"{tag}_mean"] == pytest.approx(np.mean(counts), abs=1e-9)
             assert row[f"{tag}_median"] == int(np.sort(counts)[(len(counts) - 1) // 2])  # the lower median
+            assert row[f"{tag}_share"] == pytest.approx(np.mean(counts) / model.d_mlp, abs=1e-6)
+            assert row[f"{tag}_share_lo"] - 1e-9 <= row[f"{tag}_share"] <= row[f"{tag}_share_hi"] + 1e-9
         if model.gated:
             g = cap["gate"][layer].reshape(-1, model.d_mlp) > 0
             u = cap["pre"][layer].reshape(-1, model.d_mlp) > 0
             assert row.q_gate_pos_up_neg == pytest.approx(float((g & ~u).double().mean()), abs=1e-9)
     assert res["model"].active_gt0[0] == pytest.approx(table.active_gt0.mean())
     assert res.meta["n_tokens"] == sample.n_tokens
+    units = res["units"]
+    assert len(units) == model.n_layers * sample.n_tokens and units.doc.nunique() == table.n_docs.iloc[0]
+    assert units.groupby("layer").active10.mean().to_numpy() == pytest.approx(table.active10.to_numpy(), abs=1e-6)
 
 
 def _brute_loss(hf, rows):
@@ -80,7 +87,7 @@ def _brute_loss(hf, rows):
 def test_knockouts_match_edited_weights(tiny_models, samples, family):
     model, sample = tiny_models[family], samples[family]
     stats = neuron_stats(model, sample)
-    res = knockouts(model, sample, layers=[1], stats=stats, ks=(3,), tokens_per_batch=64)
+    res = knockouts(model, sample, layers=[1], stats=stats, ks=(3,), n_random=3, seed=4, tokens_per_batch=64, n_boot=200)
     long = res["long"].set_index(["intervention", "k"])
     with torch.no_grad():
         base = _brute_loss(model.hf, sample.rows)
@@ -115,19 +122,35 @@ def test_knockouts_match_edited_weights(tiny_models, samples, family):
 
         assert long.loc[("remove", 0), "loss"] == pytest.approx(edited(remove), rel=1e-5)
         assert long.loc[("linear", 0), "loss"] == pytest.approx(edited(linear), rel=1e-5)
-        g = stats[stats.layer == 1].sort_values("neuron")
-        top_rate = g.sort_values(["firing_rate"], ascending=False, kind="stable")
-        top_max = np.argsort(-g["max"].to_numpy(), kind="stable")[:3].tolist()
+        # top_max ranks by max |m| (a gated neuron's largest coefficient may be negative), measured directly
+        m = run_capture(model, sample.rows, layers=[1]).coef[1].reshape(-1, model.d_mlp)
+        mx = m.abs().max(0).values
+        top_max = np.argsort(-mx.numpy(), kind="stable")[:3].tolist()
         assert long.loc[("top_max", 3), "loss"] == pytest.approx(edited(zero(top_max)), rel=1e-5)
-        rate = g["firing_rate"].to_numpy()
+        rate = (m.abs() > 0.1 * mx).double().mean(0).numpy()
         if len(set(rate)) == len(rate):  # ties would make the set ambiguous
-            assert long.loc[("top_rate", 3), "loss"] == pytest.approx(edited(zero(top_rate.neuron[:3].tolist())), rel=1e-5)
+            top_rate = np.argsort(-rate, kind="stable")[:3].tolist()
+            assert long.loc[("top_rate", 3), "loss"] == pytest.approx(edited(zero(top_rate)), rel=1e-5)
+        gen = torch.Generator().manual_seed(4)  # the documented draws: layer by layer, k by k, n_random each
+        draws = [edited(zero(torch.randperm(model.d_mlp, generator=gen)[:3].tolist())) for _ in range(3)]
+        assert long.loc[("random", 3), "delta"] == pytest.approx(np.mean(draws) - base, rel=1e-4, abs=1e-6)
+        assert long.loc[("random", 3), "delta_sd"] == pytest.approx(np.std(draws, ddof=1), rel=1e-3, abs=1e-6)
+        assert long.loc[("random", 3), "draws"] == 3
     assert long.loc[("remove", 0), "delta"] == pytest.approx(long.loc[("remove", 0), "loss"] - base, rel=1e-4)
+    for (kind, k), row in long.iterrows():  # every delta has an interval that brackets it
+        assert row.delta_lo - 1e-9 <= row.delta <= row.delta_hi + 1e-9
     # the skipped blocks (kept from the unmodified pass) are restored afterwards
     assert all("forward" not in b.__dict__ for b in model.adapter.blocks())
     with torch.no_grad():
         assert _brute_loss(model.hf, sample.rows) == pytest.approx(base, rel=1e-6)
-    assert set(res["layers"].columns) >= {"remove", "linear", "top_rate_k3", "top_max_k3", "random_k3"}
+    wide = res["layers"].iloc[0]
+    assert {"remove", "remove_lo", "remove_hi", "linear", "top_rate_k3", "top_max_k3", "random_k3", "random_k3_sd",
+            "top_max_k3_excess"} <= set(res["layers"].columns)
+    assert wide.remove == pytest.approx(long.loc[("remove", 0), "delta"], rel=1e-5)
+    units = res["units"]
+    assert len(units) == res.meta["n_tokens"] and units.top_max_k3_excess.mean() == pytest.approx(
+        wide.top_max_k3 - wide.random_k3, abs=1e-5)
+    assert res.meta["forward_passes"] == res.meta["full_passes"] * (1 + 2 + 2 + 3)
 
 
 def test_neuron_stats_brute_force(tiny_models, samples):
@@ -136,6 +159,9 @@ def test_neuron_stats_brute_force(tiny_models, samples):
     m = run_capture(model, sample.rows, layers=[2]).coef[2].reshape(-1, model.d_mlp)
     assert np.allclose(st.firing_rate, (m > 0).double().mean(0).numpy())
     assert np.allclose(st["max"], m.max(0).values.numpy())
+    mx = m.abs().max(0).values
+    assert np.allclose(st.max_abs, mx.numpy())
+    assert np.allclose(st.active_rate, (m.abs() > 0.1 * mx).double().mean(0).numpy())
     assert np.allclose(st.mean_abs, m.abs().double().mean(0).numpy(), rtol=1e-5)
 
 
@@ -185,7 +211,7 @@ def test_coactivation_matches_brute_force(tiny_models, samples):
     res = coactivation(model, sample, ["1.5", "2.7"], top=4, rel=0.25, tokens_per_batch=64)
     cap = run_capture(model, sample.rows)
     m = {layer: cap.coef[layer].reshape(-1, model.d_mlp).numpy() for layer in range(model.n_layers)}
-    fired = {layer: (x > 0.25 * x.max(0)) & (x.max(0) > 0) for layer, x in m.items()}
+    fired = {layer: (np.abs(x) > 0.25 * np.abs(x).max(0)) & (np.abs(x).max(0) > 0) for layer, x in m.items()}
     table = res["partners"]
     for qa, qb in ((1, 5), (2, 7)):
         fq = fired[qa][:, qb]
