@@ -78,7 +78,9 @@ def profile(
     corpus: Annotated[str | None, typer.Option(help="pydoc (default), FILE.txt, FOLDER, FILE.jsonl, FILE.parquet, hf:NAME[:CONFIG[:SPLIT]]")] = None,
     tokens: Annotated[int | None, typer.Option(help="Stop after this many tokens (default: the whole corpus).")] = None,
     out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/default"),
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per model input row (default 512).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per model input row, the BOS included (default 512).")] = None,
+    rows: Annotated[str | None, typer.Option(help="doc (default): every row inside one document, the tokenizer's BOS first; stream: the legacy cut of the token stream across documents, no BOS.")] = None,
+    keep_first: Annotated[bool, typer.Option("--keep-first", help="Keep row position 0 (the BOS, or the first token without one: the attention sink) in the statistics.")] = False,
     batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass (default: auto).")] = None,
     layers: Annotated[str | None, typer.Option(help="Layers to profile, e.g. 0-5,20 (default all).")] = None,
     top_k: Annotated[int | None, typer.Option(help="Examples kept per neuron per store (default 20).")] = None,
@@ -99,7 +101,7 @@ def profile(
 
     cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                   top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, shard=shard, device=device,
-                  dtype=dtype)
+                  dtype=dtype, rows=rows, skip_first=False if keep_first else None)
     stages, notes = {}, []
     t = time.perf_counter()
     with err_console.status(f"loading {cfg.model} ..."):
@@ -134,6 +136,7 @@ def run_summary(run) -> dict:
         "out": str(run.path),
         "model": m["model"]["model"],
         "tokens": m["corpus"]["n_tokens"],
+        "layout": m.get("layout"),
         "docs": m["corpus"]["n_docs"],
         "seconds": m["time"]["seconds"],
         "tokens_per_second": m["time"]["tokens_per_second"],

@@ -27,8 +27,8 @@ from kvmem.atomic import check_target, is_own_partial, open_staging, publish, st
 from kvmem.errors import KvmemError
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import Corpus
-from kvmem.profile.runner import (CONTEXT_FIELDS, Profiler, ProfileConfig, find_batch_size, parse_shard, remove_checkpoint,
-                                  shard_of)
+from kvmem.profile.runner import (CONTEXT_FIELDS, Profiler, ProfileConfig, bos_id, find_batch_size, layout_of,
+                                  parse_shard, remove_checkpoint, shard_of)
 from kvmem.profile.schema import RUN_FORMAT
 from kvmem.profile.tables import layer_table, neuron_table
 from kvmem.profile.tokens import TokenStore, tokenize
@@ -92,7 +92,8 @@ def _settings(cfg: ProfileConfig, model) -> dict:
     """The settings that decide a run's result, as JSON (layers resolved against the model)."""
     from kvmem.capture import check_layers
 
-    d = asdict(cfg) | {"layers": list(check_layers(model, cfg.layers))}
+    # the tokenizer's BOS decides the rows too (kvmem.profile.tokens.RowLayout)
+    d = asdict(cfg) | {"layers": list(check_layers(model, cfg.layers)), "bos_id": bos_id(model, cfg)}
     return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in _FREE_SETTINGS}
 
 
@@ -133,7 +134,7 @@ def _tokenized(cfg: ProfileConfig, model) -> tuple[TokenStore, dict]:
     corpus_info = {"source": cfg.corpus, "description": corpus.describe(), "n_docs": store.n_docs,
                    "invalid_utf8_docs": corpus.invalid_utf8, "ran_out": ran_out}
     if cfg.shard is not None:
-        store = shard_of(store, cfg.seq_len, *parse_shard(cfg.shard))
+        store = shard_of(store, layout_of(model, cfg, store), *parse_shard(cfg.shard))
         corpus_info |= {"shard": cfg.shard, "n_docs_in_corpus": corpus_info["n_docs"]}
     return store, corpus_info
 
@@ -145,27 +146,32 @@ def _profile_one(model, cfg, store, corpus_info, out, resume, progress_factory, 
     if resume:
         profiler.load_checkpoint()
     if progress_factory is not None:
-        done = min(profiler.state.next_row * cfg.seq_len, store.n_tokens)
+        done = profiler.done_tokens()
         profiler.progress = progress_factory(store.n_tokens, done)
     elapsed = profiler.run()
     stages["profile"] = elapsed
-    settings = asdict(cfg) | {"layers": profiler.layers, "batch_size": profiler.batch_size}
+    settings = asdict(cfg) | {"layers": profiler.layers, "batch_size": profiler.batch_size,
+                              "bos_id": profiler.layout.bos_id}
     t = time.perf_counter()
     values = value_tokens(model)
     stages["value_projection"] = time.perf_counter() - t
-    run = finalize(model, settings, store, profiler.stats, corpus_info, out, elapsed, values=values, stages=stages)
+    run = finalize(model, settings, store, profiler.stats, corpus_info, out, elapsed, values=values, stages=stages,
+                   layout=profiler.layout.settings())
     remove_checkpoint(out)
     return run
 
 
 def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corpus_info: dict, out: Path,
-             elapsed: float, vocab: list[str] | None = None, values=None, stages: dict | None = None
-             ) -> runfiles.Run:
-    """Write a complete run folder (manifest last) and return it opened. ``values``: per-neuron value
+             elapsed: float, vocab: list[str] | None = None, values=None, stages: dict | None = None,
+             layout: dict | None = None) -> runfiles.Run:
+    """Write a complete run folder (manifest last) and return it opened. ``layout``: the rows' settings
+    (RowLayout.settings(); required: the manifest's "layout"). ``values``: per-neuron value
     tokens (layer, neuron, value_top_tokens, value_bottom_tokens) to join onto the neuron table;
     ``stages``: seconds per stage, recorded in the manifest (``writing`` is added here)."""
     from kvmem.models.fingerprint import SCHEME
 
+    if layout is None:
+        raise KvmemError("finalize needs the run's row layout")
     t_write = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model_or_meta, dict):
@@ -192,6 +198,7 @@ def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corp
                                                              if k in model_meta},
         "corpus": corpus_info | {"n_tokens": store.n_tokens},
         "settings": settings,
+        "layout": layout,
         "time": {"seconds": round(elapsed, 3),
                  "tokens_per_second": round(store.n_tokens / elapsed, 1) if elapsed > 0 else None},
     }
@@ -221,6 +228,10 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
             mine, theirs = first["settings"].get(key), r.manifest["settings"].get(key)
             if mine is not None and theirs is not None and mine != theirs:
                 raise KvmemError(f"cannot merge {r.path}: its {key} is {theirs!r}, not {mine!r}")
+    layout = runs[0].layout.settings()
+    for r in runs[1:]:
+        if r.layout.settings() != layout:
+            raise KvmemError(f"cannot merge {r.path}: its rows ({r.layout.settings()}) differ from {layout}")
     store, stats, rekeyed = runs[0].tokens, dict(runs[0].stats), False
     for r in runs[1:]:
         other, other_stats = r.tokens, r.stats
@@ -247,7 +258,8 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
     value_cols = [c for c in runs[0].neurons.columns if c.startswith("value_")]
     values = runs[0].neurons[["layer", "neuron", *value_cols]] if value_cols else None
     with staged(out, runfiles.PARTIAL_KIND) as tmp:  # out is replaced only by the complete merged run
-        finalize(meta, settings, store, stats, corpus, tmp, elapsed, vocab=runs[0].vocab, values=values)
+        finalize(meta, settings, store, stats, corpus, tmp, elapsed, vocab=runs[0].vocab, values=values,
+                 layout=layout)
     return runfiles.open_run(out)
 
 
@@ -291,7 +303,7 @@ def _profile_distributed(model, cfg, out, rank, world, progress_factory, stages)
     t = time.perf_counter()
     store, corpus_info = _tokenized(cfg, model)
     stages["tokenize"] = time.perf_counter() - t
-    shard = shard_of(store, cfg.seq_len, rank, world)
+    shard = shard_of(store, layout_of(model, cfg, store), rank, world)
     info = corpus_info | {"shard": f"{rank}/{world}"}
     _profile_one(model, cfg, shard, info, staging / ".shards" / f"rank-{rank}", False,
                  progress_factory if rank == 0 else None, stages)

@@ -4,6 +4,7 @@ of its statistics.
     run = kvmem.open_run("runs/NAME")      # checks format, files, manifest fields, table columns
     run.stats[layer] / run.layer_stats(layer)   LayerStats (CPU), loaded once on first use
     run.tokens     TokenStore (global indices: ``offset``, ``doc_of``, ``doc_start`` always there)
+    run.layout     RowLayout: the model rows (BOS, document-aligned rows, position 0 skipped), ``batch``/``prefix``
     run.vocab      list[str];  run.neurons, run.layers: DataFrames with the schema's columns
     slots(stats, kind)   a LayerStats' example store by name (schema.STORES)
 
@@ -26,7 +27,7 @@ from kvmem.atomic import write_file, write_json, write_parquet  # noqa: F401  (t
 from kvmem.errors import KvmemError
 from kvmem.neurons import parse_neuron
 from kvmem.profile import schema
-from kvmem.profile.tokens import TokenStore
+from kvmem.profile.tokens import RowLayout, TokenStore
 
 if TYPE_CHECKING:
     from kvmem.stats import LayerStats, Slots
@@ -130,8 +131,19 @@ class Run:
 
     @property
     def seq_len(self) -> int:
-        """Tokens per model input row: row r is tokens [r·seq_len, (r+1)·seq_len) of the token stream."""
+        """Tokens per model input row, the BOS included (the rows themselves: ``layout``)."""
         return int(self.manifest["settings"]["seq_len"])
+
+    @property
+    def layout(self) -> RowLayout:
+        """How the token store was cut into model rows (kvmem.profile.tokens.RowLayout): the manifest's
+        "layout" (format >= 3); runs of formats 1-2 cut the stream into seq_len rows across documents, no
+        BOS, position 0 kept."""
+        def build():
+            if self.format >= 3:
+                return RowLayout.from_settings(self.tokens, self.manifest["layout"])
+            return RowLayout.build(self.tokens, self.seq_len, None, doc_rows=False, skip_first=False)
+        return self._lazy("layout", build)
 
     @property
     def profiled_layers(self) -> list[int]:
@@ -266,6 +278,8 @@ def open_run(path: str | os.PathLike) -> Run:
         raise KvmemError(f"{path} is a run of format {fmt!r}, which this kvmem does not read (formats "
                          f"{', '.join(map(str, schema.READABLE_FORMATS))}); {profile_again(path, manifest)}")
     missing = schema.missing_manifest_fields(manifest)
+    if not missing and fmt >= 3 and not isinstance(manifest.get("layout"), dict):
+        missing = ["layout"]
     if missing:
         raise KvmemError(f"{path / MANIFEST}: no field {missing[0]!r}; {profile_again(path, manifest)}")
     for name in schema.FILES:

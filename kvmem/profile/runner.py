@@ -1,12 +1,17 @@
 """The profiling pass: stream the token store through the model once, updating LayerStats per layer.
 
-Per batch of rows [batch, seq_len]: one forward pass that stops after the last profiled layer (no
-LM head), coefficient hooks hand each layer's m [batch*seq_len, d_mlp] (and gate/up for gated FFNs)
-straight to that layer's statistics, and nothing is kept beyond them (with ``context`` on, the statistics
+Rows follow the run's RowLayout (kvmem.profile.tokens: by default every row inside one document, the
+tokenizer's BOS first, row position 0 left out of the statistics). Rows are scheduled deterministically
+(``schedule``): the full rows in stream order, ``batch_size`` at a time, then the short last rows of the
+documents longest first, packed up to the same number of model positions, so that rows of similar
+length share a padded batch. Per batch [b, L]: one forward pass with its attention mask that stops
+after the last profiled layer (no LM head), coefficient hooks hand each layer's m at the counted
+positions [N, d_mlp] (and gate/up for gated FFNs) straight to that layer's statistics (in stream order
+within the batch), and nothing is kept beyond them (with ``context`` on, the statistics
 include the m of the shown examples' context windows, taken while their tokens are in the batch:
 kvmem.stats.context). Checkpoints (stats state + next row) are
 written every ``checkpoint_every`` seconds at batch boundaries, so ``--resume`` continues with the
-same batches and ends bit-identical to an uninterrupted run.
+same batches and ends bit-identical to an uninterrupted run (``next_row`` counts scheduled rows).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from kvmem.errors import KvmemError
 from kvmem.models.load import DEFAULT_MODEL
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import DEFAULT_CORPUS
-from kvmem.profile.tokens import TokenStore
+from kvmem.profile.tokens import RowLayout, TokenStore
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,10 @@ class ProfileConfig:
     corpus: str = DEFAULT_CORPUS  # corpus source (see kvmem.profile.corpus)
     text_field: str = "text"  # field/column holding the text in .jsonl/.parquet/hf corpora
     tokens: int | None = None  # stop after this many tokens (None: the whole corpus)
-    seq_len: int = 512  # tokens per model input row
+    seq_len: int = 512  # tokens per model input row, the BOS included
+    rows: str = "doc"  # "doc": rows inside one document, BOS first where the tokenizer has one; "stream": the
+    #                    legacy cut of the flat stream into seq_len rows across documents, no BOS
+    skip_first: bool = True  # leave row position 0 (the BOS, or the first token without one) out of the statistics
     batch_size: int | None = None  # rows per forward pass (None: auto, backing off on out-of-memory)
     layers: tuple[int, ...] | None = None  # layers to profile (None: all)
     top_k: int = 20  # examples kept per neuron in each top-k store
@@ -66,6 +74,8 @@ class ProfileConfig:
             raise KvmemError("--tokens must be at least 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise KvmemError("--batch-size must be at least 1")
+        if self.rows not in ROWS:
+            raise KvmemError(f"--rows must be one of {', '.join(ROWS)} (got {self.rows!r})")
         if self.shard is not None:
             parse_shard(self.shard)
         return self
@@ -74,6 +84,51 @@ class ProfileConfig:
 CONTEXT_FIELDS = ("context", "context_before", "context_after", "context_top", "context_docs", "context_bottom",
                   "context_dtype")
 CONTEXT_DTYPES = ("bfloat16", "float16", "float32")
+ROWS = ("doc", "stream")
+LAYOUT_FIELDS = ("rows", "skip_first")  # settings that decide the rows (with seq_len and the tokenizer's BOS)
+
+
+def bos_id(model, cfg: ProfileConfig) -> int | None:
+    """The BOS prepended to every row: the tokenizer's ``bos_token_id`` for document rows, none for stream rows."""
+    if cfg.rows != "doc":
+        return None
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    return None if bos is None else int(bos)
+
+
+def layout_of(model, cfg: ProfileConfig, store: TokenStore) -> RowLayout:
+    """The RowLayout ``cfg`` gives ``store`` with this model's tokenizer (pad: its pad, else eos, else BOS id)."""
+    tok = model.tokenizer
+    pad = next((int(x) for x in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                if x is not None), None)
+    return RowLayout.build(store, cfg.seq_len, bos_id(model, cfg), cfg.rows == "doc", cfg.skip_first, pad)
+
+
+def schedule(layout: RowLayout, batch_size: int) -> list[torch.Tensor]:
+    """The batches of rows, deterministic (row numbers [b] int64 ascending in each): the full rows in stream
+    order, ``batch_size`` per batch; then the shorter rows by length, longest first (ties in stream order),
+    as many per batch as fit in ``batch_size * seq_len`` model positions at the batch's padded width."""
+    full_len = layout.seq_len - layout.first
+    full = (layout.lengths == full_len).nonzero().squeeze(1)
+    out = [full[i:i + batch_size] for i in range(0, full.numel(), batch_size)]
+    short = (layout.lengths < full_len).nonzero().squeeze(1)
+    order = short[torch.sort(-layout.lengths[short], stable=True).indices]
+    budget, i = batch_size * layout.seq_len, 0
+    while i < order.numel():
+        take = max(1, budget // (int(layout.lengths[order[i]]) + layout.first))
+        out.append(torch.sort(order[i:i + take]).values)
+        i += take
+    return out
+
+
+def padding_share(layout: RowLayout, batch_size: int) -> dict:
+    """Model positions of ``schedule``'s batches: store tokens, BOS and padding, and padding's share."""
+    tokens, positions = int(layout.lengths.sum()), 0
+    for rows in schedule(layout, batch_size):
+        positions += rows.numel() * (int(layout.lengths[rows].max()) + layout.first)
+    bos = layout.n_rows * layout.first
+    return {"positions": positions, "tokens": tokens, "bos": bos, "padding": positions - tokens - bos,
+            "padding_share": (positions - tokens - bos) / positions if positions else 0.0}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -87,10 +142,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def shard_of(store: TokenStore, seq_len: int, i: int, n: int) -> TokenStore:
-    """The i-th of n contiguous blocks of rows of the stream (global indices kept)."""
-    rows = store.rows(seq_len)
-    return store.slice_rows(rows * i // n, rows * (i + 1) // n, seq_len)
+def shard_of(store: TokenStore, layout: RowLayout, i: int, n: int) -> TokenStore:
+    """The i-th of n contiguous blocks of the layout's rows (global indices kept; the shard's own layout,
+    built with the same settings, has exactly those rows)."""
+    rows = layout.n_rows
+    a, b = rows * i // n, rows * (i + 1) // n
+    if a >= b:
+        raise KvmemError(f"--shard {i}/{n}: the stream has only {rows} rows")
+    lo = int(layout.starts[a]) - store.offset
+    hi = int(layout.starts[b]) - store.offset if b < rows else store.n_tokens
+    return store.slice_tokens(lo, hi)
 
 
 @dataclass
@@ -140,6 +201,7 @@ class Profiler:
         self.layers = check_layers(model, cfg.layers)
         self.progress = progress
         # value norms ‖v_i‖ weigh |m_i| in what each neuron writes (kvmem.stats.mass)
+        self.layout = layout_of(model, cfg, store)
         self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
                                         device=model.device, context=context_windows(model, cfg),
                                         value_norm=model.value_norms(layer),
@@ -148,6 +210,7 @@ class Profiler:
         self.state = Progress()
         self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)
         self.batch_size = cfg.batch_size or auto_batch_size(model, cfg.seq_len)
+        self.plan = schedule(self.layout, self.batch_size)
         self.doc_offsets = store.doc_offsets.to(model.device)
         self.what = ("coef", "gate", "pre") if model.gated else ("coef",)
 
@@ -172,54 +235,64 @@ class Profiler:
         progress = json.loads((self.ckpt / "progress.json").read_text())
         saved = progress["config"]
         mine = asdict(self.cfg) | {"layers": self.layers}
-        for key in ("model", "corpus", "text_field", "tokens", "seq_len", "layers", "top_k", "shard") + CONTEXT_FIELDS:
+        for key in ("model", "corpus", "text_field", "tokens", "seq_len", "layers", "top_k", "shard") + LAYOUT_FIELDS \
+                + CONTEXT_FIELDS:
             if saved.get(key) != (list(mine[key]) if isinstance(mine[key], tuple) else mine[key]):
                 raise KvmemError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, not {mine[key]!r}")
         self.batch_size = progress["batch_size"]  # same batches -> bit-identical statistics
+        self.plan = schedule(self.layout, self.batch_size)
         self.stats = runfiles.load_stats(self.ckpt / progress["stats_file"], device=self.model.device)
         self.state = Progress(progress["next_row"], progress["elapsed"])
 
     # --- the pass -------------------------------------------------------------------------
     def batches(self):
-        """(first_row, ids [rows, len]) from state.next_row on; the short last row on its own."""
-        S, n_rows = self.cfg.seq_len, self.store.rows(self.cfg.seq_len)
-        full_rows = self.store.n_tokens // S
-        row = self.state.next_row
-        while row < n_rows:
-            end = min(row + self.batch_size, full_rows) if row < full_rows else n_rows
-            a, b = row * S, min(end * S, self.store.n_tokens)
-            ids = self.store.ids[a:b].view(end - row, -1).long()
+        """(rows [b] int64, RowBatch on the model's device) of the schedule from state.next_row on."""
+        done = 0
+        for rows in self.plan:
+            done += rows.numel()
+            if done <= self.state.next_row:
+                continue
+            b = self.layout.batch(self.store, rows)
             if self.model.device.type == "cuda":
-                ids = ids.pin_memory().to(self.model.device, non_blocking=True)
-            yield row, ids
-            row = end
+                b.ids, b.mask, b.index, b.counted = (t.pin_memory().to(self.model.device, non_blocking=True)
+                                                     for t in (b.ids, b.mask, b.index, b.counted))
+            yield rows, b
 
-    def step(self, row: int, ids: torch.Tensor) -> None:
-        S = self.cfg.seq_len
-        n_rows, length = ids.shape
-        local = (row * S + torch.arange(n_rows, device=ids.device)[:, None] * S
-                 + torch.arange(length, device=ids.device)).flatten()
+    def done_tokens(self) -> int:
+        """Store tokens of the scheduled rows before state.next_row."""
+        done, n = 0, 0
+        for rows in self.plan:
+            if done + rows.numel() > self.state.next_row:
+                break
+            done += rows.numel()
+            n += int(self.layout.lengths[rows].sum())
+        return n
+
+    def step(self, rows: torch.Tensor, b) -> None:
+        """One forward pass over a RowBatch; the counted positions (in stream order) update the statistics."""
+        sel = b.counted.flatten().nonzero().squeeze(1)  # [N] flat positions that enter the statistics
+        index = b.index.flatten().index_select(0, sel)  # global token indices, increasing
+        local = index - self.store.offset
         doc = torch.searchsorted(self.doc_offsets, local, right=True) - 1 + self.store.doc_base  # global ids
-        index = local + self.store.offset  # global token indices
-        pos = torch.arange(length, device=ids.device).repeat(n_rows)
+        pos = torch.arange(b.ids.shape[1], device=sel.device).repeat(b.ids.shape[0]).index_select(0, sel)
 
         def on_layer(layer, t):
-            flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
+            flat = {k: v.reshape(-1, v.shape[-1]).index_select(0, sel) for k, v in t.items()}
             self.stats[layer].update(flat["coef"], index, doc, pos, gate=flat.get("gate"), up=flat.get("pre"))
 
         with torch.inference_mode(), capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer):
-            self.model.hf(input_ids=ids, use_cache=False)
+            self.model.hf(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
 
     def run(self) -> float:
         """Process every remaining batch; returns the total seconds spent (over all sessions)."""
         if self.model.device.type == "cpu":
             self.tuning = tuning.apply(self.cfg.cpu_tuning)  # process-wide; kvmem.tuning has the switch
         start, last_ckpt = time.monotonic(), time.monotonic()
-        for row, ids in self.batches():
-            self.step(row, ids)
-            self.state.next_row = row + ids.shape[0]
+        for rows, b in self.batches():
+            self.step(rows, b)
+            self.state.next_row += rows.numel()
             if self.progress is not None:
-                self.progress(ids.numel())
+                self.progress(int(self.layout.lengths[rows.cpu()].sum()))
             if time.monotonic() - last_ckpt >= self.cfg.checkpoint_every:
                 self.save_checkpoint(self.state.elapsed + time.monotonic() - start)
                 last_ckpt = time.monotonic()
@@ -238,8 +311,8 @@ def find_batch_size(model, cfg: ProfileConfig, store: TokenStore, out: Path) -> 
     while True:
         probe = Profiler(model, replace(cfg, batch_size=rows), store, out)
         try:
-            row, ids = next(probe.batches())
-            probe.step(row, ids)
+            first, b = next(probe.batches())
+            probe.step(first, b)
             return rows
         except torch.OutOfMemoryError:
             del probe

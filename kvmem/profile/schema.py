@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 
 from kvmem.errors import KvmemError
 
-RUN_FORMAT = 2
-READABLE_FORMATS = (1, 2)  # 1: runs without a "format" field (their statistics still load)
+RUN_FORMAT = 3
+# 1: runs without a "format" field (their statistics still load); 1-2: stream rows across documents, no BOS,
+# position 0 in the statistics (Run.layout gives them the legacy RowLayout); 3: the manifest's "layout"
+READABLE_FORMATS = (1, 2, 3)
 
 MANIFEST_FILE = "manifest.json"
 TOKENS_FILE = "tokens.safetensors"
@@ -117,7 +119,7 @@ MANIFEST = {
     "corpus.invalid_utf8_docs": ("int64", "documents decoded with replacement characters"),
     "corpus.ran_out": ("bool", "the corpus ended before settings.tokens were reached"),
     "settings.layers": ("list[int64]", "the profiled layers (resolved)"),
-    "settings.seq_len": ("int64", "tokens per model input row; row r = tokens [r·seq_len, (r+1)·seq_len)"),
+    "settings.seq_len": ("int64", "tokens per model input row, the BOS included (the rows: \"layout\")"),
     "settings.top_k": ("int64", "slots per neuron in each example store"),
     "settings.batch_size": ("int64", "rows per forward pass (resolved)"),
     "settings.*": ("", "every other field of kvmem.profile.runner.ProfileConfig (documented there)"),
@@ -126,6 +128,12 @@ MANIFEST = {
 }
 MANIFEST_OPTIONAL = {
     "format": ("int64", "RUN_FORMAT of the writer; absent in runs written before it existed: read as 1"),
+    "layout": ("dict", "format >= 3, required there: the model rows (kvmem.profile.tokens.RowLayout.settings(): "
+                       "seq_len, bos_id (null: none), doc_rows, skip_first, pad_id); the rows are rebuilt from "
+                       "these and the token store. Formats 1-2: stream rows of seq_len, no BOS, position 0 kept"),
+    "settings.rows": ("string", "format >= 3: doc (rows inside one document) or stream (legacy rows)"),
+    "settings.skip_first": ("bool", "format >= 3: row position 0 left out of the statistics"),
+    "settings.bos_id": ("int64", "format >= 3: the BOS prepended to every row (null: none)"),
     "model.fingerprint_scheme": ("string", "how the fingerprint was computed; absent in runs of older kvmem, "
                                            "whose fingerprint cannot be checked (they must be profiled again)"),
     "corpus.shard": ("string", "'i/n' for a run of one shard (--shard)"),

@@ -10,32 +10,36 @@ entries are exactly the (neuron, index) pairs referenced by
   every slot of ``sample`` (the report picks quantile bands from its final content)
   every quadrant example (gated layers)
 
-State (axes: E entries, W = before + 1 + after window positions, c <= before carried tokens):
+State (axes: E entries, W = before + 1 + after window positions):
 
   key      [E] int64       neuron * 2**32 + token index, ascending (so by neuron, then index)
   window   [E, W] dtype    m of that neuron at tokens index - before .. index + after; NaN = not known
-  carry    [c, d_mlp]      m of the last c tokens seen (carry_index [c] int64, contiguous, ending where the
-                           next batch starts), so windows of tokens at the start of a batch reach back
-                           into the previous batch; windows that run past a batch are completed by the next
+  carry    [0, d_mlp]      kept empty since windows stay inside their model row (carry_index [0]); kept in the
+                           state so states of earlier kvmem still load
+
+A window holds only positions of the example's own model row (kvmem.profile.tokens.RowLayout): what the
+model saw before the token, and the tokens after it in the same row. The profiler hands every counted
+token of a row to the same update, consecutively, so a window is complete after the update that brings
+its token; its positions outside the row (another row of the same document, the BOS, padding, a position
+left out of the statistics) stay NaN. Two batch tokens are in the same row iff their token indices and
+their row positions differ by the same offset (positions restart in every row).
 
 Window values are the profiler's m exactly, rounded to ``dtype``: bfloat16 by default. GPU runs compute
 m in bfloat16, so it loses nothing there; on CPU it is within 2**-8 relative (0.4%), far below the 1/20 of
 max|m| the report's 21 shading levels resolve (a level moves by one for ~0.1% of positions); and unlike
-float16 it keeps float32's range, so massive activations cannot overflow. float32 is exact. Positions are not clipped to the example's document (rows run across
-documents): readers clip with the token store (kvmem.report.data.windows). Positions before the stream
-(or shard) start or after its end stay NaN; so do positions in another shard after ``merge``.
+float16 it keeps float32's range, so massive activations cannot overflow. float32 is exact.
 
 Update on the CPU (numba, ``_plan`` and ``_fill``, neurons shared out to torch's threads like
 kvmem.stats.fused): per neuron the shown slots' token indices are read off the stores' int64 keys and
 merged with the kept entries of that neuron; after the first update only the keys that entered or left a
 store row are looked at (a merge walk of the row against its copy from the previous update, with a count
 of referencing slots per entry), so a neuron whose shown slots did not change costs a few dozen compares.
-The windows are copied over and the positions in the carry and the batch filled, those in the batch in
-token order (a window reads one column of m over W rows; in neuron order nearly every read would miss the
+The windows are copied over and those of tokens in the batch filled (found by binary search in the
+batch's indices), in token order (a window reads one column of m over W rows; in neuron order nearly every read would miss the
 TLB). Other devices, float16 windows and
 LayerStats(backend="torch") take the torch ops (a sort of the referenced keys with torch.unique, a
-searchsorted against the kept ones, gathers of the windows that reach into the batch; on a GPU, unique and
-nonzero each synchronise with the host once per layer); the tests hold the two to the same state bit for
+searchsorted against the kept ones and of the keys' tokens in the batch, gathers of the windows of batch
+tokens; on a GPU, unique and nonzero each synchronise with the host once per layer); the tests hold the two to the same state bit for
 bit. Memory: 8 + 2·W bytes per entry.
 
 state_dict() names: meta.{version,d_mlp,before,after,n_top,n_docs,n_bottom}, count [d_mlp] int64 (entries
@@ -118,20 +122,21 @@ class ContextWindows:
         return self.window.index_select(0, pos).index_fill_(0, new, float("nan"))
 
     # ------------------------------------------------------------------ update
-    def update(self, stats, m: torch.Tensor, start: int) -> None:
-        """After ``stats.update`` of a batch: m [N, d_mlp] (float32, contiguous) of the tokens
-        [start, start + N) of the stream. Keeps the windows of the entries ``stats`` now references,
-        drops the rest, and fills the window positions that fall in the carry or in this batch."""
+    def update(self, stats, m: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> None:
+        """After ``stats.update`` of a batch: m [N, d_mlp] (float32, contiguous) of the tokens ``index`` [N]
+        (int64, global, strictly increasing) at row positions ``pos`` [N] (int64). Keeps the windows of the
+        entries ``stats`` now references, drops the rest, and fills the windows of the entries whose token
+        is in this batch from the batch tokens of the same row."""
         n, d = m.shape
         if d != self.d_mlp:
             raise ValueError(f"m must be [N, {self.d_mlp}], got {tuple(m.shape)}")
-        c = int(self.carry_index.numel()) if self._carry_end == start else 0  # the tokens just before?
+        index = index.to(device=self.device, dtype=torch.int64).reshape(n).contiguous()
+        pos = pos.to(device=self.device, dtype=torch.int64).reshape(n).contiguous()
         stores = self._stores(stats, m)
         if stores is not None:
-            self._update_cpu(stores, m, start, c)
+            self._update_cpu(stores, m, index, pos)
         else:
-            self._update_torch(stats, m, start, c)
-        self._set_carry(m, start, c)
+            self._update_torch(stats, m, index, pos)
 
     def _stores(self, stats, m: torch.Tensor):
         """The store keys [d, *] (int64, contiguous) of the shown slots, in the order of ``referenced``,
@@ -155,9 +160,9 @@ class ContextWindows:
             out.append(keys.contiguous())
         return out
 
-    def _update_cpu(self, stores, m: torch.Tensor, start: int, c: int) -> None:
+    def _update_cpu(self, stores, m: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> None:
         """update on the CPU: per neuron, the shown slots' indices (read off the store keys) merged with the
-        kept entries (``_plan``), then the windows copied and filled from the carry and m (``_fill``); two
+        kept entries (``_plan``), then the windows copied and filled from m (``_fill``); two
         numba passes over the neurons, shared out to torch's threads."""
         d, n = self.d_mlp, m.shape[0]
         top, docs, bot, smp = stores[:4]
@@ -189,60 +194,40 @@ class ContextWindows:
         key = torch.empty(e, dtype=torch.int64)
         window = torch.empty((e, self.width), dtype=self.dtype)
         new_refs = np.empty(e, dtype=np.int32)
-        fill = n > 0
-        cc = c if fill else 0
-        carry = self.carry.contiguous()
         args = (idx, src, refs, new_start, self.window.contiguous().view(bits).numpy(), key.numpy(),
-                window.view(bits).numpy(), new_refs, m.view(torch.int32).numpy(), carry.view(bits).numpy(),
-                carry.shape[0] - cc, start - cc, start, n if fill else 0, self.before, self.after,
-                self.dtype == torch.bfloat16)
+                window.view(bits).numpy(), new_refs, m.view(torch.int32).numpy(), index.numpy(), pos.numpy(), n,
+                self.before, self.after, self.dtype == torch.bfloat16)
         run_parallel([lambda a=a, b=b: _fill(a, b, *args) for a, b in zip(cuts[:-1], cuts[1:])])
         self.key, self.window = key, window
         self._snap, self._snap_of, self._refs, self._start = snap, key, new_refs, new_start
 
-    def _update_torch(self, stats, m: torch.Tensor, start: int, c: int) -> None:
+    def _update_torch(self, stats, m: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> None:
         """update with torch ops (any device): unique of the referenced keys, searchsorted against the kept
-        ones, gathers of the windows that reach into the known tokens."""
+        ones and of their tokens in the batch, gathers of the windows of the batch's tokens."""
         n, d = m.shape
         key = self.referenced(stats)
         window = self._keep(key)
-        lo = start - c  # known tokens: [lo, start + n)
-        index, neuron = key & _LOW, key >> 32
-        sel = (index + self.after >= lo).nonzero().squeeze(1)  # windows reaching into the known tokens
-        if sel.numel() and n:
-            t = index[sel, None] + self._offs  # [S, W] token of each position
-            nb = neuron[sel, None]
-            w = window.index_select(0, sel)
-            r = t - start
-            in_m = (r >= 0) & (r < n)
-            got = m.reshape(-1).index_select(0, (r.clamp(0, n - 1) * d + nb).flatten()).view_as(t)
-            w = torch.where(in_m, got.to(self.dtype), w)
-            if c:
-                rc = t - lo
-                in_c = (rc >= 0) & (rc < c)
-                got = self.carry[-c:].reshape(-1).index_select(0, (rc.clamp(0, c - 1) * d + nb).flatten())
-                w = torch.where(in_c, got.view_as(t), w)
-            window.index_copy_(0, sel, w)
+        if n and key.numel():
+            tok, neuron = key & _LOW, key >> 32
+            r = torch.searchsorted(index, tok).clamp(max=n - 1)
+            sel = (index.index_select(0, r) == tok).nonzero().squeeze(1)  # entries whose token is in the batch
+            if sel.numel():
+                rs = r.index_select(0, sel)
+                rr = rs[:, None] + self._offs  # [S, W] batch row of each window position
+                rc = rr.clamp(0, n - 1)
+                ok = ((rr >= 0) & (rr < n) & (index[rc] == tok.index_select(0, sel)[:, None] + self._offs)
+                      & (pos[rc] == pos.index_select(0, rs)[:, None] + self._offs))  # same row
+                got = m.reshape(-1).index_select(0, (rc * d + neuron.index_select(0, sel)[:, None]).flatten())
+                w = torch.where(ok, got.view_as(rr).to(self.dtype), window.index_select(0, sel))
+                window.index_copy_(0, sel, w)
         self.key, self.window = key, window
-
-    def _set_carry(self, m: torch.Tensor, start: int, c: int) -> None:
-        """The last ``before`` known tokens: the carry's last c (contiguous with the batch), then m."""
-        n, b = m.shape[0], self.before
-        if n >= b:
-            value, first = m[n - b:].to(self.dtype), start + n - b
-        else:
-            keep = min(c, b - n)
-            value = torch.cat([self.carry[self.carry.shape[0] - keep:], m.to(self.dtype)])
-            first = start - keep
-        self.carry = value.contiguous()
-        self.carry_index = torch.arange(first, first + value.shape[0], device=self.device)
-        self._carry_end = first + value.shape[0]
 
     # ------------------------------------------------------------------ merge
     def merge(self, other: "ContextWindows", stats=None) -> "ContextWindows":
         """Add the windows of ``other`` (another block of the stream) in place; returns self. A position
         known in either is known (where both know it, self's value); with ``stats`` (the merged
-        LayerStats) only the entries it references are kept. The carry is the one that ends later."""
+        LayerStats) only the entries it references are kept. The carry (now always empty) is the one that
+        ends later."""
         if other.settings != self.settings or other.dtype != self.dtype:
             raise KvmemError(f"cannot merge context windows with (d_mlp, before, after, n_top, n_docs, n_bottom) "
                              f"{other.settings} / {other.dtype} into {self.settings} / {self.dtype}")
@@ -489,21 +474,25 @@ def _plan(j0, j1, top, docs, bot, smp, quad, n_top, n_docs, n_bot, n_quad, snap,
             base += w
 
 
-def _fill(j0, j1, idx, src, refs, new_start, old_win, key, win, new_refs, mbits, carry, c_off, lo, start, n,
-          before, after, bf16):
+def _fill(j0, j1, idx, src, refs, new_start, old_win, key, win, new_refs, mbits, bidx, bpos, n, before, after,
+          bf16):
     """Neurons j0 .. j1: the entries idx[j, :count] (sorted, from ``_plan``) at new_start[j] of key / win /
-    new_refs, their windows the kept ones (old_win[src]; NaN for new entries, src -1), the positions in the
-    carry (tokens lo .. start - 1 at carry rows c_off ..) and in the batch (m's float32 bits, tokens start ..
-    start + n - 1) filled; windows as bits (bfloat16 rounded to nearest even like torch).
+    new_refs, their windows the kept ones (old_win[src]; NaN for new entries, src -1), and the windows of
+    entries whose token is in the batch (bidx [n] its token indices, ascending; bpos [n] row positions; m's
+    float32 bits) filled from the batch tokens of the same row; windows as bits (bfloat16 rounded to
+    nearest even like torch).
 
-    The positions in the batch are filled in token order (a counting sort of the entries reaching into it):
-    a window reads one column of m over ``width`` rows, and neighbouring tokens share those rows' pages
+    The windows are filled in batch order (a counting sort of the entries by their first batch row): a
+    window reads one column of m over ``width`` rows, and neighbouring tokens share those rows' pages
     and cache lines, where neuron order would miss the TLB on nearly every read."""
     width = before + 1 + after
     nan = 0x7FC0 if bf16 else 0x7FC00000
     e0, e1 = new_start[j0], new_start[j1]
-    task = np.empty(e1 - e0, np.int64)  # entries whose window reaches into the batch
+    task = np.empty(e1 - e0, np.int64)  # entries whose token is in the batch
+    where = np.empty(e1 - e0, np.int64)  # ... and its batch row
     nt = 0
+    lo_i = bidx[0] if n > 0 else 0
+    hi_i = bidx[n - 1] if n > 0 else -1
     for j in range(j0, j1):
         base = new_start[j]
         for u in range(new_start[j + 1] - base):
@@ -518,43 +507,52 @@ def _fill(j0, j1, idx, src, refs, new_start, old_win, key, win, new_refs, mbits,
             else:
                 for w in range(width):
                     win[e, w] = nan
-            if n > 0 and i + after >= lo:
-                for t in range(max(i - before, lo), min(i + after + 1, start)):
-                    win[e, t - i + before] = carry[c_off + t - lo, j]
-                if i + after >= start and i - before < start + n:
+            if lo_i <= i <= hi_i:
+                a, b = 0, n
+                while a < b:
+                    mid = (a + b) >> 1
+                    if bidx[mid] < i:
+                        a = mid + 1
+                    else:
+                        b = mid
+                if a < n and bidx[a] == i:
                     task[nt] = e
+                    where[nt] = a
                     nt += 1
     if nt == 0:
         return
-    # counting sort of the tasks by their first token in the batch
-    span = n + before + 1
-    first = np.zeros(span + 1, np.int64)
-    for a in range(nt):
-        i = key[task[a]] & _LOW
-        first[max(i - before, start) - start + 1] += 1
-    for r in range(span):
+    # counting sort of the tasks by their first batch row
+    first = np.zeros(n + 2, np.int64)
+    for t in range(nt):
+        first[max(where[t] - before, 0) + 1] += 1
+    for r in range(n + 1):
         first[r + 1] += first[r]
     order = np.empty(nt, np.int64)
-    for a in range(nt):
-        e = task[a]
-        r = max((key[e] & _LOW) - before, start) - start
-        order[first[r]] = e
+    for t in range(nt):
+        r = max(where[t] - before, 0)
+        order[first[r]] = t
         first[r] += 1
-    for a in range(nt):
-        e = order[a]
+    for q in range(nt):
+        t = order[q]
+        e = task[t]
+        r = where[t]
         i = key[e] & _LOW
         j = key[e] >> 32
-        for t in range(max(i - before, start), min(i + after + 1, start + n)):
-            v = np.int64(mbits[t - start, j]) & 0xFFFFFFFF
+        p = bpos[r]
+        for rr in range(max(r - before, 0), min(r + after + 1, n)):
+            off = rr - r
+            if bidx[rr] != i + off or bpos[rr] != p + off:  # another row
+                continue
+            v = np.int64(mbits[rr, j]) & 0xFFFFFFFF
             if bf16:
                 if (v & 0x7FFFFFFF) > 0x7F800000:  # NaN: what torch's vectorised cast writes
-                    r = -1
+                    h = -1
                 else:
-                    r = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
-                    r = r - 65536 if r >= 32768 else r
-                win[e, t - i + before] = r
+                    h = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+                    h = h - 65536 if h >= 32768 else h
+                win[e, off + before] = h
             else:
-                win[e, t - i + before] = mbits[t - start, j]
+                win[e, off + before] = mbits[rr, j]
 
 
 _numba_ok = numba is not None

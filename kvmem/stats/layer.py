@@ -120,10 +120,8 @@ class LayerStats:
                 part.update(batch)
         self.n += n
         self._last_index = max(self._last_index, last)
-        if self.context is not None:
-            if last - first != n - 1:
-                raise ValueError("context windows need contiguous token indices within a batch")
-            self.context.update(self, m, first)
+        if self.context is not None:  # a row's counted tokens come in one batch (kvmem.stats.context)
+            self.context.update(self, m, ti, pos)
         self._paths = batch.paths
 
     def _fused(self, m: torch.Tensor) -> bool:
