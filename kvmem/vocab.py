@@ -11,16 +11,20 @@ value vector is normalised as if it were the residual stream), and keeps per neu
                                                    projection row over the whole vocabulary
   norm                       [n_layers, d_mlp]     ‖v_i‖ (of the raw value vector)
 
-The product is computed on the model's device, one layer at a time, in chunks of c neurons:
-[c, d_model] @ [d_model, d_vocab] with c·d_vocab·4 bytes ≤ ``chunk_mb`` MiB (the float32 logits
-slice; the matmul output in the model's dtype and the std_mean temporaries come on top: measured
-peak ≈ 1.9 × chunk_mb for SmolLM2 on CPU). Nothing else of size [d_mlp, d_vocab] is ever held.
+The product is computed in float32 whatever the model's dtype (value rows, the final norm and W_U
+cast to float32 before the matmul: a bf16 product rounds logits to 8 bits and reorders or ties top
+tokens), on the model's device, one layer at a time, in chunks of c neurons: [c, d_model] @
+[d_model, d_vocab] with c·d_vocab·4 bytes ≤ ``chunk_mb`` MiB (the float32 logits slice; the
+std_mean temporaries come on top). Besides it, one float32 copy of W_U is held.
+Vocabulary ids the tokenizer does not define (unembedding rows padded to a multiple of 64/128, see
+``vocab_mask``) are masked: they are never a top or bottom token, and mean/std are over the defined
+ids only.
 ``chunk_mb=None`` does a whole layer at once (the unchunked reference path). Bias terms of the LM head are left out:
 they do not depend on the neuron.
 
 On-disk cache (computed once per model): ``kvmem.models.load.cache_dir()/"vocab"/NAME/`` with
 NAME = ``{fingerprint}-{dtype}-{raw|norm}-k{k}`` (fingerprint = ``model.fingerprint()``):
-  manifest.json        {"format": "kvmem-vocab/1", model, fingerprint, dtype, through_norm, k,
+  manifest.json        {"format": "kvmem-vocab/2", model, fingerprint, dtype, through_norm, k,
                         n_layers, d_mlp, d_vocab, device, seconds, created}
   tensors.safetensors  the tensors above (ids int32, the rest float32)
   table.parquet        the same as one row per neuron: layer, neuron, id, norm, mean, std,
@@ -42,7 +46,7 @@ import torch
 
 from kvmem.errors import KvmemError
 
-FORMAT = "kvmem-vocab/1"
+FORMAT = "kvmem-vocab/2"  # 2: float32 products, undefined ids masked
 TENSORS = ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "mean", "std", "norm")
 GATED_NOTE = ("gated FFN: the coefficient m_i = act(gate)·up is negative whenever gate and up disagree in sign "
               "(SiLU/GELU are nearly linear for positive gates), and then the neuron writes -v_i: its bottom "
@@ -61,6 +65,39 @@ def vocab_strings(model) -> np.ndarray:
     return strings
 
 
+def vocab_mask(model) -> torch.Tensor:
+    """[d_vocab] bool (CPU, cached on the model): True for ids the tokenizer defines (its vocabulary and
+    added tokens). Ids past them -- unembedding rows padded to a multiple of 64/128 -- are False."""
+    mask = model.__dict__.get("_vocab_mask")
+    if mask is None:
+        mask = torch.zeros(model.d_vocab, dtype=torch.bool)
+        ids = torch.tensor(sorted(set(model.tokenizer.get_vocab().values())), dtype=torch.long)
+        ids = ids[(ids >= 0) & (ids < model.d_vocab)]
+        if ids.numel() == 0:
+            raise KvmemError("the tokenizer defines none of the model's vocabulary ids")
+        mask[ids] = True
+        model.__dict__["_vocab_mask"] = mask
+    return mask
+
+
+def float32_norm(model) -> torch.nn.Module:
+    """A float32 copy of the model's final norm (on the model's device; d_model parameters)."""
+    import copy
+
+    return copy.deepcopy(model.final_norm).to(dtype=torch.float32)
+
+
+def project_rows(model, v: torch.Tensor, through_norm: bool = False) -> torch.Tensor:
+    """v·W_U in float32 for rows v [n, d_model] (after the final norm when ``through_norm``), [n, d_vocab],
+    undefined ids -inf. No LM-head bias."""
+    with torch.inference_mode():
+        v = v.to(model.device, torch.float32)
+        if through_norm:
+            v = float32_norm(model)(v)
+        out = v @ model.W_U.to(torch.float32)
+        return out.masked_fill_(~vocab_mask(model).to(out.device), float("-inf"))
+
+
 def chunk_rows(d_vocab: int, chunk_mb: float | None, d_mlp: int) -> int:
     """Neurons per chunk so that a float32 [c, d_vocab] slice stays under ``chunk_mb`` MiB."""
     if chunk_mb is None:
@@ -71,12 +108,13 @@ def chunk_rows(d_vocab: int, chunk_mb: float | None, d_mlp: int) -> int:
 
 
 def value_matrix(model, layer: int, through_norm: bool, rows: slice | None = None) -> torch.Tensor:
-    """Value vectors of one layer, [d_mlp, d_model] (or a slice of rows), in the model's dtype,
-    after the final norm when ``through_norm``."""
+    """Value vectors of one layer, [d_mlp, d_model] (or a slice of rows), in float32, after the final
+    norm (a float32 copy of it) when ``through_norm``."""
     W = model.layers[layer].W_out
     if rows is not None:
         W = W[rows]
-    return model.final_norm(W) if through_norm else W
+    W = W.to(torch.float32)
+    return float32_norm(model)(W) if through_norm else W
 
 
 @dataclass
@@ -153,18 +191,22 @@ def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_
     if not 1 <= k <= d_vocab:
         raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}")
     c = chunk_rows(d_vocab, chunk_mb, d_mlp)
-    W_U = model.W_U
-    U64 = W_U.double()
-    mu, gram = U64.mean(1), (U64 @ U64.T) / d_vocab  # [d_model], [d_model, d_model]
+    defined = vocab_mask(model).to(model.device)
+    n_defined = int(defined.sum())
+    if k > n_defined:
+        raise KvmemError(f"k must be between 1 and the number of ids the tokenizer defines ({n_defined})")
+    W_U = model.W_U.to(torch.float32)  # [d_model, d_vocab]
+    U64 = W_U[:, defined].double()  # moments over the defined ids only
+    mu, gram = U64.mean(1), (U64 @ U64.T) / n_defined  # [d_model], [d_model, d_model]
     del U64
     out = {name: [] for name in TENSORS}
     for layer in layers:
         parts = {name: [] for name in TENSORS[:6]}
         for start in range(0, d_mlp, c):
             v = value_matrix(model, layer, through_norm, slice(start, start + c))  # [c, d_model]
-            logits = (v @ W_U).float()  # [c, d_vocab]
-            top = logits.topk(k, dim=1)
-            bottom = logits.topk(k, dim=1, largest=False)
+            logits = v @ W_U  # [c, d_vocab] float32
+            top = logits.masked_fill(~defined, float("-inf")).topk(k, dim=1)
+            bottom = logits.masked_fill_(~defined, float("inf")).topk(k, dim=1, largest=False)
             del logits
             v64 = v.double()
             mean64 = v64 @ mu
@@ -299,13 +341,16 @@ def parse_neurons(model, neurons) -> list[tuple[int, int]]:
 
 def neuron_vocab(model, neurons, *, k: int = 10, through_norm: bool = False) -> NeuronVocab:
     """Top-k and bottom-k tokens of the given neurons' value vectors, computed directly
-    (v_i·W_U for just these rows; no whole-model pass)."""
+    (v_i·W_U in float32 for just these rows, undefined ids masked; no whole-model pass)."""
     pairs = parse_neurons(model, neurons)
     if not 1 <= k <= model.d_vocab:
         raise KvmemError(f"--top must be between 1 and the vocabulary size {model.d_vocab}")
-    logits = model.value_logits(pairs, through_norm=through_norm)  # [n, d_vocab]
-    top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
-    std, mean = torch.std_mean(logits, dim=1, correction=0)
+    logits = project_rows(model, model.value_vectors(pairs), through_norm)  # [n, d_vocab] float32, -inf masked
+    defined = vocab_mask(model).to(logits.device)
+    if k > int(defined.sum()):
+        raise KvmemError(f"--top must be at most the number of ids the tokenizer defines ({int(defined.sum())})")
+    top, bottom = logits.topk(k, dim=1), logits.masked_fill(~defined, float("inf")).topk(k, dim=1, largest=False)
+    std, mean = torch.std_mean(logits[:, defined], dim=1, correction=0)
     strings = vocab_strings(model)
     table = pd.DataFrame({
         "id": [f"{a}.{b}" for a, b in pairs],

@@ -83,7 +83,7 @@ def test_projection_cache_format_and_reuse(tiny_models, tmp_cache):
     first = project_values(model, k=6)
     assert not first.cached and first.path is not None and first.path.parent == tmp_cache / "vocab"
     manifest = json.loads((first.path / "manifest.json").read_text())
-    assert manifest["format"] == "kvmem-vocab/1" and manifest["k"] == 6 and manifest["through_norm"] is False
+    assert manifest["format"] == "kvmem-vocab/2" and manifest["k"] == 6 and manifest["through_norm"] is False
     assert manifest["fingerprint"] == model.fingerprint()
     assert {p.name for p in first.path.iterdir()} == {"manifest.json", "tensors.safetensors", "table.parquet"}
 
