@@ -1,18 +1,17 @@
-"""Run a prompt with FFN coefficients changed: ``intervene(model, prompt, ablate=..., scale=..., linearize=...)``.
+"""Run a prompt with FFN coefficients changed: ``intervene(model, prompt, ablate=..., scale=..., set_coef=...,
+linearize=...)``.
 
-``intervention(model, ...)`` is the context manager underneath; every hook it installs is removed
-on exit, also on error:
-  - ablate / scale: a forward pre-hook on each affected layer's ``out_module`` returns the modified
-    coefficients m' = m ⊙ factor, factor [d_mlp] being 1 except 0 (ablated) or s (scaled);
-    applied at every position of the prompt, or only at ``positions``.
-  - linearize: forward hooks on ``in_module`` (and ``gate_module``) keep their outputs, and the
-    out_module pre-hook replaces m by what it would be with the activation replaced by the identity:
-        non-gated  m' = x·W_in + b_in                      (the FFN becomes one linear map)
-        gated      m' = (x·W_gate + b_gate) ⊙ (x·W_in + b_in)  (a bilinear map: only the
-                                                            nonlinearity act() is removed)
-    at every position (ablate/scale factors then apply on top).
-Coefficients m are [batch, pos, d_mlp] ([batch·pos, d_mlp] for OPT, which flattens; with
-``positions`` the prompt must then be a single sequence, as it is for ``intervene``).
+``intervention(model, ...)`` is the context manager underneath; it edits the hook point ``ffn.coef``
+(m [batch, pos, d_mlp], kvmem.hooks), and every hook is removed on exit, also on error:
+  - linearize: the activation becomes the identity (kvmem.hooks.linearize):
+        non-gated  m' = x·W_in + b_in                          (the FFN becomes one linear map)
+        gated      m' = (x·W_gate + b_gate) ⊙ (x·W_in + b_in)  (a bilinear map: only act() is removed)
+    at every position;
+  - ablate / scale: m' = m ⊙ factor, factor [d_mlp] being 1 except 0 (ablated) or s (scaled), on top
+    of linearize;
+  - set_coef (LM-Debugger's intervention): m'_i = c, whatever m_i was; the FFN output then differs by
+    (c − m_i)·v_i. A neuron may be set, or ablated/scaled, not both.
+ablate / scale / set_coef apply at every position of the prompt, or only at ``positions``.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+import kvmem.hooks as hk
 from kvmem.capture import check_layers
 from kvmem.errors import KvmemError
 from kvmem.neurons import parse_neuron
@@ -31,19 +31,44 @@ from kvmem.query import resolve_position
 from kvmem.vocab import vocab_strings
 
 
-def parse_scale(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[tuple[int, int], float]:
-    """'20.99=3.0' -> ((20, 99), 3.0)."""
+def _parse_assignment(text: str, what: str, value_name: str, n_layers, d_mlp) -> tuple[tuple[int, int], float]:
     neuron, sep, value = text.partition("=")
     if not sep:
-        raise KvmemError(f"malformed scale {text!r}: write it as LAYER.NEURON=FACTOR, e.g. 20.99=3.0")
+        raise KvmemError(f"malformed {what} {text!r}: write it as LAYER.NEURON={value_name}, e.g. 20.99=3.0")
     pair = parse_neuron(neuron, n_layers, d_mlp)
     try:
-        factor = float(value)
+        number = float(value)
     except ValueError:
-        raise KvmemError(f"scale {text!r}: {value.strip()!r} is not a number") from None
-    if not math.isfinite(factor):
-        raise KvmemError(f"scale {text!r}: the factor must be a finite number")
-    return pair, factor
+        raise KvmemError(f"{what} {text!r}: {value.strip()!r} is not a number") from None
+    if not math.isfinite(number):
+        raise KvmemError(f"{what} {text!r}: the {value_name.lower()} must be a finite number")
+    return pair, number
+
+
+def parse_scale(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[tuple[int, int], float]:
+    """'20.99=3.0' -> ((20, 99), 3.0): multiply m_99 of layer 20 by 3."""
+    return _parse_assignment(text, "scale", "FACTOR", n_layers, d_mlp)
+
+
+def parse_set(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[tuple[int, int], float]:
+    """'20.99=5' -> ((20, 99), 5.0): set m_99 of layer 20 to 5."""
+    return _parse_assignment(text, "set", "VALUE", n_layers, d_mlp)
+
+
+def _pairs(items, parse, model) -> list[tuple[tuple[int, int], float]]:
+    """'L.N=v' strings, a {(layer, neuron): v} dict or ((layer, neuron), v) pairs -> checked pairs."""
+    items = list(items.items()) if isinstance(items, dict) else list(items)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(parse(item, model.n_layers, model.d_mlp))
+        else:
+            (layer, neuron), v = item
+            pair = parse_neuron(f"{int(layer)}.{int(neuron)}", model.n_layers, model.d_mlp)
+            if not math.isfinite(float(v)):
+                raise KvmemError(f"neuron {layer}.{neuron}: the value must be a finite number")
+            out.append((pair, float(v)))
+    return out
 
 
 def _factors(model, ablate, scale) -> dict[int, torch.Tensor]:
@@ -57,55 +82,27 @@ def _factors(model, ablate, scale) -> dict[int, torch.Tensor]:
 
 
 @contextmanager
-def intervention(model, *, ablate=(), scale=(), linearize=(), positions=None):
-    """Install the hooks (see the module docstring) for the duration of the block.
+def intervention(model, *, ablate=(), scale=(), set_coef=(), linearize=(), positions=None):
+    """Install the edits (see the module docstring) for the duration of the block.
 
-    ``ablate``: (layer, neuron) pairs; ``scale``: {(layer, neuron): factor} or ((layer, neuron), factor)
-    pairs; ``linearize``: layers; ``positions``: position indices (default all)."""
-    scale = list(scale.items()) if isinstance(scale, dict) else [(tuple(p), float(f)) for p, f in scale]
-    ablate = [tuple(p) for p in ablate]
-    for layer, neuron in ablate + [p for p, _ in scale]:
-        parse_neuron(f"{int(layer)}.{int(neuron)}", model.n_layers, model.d_mlp)
+    ``ablate``: (layer, neuron) pairs; ``scale`` and ``set_coef``: {(layer, neuron): value} or
+    ((layer, neuron), value) pairs; ``linearize``: layers; ``positions``: position indices (default all)."""
+    scale = _pairs(scale, parse_scale, model)
+    sets = _pairs(set_coef, parse_set, model)
+    ablate = [parse_neuron(f"{int(a)}.{int(b)}", model.n_layers, model.d_mlp) for a, b in ablate]
+    both = sorted(set(p for p, _ in sets) & (set(ablate) | set(p for p, _ in scale)))
+    if both:
+        raise KvmemError(f"neuron {both[0][0]}.{both[0][1]} is both set (set_coef) and ablated or scaled: choose one")
     factors = _factors(model, ablate, scale)
-    linear = set(check_layers(model, linearize)) if linearize else set()
-    kept: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
-
-    def keeper(layer, kind):
-        def hook(module, args, output):
-            kept[(layer, kind)] = output
-        return hook
-
-    def modifier(layer):
-        def hook(module, args):
-            m = args[0]
-            if layer in linear:
-                m = kept.pop((layer, "pre"))
-                if (layer, "gate") in kept:
-                    m = kept.pop((layer, "gate")) * m
-            if layer in factors:
-                f = factors[layer].to(m.dtype)
-                if positions is None:
-                    m = m * f
-                else:
-                    m = m.clone()
-                    m[..., positions, :] = m[..., positions, :] * f
-            return (m, *args[1:])
-        return hook
-
-    try:
-        for layer in sorted(set(factors) | linear):
-            lay = model.layers[layer]
-            if layer in linear:
-                handles.append(lay.in_module.register_forward_hook(keeper(layer, "pre")))
-                if lay.gate_module is not None:
-                    handles.append(lay.gate_module.register_forward_hook(keeper(layer, "gate")))
-            handles.append(lay.out_module.register_forward_pre_hook(modifier(layer)))
+    values: dict[int, dict[int, float]] = {}
+    for (layer, neuron), c in sets:
+        values.setdefault(layer, {})[neuron] = c
+    linear = check_layers(model, linearize) if linearize else []
+    fns = hk.merge(*(hk.linearize(model, layer) for layer in linear),
+                   *(hk.scale_coefs(layer, f, positions) for layer, f in factors.items()),
+                   *(hk.set_coefs(layer, v, positions) for layer, v in values.items()))
+    with hk.hooks(model, fns):
         yield
-    finally:
-        for h in handles:
-            h.remove()
-        kept.clear()
 
 
 @dataclass
@@ -115,6 +112,7 @@ class InterventionResult:
     position: int
     ablated: list[str]  # neuron ids
     scaled: dict[str, float]  # neuron id -> factor
+    set_coef: dict[str, float]  # neuron id -> the value its coefficient was set to
     linearized: list[int]  # layers
     positions: list[int] | None  # where coefficients were changed (None: every position)
     target: str  # the tracked token: the original top prediction unless given
@@ -132,7 +130,7 @@ class InterventionResult:
 
     def to_dict(self) -> dict:
         d = {key: getattr(self, key) for key in (
-            "prompt", "tokens", "position", "ablated", "scaled", "linearized", "positions", "target", "target_id",
+            "prompt", "tokens", "position", "ablated", "scaled", "set_coef", "linearized", "positions", "target", "target_id",
             "prob_before", "prob_after", "logit_before", "logit_after", "rank_after", "kl")}
         d["before"] = self.before.to_dict(orient="records")
         d["after"] = self.after.to_dict(orient="records")
@@ -148,34 +146,36 @@ def _top(model, logits: torch.Tensor, n: int) -> pd.DataFrame:
 
 
 @torch.inference_mode()
-def intervene(model, prompt: str, *, ablate=(), scale=(), linearize=(), position: int = -1,
+def intervene(model, prompt: str, *, ablate=(), scale=(), set_coef=(), linearize=(), position: int = -1,
               only_position: bool = False, target: str | int | None = None, n_tokens: int = 10) -> InterventionResult:
     """Next-token prediction at ``position`` without and with the intervention.
 
     ``ablate``: 'L.N' strings or (layer, neuron) pairs; ``scale``: 'L.N=F' strings, or a dict /
-    pairs ((layer, neuron), factor); ``linearize``: layers; ``only_position``: change coefficients
-    at ``position`` only (default: at every position of the prompt)."""
+    pairs ((layer, neuron), factor); ``set_coef``: 'L.N=C' strings, or a dict / pairs ((layer, neuron),
+    value); ``linearize``: layers; ``only_position``: change coefficients at ``position`` only (default:
+    at every position of the prompt)."""
     from kvmem.trace import resolve_target
 
     if n_tokens < 1:
         raise KvmemError("--tokens must be at least 1")
-    ablate = [parse_neuron(a, model.n_layers, model.d_mlp) if isinstance(a, str) else tuple(a) for a in ablate]
-    if isinstance(scale, dict):
-        scale = list(scale.items())
-    scale = [parse_scale(s, model.n_layers, model.d_mlp) if isinstance(s, str) else (tuple(s[0]), float(s[1]))
-             for s in scale]
+    ablate = [parse_neuron(a, model.n_layers, model.d_mlp) if isinstance(a, str)
+              else parse_neuron(f"{int(a[0])}.{int(a[1])}", model.n_layers, model.d_mlp) for a in ablate]
+    scale = _pairs(scale, parse_scale, model)
+    set_coef = _pairs(set_coef, parse_set, model)
     linearize = check_layers(model, linearize) if linearize else []
     ids = model.encode(prompt)
     pos = resolve_position(position, ids.shape[1])
     before = model.hf(input_ids=ids, use_cache=False).logits[0, pos].float()
     t = resolve_target(model, target, before)
     positions = [pos] if only_position else None
-    with intervention(model, ablate=ablate, scale=scale, linearize=linearize, positions=positions):
+    with intervention(model, ablate=ablate, scale=scale, set_coef=set_coef, linearize=linearize,
+                      positions=positions):
         after = model.hf(input_ids=ids, use_cache=False).logits[0, pos].float()
     lp_before, lp_after = before.log_softmax(-1), after.log_softmax(-1)
     return InterventionResult(
         prompt, model.token_strings(ids[0]), pos,
-        [f"{a}.{b}" for a, b in ablate], {f"{a}.{b}": f for (a, b), f in scale}, linearize, positions,
+        [f"{a}.{b}" for a, b in ablate], {f"{a}.{b}": f for (a, b), f in scale},
+        {f"{a}.{b}": c for (a, b), c in set_coef}, linearize, positions,
         str(vocab_strings(model)[t]), t,
         lp_before[t].exp().item(), lp_after[t].exp().item(), before[t].item(), after[t].item(),
         int((after > after[t]).sum().item()) + 1,

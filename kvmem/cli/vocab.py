@@ -184,6 +184,8 @@ def intervene(
     ablate: Annotated[list[str] | None, typer.Option(help="Neuron to silence (m_i = 0), LAYER.NEURON; repeat or "
                                                           "comma-separate.")] = None,
     scale: Annotated[list[str] | None, typer.Option(help="LAYER.NEURON=FACTOR: multiply m_i; repeatable.")] = None,
+    set_coef: Annotated[list[str] | None, typer.Option("--set", help="LAYER.NEURON=VALUE: set m_i to a constant "
+                                                                     "(as LM-Debugger does); repeatable.")] = None,
     linearize: Annotated[str, typer.Option(help="Layers whose activation is replaced by the identity, e.g. '17' "
                                                 "or '0-3'.")] = "",
     position: PositionOpt = -1,
@@ -195,24 +197,28 @@ def intervene(
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Run a prompt with neurons silenced, scaled, or layers linearised: the next tokens before and after."""
+    """Run a prompt with neurons silenced, scaled or set, or layers linearised: the next tokens before and after."""
     from kvmem.intervene import intervene as run_intervene
     from kvmem.neurons import parse_layers
 
-    ablate, scale = _split(ablate or []), _split(scale or [])
+    ablate, scale, set_coef = _split(ablate or []), _split(scale or []), _split(set_coef or [])
     kv = load_model(model, device, dtype)
     lin = parse_layers(linearize, kv.n_layers) or []
-    if not (ablate or scale or lin):
-        console.print("note: no --ablate, --scale or --linearize given: the 'after' column is the plain model",
+    if not (ablate or scale or set_coef or lin):
+        console.print("note: no --ablate, --scale, --set or --linearize given: the 'after' column is the plain model",
                       markup=False, soft_wrap=True)
-    res = run_intervene(kv, prompt, ablate=ablate, scale=scale, linearize=lin, position=position,
-                        only_position=only_position, target=target, n_tokens=tokens)
+    try:
+        res = run_intervene(kv, prompt, ablate=ablate, scale=scale, set_coef=set_coef, linearize=lin,
+                            position=position, only_position=only_position, target=target, n_tokens=tokens)
+    except KvmemError as e:  # the library names its parameter; the user typed the flag
+        raise KvmemError(str(e).replace("(set_coef)", "(--set)")) from None
     if json_out:
         return print_json(res.to_dict())
     console.print(f"tokens: {show_tokens(res.tokens)}; position {res.position} {res.tokens[res.position]!r}",
                   markup=False, soft_wrap=True)
     changed = [f"ablate {', '.join(res.ablated)}" if res.ablated else "",
                f"scale {', '.join(f'{k}×{v:g}' for k, v in res.scaled.items())}" if res.scaled else "",
+               f"set {', '.join(f'{k}={v:g}' for k, v in res.set_coef.items())}" if res.set_coef else "",
                f"linearize layers {', '.join(map(str, res.linearized))}" if res.linearized else ""]
     where = "at every position" if res.positions is None else f"at position {res.position} only"
     console.print(f"intervention: {'; '.join(c for c in changed if c) or 'none'} ({where})",
