@@ -1,20 +1,45 @@
-"""Composition (Geva et al. 2021 section 6; 2022): is the FFN's prediction more than its biggest memories'?
+"""Composition (Geva et al. 2021 §5; 2022 §4): how an FFN layer's update relates to its memories and to
+the residual stream, per token and layer, with cluster-bootstrap intervals over documents.
 
-For every token of the sample and every layer, with m [N, d_mlp] and u = m·W_out [N, d_model] (the
-update without b_out), projected with the raw unembedding (no final norm, as Geva et al.):
-  ffn_top      argmax(u·W_U): the token the layer's FFN update predicts
-  sub-update i writes m_i·v_i; its top token is argmax(v_i·W_U) if m_i > 0, argmin if m_i < 0
-  novel_top10  share of tokens where none of the 10 largest sub-updates (by |m_i|·‖v_i‖) has ffn_top as
-               its top token: the layer's prediction is a composition, not one memory's
-  novel_all    the same against every sub-update with m_i != 0
-  top1_agrees  share where the single largest sub-update's top token is ffn_top
-  chance_top10 the baseline of novel_top10: 1 - (mean number of distinct top tokens among the 10
-               sub-updates) / d_vocab, the share a uniformly random token would give
-Residual stream (logit lens through the final norm): r = the block output, r - FFN output = the stream
-the FFN saw; top(r - out) versus top(r):
-  keep         same top token
-  promotion    top changed and the new top is ffn_top (the FFN pushed its own token up)
-  elimination  top changed to a token that is not ffn_top (the old top was pushed down)
+One readout for every comparison (kvmem.analysis.readout): the float32 logit lens through the final
+norm. Per counted token t of the sample and layer l, with r the residual stream the FFN reads into
+(block output minus FFN output), o = m·W_out + b_out the FFN update and x = r + o the block output:
+  top_r, top_o, top_x   top tokens of logits(r), logits(o), logits(x)
+  final                 the model's own next-token prediction (argmax of its logits)
+  sub-update i          m_i·v_i; its top token is that of logits(sign(m_i)·v_i)
+  active                |m_i| > tau · max|m_i| (the neuron's max |m| over the sample's counted tokens;
+                        magnitude, both signs: SwiGLU coefficients are sign-symmetric)
+
+Per-token columns (``units``: one row per (layer, token), 0/1 or float, NaN = not counted):
+  Geva 2021 §5.2, Fig. 11 -- the four cases (they sum to 1):
+    case_residual     top_x = top_r != top_o
+    case_ffn          top_x = top_o != top_r
+    case_agreement    top_x = top_r = top_o
+    case_composition  top_x differs from top_r and from top_o
+    changed           top_x != top_r
+    changed_to_ffn    top_x = top_o, among changed tokens (NaN where unchanged): the paper finds it rare
+  Geva 2021 §5.1 -- composition:
+    novel_active      top_o is the top token of no active memory (paper: >= 68% in every layer)
+    novel_paired      baseline: the same test against the active memories of a random other token of the
+                      same batch (a derangement); novel_active well below it = memories do predict the layer
+    novel_top10       top_o is the top token of none of the 10 dominant sub-updates
+    n_active          number of active memories (float)
+  Geva 2021 Figs. 9-10:
+    resid_is_final    top_r = final
+    resid_top_prob    probability of top_r under logits(r)
+    resid_final_prob  probability of final under logits(r)
+  Geva 2022 -- dominant sub-updates (top 10 by |m_i|·‖v_i‖) versus 10 random active ones (NaN for tokens
+  with fewer than 10 active memories):
+    dom_has_top, rand_has_top          one of the 10 has top_o as its top token
+    dom_top_share, rand_top_share      share of the 10 whose top token is top_o
+    dom_logit, rand_logit              their summed contribution to logits(o)[top_o] (exact additive split
+                                       of the normalised update, see readout.py)
+    dom_logit_share, rand_logit_share  the same over the update's own logit (logits(o)[top_o] minus the
+                                       norm bias' and LM-head bias' constant part)
+    saturation        top_x = top_r and its probability rises from logits(r) to logits(x)
+    elimination       top_x != top_r and top_r's probability falls (the residual's top is pushed out)
+The ``layers`` table has one row per layer: for each column c above, c, c_lo, c_hi (95% cluster
+bootstrap over documents, kvmem.analysis.ci) and n_c; n_tokens, n_docs.
 """
 
 from __future__ import annotations
@@ -22,28 +47,44 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from kvmem.analysis.common import Sample, batches
+from kvmem.analysis import ci
+from kvmem.analysis.common import Sample, derangement
+from kvmem.analysis.readout import READOUT, Readout
 from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import capture, check_layers
+from kvmem.errors import KvmemError
 
-TOP_SUB = 10
-
-
-def value_top_tokens(model, layers, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmax and argmin of v_i·W_U for every neuron: [n_layers, d_mlp] each (rows of unlisted layers: -1)."""
-    from kvmem.vocab import compute_projection, project_values
-
-    if cache:
-        p = project_values(model, k=10, cache=True)  # the k agreement uses: one cached projection serves both
-        return p["top_ids"][..., 0].to(model.device), p["bottom_ids"][..., 0].to(model.device)
-    t = compute_projection(model, k=1, layers=layers)
-    top = torch.full((model.n_layers, model.d_mlp), -1, dtype=torch.long)
-    bottom = top.clone()
-    top[layers], bottom[layers] = t["top_ids"][..., 0], t["bottom_ids"][..., 0]
-    return top.to(model.device), bottom.to(model.device)
+TOP_SUB = 10  # dominant sub-updates (Geva 2022) and the random active ones compared with them
+TAU = 0.1  # active: |m| > TAU · the neuron's max |m| over the sample
+CASES = ("case_residual", "case_ffn", "case_agreement", "case_composition", "changed", "changed_to_ffn")
+COMPOSITION = ("novel_active", "novel_paired", "novel_top10", "n_active")
+RESIDUAL = ("resid_is_final", "resid_top_prob", "resid_final_prob")
+SUBUPDATES = ("dom_has_top", "rand_has_top", "dom_top_share", "rand_top_share", "dom_logit", "rand_logit",
+              "dom_logit_share", "rand_logit_share", "saturation", "elimination")
+COLUMNS = CASES + COMPOSITION + RESIDUAL + SUBUPDATES
 
 
-def _blocks_output(model, layers, kept):
+def token_batches(sample: Sample, device, tokens_per_batch: int):
+    """Yield (ids [b, L], mask [b, L] bool, counted [b, L] bool, doc [b, L] int64) on ``device``.
+    A sample may carry ``mask``, ``counted`` and ``doc`` tensors [n_rows, L] (row layout: BOS and padding
+    not counted); without them every position counts and each row is its own cluster."""
+    rows = sample.rows
+    mask = getattr(sample, "mask", None)
+    counted = getattr(sample, "counted", None)
+    doc = getattr(sample, "doc", None)
+    n, L = rows.shape
+    b = max(1, tokens_per_batch // L)
+    for s in range(0, n, b):
+        ids = rows[s:s + b]
+        m = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[s:s + b].bool()
+        c = m.clone() if counted is None else counted[s:s + b].bool() & m
+        d = torch.arange(s, s + ids.shape[0])[:, None].expand_as(ids) if doc is None else doc[s:s + b]
+        yield ids.to(device), m.to(device), c.to(device), d.long()
+
+
+def _forward(model, layers, ids, mask):
+    """One forward pass: FFN coefficients and outputs [b, L, ·], block outputs [b, L, d_model], logits."""
+    kept: dict[int, torch.Tensor] = {}
     blocks = model.adapter.blocks()
 
     def hook(i):
@@ -51,63 +92,134 @@ def _blocks_output(model, layers, kept):
             kept[i] = (out[0] if isinstance(out, tuple) else out).detach()
         return f
 
-    return [blocks[i].register_forward_hook(hook(i)) for i in layers]
+    handles = [blocks[i].register_forward_hook(hook(i)) for i in layers]
+    try:
+        with capture(model, layers, ("coef", "out"), stop=False) as cap:
+            out = model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return cap, kept, out.logits
+
+
+@torch.inference_mode()
+def max_abs_coef(model, sample: Sample, layers, tokens_per_batch: int = 1024) -> dict[int, torch.Tensor]:
+    """max |m_i| over the sample's counted tokens, per layer [d_mlp] float32 (the activity threshold's scale)."""
+    out: dict[int, torch.Tensor] = {}
+    for ids, mask, counted, _ in token_batches(sample, model.device, tokens_per_batch):
+        with capture(model, layers, ("coef",), stop=True) as cap:
+            model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
+        for layer in layers:
+            m = cap.coef[layer][counted].abs().float().amax(0) if counted.any() else None
+            if m is not None:
+                out[layer] = m if layer not in out else torch.maximum(out[layer], m)
+    return out
+
+
+def _layer_units(rd: Readout, lay, tops, m, o, x, final, maxabs, tau, gen, norms) -> dict[str, torch.Tensor]:
+    """Per-token columns of one layer for N counted tokens: m [N, d_mlp], o, x [N, d_model], final [N]."""
+    N, d = m.shape
+    nan = torch.full((N,), float("nan"), device=m.device)
+    r = x.float() - o.float()
+    Lr, Lo, Lx = rd.logits(r), rd.logits(o), rd.logits(x)
+    top_r, top_o, top_x = Lr.argmax(-1), Lo.argmax(-1), Lx.argmax(-1)
+    pr, px = Lr.softmax(-1), Lx.softmax(-1)
+    f = lambda b: b.float()  # noqa: E731
+    u = {"case_residual": f((top_x == top_r) & (top_x != top_o)), "case_ffn": f((top_x == top_o) & (top_x != top_r)),
+         "case_agreement": f((top_x == top_r) & (top_x == top_o)),
+         "case_composition": f((top_x != top_r) & (top_x != top_o))}
+    changed = top_x != top_r
+    u["changed"] = f(changed)
+    u["changed_to_ffn"] = torch.where(changed, f(top_x == top_o), nan)
+    # §5.1: the layer prediction against the active memories' top tokens
+    sub_tok = torch.where(m > 0, tops[0][None, :], tops[1][None, :])  # [N, d_mlp]
+    active = m.abs().float() > tau * maxabs[None, :]
+    hit = sub_tok == top_o[:, None]
+    u["novel_active"] = f(~(hit & active).any(1))
+    u["n_active"] = f(active.sum(1))
+    if N >= 2:
+        perm = derangement(N, gen).to(m.device)
+        u["novel_paired"] = f(~((sub_tok[perm] == top_o[:, None]) & active[perm]).any(1))
+    else:
+        u["novel_paired"] = nan
+    # Geva 2022: dominant versus random active sub-updates
+    k = min(TOP_SUB, d)
+    big = (m.abs().float() * norms[None, :]).topk(k, dim=1).indices  # [N, k]
+    score = torch.rand(N, d, generator=gen).to(m.device).masked_fill(~active, -1.0)
+    rnd = score.topk(k, dim=1).indices
+    u["novel_top10"] = f(~hit.gather(1, big).any(1))
+    enough = active.sum(1) >= k
+    A = (rd.linear(lay.W_out) @ rd.W_U[:, top_o]).T  # [N, d_mlp]: g(v_i)·U[:, top_o]
+    c = rd.kappa(o)[:, None] * m.float() * A  # contribution of each sub-update to logits(o)[top_o]
+    own = Lo.gather(1, top_o[:, None])[:, 0] - rd.mean_beta[top_o]
+    for name, idx, ok in (("dom", big, torch.ones_like(enough)), ("rand", rnd, enough)):
+        h = hit.gather(1, idx)
+        logit = c.gather(1, idx).sum(1)
+        u[f"{name}_has_top"] = torch.where(ok, f(h.any(1)), nan)
+        u[f"{name}_top_share"] = torch.where(ok, f(h).mean(1), nan)
+        u[f"{name}_logit"] = torch.where(ok, logit, nan)
+        u[f"{name}_logit_share"] = torch.where(ok & (own != 0), logit / own, nan)
+    p_r_top, p_x_top = pr.gather(1, top_r[:, None])[:, 0], px.gather(1, top_r[:, None])[:, 0]
+    u["saturation"] = f(~changed & (p_x_top > p_r_top))
+    u["elimination"] = f(changed & (p_x_top < p_r_top))
+    u["resid_is_final"] = f(top_r == final)
+    u["resid_top_prob"] = p_r_top
+    u["resid_final_prob"] = pr.gather(1, final[:, None])[:, 0]
+    return u
 
 
 @torch.inference_mode()
 def composition(model, sample: Sample, layers=None, *, cache: bool = True, tokens_per_batch: int = 1024,
+                tau: float = TAU, seed: int = 0, max_abs: dict | None = None, n_boot: int = ci.N_BOOT,
                 progress=None) -> AnalysisResult:
-    """Per-layer composition and residual-stream shares over every token of the sample (see module doc)."""
+    """Per-layer shares of the columns in the module docstring, over the sample's counted tokens.
+    ``max_abs`` {layer: [d_mlp]} sets the activity scale (default: max |m| over the sample itself, one extra
+    forward pass). ``cache`` is accepted for the callers' sake; the readout is computed from the weights."""
     layers = check_layers(model, layers)
-    top1, bottom1 = value_top_tokens(model, layers, cache)
-    W_U, d = model.W_U, model.d_mlp
-    keys = ("novel_top10", "novel_all", "top1_agrees", "distinct_top10", "keep", "promotion", "elimination")
-    acc = {layer: dict.fromkeys(keys, 0.0) for layer in layers}
-    n_tok = 0
-    for rows in batches(sample, model.device, tokens_per_batch):
-        kept: dict[int, torch.Tensor] = {}
-        handles = _blocks_output(model, layers, kept)
-        try:
-            with capture(model, layers, ("coef", "out"), stop=False) as cap:  # block outputs needed
-                model.hf(input_ids=rows, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        n_tok += rows.numel()
+    if not 0 <= tau < 1:
+        raise KvmemError(f"tau must be in [0, 1), got {tau}")
+    rd = Readout(model)
+    if max_abs is None:
+        max_abs = max_abs_coef(model, sample, layers, tokens_per_batch)
+    if not max_abs:
+        raise KvmemError("the sample has no counted token")
+    tops = {layer: rd.value_tops(model.layers[layer].W_out) for layer in layers}
+    norms = {layer: model.value_norms(layer).to(model.device) for layer in layers}
+    gen = torch.Generator().manual_seed(seed)
+    frames, n_tok = [], 0
+    for ids, mask, counted, doc in token_batches(sample, model.device, tokens_per_batch):
+        if not counted.any():
+            continue
+        cap, kept, logits = _forward(model, layers, ids, mask)
+        final = logits.float().masked_fill(~rd.defined, float("-inf"))[counted].argmax(-1)
+        where = counted.nonzero()
+        docs = doc[counted.cpu()].numpy()
+        n_tok += int(counted.sum())
         for layer in layers:
-            lay = model.layers[layer]
-            m = cap.coef[layer].reshape(-1, d)
-            out = cap["out"][layer].reshape(-1, model.d_model)
-            post = kept[layer].reshape(-1, model.d_model)
-            ffn_top = ((m @ lay.W_out) @ W_U).argmax(-1)  # [N]
-            sub_tok = torch.where(m > 0, top1[layer], bottom1[layer])  # [N, d]
-            hit = (sub_tok == ffn_top[:, None]) & (m != 0)
-            contrib = m.float().abs() * model.value_norms(layer).to(m.device)
-            big = contrib.topk(min(TOP_SUB, d), dim=1).indices
-            big_tok = sub_tok.gather(1, big)
-            distinct = (big_tok.sort(1).values.diff(dim=1) != 0).sum(1) + 1
-            a = acc[layer]
-            a["novel_top10"] += float((~hit.gather(1, big).any(1)).sum())
-            a["novel_all"] += float((~hit.any(1)).sum())
-            a["top1_agrees"] += float((big_tok[:, 0] == ffn_top).sum())
-            a["distinct_top10"] += float(distinct.sum())
-            norm = model.final_norm
-            top_post = (norm(post) @ W_U).argmax(-1)
-            top_mid = (norm(post - out) @ W_U).argmax(-1)
-            same = top_post == top_mid
-            a["keep"] += float(same.sum())
-            a["promotion"] += float((~same & (top_post == ffn_top)).sum())
-            a["elimination"] += float((~same & (top_post != ffn_top)).sum())
+            u = _layer_units(rd, model.layers[layer], tops[layer], cap.coef[layer][counted], cap["out"][layer][counted],
+                             kept[layer][counted], final, max_abs[layer].to(model.device), tau, gen, norms[layer])
+            frame = pd.DataFrame({k: v.double().cpu().numpy() for k, v in u.items()})
+            frame.insert(0, "layer", layer)
+            frame.insert(1, "doc", docs)
+            frame.insert(2, "pos", where[:, 1].cpu().numpy())
+            frames.append(frame)
         if progress is not None:
             progress(f"composition {n_tok} tokens")
-    rows_out = []
-    for layer in layers:
-        a = {k: v / n_tok for k, v in acc[layer].items()}
-        a["chance_top10"] = 1 - a.pop("distinct_top10") / model.d_vocab
-        rows_out.append({"layer": layer, "n_tokens": n_tok, **a})
-    meta = {"n_tokens": n_tok, "sample": sample.source, "top_sub_updates": TOP_SUB,
-            "projection": "raw W_U for the FFN update and sub-updates (no final norm, no b_out); "
-                          "final norm + W_U for the residual stream",
-            "baseline": "chance_top10: share of tokens a random token would leave unpredicted by the top-10 "
-                        "sub-updates; keep/promotion/elimination sum to 1"}
-    return AnalysisResult("composition", {"layers": pd.DataFrame(rows_out)}, meta)
+    if not frames:
+        raise KvmemError("the sample has no counted token")
+    units = pd.concat(frames, ignore_index=True)
+    table = ci.bootstrap(units, list(COLUMNS), by="layer", n_boot=n_boot, seed=seed)
+    table = table.rename(columns={"n_units": "n_tokens", "n_clusters": "n_docs"})
+    meta = {"n_tokens": n_tok, "n_docs": int(units.doc.nunique()), "sample": sample.source,
+            "readout": READOUT, "top_sub_updates": TOP_SUB, "tau": tau, "seed": seed, "n_boot": n_boot,
+            "active": f"|m_i| > {tau} x the neuron's max |m| over the sample's counted tokens (both signs)",
+            "ffn_update": "o = m·W_out + b_out (b_out included, so block output = residual + o exactly); "
+                          "sub-updates are the m_i·v_i terms, b_out is no memory",
+            "cluster": "doc" if getattr(sample, "doc", None) is not None else "row (the sample carries no document ids)",
+            "baseline": "novel_paired: novel_active against the active memories of a random other token of the "
+                        "same batch (derangement, seeded); rand_*: 10 random active sub-updates",
+            "paper": {"novel_active": "Geva 2021 §5.1: >= 0.68 in every layer",
+                      "changed_to_ffn": "Geva 2021 §5.2, Fig. 11: rare",
+                      "cases": "Geva 2021 §5.2, Fig. 11: residual most frequent, composition next"},
+            "columns": list(COLUMNS)}
+    return AnalysisResult("composition", {"layers": table, "units": units}, meta)
