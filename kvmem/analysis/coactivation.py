@@ -15,6 +15,8 @@ small ``co`` counts are noisy: read lift together with co.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 import torch
 
@@ -24,9 +26,12 @@ from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import capture, check_layers
 from kvmem.errors import KvmemError
 
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
+
 
 @torch.inference_mode()
-def coactivation(model, sample: Sample, neurons, *, layers=None, top: int = 10, rel: float = 0.25,
+def coactivation(model: KVModel, sample: Sample, neurons, *, layers=None, top: int = 10, rel: float = 0.25,
                  maxima: dict | None = None, tokens_per_batch: int = 2048) -> AnalysisResult:
     """For each query neuron (layer, neuron), its ``top`` partners by Jaccard similarity of firing.
     ``maxima`` {layer: [d_mlp]} max |m| per neuron (default: the sample's own)."""

@@ -20,13 +20,16 @@ bootstraps its rates over ``doc`` (kvmem.analysis.ci).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import torch
 
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run, slots
 from kvmem.profile.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
 @dataclass
@@ -167,7 +170,7 @@ def batches(sample: Sample, device, tokens_per_batch: int = 2048):
         yield part.ids
 
 
-def forward(model, part: Part, **kwargs):
+def forward(model: KVModel, part: Part, **kwargs):
     """``model.hf`` on a Part: its ids, its attention mask, no cache."""
     return model.hf(input_ids=part.ids, attention_mask=part.mask, use_cache=False, **kwargs)
 
@@ -185,7 +188,7 @@ def local_index(index: torch.Tensor, store: TokenStore) -> torch.Tensor:
     return torch.where(index >= 0, index - store.offset, index)
 
 
-def sample_from_corpus(model, corpus: str = "pydoc", tokens: int = 20000, seq_len: int = 128) -> Sample:
+def sample_from_corpus(model: KVModel, corpus: str = "pydoc", tokens: int = 20000, seq_len: int = 128) -> Sample:
     """Tokenize a corpus source (see kvmem.profile.corpus) and cut it into stream rows (every position
     counted, clustered by document)."""
     from kvmem.profile.corpus import Corpus

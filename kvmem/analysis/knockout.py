@@ -22,6 +22,7 @@ the number of forward passes.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,12 +35,15 @@ from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import check_layers
 from kvmem.errors import KvmemError
 
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
+
 MODES = ("remove", "linear", "zero")
 N_RANDOM = 5
 
 
 @contextmanager
-def edit_ffn(model, layer: int, mode: str, neurons=None):
+def edit_ffn(model: KVModel, layer: int, mode: str, neurons=None):
     """Change layer ``layer``'s FFN while the context is open (on kvmem.hooks): mode remove (zero_ffn),
     linear (linearize), or zero (zero_coefs of ``neurons``)."""
     if mode not in MODES:
@@ -58,7 +62,7 @@ skip_blocks = H.skip_blocks
 
 
 @torch.inference_mode()
-def cache_blocks(model, sample: Sample, upto: int, tokens_per_batch: int = 2048) -> list[tuple]:
+def cache_blocks(model: KVModel, sample: Sample, upto: int, tokens_per_batch: int = 2048) -> list[tuple]:
     """Per batch: (part, {block: output} for blocks < upto, nll [b, L-1], valid [b, L-1]) of the unmodified
     model (see kvmem.analysis.common.next_token_nll)."""
     out = []
@@ -71,7 +75,7 @@ def cache_blocks(model, sample: Sample, upto: int, tokens_per_batch: int = 2048)
 
 
 @torch.inference_mode()
-def token_nll(model, cache, layer: int = 0) -> torch.Tensor:
+def token_nll(model: KVModel, cache, layer: int = 0) -> torch.Tensor:
     """Next-token nll [n_pred] (CPU float64) at every valid position of the cached batches, in order, with
     the blocks before ``layer`` reused from ``cache`` (``cache_blocks``)."""
     out = []
@@ -83,7 +87,7 @@ def token_nll(model, cache, layer: int = 0) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sample_loss(model, sample: Sample, tokens_per_batch: int = 2048) -> tuple[float, int]:
+def sample_loss(model: KVModel, sample: Sample, tokens_per_batch: int = 2048) -> tuple[float, int]:
     """Mean next-token cross-entropy over the sample's valid positions, and their number."""
     cache = cache_blocks(model, sample, 0, tokens_per_batch)
     n = sum(int(c[3].sum()) for c in cache)
@@ -104,7 +108,7 @@ def top_neurons(values, k: int) -> list[int]:
 
 
 @torch.inference_mode()
-def knockouts(model, sample: Sample, layers=None, *, stats: pd.DataFrame | None = None, ks=None,
+def knockouts(model: KVModel, sample: Sample, layers=None, *, stats: pd.DataFrame | None = None, ks=None,
               n_random: int = N_RANDOM, seed: int = 0, tokens_per_batch: int = 2048, n_boot: int = ci.N_BOOT,
               progress=None) -> AnalysisResult:
     """Loss increase per layer for removal, linearization, and zeroing top-k / random-k neurons.

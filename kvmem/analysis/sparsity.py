@@ -10,8 +10,8 @@ Per layer, over the sample's counted tokens (no BOS, padding or skipped position
   active_gt0              share with m > 0 exactly (secondary, sign-blind: meaningful for ReLU/GELU only)
   abs_gt_{1,10}x_mean     share with |m_i| > 1x / 10x the token's mean |m| over the layer's neurons
   carry{50,90}_share      the fewest neurons whose contribution norms |m_i|·‖v_i‖ sum to 50% / 90% of
-                          sum_i |m_i|·‖v_i‖ at that token (the triangle-inequality bound on ‖m·W_out‖), as a share
-                          of d_mlp (mean over tokens); carry{50,90}_mean / _median / _p90 as counts
+                          sum_i |m_i|·‖v_i‖ at that token (the triangle-inequality bound on ‖m·W_out‖),
+                          as a share of d_mlp (mean over tokens); carry{50,90}_mean / _median / _p90 as counts
   q_gate_{pos,neg}_up_{pos,neg}  gated FFNs: share of (token, neuron) pairs in each sign quadrant of
                           gate = x·W_gate + b_gate and up = x·W_in + b_in
 Every rate r in RATES has r_lo, r_hi (95% cluster bootstrap over documents, kvmem.analysis.ci), n_r (tokens)
@@ -22,6 +22,8 @@ m > 0 firing rate (secondary).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,9 @@ from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import capture, check_layers
 from kvmem.errors import KvmemError
 
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
+
 MAX_FRACTIONS = (0.01, 0.1)
 MEAN_MULTIPLES = (1.0, 10.0)
 CARRY = (0.5, 0.9)
@@ -45,7 +50,7 @@ def _tag(f: float) -> str:
 
 
 @torch.inference_mode()
-def neuron_stats(model, sample: Sample, layers=None, tokens_per_batch: int = 2048, *, rel: float = ACTIVE_REL,
+def neuron_stats(model: KVModel, sample: Sample, layers=None, tokens_per_batch: int = 2048, *, rel: float = ACTIVE_REL,
                  rates: bool = True) -> pd.DataFrame:
     """One row per (layer, neuron) over the sample's counted tokens: max_abs (max |m|), max, min, mean_abs,
     active_rate (share of tokens with |m| > rel · max_abs; a second pass, skipped when ``rates`` is False:
@@ -108,7 +113,7 @@ def carry_counts(contrib: torch.Tensor, shares) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def sparsity(model, sample: Sample, layers=None, *, maxima: dict | None = None, tokens_per_batch: int = 2048,
+def sparsity(model: KVModel, sample: Sample, layers=None, *, maxima: dict | None = None, tokens_per_batch: int = 2048,
              stats: pd.DataFrame | None = None, n_boot: int = ci.N_BOOT, seed: int = 0) -> AnalysisResult:
     """Per-layer sparsity at explicit |m| thresholds (see the module docstring). ``maxima`` {layer: [d_mlp]}
     max |m| per neuron (e.g. the run's: kvmem.analysis.neurons) sets the "% of the neuron's max |m|"

@@ -87,7 +87,8 @@ def _brute_loss(hf, rows):
 def test_knockouts_match_edited_weights(tiny_models, samples, family):
     model, sample = tiny_models[family], samples[family]
     stats = neuron_stats(model, sample)
-    res = knockouts(model, sample, layers=[1], stats=stats, ks=(3,), n_random=3, seed=4, tokens_per_batch=64, n_boot=200)
+    res = knockouts(model, sample, layers=[1], stats=stats, ks=(3,), n_random=3, seed=4, tokens_per_batch=64,
+                    n_boot=200)
     long = res["long"].set_index(["intervention", "k"])
     with torch.no_grad():
         base = _brute_loss(model.hf, sample.rows)
