@@ -29,8 +29,10 @@ records; replacements are reshaped to what the module expects. Callers never see
 
 Where a point lives (the module and whether its input or output is meant) is ``sites(model, layer)``:
 ffn.x is the input of the FFN module (of in_module when the family has no FFN module, as OPT), ffn.pre /
-ffn.gate the outputs of in_module / gate_module, ffn.coef the input of out_module, ffn.out the output of
-ffn_module, resid.pre / resid.post the input / output of the block. An adapter may override a family's
+ffn.gate the outputs of in_module / gate_module (each its half of the one fused [gate | up] output where the
+view says ``fused_gate_up``, as Phi-3), ffn.coef the input of out_module, ffn.out the output of ffn_module
+(a copy where the view says ``out_mutated``: Falcon adds attention into that tensor in place afterwards),
+resid.pre / resid.post the input / output of the block. An adapter may override a family's
 sites with a method ``hook_sites(layer) -> {point: (module, "input" | "output")}``.
 
 Also here, built on the primitive: ``zero_ffn``, ``zero_coefs``, ``set_coefs``, ``scale_coefs``,
@@ -177,12 +179,27 @@ def hooks(model, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
         return hook
 
     def output_hook(point: Point):
+        lay = model.layers[point[1]]
+        half = None  # fused [gate | up] output (Phi-3): the point is one half of it
+        if lay.fused_gate_up and point[0] in ("ffn.gate", "ffn.pre"):
+            half = 0 if point[0] == "ffn.gate" else 1
+        mutated = point[0] == "ffn.out" and lay.out_mutated  # the block edits this tensor in place later
+
         def hook(module, args, output):
             t = output[0] if isinstance(output, tuple) else output
+            full = t
+            if half is not None:
+                t = lay.split_gate_up(full)[half]
+            elif mutated:
+                t = t.clone()
             new = apply(point, t)
             after(point)
             if new is None:
                 return None
+            if half is not None:
+                new_full = full.clone()
+                lay.split_gate_up(new_full)[half].copy_(new)
+                new = new_full
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return hook
 

@@ -264,3 +264,69 @@ def test_bad_points(tiny_models):
         with hooks(model, {("ffn.gate", 0): None}):
             pass
     assert set(sites(model, 0)) == set(POINTS) - {"ffn.gate"}
+
+
+@pytest.fixture(scope="module")
+def new_models():
+    from tests.conftest import NEW_FAMILIES, make_tiny_new
+
+    return {name: from_hf(make_tiny_new(name), None) for name in NEW_FAMILIES}
+
+
+NEW_IDS = torch.tensor([[3, 17, 250, 9, 41, 77, 120, 5, 300, 64, 11, 2], [4, 18, 251, 10, 42, 78, 121, 6, 301, 65, 12, 3]])
+
+
+def _new_family_names():
+    from tests.conftest import NEW_FAMILIES
+
+    return NEW_FAMILIES
+
+
+@pytest.mark.parametrize("name", _new_family_names())
+def test_new_families_points_edits_and_logits(new_models, name):
+    """Fused gate/up (Phi-3), FFN outputs edited in place by the block (Falcon), post-norms, parallel blocks,
+    OPT post-LN: every point against the view's weights and HF's hidden states; read-only hooks leave the logits
+    unchanged; m_N := c equals the weight edit; early stop."""
+    model = new_models[name]
+    ids = NEW_IDS
+    got = {}
+    with torch.no_grad():
+        plain = model.hf(input_ids=ids, use_cache=False, output_hidden_states=True)
+        with hooks(model, record(all_points(model), got)):
+            out = model.hf(input_ids=ids, use_cache=False, output_hidden_states=True)
+    assert torch.equal(plain.logits, out.logits)
+    for layer, lay in enumerate(model.layers):
+        x = got[("ffn.x", layer)]
+        torch.testing.assert_close(got[("ffn.pre", layer)], x @ lay.W_in + (0 if lay.b_in is None else lay.b_in))
+        if model.gated:
+            torch.testing.assert_close(got[("ffn.gate", layer)],
+                                       x @ lay.W_gate + (0 if lay.b_gate is None else lay.b_gate))
+        torch.testing.assert_close(got[("ffn.coef", layer)], lay.coefficients(x))
+        torch.testing.assert_close(got[("ffn.out", layer)], lay.output(got[("ffn.coef", layer)]))
+        torch.testing.assert_close(got[("resid.pre", layer)], out.hidden_states[layer])
+        if layer < model.n_layers - 1:
+            torch.testing.assert_close(got[("resid.post", layer)], out.hidden_states[layer + 1])
+
+    L, N, c = 1, 5, 2.0
+
+    def set_edit(kv):
+        lay = kv.layers[L]
+        v = lay.W_out[N].clone()
+        lay.W_out[N] = 0
+        set_bias(lay, c * v)
+
+    with torch.no_grad():
+        expected = weight_edited(model, set_edit).hf(input_ids=ids, use_cache=False).logits
+        with hooks(model, set_coefs(L, {N: c})):
+            edited = model.hf(input_ids=ids, use_cache=False).logits
+        # the pre-activation edited through a fused [gate | up] output reaches m: up := 0 gives m = 0
+        seen = {}
+        with hooks(model, merge({("ffn.pre", L): [torch.zeros_like]}, record([("ffn.coef", L)], seen))):
+            model.hf(input_ids=ids, use_cache=False)
+        with hooks(model, {("ffn.coef", 0): None}, stop_after=True) as run:
+            model.hf(input_ids=ids, use_cache=False)
+    assert not torch.allclose(edited, plain.logits)
+    torch.testing.assert_close(edited, expected, atol=1e-4, rtol=1e-4)
+    if model.gated or model.layers[L].act(torch.zeros(1)).abs().item() == 0:
+        assert seen[("ffn.coef", L)].abs().max() == 0
+    assert run.stopped
