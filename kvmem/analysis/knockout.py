@@ -13,7 +13,8 @@ token of the same row (never BOS or padding). ``delta`` = loss - the unmodified 
 tokens; the per-token differences are paired, so every delta gets a 95% cluster bootstrap interval over
 documents (``_lo``/``_hi``; kvmem.analysis.ci), with the count of predicted tokens (``n_*``). The ``units``
 table holds one row per (layer, predicted token): layer, doc, index and each intervention's per-token delta
-(the random ones averaged over draws), plus ``top_max_k{k}_excess`` = top_max - random per token.
+(the random ones averaged over draws), plus ``top_max_k{k}_excess`` / ``top_rate_k{k}_excess`` = that
+top-k delta - the random-k delta per token (paired: its interval says whether the top neurons matter more).
 Cost: one full pass per batch for the baseline, then one pass per intervention and batch from the
 intervened layer on (the blocks before it return their cached outputs: ``skip_blocks``); ``meta`` states
 the number of forward passes.
@@ -157,7 +158,8 @@ def knockouts(model: KVModel, sample: Sample, layers=None, *, stats: pd.DataFram
             rnd = [measure(layer, "zero", torch.randperm(model.d_mlp, generator=gen)[:k].tolist())
                    for _ in range(n_random)]
             units[f"random_k{k}"] = torch.stack(rnd).mean(0)
-            units[f"top_max_k{k}_excess"] = units[f"top_max_k{k}"] - units[f"random_k{k}"]
+            for top in ("top_max", "top_rate"):
+                units[f"{top}_k{k}_excess"] = units[f"{top}_k{k}"] - units[f"random_k{k}"]
             draws[f"random_k{k}"] = [float(r.mean()) for r in rnd]
         f = pd.DataFrame({"layer": layer, "doc": doc, "index": index,
                           **{name: d.numpy() for name, d in units.items()}})

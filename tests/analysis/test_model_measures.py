@@ -146,7 +146,7 @@ def test_knockouts_match_edited_weights(tiny_models, samples, family):
         assert _brute_loss(model.hf, sample.rows) == pytest.approx(base, rel=1e-6)
     wide = res["layers"].iloc[0]
     assert {"remove", "remove_lo", "remove_hi", "linear", "top_rate_k3", "top_max_k3", "random_k3", "random_k3_sd",
-            "top_max_k3_excess"} <= set(res["layers"].columns)
+            "top_max_k3_excess", "top_rate_k3_excess"} <= set(res["layers"].columns)
     assert wide.remove == pytest.approx(long.loc[("remove", 0), "delta"], rel=1e-5)
     units = res["units"]
     assert len(units) == res.meta["n_tokens"] and units.top_max_k3_excess.mean() == pytest.approx(
