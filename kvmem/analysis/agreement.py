@@ -42,6 +42,7 @@ from kvmem.analysis.prefixes import next_in_doc
 from kvmem.analysis.result import AnalysisResult
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
+from kvmem.vocab import value_matrix, vocab_mask
 
 RATES = ("ex1", "docs_any", "topk", "next_top10", "next_prob", "neg_any")
 NULL_RATES = ("ex1", "docs_any", "topk", "neg_any")
@@ -49,15 +50,18 @@ TOP10 = 10
 
 
 def n_defined(model) -> int:
-    """Vocabulary ids the tokenizer defines (ids from here to d_vocab are padding of the unembedding)."""
-    return min(len(model.tokenizer), model.d_vocab)
+    """Vocabulary ids the tokenizer defines (kvmem.vocab.vocab_mask; the rest pad the unembedding)."""
+    return int(vocab_mask(model).sum())
 
 
 @torch.inference_mode()
-def value_logits(model, layer: int, rows: slice) -> torch.Tensor:
-    """v_i·W_U for the neurons ``rows`` of ``layer``: float32 [c, n_defined] on the CPU (raw, no final norm)."""
-    v = model.layers[layer].W_out[rows].float()  # [c, d_model]
-    return (v @ model.W_U.float()[:, :n_defined(model)]).cpu()
+def value_logits(model, layer: int, rows: slice, W_U: torch.Tensor | None = None) -> torch.Tensor:
+    """v_i·W_U for the neurons ``rows`` of ``layer``: float32 [c, d_vocab] on the CPU (kvmem.vocab.value_matrix,
+    raw: no final norm, no bias), -inf at the ids the tokenizer does not define. ``W_U``: a float32 copy of the
+    unembedding to reuse across calls."""
+    W_U = model.W_U.to(torch.float32) if W_U is None else W_U
+    logits = (value_matrix(model, layer, False, rows).to(W_U.device) @ W_U).cpu()
+    return logits.masked_fill_(~vocab_mask(model), float("-inf"))
 
 
 def match_table(value_ids: torch.Tensor, nxt: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,6 +112,8 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
         raise KvmemError(f"n_examples must be at least 1, got {n_examples}")
     gated = run.gated
     gen = torch.Generator().manual_seed(seed)
+    W_U = model.W_U.to(torch.float32)
+    undefined = ~vocab_mask(model)
     rows, units, nulls, pairs = [], [], [], []
     for layer in layers:
         docs = run.slots(layer, "top_docs")
@@ -119,16 +125,16 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
         rank, prob = torch.full((d,), float("nan"), dtype=torch.float64), torch.full((d,), float("nan"), dtype=torch.float64)
         for start in range(0, d, chunk):
             sl = slice(start, min(d, start + chunk))
-            logits = value_logits(model, layer, sl)  # [c, V]
+            logits = value_logits(model, layer, sl, W_U)  # [c, d_vocab], -inf at undefined ids
             top_ids.append(logits.topk(k, dim=1).indices)
-            bottom_id.append(logits.argmin(1, keepdim=True))
+            bottom_id.append(logits.masked_fill(undefined, float("inf")).argmin(1, keepdim=True))
             t = first[sl]
             ok = t >= 0
             if bool(ok.any()):
                 lg, tt = logits[ok], t[ok]
                 own = lg.gather(1, tt[:, None])  # [c', 1]
-                ids = torch.arange(V)[None, :]
-                r = (lg > own).sum(1) + ((lg == own) & (ids < tt[:, None])).sum(1) + 1
+                ids = torch.arange(lg.shape[1])[None, :]
+                r = (lg > own).sum(1) + ((lg == own) & (ids < tt[:, None]) & ~undefined[None, :]).sum(1) + 1
                 p = torch.softmax(lg.double(), dim=1).gather(1, tt[:, None]).squeeze(1)
                 rank[torch.arange(sl.start, sl.stop)[ok]] = r.double()
                 prob[torch.arange(sl.start, sl.stop)[ok]] = p

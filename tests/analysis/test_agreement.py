@@ -3,6 +3,7 @@ shard whose token store starts at offset > 0): per-document triggers, next token
 distributions in float64, derangement draws redone by hand."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -52,17 +53,22 @@ def test_uniform_any_is_exact():
     assert math.isnan(got[1])
 
 
-@pytest.mark.parametrize("name", list(RUNS))
-def test_agreement_matches_brute_force(tiny_models, runs, name):
+@pytest.mark.parametrize("name,masked", [(name, False) for name in RUNS] + [("gpt2", True)])
+def test_agreement_matches_brute_force(tiny_models, runs, name, masked, monkeypatch):
     model, run = tiny_models[RUNS[name][0]], runs[name]
     store = run.tokens
     k, n_perm = 3, 7
+    defined = torch.ones(model.d_vocab, dtype=torch.bool)
+    if masked:  # ids the tokenizer does not define (padded unembedding rows) are never a value token
+        defined[::3] = False
+        monkeypatch.setattr(sys.modules["kvmem.analysis.agreement"], "vocab_mask", lambda m: defined)
     res = agreement(model, run, k=k, n_perm=n_perm, n_boot=200)
     table, units = res["layers"].set_index("layer"), res["units"]
-    V = min(len(model.tokenizer), model.d_vocab)
+    V = int(defined.sum())
     assert res.meta["n_vocab"] == V
     for layer in run.profiled_layers:
-        logits = (model.layers[layer].W_out.double() @ model.W_U.double())[:, :V]
+        full = model.layers[layer].W_out.double() @ model.W_U.double()
+        logits = full.masked_fill(~defined, float("-inf"))
         order = logits.argsort(-1, descending=True)
         docs = run.stats[layer].top_docs.index.tolist()
         bottom = run.stats[layer].bottom.index.tolist()
@@ -82,7 +88,7 @@ def test_agreement_matches_brute_force(tiny_models, runs, name):
                     out["topk"].append(float(any(t in nx for t in top)))
                 bn = [brute_next(x, store) if x >= 0 else None for x in bottom[partner(i)]]
                 out["neg_any"].append(np.nan if all(t is None for t in bn) else
-                                      float(int(logits[i].argmin()) in bn))
+                                      float(int(full[i].masked_fill(~defined, float("inf")).argmin()) in bn))
             return out
 
         own = rates(lambda i: i)
