@@ -208,3 +208,84 @@ def test_smollm2_search_paris(smollm):
     pairs = [divmod(i, smollm.d_mlp) for i in best]
     rows = direct_rows(smollm, "llama", pairs)
     assert not any(paris in row.topk(10).indices.tolist() for row in rows)
+
+
+# --- float32 products and undefined ids (issue 12, defect 11) ----------------------------------------
+PAD = 64  # unembedding rows past the tokenizer, as Llama/Qwen pad d_vocab to a multiple of 64/128
+
+
+def padded_llama(tokenizer):
+    """A tiny Llama whose unembedding has PAD rows past the tokenizer's ids, made large so that without
+    masking they would be the top and bottom tokens of most value vectors."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kvmem.models.kvmodel import from_hf
+    from tests.conftest import D, FF, H, L, VOCAB
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=L, hidden_size=D, intermediate_size=FF, num_attention_heads=H,
+                      num_key_value_heads=2, vocab_size=VOCAB + PAD, max_position_embeddings=128)
+    hf = AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    for p in hf.parameters():
+        if p.dim() == 2:
+            p.normal_(0, 0.3)
+    hf.lm_head.weight[VOCAB:] *= 20
+    return from_hf(hf, tokenizer)
+
+
+@pytest.mark.parametrize("through_norm", [False, True])
+def test_projection_masks_ids_the_tokenizer_does_not_define(tiny_tokenizer, through_norm):
+    from tests.conftest import VOCAB
+
+    model = padded_llama(tiny_tokenizer)
+    assert model.d_vocab == VOCAB + PAD and len(tiny_tokenizer) == VOCAB
+    k = 5
+    t = compute_projection(model, k=k, through_norm=through_norm, chunk_mb=None)
+    pairs = [(a, b) for a in range(model.n_layers) for b in range(0, model.d_mlp, 7)]
+    rows = direct_rows(model, "llama", pairs, through_norm).double()
+    would = sum(int(row.argmax()) >= VOCAB or int(row.argmin()) >= VOCAB for row in rows)
+    assert would > len(pairs) // 2  # without the mask, padded ids would lead most rows
+    assert int(t["top_ids"].max()) < VOCAB and int(t["bottom_ids"].max()) < VOCAB
+    for (a, b), row in zip(pairs, rows):
+        defined = row[:VOCAB]
+        assert t["top_ids"][a, b].tolist() == defined.topk(k).indices.tolist()
+        assert t["bottom_ids"][a, b].tolist() == defined.topk(k, largest=False).indices.tolist()
+        assert t["mean"][a, b].item() == pytest.approx(defined.mean().item(), abs=1e-5)
+        assert t["std"][a, b].item() == pytest.approx(defined.std(correction=0).item(), rel=1e-4)
+    res = neuron_vocab(model, ["1.5", "2.40"], k=k, through_norm=through_norm)
+    for row, (a, b) in zip(res.neurons.itertuples(), [(1, 5), (2, 40)]):
+        defined = direct_rows(model, "llama", [(a, b)], through_norm)[0, :VOCAB].double()
+        assert row.top_ids == defined.topk(k).indices.tolist()
+        assert row.bottom_ids == defined.topk(k, largest=False).indices.tolist()
+        assert max(row.top_ids + row.bottom_ids) < VOCAB
+
+
+def test_projection_in_float32_for_a_bf16_model(tiny_tokenizer):
+    """Two logits 1 + 2^-9 and 1 tie once the product is rounded to bf16; the float32 projection keeps
+    float64's order (the higher id first, its logit strictly larger)."""
+    from kvmem.models.kvmodel import from_hf
+    from tests.conftest import make_tiny
+
+    model = from_hf(make_tiny("llama"), tiny_tokenizer, dtype=torch.bfloat16)
+    a, b = 20, 10  # a wins in exact arithmetic; b has the lower id, which a tie would favour
+    with torch.no_grad():
+        down = model.hf.model.layers[0].mlp.down_proj.weight  # [d_model, d_mlp]: column 0 is v_0 of layer 0
+        down[:, 0] = 0
+        down[0, 0], down[1, 0] = 1.0, 2.0 ** -9
+        head = model.hf.lm_head.weight  # [d_vocab, d_model]
+        head.mul_(0.01)
+        head[b] = 0
+        head[a] = 0
+        head[b, 0] = 1.0
+        head[a, 0], head[a, 1] = 1.0, 1.0
+    v = model.layers[0].W_out[0]
+    bf16 = v @ model.W_U
+    assert bf16.dtype == torch.bfloat16 and bf16[a] == bf16[b]  # the bf16 product ties them
+    exact = v.double() @ model.W_U.double()
+    assert exact[a] > exact[b] and int(exact.argmax()) == a
+    t = compute_projection(model, k=3, layers=[0], chunk_mb=None)
+    assert t["top_ids"][0, 0, :2].tolist() == [a, b]
+    assert t["top_logits"][0, 0, 0] > t["top_logits"][0, 0, 1]
+    assert t["top_logits"][0, 0, 0].item() == pytest.approx(exact[a].item(), abs=1e-6)
+    res = neuron_vocab(model, ["0.0"], k=2)
+    assert res.neurons.top_ids[0] == [a, b] and res.neurons.top_logits[0][0] > res.neurons.top_logits[0][1]
