@@ -16,18 +16,24 @@ from kvmem.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, ModelArg, console, h
 @app.command()
 @handle_errors
 def models(json_out: JsonOpt = False) -> None:
-    """Supported model families, and whether the bundled model is installed."""
+    """Supported model families (activation, gating, norm placement, MoE layout), and the bundled model."""
     from kvmem.models.load import BUNDLED, bundled_path
-    from kvmem.models.registry import supported
+    from kvmem.models.registry import adapters
 
-    fams = supported()
+    fams = adapters()
+    rows = [{"model_type": mt, "family": cls.family, "activation": list(cls.activations()),
+             "gating": ("gated (fused gate_up)" if cls.fused_gate_up else "gated") if cls.gated else "none", "norm_placement": cls.placement, "moe": cls.moe}
+            for mt, cls in fams.items()]
     bundled = {alias: {"installed": bundled_path(alias) is not None, "install": info[2]}
                for alias, info in BUNDLED.items()}
     if json_out:
-        return print_json({"model_types": fams, "bundled": bundled})
-    table = Table("config.model_type", "adapter family", title="Supported architectures")
-    for mt, fam in fams.items():
-        table.add_row(Text(mt), Text(fam))
+        return print_json({"model_types": {mt: cls.family for mt, cls in fams.items()}, "families": rows,
+                           "bundled": bundled})
+    table = Table("config.model_type", "adapter family", "activation", "gating", "norm placement", "MoE",
+                  title="Supported architectures")
+    for r in rows:
+        table.add_row(Text(r["model_type"]), Text(r["family"]), Text(", ".join(r["activation"])), Text(r["gating"]),
+                      Text(r["norm_placement"]), Text(r["moe"]))
     console.print(table)
     for alias, b in bundled.items():
         state = "installed" if b["installed"] else f"not installed ({b['install']})"

@@ -208,6 +208,7 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
     gated: ClassVar[bool] = False
+    fused_gate_up: ClassVar[bool] = False  # gate and up projections stored as one Linear (split in the view)
     act_field: ClassVar[str] = "hidden_act"
     handled: ClassVar[dict] = {}
     ignored: ClassVar[frozenset] = frozenset()

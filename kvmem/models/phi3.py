@@ -15,6 +15,7 @@ class Phi3Adapter(Adapter):
     model_types = ("phi3",)
     family = "phi3"
     gated = True
+    fused_gate_up = True
     handled = {"hidden_act": ("silu",), "hidden_size": POSITIVE, "intermediate_size": POSITIVE,
                "num_hidden_layers": POSITIVE, "rms_norm_eps": ANY}
     ignored = ATTENTION | {"resid_pdrop", "embd_pdrop"}

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from transformers import AutoModelForCausalLM, GPTJConfig
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
 
 from kvmem.cli import main
 
@@ -66,16 +66,25 @@ def test_models_and_info(capsys, tiny_dirs):
 
 
 @pytest.fixture
-def not_models(tmp_path):
+def not_models(tmp_path, tiny_tokenizer):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's bar would land in the captured stderr
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     bad_gguf = tmp_path / "broken.gguf"
     bad_gguf.write_bytes(b"GGUF but not really")
-    gptj = tmp_path / "gptj"
-    AutoModelForCausalLM.from_config(GPTJConfig(n_layer=1, n_embd=16, n_head=2, rotary_dim=4, vocab_size=50)).save_pretrained(gptj)
-    return {"text": text, "empty": empty_dir, "gguf": bad_gguf, "gptj": gptj}
+    bloom = tmp_path / "bloom"  # an architecture kvmem does not support (GPT-J is supported now)
+    AutoModelForCausalLM.from_config(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50)).save_pretrained(bloom)
+    odd = tmp_path / "odd"  # a supported family with a config setting its adapter does not know
+    AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=24,
+                                                 num_attention_heads=2, vocab_size=50,
+                                                 kvmem_unknown_switch=True)).save_pretrained(odd)
+    for folder in (bloom, odd):
+        tiny_tokenizer.save_pretrained(folder)
+    return {"text": text, "empty": empty_dir, "gguf": bad_gguf, "bloom": bloom, "odd": odd}
 
 
 @pytest.mark.parametrize("case, argv, needle", [
@@ -84,7 +93,8 @@ def not_models(tmp_path):
     ("text", ["query", "{text}", "hi"], "not a model"),
     ("empty", ["info", "{empty}"], "no config.json"),
     ("gguf", ["info", "{gguf}"], "GGUF"),
-    ("gptj", ["info", "{gptj}"], "unsupported architecture 'gptj'"),
+    ("bloom", ["info", "{bloom}"], "unsupported architecture 'bloom'"),
+    ("odd_config", ["info", "{odd}"], "config.kvmem_unknown_switch="),
     ("empty_prompt", ["query", "{llama}", "   "], "prompt is empty"),
     ("position", ["query", "{llama}", "two words", "--position", "40"], "outside the prompt"),
     ("layer", ["query", "{llama}", "two words", "--layers", "7"], "out of range"),
