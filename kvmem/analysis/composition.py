@@ -168,13 +168,27 @@ def _layer_units(rd: Readout, lay, tops, m, o, x, final, maxabs, tau, gen, norms
     return u
 
 
+def _value_tops(model, rd: Readout, layers, cache: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, each neuron's sub-update top token for m > 0 and m < 0 ([d_mlp] int64 each). With ``cache``
+    and a symmetric readout they are the through-norm projection's top and bottom ids (kvmem.vocab's disk
+    cache, computed once per model); otherwise computed here."""
+    if cache and rd.symmetric:
+        from kvmem.vocab import project_values
+
+        p = project_values(model, k=10, through_norm=True, cache=True)
+        return {layer: (p["top_ids"][layer, :, 0].to(model.device), p["bottom_ids"][layer, :, 0].to(model.device))
+                for layer in layers}
+    return {layer: rd.value_tops(model.layers[layer].W_out) for layer in layers}
+
+
 @torch.inference_mode()
 def composition(model, sample: Sample, layers=None, *, cache: bool = True, tokens_per_batch: int = 1024,
                 tau: float = TAU, seed: int = 0, max_abs: dict | None = None, n_boot: int = ci.N_BOOT,
                 progress=None) -> AnalysisResult:
     """Per-layer shares of the columns in the module docstring, over the sample's counted tokens.
     ``max_abs`` {layer: [d_mlp]} sets the activity scale (default: max |m| over the sample itself, one extra
-    forward pass). ``cache`` is accepted for the callers' sake; the readout is computed from the weights."""
+    forward pass). ``cache``: read the sub-updates' top tokens from kvmem.vocab's projection cache where the
+    readout allows (no norm or head bias)."""
     layers = check_layers(model, layers)
     if not 0 <= tau < 1:
         raise KvmemError(f"tau must be in [0, 1), got {tau}")
@@ -183,7 +197,7 @@ def composition(model, sample: Sample, layers=None, *, cache: bool = True, token
         max_abs = max_abs_coef(model, sample, layers, tokens_per_batch)
     if not max_abs:
         raise KvmemError("the sample has no counted token")
-    tops = {layer: rd.value_tops(model.layers[layer].W_out) for layer in layers}
+    tops = _value_tops(model, rd, layers, cache)
     norms = {layer: model.value_norms(layer).to(model.device) for layer in layers}
     gen = torch.Generator().manual_seed(seed)
     frames, n_tok = [], 0

@@ -70,6 +70,9 @@ class Readout:
                 raise KvmemError(f"the final norm ({type(model.final_norm).__name__}) is not of the form "
                                  "gamma*P(y)/s(y) + beta: the composition readout cannot decompose it")
         self.mean_beta = self.beta @ self.W_U + (0 if self.b_U is None else self.b_U)  # [d_vocab] constant part
+        # no norm bias and no LM-head bias: logits(-v) = -logits(v), so a neuron's top token for m < 0 is the
+        # bottom token of its value vector through the final norm (kvmem.vocab's through_norm projection)
+        self.symmetric = bool((self.beta == 0).all()) and self.b_U is None
 
     def _p(self, y: torch.Tensor) -> torch.Tensor:
         return y - y.mean(-1, keepdim=True) if getattr(self, "centred", False) else y
@@ -100,6 +103,10 @@ class Readout:
         pos, neg = [], []
         for start in range(0, W_out.shape[0], chunk):
             v = W_out[start:start + chunk].to(self.device, torch.float32)
-            pos.append(self.logits(v).argmax(-1))
-            neg.append(self.logits(-v).argmax(-1))
+            lv = self.logits(v)
+            pos.append(lv.argmax(-1))
+            if self.symmetric:  # one product serves both signs
+                neg.append(lv.masked_fill_(~self.defined, float("inf")).argmin(-1))
+            else:
+                neg.append(self.logits(-v).argmax(-1))
         return torch.cat(pos), torch.cat(neg)

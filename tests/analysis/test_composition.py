@@ -15,6 +15,11 @@ from tests.conftest import VOCAB, make_tiny
 TAU = 0.1
 
 
+@pytest.fixture(autouse=True)
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMEM_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def tok():
     from tests.conftest import _train_tokenizer
@@ -146,12 +151,12 @@ def brute_force(family, hf, sample):
 FLOAT_COLS = {"dom_logit", "rand_logit", "dom_logit_share", "rand_logit_share", "resid_top_prob", "resid_final_prob"}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_composition_matches_brute_force(tok, family):
+@pytest.mark.parametrize("family,cache", [("gpt2", True), ("llama", True), ("llama", False)])
+def test_composition_matches_brute_force(tok, family, cache):
     hf = make_tiny(family).requires_grad_(False)
     model = from_hf(copy.deepcopy(hf), tok)
     sample = make_sample()
-    res = composition(model, sample, tokens_per_batch=10_000, n_boot=200)
+    res = composition(model, sample, tokens_per_batch=10_000, n_boot=200, cache=cache)
     units, table = res["units"], res["layers"].set_index("layer")
     brute = brute_force(family, hf, sample)
     N = int(sample.counted.sum())
@@ -186,3 +191,34 @@ def test_composition_bad_input(tok):
     sample.counted[:] = False
     with pytest.raises(KvmemError, match="counted"):
         composition(model, sample)
+
+
+def test_readout_masks_padded_ids_and_is_float32(tok):
+    from kvmem.analysis.readout import Readout
+    from tests.test_vocab import PAD, padded_llama
+
+    model = padded_llama(tok)
+    rd = Readout(model)
+    assert rd.symmetric and not rd.centred
+    y = torch.randn(20, model.d_model)
+    lg = rd.logits(y)
+    assert lg.dtype == torch.float32 and torch.isinf(lg[:, VOCAB:]).all() and torch.isfinite(lg[:, :VOCAB]).all()
+    pos, neg = rd.value_tops(model.layers[1].W_out, chunk=7)
+    V = model.layers[1].W_out.double()
+    norm64 = copy.deepcopy(model.final_norm).double()
+    U = model.W_U.double()[:, :VOCAB]
+    assert pos.tolist() == (norm64(V) @ U).argmax(-1).tolist()
+    assert neg.tolist() == (norm64(-V) @ U).argmax(-1).tolist()
+    assert model.d_vocab == VOCAB + PAD
+    res = composition(model, make_sample(), n_boot=50)  # runs; every readout top is a defined id
+    assert res["layers"].n_tokens.eq(int(make_sample().counted.sum())).all()
+
+
+def test_composition_on_a_bf16_model(tok):
+    """A bf16 model: the readout runs in float32 and the last layer's top token is the model's own."""
+    model = from_hf(make_tiny("llama"), tok, dtype=torch.bfloat16)
+    res = composition(model, make_sample(), n_boot=50, cache=False)
+    table = res["layers"].set_index("layer")
+    assert np.isfinite(table.case_residual).all()
+    cases = table[["case_residual", "case_ffn", "case_agreement", "case_composition"]].sum(1)
+    assert np.allclose(cases, 1.0)
