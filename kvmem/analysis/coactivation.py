@@ -93,6 +93,6 @@ def coactivation(model: KVModel, sample: Sample, neurons, *, layers=None, top: i
                         "p_given_hi": hi, "lift": c * n / (cq * cp) if cq and cp else 0.0, "n_tokens": n})
     meta = {"n_tokens": n, "sample": sample.source, "rel_threshold": rel, "maxima": maxima_source,
             "firing": f"|m| > {rel:g} x the neuron's max |m| (magnitude, either sign)",
-            "baseline": "lift = 1 means independent firing", "interval": "p_given: Wilson 95% over query firings",
+            "baseline": "lift = 1 means independent firing", "interval": "p_given: Wilson 95% over the query's firing tokens (tokens treated as independent)",
             "layers_searched": layers}
     return AnalysisResult("coactivation", {"partners": pd.DataFrame(out)}, meta)

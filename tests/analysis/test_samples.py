@@ -196,3 +196,27 @@ def test_run_neuron_stats_from_layer_stats(negative_llama):
     assert g.active_rate.iloc[0] > 0.05 and g.firing_rate.iloc[0] == 0  # the all-negative neuron is active
     q = dict(default_queries(run, [1, 2], table))
     assert q[1] == 0  # the largest max |m| (its max m is <= 0: a signed ranking would never pick it)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neox", "opt"])
+def test_every_family_on_bos_rows(tiny_models, family):
+    """Padding and BOS handled alike in every family: active10 and the baseline / FFN-removed losses equal
+    those of each row run alone (removal by zeroing a deep copy's W_out and b_out)."""
+    model = tiny_models[family]
+    s = sample_from_run(fake_run(), 60, seed=7)
+    m = torch.cat([run_capture(model, ids, layers=[1]).coef[1][0][c].double() for ids, c, _ in rows_alone(s)])
+    mx = m.abs().max(0).values
+    res = sparsity(model, s, layers=[1], tokens_per_batch=48, n_boot=20)
+    assert res["layers"].active10.iloc[0] == pytest.approx(float((m.abs() > 0.1 * mx).double().mean()), abs=1e-6)
+    ko = knockouts(model, s, layers=[1], stats=neuron_stats(model, s, layers=[1]), ks=(1,), n_random=1,
+                   tokens_per_batch=48, n_boot=20)["long"].set_index(["intervention", "k"])
+    assert abs(ko.loc[("remove", 0), "delta"]) > 1e-4
+    edited = copy.deepcopy(model)
+    assert edited.layers[1].out_module is not model.layers[1].out_module
+    with torch.no_grad():
+        out = edited.layers[1].out_module
+        out.weight.zero_()
+        if out.bias is not None:
+            out.bias.zero_()
+        assert ko.loc[("remove", 0), "baseline_loss"] == pytest.approx(_loss_rows_alone(model.hf, s)[0], rel=1e-5)
+        assert ko.loc[("remove", 0), "loss"] == pytest.approx(_loss_rows_alone(edited.hf, s)[0], rel=1e-5)
