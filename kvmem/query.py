@@ -1,9 +1,14 @@
 """Which neurons fire for one prompt: ``query(model, prompt)``.
 
 For one position, every neuron of every layer is scored by |m_i| (``by="activation"``) or by
-its contribution |m_i|·‖v_i‖ (the norm of the sub-update m_i·v_i it adds to the residual
-stream, ``by="contribution"``). Each selected neuron is shown with the tokens that its actual
-sub-update promotes: sign(m_i)·v_i projected through W_U (optionally after the final norm).
+its contribution |m_i|·‖w_i‖·s (the norm of the sub-update it adds to the residual stream,
+``by="contribution"``), where w_i is what the view says neuron i writes (``FFNLayer.value_vectors_
+written``: v_i for most families; write_scale·v_i with Granite's residual multiplier; γ⊙v_i behind a
+post-FFN RMSNorm, Gemma 2/3 and OLMo 2; γ⊙(v_i − mean v_i) behind OPT's post-residual LayerNorm) and s
+the token's post-norm scale (1/rms of the FFN output, or 1/σ of r + y for OPT post-LN; 1 without a
+post-norm): per token the written update is exactly Σ_i m_i·w_i·s plus the layer's other terms.
+Each selected neuron is shown with the tokens its actual sub-update promotes: sign(m_i)·w_i projected
+through W_U in float32 (optionally after the final norm), ids the tokenizer does not define excluded.
 """
 
 from __future__ import annotations
@@ -46,27 +51,71 @@ def resolve_position(position: int, n_tokens: int) -> int:
     return position % n_tokens
 
 
-def forward_coefficients(model, ids: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass of ids [1, pos]: (logits [pos, d_vocab] float32, m [pos, n_layers, d_mlp] float32)."""
-    with torch.inference_mode(), capture(model, layers) as cap:
+def forward_coefficients(model, ids: torch.Tensor, layers: list[int], *, with_scale: bool = False):
+    """One forward pass of ids [1, pos]: (logits [pos, d_vocab] float32, m [pos, n_layers, d_mlp] float32), and
+    with ``with_scale`` also s [pos, n_layers, 1] float32, each layer's post-norm token scale (ones without)."""
+    post = [layer for layer in layers if model.layers[layer].post_norm is not None]
+    what = ("coef",) + (("out", "x") if with_scale and post else ())
+    with torch.inference_mode(), capture(model, layers, what) as cap:
         logits = model.hf(input_ids=ids, use_cache=False).logits[0].float()
-    return logits, torch.stack([cap.coef[layer][0].float() for layer in layers], 1)
+    m = torch.stack([cap.coef[layer][0].float() for layer in layers], 1)
+    if not with_scale:
+        return logits, m
+    scales = []
+    for layer in layers:
+        lay = model.layers[layer]
+        if lay.post_norm is None:
+            scales.append(torch.ones(m.shape[0], 1, device=m.device))
+        else:  # a post-residual norm (OPT post-LN) reads r + y, r being the FFN's own input there (no pre-norm)
+            resid = cap["x"][layer][0] if lay.post_norm_reads_residual else None
+            scales.append(lay.norm_scale(cap["out"][layer][0], resid).float())
+    return logits, m, torch.stack(scales, 1)
 
 
-def contributions(model, m: torch.Tensor, layers: list[int]) -> torch.Tensor:
-    """|m_i|·‖v_i‖ for m [..., n_layers, d_mlp]: the norm of each neuron's sub-update."""
-    norms = torch.stack([model.value_norms(layer).float() for layer in layers]).to(m.device)
-    return m.abs() * norms
+def written_norms(model, layers: list[int]) -> torch.Tensor:
+    """‖w_i‖ [n_layers, d_mlp] float32: the norm of what neuron i writes per unit coefficient and unit token
+    scale (``FFNLayer.value_vectors_written``; ‖v_i‖ for families without a post-norm or multiplier)."""
+    out = []
+    for layer in layers:
+        lay = model.layers[layer]
+        if lay.post_norm is None and lay.write_scale == 1.0:
+            out.append(model.value_norms(layer).float())
+        else:
+            out.append(lay.value_vectors_written().norm(dim=1))
+    return torch.stack(out)
+
+
+def contributions(model, m: torch.Tensor, layers: list[int], scale: torch.Tensor | None = None) -> torch.Tensor:
+    """|m_i|·‖w_i‖·s for m [..., n_layers, d_mlp]: the norm of each neuron's sub-update. ``scale`` s
+    [..., n_layers, 1] from ``forward_coefficients(with_scale=True)``; required for layers with a post-norm."""
+    if scale is None and any(model.layers[layer].post_norm is not None for layer in layers):
+        raise KvmemError("these layers have a post-FFN norm: pass the token scales (forward_coefficients with_scale)")
+    out = m.abs() * written_norms(model, layers).to(m.device)
+    return out if scale is None else out * scale.to(out.device)
 
 
 def promoted_tokens(model, neurons: list[tuple[int, int]], acts: torch.Tensor, *, n_tokens: int,
                     through_norm: bool = False, chunk: int = 256) -> list[list[str]]:
-    """Per (layer, neuron) the n_tokens tokens its actual sub-update sign(m)·v promotes most
-    (acts: m of each), [chunk, d_vocab] logits at a time."""
+    """Per (layer, neuron) the n_tokens tokens its actual sub-update sign(m)·w_i promotes most (acts: m of
+    each), projected in float32 with undefined ids excluded, [chunk, d_vocab] logits at a time."""
+    from kvmem.vocab import project_rows
+
     out: list[list[str]] = []
+    written: dict[int, torch.Tensor] = {}
     for a in range(0, len(neurons), chunk):
-        signs = torch.where(acts[a:a + chunk] >= 0, 1.0, -1.0)
-        vl = model.value_logits(neurons[a:a + chunk], through_norm=through_norm, sign=signs)
+        part = neurons[a:a + chunk]
+        signs = torch.where(acts[a:a + chunk] >= 0, 1.0, -1.0).float()
+        rows = []
+        for layer, n in part:
+            lay = model.layers[layer]
+            if lay.post_norm is None and lay.write_scale == 1.0:
+                rows.append(lay.W_out[n].float())
+            else:
+                if layer not in written:
+                    written[layer] = lay.value_vectors_written()
+                rows.append(written[layer][n])
+        v = torch.stack(rows) * signs.to(rows[0].device)[:, None]
+        vl = project_rows(model, v, through_norm)
         out += [model.token_strings(row) for row in vl.topk(n_tokens).indices]
     return out
 
@@ -81,9 +130,9 @@ def query(model, prompt: str, *, position: int = -1, top: int = 20, by: str = "c
     layers = check_layers(model, layers)
     ids = model.encode(prompt)
     pos = resolve_position(position, ids.shape[1])
-    all_logits, all_m = forward_coefficients(model, ids, layers)
+    all_logits, all_m, all_s = forward_coefficients(model, ids, layers, with_scale=True)
     logits, m = all_logits[pos], all_m[pos]  # [d_vocab], [n_layers, d_mlp]
-    contribution = contributions(model, m, layers)
+    contribution = contributions(model, m, layers, all_s[pos])
     score = contribution if by == "contribution" else m.abs()
     k = min(top, score.numel())
     best = score.flatten().topk(k).indices
