@@ -48,11 +48,13 @@ import pandas as pd
 import torch
 
 from kvmem.analysis import ci
-from kvmem.analysis.common import Sample, derangement
+from kvmem.analysis.common import Sample, derangement, forward, row_batches
 from kvmem.analysis.readout import READOUT, Readout
 from kvmem.analysis.result import AnalysisResult
-from kvmem.capture import capture, check_layers
+from kvmem.capture import check_layers
 from kvmem.errors import KvmemError
+from kvmem.hooks import hooks, record
+from kvmem.models.kvmodel import KVModel
 
 TOP_SUB = 10  # dominant sub-updates (Geva 2022) and the random active ones compared with them
 TAU = 0.1  # active: |m| > TAU · the neuron's max |m| over the sample
@@ -64,66 +66,45 @@ SUBUPDATES = ("dom_has_top", "rand_has_top", "dom_top_share", "rand_top_share", 
 COLUMNS = CASES + COMPOSITION + RESIDUAL + SUBUPDATES
 
 
-def token_batches(sample: Sample, device, tokens_per_batch: int):
-    """Yield (ids [b, L], mask [b, L] bool, counted [b, L] bool, doc [b, L] int64) on ``device``.
-    A sample may carry ``mask``, ``counted`` and ``doc`` tensors [n_rows, L] (row layout: BOS and padding
-    not counted); without them every position counts and each row is its own cluster."""
-    rows = sample.rows
-    mask = getattr(sample, "mask", None)
-    counted = getattr(sample, "counted", None)
-    doc = getattr(sample, "doc", None)
-    n, L = rows.shape
-    b = max(1, tokens_per_batch // L)
-    for s in range(0, n, b):
-        ids = rows[s:s + b]
-        m = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[s:s + b].bool()
-        c = m.clone() if counted is None else counted[s:s + b].bool() & m
-        d = torch.arange(s, s + ids.shape[0])[:, None].expand_as(ids) if doc is None else doc[s:s + b]
-        yield ids.to(device), m.to(device), c.to(device), d.long()
-
-
-def _forward(model, layers, ids, mask):
-    """One forward pass: FFN coefficients and outputs [b, L, ·], block outputs [b, L, d_model], logits."""
-    kept: dict[int, torch.Tensor] = {}
-    blocks = model.adapter.blocks()
-
-    def hook(i):
-        def f(mod, args, out):
-            kept[i] = (out[0] if isinstance(out, tuple) else out).detach()
-        return f
-
-    handles = [blocks[i].register_forward_hook(hook(i)) for i in layers]
-    try:
-        with capture(model, layers, ("coef", "out"), stop=False) as cap:
-            out = model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return cap, kept, out.logits
+def _forward(model, layers, part):
+    """One forward pass on the hook layer: {(point, layer): [b, L, ·]} for ffn.coef, ffn.out and resid.post
+    of every layer, and the model's logits [b, L, d_vocab]."""
+    kept: dict = {}
+    points = [(name, layer) for layer in layers for name in ("ffn.coef", "ffn.out", "resid.post")]
+    with hooks(model, record(points, kept)):
+        logits = forward(model, part).logits
+    return kept, logits
 
 
 @torch.inference_mode()
 def max_abs_coef(model, sample: Sample, layers, tokens_per_batch: int = 1024) -> dict[int, torch.Tensor]:
     """max |m_i| over the sample's counted tokens, per layer [d_mlp] float32 (the activity threshold's scale)."""
     out: dict[int, torch.Tensor] = {}
-    for ids, mask, counted, _ in token_batches(sample, model.device, tokens_per_batch):
-        with capture(model, layers, ("coef",), stop=True) as cap:
-            model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
+    for part in row_batches(sample, model.device, tokens_per_batch):
+        if not part.counted.any():
+            continue
+        kept: dict = {}
+        with hooks(model, record([("ffn.coef", layer) for layer in layers], kept), stop_after=True):
+            forward(model, part)
         for layer in layers:
-            m = cap.coef[layer][counted].abs().float().amax(0) if counted.any() else None
-            if m is not None:
-                out[layer] = m if layer not in out else torch.maximum(out[layer], m)
+            m = kept[("ffn.coef", layer)][part.counted].abs().float().amax(0)
+            out[layer] = m if layer not in out else torch.maximum(out[layer], m)
     return out
 
 
-def _layer_units(rd: Readout, lay, tops, m, o, x, final, maxabs, tau, gen, norms) -> dict[str, torch.Tensor]:
-    """Per-token columns of one layer for N counted tokens: m [N, d_mlp], o, x [N, d_model], final [N]."""
+def _layer_units(rd: Readout, lay, tops, W, m, y, x, final, maxabs, tau, gen, norms) -> dict[str, torch.Tensor]:
+    """Per-token columns of one layer for N counted tokens: m [N, d_mlp], the FFN output y and the block
+    output x [N, d_model], final [N]; W [d_mlp, d_model] the written value vectors (FFNLayer)."""
     N, d = m.shape
     nan = torch.full((N,), float("nan"), device=m.device)
-    r = x.float() - o.float()
-    Lr, Lo, Lx = rd.logits(r), rd.logits(o), rd.logits(x)
+    s = lay.norm_scale(y) if lay.post_norm is not None else torch.ones(N, 1, device=m.device)  # [N, 1]
+    o = lay.write(m, y)  # what the layer adds to the residual stream (= y, times Granite's multiplier, ...)
+    x = x.float()
+    r = x - o
+    Lr, Lx = rd.logits(r), rd.logits(x)
+    Lo = rd.raw(o)
     top_r, top_o, top_x = Lr.argmax(-1), Lo.argmax(-1), Lx.argmax(-1)
-    pr, px = Lr.softmax(-1), Lx.softmax(-1)
+    pr, px = Lr.softmax(-1), Lx.softmax(-1)  # through the model's logit transform
     f = lambda b: b.float()  # noqa: E731
     u = {"case_residual": f((top_x == top_r) & (top_x != top_o)), "case_ffn": f((top_x == top_o) & (top_x != top_r)),
          "case_agreement": f((top_x == top_r) & (top_x == top_o)),
@@ -149,8 +130,8 @@ def _layer_units(rd: Readout, lay, tops, m, o, x, final, maxabs, tau, gen, norms
     rnd = score.topk(k, dim=1).indices
     u["novel_top10"] = f(~hit.gather(1, big).any(1))
     enough = active.sum(1) >= k
-    A = (rd.linear(lay.W_out) @ rd.W_U[:, top_o]).T  # [N, d_mlp]: g(v_i)·U[:, top_o]
-    c = rd.kappa(o)[:, None] * m.float() * A  # contribution of each sub-update to logits(o)[top_o]
+    A = (rd.linear(W) @ rd.W_U[:, top_o]).T  # [N, d_mlp]: g(w_i)·U[:, top_o]
+    c = (rd.kappa(o)[:, None] * s) * m.float() * A  # contribution of each sub-update m_i·w_i·s to raw(o)[top_o]
     own = Lo.gather(1, top_o[:, None])[:, 0] - rd.mean_beta[top_o]
     for name, idx, ok in (("dom", big, torch.ones_like(enough)), ("rand", rnd, enough)):
         h = hit.gather(1, idx)
@@ -168,21 +149,23 @@ def _layer_units(rd: Readout, lay, tops, m, o, x, final, maxabs, tau, gen, norms
     return u
 
 
-def _value_tops(model, rd: Readout, layers, cache: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, each neuron's sub-update top token for m > 0 and m < 0 ([d_mlp] int64 each). With ``cache``
-    and a symmetric readout they are the through-norm projection's top and bottom ids (kvmem.vocab's disk
-    cache, computed once per model); otherwise computed here."""
-    if cache and rd.symmetric:
+def _value_tops(model, rd: Readout, layers, W: dict, cache: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, each neuron's sub-update top token for m > 0 and m < 0 ([d_mlp] int64 each), from the written
+    value vectors W[layer]. With ``cache``, a symmetric readout (no norm or head bias) and no post-FFN norm
+    (w_i a positive multiple of v_i) they are the through-norm projection's top and bottom ids (kvmem.vocab's
+    disk cache, computed once per model); otherwise computed here."""
+    plain = all(model.layers[layer].post_norm is None and model.layers[layer].write_scale > 0 for layer in layers)
+    if cache and rd.symmetric and plain:
         from kvmem.vocab import project_values
 
         p = project_values(model, k=10, through_norm=True, cache=True)
         return {layer: (p["top_ids"][layer, :, 0].to(model.device), p["bottom_ids"][layer, :, 0].to(model.device))
                 for layer in layers}
-    return {layer: rd.value_tops(model.layers[layer].W_out) for layer in layers}
+    return {layer: rd.value_tops(W[layer]) for layer in layers}
 
 
 @torch.inference_mode()
-def composition(model, sample: Sample, layers=None, *, cache: bool = True, tokens_per_batch: int = 1024,
+def composition(model: KVModel, sample: Sample, layers=None, *, cache: bool = True, tokens_per_batch: int = 1024,
                 tau: float = TAU, seed: int = 0, max_abs: dict | None = None, n_boot: int = ci.N_BOOT,
                 progress=None) -> AnalysisResult:
     """Per-layer shares of the columns in the module docstring, over the sample's counted tokens.
@@ -192,30 +175,37 @@ def composition(model, sample: Sample, layers=None, *, cache: bool = True, token
     layers = check_layers(model, layers)
     if not 0 <= tau < 1:
         raise KvmemError(f"tau must be in [0, 1), got {tau}")
+    refused = [layer for layer in layers if model.layers[layer].post_norm_reads_residual]
+    if refused:
+        raise KvmemError(f"layer {refused[0]}'s post-norm reads the residual stream (OPT post-LN): the block output "
+                         "is no sum of residual and FFN update, so the composition measures do not apply")
     rd = Readout(model)
     if max_abs is None:
         max_abs = max_abs_coef(model, sample, layers, tokens_per_batch)
     if not max_abs:
         raise KvmemError("the sample has no counted token")
-    tops = _value_tops(model, rd, layers, cache)
-    norms = {layer: model.value_norms(layer).to(model.device) for layer in layers}
+    W = {layer: model.layers[layer].value_vectors_written().to(model.device) for layer in layers}
+    tops = _value_tops(model, rd, layers, W, cache)
+    norms = {layer: W[layer].norm(dim=1) for layer in layers}
     gen = torch.Generator().manual_seed(seed)
     frames, n_tok = [], 0
-    for ids, mask, counted, doc in token_batches(sample, model.device, tokens_per_batch):
+    for part in row_batches(sample, model.device, tokens_per_batch):
+        counted = part.counted
         if not counted.any():
             continue
-        cap, kept, logits = _forward(model, layers, ids, mask)
+        kept, logits = _forward(model, layers, part)
         final = logits.float().masked_fill(~rd.defined, float("-inf"))[counted].argmax(-1)
         where = counted.nonzero()
-        docs = doc[counted.cpu()].numpy()
         n_tok += int(counted.sum())
         for layer in layers:
-            u = _layer_units(rd, model.layers[layer], tops[layer], cap.coef[layer][counted], cap["out"][layer][counted],
-                             kept[layer][counted], final, max_abs[layer].to(model.device), tau, gen, norms[layer])
+            got = [kept[(name, layer)][counted] for name in ("ffn.coef", "ffn.out", "resid.post")]
+            u = _layer_units(rd, model.layers[layer], tops[layer], W[layer], *got, final,
+                             max_abs[layer].to(model.device), tau, gen, norms[layer])
             frame = pd.DataFrame({k: v.double().cpu().numpy() for k, v in u.items()})
             frame.insert(0, "layer", layer)
-            frame.insert(1, "doc", docs)
-            frame.insert(2, "pos", where[:, 1].cpu().numpy())
+            frame.insert(1, "doc", part.doc[counted].cpu().numpy())
+            frame.insert(2, "index", part.index[counted].cpu().numpy())
+            frame.insert(3, "pos", where[:, 1].cpu().numpy())
             frames.append(frame)
         if progress is not None:
             progress(f"composition {n_tok} tokens")
@@ -227,9 +217,11 @@ def composition(model, sample: Sample, layers=None, *, cache: bool = True, token
     meta = {"n_tokens": n_tok, "n_docs": int(units.doc.nunique()), "sample": sample.source,
             "readout": READOUT, "top_sub_updates": TOP_SUB, "tau": tau, "seed": seed, "n_boot": n_boot,
             "active": f"|m_i| > {tau} x the neuron's max |m| over the sample's counted tokens (both signs)",
-            "ffn_update": "o = m·W_out + b_out (b_out included, so block output = residual + o exactly); "
-                          "sub-updates are the m_i·v_i terms, b_out is no memory",
-            "cluster": "doc" if getattr(sample, "doc", None) is not None else "row (the sample carries no document ids)",
+            "ffn_update": "o = what the layer writes into the residual stream (FFNLayer.write: m·W_out + b_out, "
+                          "through a post-FFN norm and residual multiplier where the family has them), so block "
+                          "output = residual + o exactly; sub-updates are the m_i·w_i·s terms, b_out is no memory",
+            "dominant": f"the {TOP_SUB} sub-updates with the largest |m_i|·‖w_i‖ (w_i the written value vector)",
+            "cluster": "doc (global document id; the row number for a bare id stream)",
             "baseline": "novel_paired: novel_active against the active memories of a random other token of the "
                         "same batch (derangement, seeded); rand_*: 10 random active sub-updates",
             "paper": {"novel_active": "Geva 2021 §5.1: >= 0.68 in every layer",

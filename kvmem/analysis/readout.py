@@ -22,8 +22,10 @@ s(y) > 0 a per-vector scale and β its bias (0 for RMSNorm). Hence:
         logits(o)_w - (β·W_U + b_U)_w = Σ_i κ(o)·m_i·(g(v_i)·W_U)_w + κ(o)·(g(b_out)·W_U)_w
     exactly (``linear`` and ``kappa``). The probe is checked at construction; a norm outside this
     form is refused, named.
-Logit soft-capping (a monotone map of each logit) does not change a top token; probabilities here
-are softmax of the masked float32 logits above.
+The adapter's logit transform (logit scale, soft-capping: monotone per logit) is applied before any
+probability (``logits``); top tokens and the additive split use the untransformed ``raw`` logits.
+With a post-FFN norm (Gemma 2/3, OLMo 2) the FFN update is what the layer writes (FFNLayer.write) and the
+sub-updates are m_i·w_i·s with w_i the written value vectors and s > 0 the token's post-norm scale.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Readout:
         b_U = model.adapter.b_U
         self.b_U = None if b_U is None else b_U.detach().to(device=device, dtype=torch.float32)
         self.defined = vocab_mask(model).to(device)  # [d_vocab] bool
+        self.transform = model.adapter.logit_transform  # logit scale / soft-capping: monotone per logit
         d = self.W_U.shape[0]
         with torch.inference_mode():
             self.beta = self.norm(torch.zeros(1, d, device=device))[0]  # [d_model]
@@ -78,11 +81,19 @@ class Readout:
         return y - y.mean(-1, keepdim=True) if getattr(self, "centred", False) else y
 
     @torch.inference_mode()
-    def logits(self, y: torch.Tensor) -> torch.Tensor:
-        """logits(y) [N, d_vocab] float32 for y [N, d_model]; undefined ids -inf."""
+    def raw(self, y: torch.Tensor) -> torch.Tensor:
+        """final_norm(y)·W_U + b_U [N, d_vocab] float32 for y [N, d_model], before the model's logit
+        transform; undefined ids -inf."""
         out = self.norm(y.to(self.device, torch.float32)) @ self.W_U
         if self.b_U is not None:
             out = out + self.b_U
+        return out.masked_fill_(~self.defined, float("-inf"))
+
+    @torch.inference_mode()
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        """The model's logits of y [N, d_vocab] float32: ``raw`` through the adapter's logit transform (logit
+        scale, soft-capping; the same top token), undefined ids -inf."""
+        out = self.transform(self.raw(y).masked_fill_(~self.defined, 0.0))
         return out.masked_fill_(~self.defined, float("-inf"))
 
     def linear(self, y: torch.Tensor) -> torch.Tensor:
@@ -98,15 +109,16 @@ class Readout:
 
     @torch.inference_mode()
     def value_tops(self, W_out: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top token of f(+v_i)·W_U and of f(-v_i)·W_U for every row v_i of W_out [d_mlp, d_model]:
+        """Top token of f(+v_i)·W_U and of f(-v_i)·W_U for every row v_i of W_out [d_mlp, d_model] (the
+        written value vectors w_i where a post-FFN norm or a residual multiplier applies):
         two [d_mlp] int64 tensors (what neuron i's sub-update predicts when m_i > 0, when m_i < 0)."""
         pos, neg = [], []
         for start in range(0, W_out.shape[0], chunk):
             v = W_out[start:start + chunk].to(self.device, torch.float32)
-            lv = self.logits(v)
+            lv = self.raw(v)
             pos.append(lv.argmax(-1))
             if self.symmetric:  # one product serves both signs
                 neg.append(lv.masked_fill_(~self.defined, float("inf")).argmin(-1))
             else:
-                neg.append(self.logits(-v).argmax(-1))
+                neg.append(self.raw(-v).argmax(-1))
         return torch.cat(pos), torch.cat(neg)

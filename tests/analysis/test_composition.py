@@ -31,13 +31,12 @@ def make_sample():
     """6 rows of 16 ids; position 0 not counted (the BOS position), the last row padded after 10 tokens;
     documents: rows 0-1, 2-3, 4, 5."""
     g = torch.Generator().manual_seed(3)
-    s = Sample(torch.randint(0, VOCAB, (6, 16), generator=g), "test rows")
-    s.mask = torch.ones(6, 16, dtype=torch.bool)
-    s.mask[5, 10:] = False
-    s.counted = s.mask.clone()
-    s.counted[:, 0] = False
-    s.doc = torch.tensor([0, 0, 1, 1, 2, 3])[:, None].expand(6, 16).clone()
-    return s
+    mask = torch.ones(6, 16, dtype=torch.bool)
+    mask[5, 10:] = False
+    counted = mask.clone()
+    counted[:, 0] = False
+    doc = torch.tensor([0, 0, 1, 1, 2, 3])[:, None].expand(6, 16).clone()
+    return Sample(torch.randint(0, VOCAB, (6, 16), generator=g), "test rows", mask=mask, counted=counted, doc=doc)
 
 
 def hf_parts(family, hf):
