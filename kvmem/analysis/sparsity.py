@@ -15,7 +15,8 @@ Per layer, over the sample's counted tokens (no BOS, padding or skipped position
   q_gate_{pos,neg}_up_{pos,neg}  gated FFNs: share of (token, neuron) pairs in each sign quadrant of
                           gate = x·W_gate + b_gate and up = x·W_in + b_in
 Every rate r in RATES has r_lo, r_hi (95% cluster bootstrap over documents, kvmem.analysis.ci), n_r (tokens)
-and the layer row n_units / n_clusters (tokens / documents). The ``units`` table has one row per (layer,
+and the layer row n_tokens / n_docs (tokens / documents); the ``model`` row pools every layer's tokens
+(its intervals from the same bootstrap over documents). The ``units`` table has one row per (layer,
 counted token): layer, doc, index and the RATES as floats (the token's share), for pooled depth thirds.
 ``neuron_stats`` (a pass over the sample) gives each neuron's max |m|, its |m|-based active rate and the
 m > 0 firing rate (secondary).
@@ -42,11 +43,9 @@ if TYPE_CHECKING:
 MAX_FRACTIONS = (0.01, 0.1)
 MEAN_MULTIPLES = (1.0, 10.0)
 CARRY = (0.5, 0.9)
-RATES = ("active1", "active10", "active_gt0", "carry50_share", "carry90_share")
-
-
-def _tag(f: float) -> str:
-    return f"active{round(f * 100)}"
+# the per-token rates, in the order on_layer stacks them: active1, active10, active_gt0, carry50_share, carry90_share
+RATES = (tuple(f"active{round(f * 100)}" for f in MAX_FRACTIONS) + ("active_gt0",)
+         + tuple(f"carry{round(p * 100)}_share" for p in CARRY))
 
 
 @torch.inference_mode()
@@ -191,9 +190,14 @@ def sparsity(model: KVModel, sample: Sample, layers=None, *, maxima: dict | None
         for j, name in enumerate(("q_gate_pos_up_pos", "q_gate_pos_up_neg", "q_gate_neg_up_pos", "q_gate_neg_up_neg")):
             per_layer[name] = q[:, j]
     units = allu[["layer", "doc", "index", *RATES]].astype({c: np.float32 for c in RATES})
-    summary = per_layer.drop(columns=["layer"]).mean(numeric_only=True).to_frame().T
+    # the model row: every rate pooled over the layers' units (intervals from the same bootstrap), other
+    # columns the mean over layers
+    summary = ci.bootstrap(allu, list(RATES), n_boot=n_boot, seed=seed).drop(columns=["n_units", "n_clusters"])
+    rest = [c for c in per_layer.columns if c not in summary.columns and c not in ("layer", "n_tokens", "n_docs")]
+    summary = pd.concat([summary, per_layer[rest].mean(numeric_only=True).to_frame().T], axis=1)
     summary.insert(0, "layers", len(layers))
     summary["n_tokens"] = n
+    summary["n_docs"] = sample.n_docs
     meta = {"n_tokens": n, "n_docs": sample.n_docs, "sample": sample.source,
             "active": "|m_i| > f x max |m_i| (magnitude: a SwiGLU neuron at m = -5 is active); "
                       "active_gt0 = m > 0 is secondary (sign-blind)",
