@@ -4,12 +4,16 @@ A run profiled by this kvmem keeps, for every example the report can show, the n
 example's context window (kvmem.stats.context, ``LayerStats.context``): ``stored`` reads them, and no
 model runs. ``context_shading`` (what the report calls) uses them for every example they cover and falls
 back on ``shade`` only for the rest (older runs without windows, options asking for more examples or
-context than the profile kept, windows across a shard boundary), and only when a model is given.
+context than the profile kept), and only when a model is given.
 
-``shade`` re-runs the model: it is run again over the original input rows (row r = tokens [r·seq_len, (r+1)·seq_len) of the token store,
-exactly as the profiler batched them), capturing the profiled layers, and m[token, neuron] is gathered
-for every window token of every example. Rows are taken in order of need (top examples first) up to a
-token budget; an example is shaded only if all its window's rows were re-run. The activating token's
+A window is shaded over the positions of the example's own model row (the run's RowLayout,
+kvmem.profile.tokens): what the model saw before the token and the row's tokens after it; positions of
+the document outside the row (and a row's first token where the statistics skip it) show unshaded.
+
+``shade`` re-runs the model over the original input rows (``run.layout.batch``: the BOS first where the
+run had one, padded rows under their attention mask), capturing the profiled layers, and
+m[token, neuron] is gathered for every window token of every example. Rows are taken in order of need
+(top examples first) up to a token budget; an example is shaded only if its row was re-run. The activating token's
 re-computed value is checked against the stored one (``max_rel_error``).
 
 Shading is stored per example as one string with a letter per window token: level = round(10 · m /
@@ -27,7 +31,6 @@ import torch
 
 from kvmem.capture import capture
 from kvmem.profile.run import Run
-from kvmem.profile.tokens import TokenStore
 
 if TYPE_CHECKING:
     from kvmem.stats import LayerStats
@@ -46,30 +49,40 @@ class Shading:
     max_rel_error: float = 0.0  # activating token: |recomputed - stored| / max|m| of the neuron
 
 
+def needed(run: Run, index: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """[..., before + 1 + after] bool: the window positions of each global index [...] that lie in its model
+    row and enter the statistics (False everywhere for index < 0)."""
+    lay = run.layout
+    flat = index.reshape(-1).long()
+    valid = flat >= 0
+    row = lay.row_of(torch.where(valid, flat, lay.starts[:1].expand_as(flat))) if flat.numel() else flat
+    start = lay.starts[row]
+    t = flat[:, None] + torch.arange(-before, after + 1)
+    ok = valid[:, None] & (t >= start[:, None]) & (t < (start + lay.lengths[row])[:, None])
+    if lay.skip_first and lay.first == 0:  # no BOS: the row's first token is left out of the statistics
+        ok &= t != start[:, None]
+    return ok.reshape(*index.shape, -1)
+
+
 def shade(model, run: Run, examples: dict, before: int, after: int, budget_tokens: int, batch_rows: int = 8
           ) -> Shading:
     """``examples[layer][kind] = (values [d_mlp, n], index [d_mlp, n])``; returns the shading of each window."""
-    seq_len = run.seq_len
+    lay = run.layout
     store = run.tokens
-    offset = store.offset
     offs = torch.arange(-before, after + 1)
-    # windows' global token indices, per (layer, kind): [d_mlp, n, W]; -1 where not a token of the doc
-    from kvmem.report.data import windows
-
-    plan = {}
+    plan = {}  # (layer, kind) -> global token index of each needed window position [d_mlp, n, W], -1 elsewhere
     needed_rows = []
     for layer, kinds in examples.items():
         for kind, (_, index) in kinds.items():
-            ok = windows(store, index, before, after) >= 0
+            ok = needed(run, index, before, after)
             g = torch.where(ok, index[..., None].clamp(min=0) + offs, torch.full_like(ok, -1, dtype=torch.long))
             plan[(layer, kind)] = g
-            rows = g[g >= 0] // seq_len
-            needed_rows.append(rows.flatten())
+            needed_rows.append(lay.row_of(index[index >= 0]).flatten())
     priority = torch.cat(needed_rows) if needed_rows else torch.zeros(0, dtype=torch.long)
     uniq, first = np.unique(priority.numpy(), return_index=True)
-    ordered = uniq[np.argsort(first, kind="stable")]
-    keep = ordered[: max(0, budget_tokens // seq_len)]
-    rows = torch.as_tensor(np.sort(keep), dtype=torch.long)
+    ordered = torch.as_tensor(uniq[np.argsort(first, kind="stable")], dtype=torch.long)
+    cost = torch.cumsum(lay.lengths[ordered] + lay.first, 0) if ordered.numel() else ordered
+    rows = torch.sort(ordered[cost <= budget_tokens]).values
     result = Shading(rows=int(rows.numel()))
     if rows.numel() == 0:
         return result
@@ -86,34 +99,30 @@ def shade(model, run: Run, examples: dict, before: int, after: int, budget_token
             gs.append(g[sel])
             ns.append(neuron[sel])
         g, n = torch.cat(gs), torch.cat(ns)
-        inrun = torch.isin(g // seq_len, rows)
-        requests[layer] = (g[inrun], n[inrun])
+        row = lay.row_of(g) if g.numel() else g
+        inrun = torch.isin(row, rows)
+        requests[layer] = (g[inrun], n[inrun], row[inrun], lay.position(g[inrun]) if inrun.any() else g[inrun])
         values[layer] = torch.full((int(inrun.sum()),), float("nan"))
     for b in range(0, rows.numel(), batch_rows):
-        batch = rows[b:b + batch_rows]
-        lens = [min(seq_len, offset + store.n_tokens - int(r) * seq_len) for r in batch]
-        for length in sorted(set(lens)):  # the short last row runs on its own
-            sub = batch[torch.as_tensor(lens) == length]
-            ids = torch.stack([store.ids[int(r) * seq_len - offset:int(r) * seq_len - offset + length]
-                               for r in sub]).long()
-            result.tokens += ids.numel()
+        sub = rows[b:b + batch_rows]
+        batch = lay.batch(store, sub)
+        result.tokens += int(batch.mask.sum())
 
-            def on_layer(layer, t, sub=sub, length=length):
-                g, n = requests[layer]
-                r = g // seq_len
-                mine = torch.isin(r, sub)
-                if not mine.any():
-                    return
-                slot = torch.searchsorted(sub, r[mine])  # sub is sorted
-                coef = t["coef"].float().cpu()  # [rows, length, d_mlp]
-                values[layer][mine] = coef[slot, g[mine] - r[mine] * seq_len, n[mine]]
+        def on_layer(layer, t, sub=sub):
+            g, n, r, p = requests[layer]
+            mine = torch.isin(r, sub)
+            if not mine.any():
+                return
+            slot = torch.searchsorted(sub, r[mine])  # sub is sorted
+            coef = t["coef"].float().cpu()  # [rows, L, d_mlp]
+            values[layer][mine] = coef[slot, p[mine], n[mine]]
 
-            with torch.inference_mode(), capture(model, layers, ("coef",), stop=True, on_layer=on_layer):
-                model.hf(input_ids=ids.to(model.device), use_cache=False)
+        with torch.inference_mode(), capture(model, layers, ("coef",), stop=True, on_layer=on_layer):
+            model.hf(input_ids=batch.ids.to(model.device), attention_mask=batch.mask.to(model.device), use_cache=False)
     for layer in layers:
         stats = run.layer_stats(layer)
         scale = _scale(stats)
-        g_req, n_req = requests[layer]
+        g_req, n_req = requests[layer][:2]
         vals = values[layer]
         # dense map back: one dict keyed by (g, n) would be slow for big layers; sort instead
         key = g_req * stats.d_mlp + n_req
@@ -132,13 +141,11 @@ def shade(model, run: Run, examples: dict, before: int, after: int, budget_token
     return result
 
 
-def stored(stats: dict[int, LayerStats], store: TokenStore, examples: dict, before: int, after: int
-           ) -> Shading | None:
+def stored(run: Run, examples: dict, before: int, after: int) -> Shading | None:
     """The shading of each window from the run's context windows (``examples`` as for ``shade``); None if
     a layer holds none (a run profiled by an older kvmem). Examples whose window the run does not hold
-    whole (inside the example's document) get None, like those ``shade`` leaves out."""
-    from kvmem.report.data import windows
-
+    whole (the positions of ``needed``) get None, like those ``shade`` leaves out."""
+    stats = run.stats
     if any(stats[layer].context is None for layer in examples):
         return None
     result = Shading()
@@ -152,9 +159,9 @@ def stored(stats: dict[int, LayerStats], store: TokenStore, examples: dict, befo
                 m = ctx.lookup(neuron, index)[..., ctx.before - before:ctx.before + after + 1].cpu()  # [d, n, W]
             else:  # more context than the profile kept
                 m = torch.full((*index.shape, before + 1 + after), float("nan"))
-            in_doc = windows(store, index, before, after) >= 0
-            m = torch.where(in_doc, m, torch.full_like(m, float("nan")))
-            result.per_layer[layer][kind] = _encode(result, m, in_doc, v, index, scale, before)
+            want = needed(run, index, before, after)
+            m = torch.where(want, m, torch.full_like(m, float("nan")))
+            result.per_layer[layer][kind] = _encode(result, m, want, v, index, scale, before)
     return result
 
 
@@ -163,7 +170,7 @@ def context_shading(run: Run, examples: dict, before: int, after: int, model=Non
     """The report's shading and its note: the stored windows where they cover an example; with ``model``,
     the model re-run (``shade``) over the rows of the other examples only; otherwise those show only the
     activating token."""
-    got = stored(run.stats, run.tokens, examples, before, after)
+    got = stored(run, examples, before, after)
     if got is None:  # a run without context windows
         if model is None:
             return None, NO_CONTEXT
@@ -204,7 +211,7 @@ def _unshaded(per_neuron: list, index: torch.Tensor) -> torch.Tensor:
 def _encode(result: Shading, m: torch.Tensor, in_doc: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
             scale: torch.Tensor, before: int) -> list:
     """Level strings [d_mlp][n] (None: not shaded) of windows m [d_mlp, n, W] (NaN: not known; positions
-    outside the document, in_doc False, are not needed); counts into ``result``."""
+    outside the row, in_doc False, are not needed and show as level 0); counts into ``result``."""
     complete = ((~torch.isnan(m)) | ~in_doc).all(-1) & (index >= 0)  # [d_mlp, n]
     at = m[..., before]
     err = ((at - v.float()).abs() / scale[:, None])[complete]

@@ -100,27 +100,32 @@ def test_report_with_the_model_runs_no_forward_pass_for_shading(tmp_path, runs, 
 
 def test_bfloat16_windows_are_the_brute_force_m_rounded(report_dir, report_run):
     """The default run (bfloat16 windows), report built with the model: every shaded position is
-    round(10·bf16(m)/max|m|) of m from a brute-force forward pass over the rows, 'K' outside the document;
-    against the oracle's float32 m that moves a level by at most one, rarely."""
+    round(10·bf16(m)/max|m|) of m from a brute-force forward pass over each document row alone (BOS first,
+    pieces of seq_len - 1 tokens), 'K' outside the example's row; against the oracle's float32 m that moves
+    a level by at most one, rarely."""
     run, model = report_run
-    seq_len, ids = run.manifest["settings"]["seq_len"], run.tokens.ids.long()
+    seq_len, store = run.manifest["settings"]["seq_len"], run.tokens
+    ids, bos = store.ids.long(), model.tokenizer.bos_token_id
+    assert bos is not None and run.layout.bos_id == bos
+    pieces = [(a, min(a + seq_len - 1, int(store.doc_offsets[d + 1]))) for d in range(store.n_docs)
+              for a in range(int(store.doc_offsets[d]), int(store.doc_offsets[d + 1]), seq_len - 1)]
+    row = torch.cat([torch.full((b - a,), r) for r, (a, b) in enumerate(pieces)])  # row of each token
     opts = ReportOptions()
     expected, examples = oracle(model, run, opts)
     meta = load_data(report_dir / "data" / "meta.js")
     assert "kept by the profile" in meta["shade_note"]
     positions = differ = 0
     for layer in run.profiled_layers:
-        m = torch.cat([kvmem.run_capture(model, ids[a:a + seq_len][None], layers=[layer]).coef[layer][0]
-                       for a in range(0, len(ids), seq_len)])  # [n_tokens, d_mlp]
+        m = torch.cat([kvmem.run_capture(model, torch.cat([torch.tensor([bos]), ids[a:b]])[None],
+                                         layers=[layer]).coef[layer][0, 1:] for a, b in pieces])  # [n_tokens, d_mlp]
         s = run.stats[layer]
         scale = torch.maximum(s.max.abs(), s.min.abs())
         for kind in examples[layer]:
             got = page_strings(report_dir, layer, kind, examples)
             index = examples[layer][kind][1]
-            win = rdata.windows(run.tokens, index, opts.before, opts.after)  # [d, n, W] token ids, -1 outside
             for n, j in (index >= 0).nonzero().tolist():
                 g = int(index[n, j]) + torch.arange(-opts.before, opts.after + 1)
-                inside = win[n, j] >= 0
+                inside = (g >= 0) & (g < len(ids)) & (row[g.clamp(0, len(ids) - 1)] == row[int(index[n, j])])
                 mb = m[g.clamp(0, len(ids) - 1), n].to(torch.bfloat16).float()
                 level = torch.round(10 * mb / scale[n]).clamp(-10, 10).long()
                 want = "".join(chr(ord("K") + int(x)) if ok else "K" for x, ok in zip(level, inside))
@@ -136,7 +141,7 @@ def test_a_run_without_windows_falls_back_on_the_model(tmp_path, runs, report_ru
     _, model = report_run
     run = runs["old"]
     assert not any(run.has_context(layer) for layer in run.profiled_layers)
-    assert shade_mod.stored(run.stats, run.tokens, {0: {}}, 10, 4) is None
+    assert shade_mod.stored(run, {0: {}}, 10, 4) is None
     plain = build_report(run, tmp_path / "plain")
     assert load_data(plain.path / "data" / "meta.js")["shade_note"] == shade_mod.NO_CONTEXT
     assert not load_data(plain.path / "data" / "layer-0.js")["shaded"]
