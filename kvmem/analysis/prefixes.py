@@ -9,38 +9,15 @@ padding) and ``last [b]`` (the position of each prefix's last real token).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from kvmem.profile.run import Run
-from kvmem.profile.tokens import TokenStore
+from kvmem.profile.tokens import RowLayout, TokenStore
 
 
-@dataclass(frozen=True)
-class LegacyLayout:
-    """The row layout of runs of format <= 2 (kvmem.profile.tokens' RowLayout spec): rows are consecutive blocks
-    of ``seq_len`` tokens of the global stream, no BOS, rows may span documents, no position skipped."""
-
-    seq_len: int
-    bos_id: int | None = None
-    doc_rows: bool = False
-    skip_first: bool = False
-
-    def position(self, index: torch.Tensor) -> torch.Tensor:
-        """Global index [...] -> position in its model row."""
-        return index % self.seq_len
-
-    def prefix(self, store: TokenStore, index: int) -> list[int]:
-        start = index - index % self.seq_len
-        return store.ids[start - store.offset:index - store.offset + 1].tolist()
-
-
-def layout_of(run: Run):
-    """The run's row layout (``Run.layout``, kvmem.profile.tokens.RowLayout); runs without one are laid out as
-    LegacyLayout."""
-    layout = getattr(run, "layout", None)  # Run.layout lands with issue 12 item 3; until then every run is legacy
-    return LegacyLayout(run.seq_len) if layout is None else layout
+def layout_of(run: Run) -> RowLayout:
+    """The run's row layout (kvmem.profile.tokens.RowLayout; runs of format <= 2 get the legacy stream rows)."""
+    return run.layout
 
 
 def n_bos(layout) -> int:

@@ -72,6 +72,12 @@ def test_lexical_matches_brute_force(tiny_models, runs, name):
             assert lo - 1e-12 <= table.loc[layer, f"kept_{L}"] <= hi + 1e-12
 
 
+def test_runs_cover_bos_and_stream_rows(runs):
+    assert layout_of(runs["gpt2"]).bos_id is not None and layout_of(runs["gpt2"]).doc_rows
+    assert layout_of(runs["gpt2-shard"]).bos_id is not None and runs["gpt2-shard"].tokens.offset > 0
+    assert layout_of(runs["gpt2-stream"]).bos_id is None and not layout_of(runs["gpt2-stream"]).doc_rows
+
+
 def test_lexical_rejects_bad_input(tiny_models, runs):
     with pytest.raises(KvmemError, match="n_neurons"):
         lexical(tiny_models["gpt2"], runs["gpt2"], n_neurons=-1)
