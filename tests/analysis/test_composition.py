@@ -41,6 +41,9 @@ def make_sample():
 
 def hf_parts(family, hf):
     """(final norm module, list of MLP modules, m from the MLP input) read straight from HF's modules."""
+    if family == "gemma2":
+        mlps = [b.mlp for b in hf.model.layers]
+        return hf.model.norm, mlps, lambda mlp, xin: mlp.act_fn(mlp.gate_proj(xin)) * mlp.up_proj(xin)
     if family == "gpt2":
         mlps = [b.mlp for b in hf.transformer.h]
         return hf.transformer.ln_f, mlps, lambda mlp, xin: mlp.act(mlp.c_fc(xin))
@@ -62,9 +65,12 @@ def brute_force(family, hf, sample):
     norm64 = copy.deepcopy(norm).double()
     U = hf.get_output_embeddings().weight.double().T  # [d_model, V]
     ids, mask, counted = sample.rows, sample.mask, sample.counted
-    seen = {}
+    seen, post = {}, {}
     hooks = [mlp.register_forward_hook(lambda mod, a, o, i=i: seen.__setitem__(i, (a[0], o)))
              for i, mlp in enumerate(mlps)]
+    if family == "gemma2":  # the post-FFN norm's output is what the layer writes
+        hooks += [b.post_feedforward_layernorm.register_forward_hook(lambda mod, a, o, i=i: post.__setitem__(i, o))
+                  for i, b in enumerate(hf.model.layers)]
     bare = copy.deepcopy(hf)
     if family == "gpt2":
         bare.transformer.ln_f = torch.nn.Identity()
@@ -83,6 +89,11 @@ def brute_force(family, hf, sample):
     def logits(y):
         return norm64(y) @ U
 
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+
+    def probs(raw):
+        return (raw if cap is None else torch.tanh(raw / cap) * cap).softmax(-1)
+
     gen = torch.Generator().manual_seed(0)
     N = int(counted.sum())
     out = {}
@@ -90,7 +101,14 @@ def brute_force(family, hf, sample):
         V = raw_values(family, hf, layer)
         d = V.shape[0]
         x = hidden[layer + 1].double()[counted]
-        o = seen[layer][1].double()[counted]
+        y = seen[layer][1].double()[counted]
+        o = post[layer].double()[counted] if family == "gemma2" else y
+        if family == "gemma2":  # written value vectors (1 + w)·v_i; per token scale 1/rms(y)
+            pn = hf.model.layers[layer].post_feedforward_layernorm
+            V = V * (1 + pn.weight.double())
+            s_post = 1 / torch.sqrt((y ** 2).mean(-1) + pn.eps)
+        else:
+            s_post = torch.ones(N, dtype=torch.float64)
         r = x - o
         m = ms[layer]
         maxabs = m.abs().max(0).values
@@ -122,11 +140,15 @@ def brute_force(family, hf, sample):
                 g, b, eps = norm.weight.double(), norm.bias.double(), norm.eps
                 P = lambda y: y - y.mean()  # noqa: E731
                 s_o = torch.sqrt(o[t].var(unbiased=False) + eps)
+            elif family == "gemma2":
+                g, b, eps = 1 + norm.weight.double(), torch.zeros_like(o[t]), norm.eps
+                P = lambda y: y  # noqa: E731
+                s_o = torch.sqrt((o[t] ** 2).mean() + eps)
             else:
                 g, b, eps = norm.weight.double(), torch.zeros_like(o[t]), norm.variance_epsilon
                 P = lambda y: y  # noqa: E731
                 s_o = torch.sqrt((o[t] ** 2).mean() + eps)
-            contrib = {i: float((g * P(m[t, i] * V[i]) / s_o) @ U[:, to]) for i in range(d)}
+            contrib = {i: float((g * P(m[t, i] * V[i] * s_post[t]) / s_o) @ U[:, to]) for i in range(d)}
             own = float(lo[to] - b @ U[:, to])
             for name, group, ok in (("dom", dom, True), ("rand", rnd, len(act) >= TOP_SUB)):
                 hits = [top_of(t, i) == to for i in group]
@@ -135,7 +157,7 @@ def brute_force(family, hf, sample):
                 col[f"{name}_top_share"].append(float(np.mean(hits)) if ok else np.nan)
                 col[f"{name}_logit"].append(total if ok else np.nan)
                 col[f"{name}_logit_share"].append(total / own if ok else np.nan)
-            pr, px = lr.softmax(-1), lx.softmax(-1)
+            pr, px = probs(lr), probs(lx)
             col["saturation"].append(tx == tr and px[tr] > pr[tr])
             col["elimination"].append(tx != tr and px[tr] < pr[tr])
             col["resid_is_final"].append(tr == int(final[t]))
@@ -150,9 +172,12 @@ def brute_force(family, hf, sample):
 FLOAT_COLS = {"dom_logit", "rand_logit", "dom_logit_share", "rand_logit_share", "resid_top_prob", "resid_final_prob"}
 
 
-@pytest.mark.parametrize("family,cache", [("gpt2", True), ("llama", True), ("llama", False)])
+@pytest.mark.parametrize("family,cache", [("gpt2", True), ("llama", True), ("llama", False), ("gemma2", True)])
 def test_composition_matches_brute_force(tok, family, cache):
-    hf = make_tiny(family).requires_grad_(False)
+    """GPT-2 (LayerNorm with bias), Llama (RMSNorm), Gemma 2 (post-FFN norm, (1 + w) gains, soft-capping)."""
+    from tests.conftest import make_tiny_new
+
+    hf = (make_tiny_new(family) if family == "gemma2" else make_tiny(family)).requires_grad_(False)
     model = from_hf(copy.deepcopy(hf), tok)
     sample = make_sample()
     res = composition(model, sample, tokens_per_batch=10_000, n_boot=200, cache=cache)
