@@ -1,157 +1,213 @@
 """``analyze(run)``: every analysis on a profiled run, written to ``RUN/analysis/``.
 
 RUN/analysis/
-  {measure}_{table}.parquet   the tables of each AnalysisResult (e.g. agreement_layers.parquet,
-                              agreement_pairs.parquet, sparsity_layers.parquet, sparsity_model.parquet,
-                              composition_layers.parquet, knockouts_layers.parquet, knockouts_long.parquet,
-                              lexical_layers.parquet, lexical_truncation.parquet, coactivation_partners.parquet)
-  findings.json               the claims and verdicts (kvmem.analysis.findings)
-  analysis.json               per measure: its meta (thresholds, token counts, baselines), seconds taken;
-                              the model, the run and the sample sizes
-Model-running measures use the first tokens of the run's token store, in the run's seq_len rows:
-``tokens`` for sparsity and co-activation, ``knockout_tokens`` and ``composition_tokens`` (each at most
-``tokens``) for the costlier ones.
+  {measure}_{table}.parquet   the tables of each AnalysisResult (e.g. agreement_layers.parquet, agreement_units,
+                              sparsity_layers, composition_layers, knockouts_layers, lexical_layers, ...)
+  findings.json               kvmem version, the rules' version and sha256, the verdicts and the paper-versus-
+                              measured table (kvmem.analysis.findings.document)
+  analysis.json               per measure: its meta (thresholds, token counts, baselines, seeds), the settings
+                              it ran with, its planned cost and the seconds it took; the model and the run
+Model-running measures take a sample of the run's own model rows drawn at random across its documents
+(kvmem.analysis.common.sample_from_run, seeded): ``tokens`` counted tokens for sparsity and co-activation,
+``composition_tokens`` and ``knockout_tokens`` (the first rows of the same random order) for the costlier
+ones. ``protocol(device)`` gives the defaults: the full protocol on a GPU, a short one on a CPU (a few
+minutes for the bundled SmolLM2-135M on 2 cores). ``plan`` states each measure's cost (tokens, forward
+passes) before anything runs.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from kvmem.analysis.common import run_slots, sample_from_run
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
 
 MEASURES = ("sparsity", "coactivation", "composition", "knockouts", "agreement", "lexical")
+# defaults by device kind: the full protocol on a GPU; on a CPU, sizes that finish in a few minutes for the
+# bundled model while every rate still gets a stated interval (see plan() for what each costs)
+PROTOCOL = {
+    "gpu": {"tokens": 32768, "composition_tokens": 8192, "knockout_tokens": 8192, "n_random": 5, "n_perm": 100,
+            "knockout_ks": None},
+    "cpu": {"tokens": 4096, "composition_tokens": 1024, "knockout_tokens": 512, "n_random": 3, "n_perm": 100,
+            "knockout_ks": "10pct"},
+}
 
 
-def run_neuron_stats(run: Run, layers) -> pd.DataFrame:
-    """(layer, neuron, firing_rate, max) from the run's statistics."""
-    frames = []
-    for layer in layers:
-        s = run.layer_stats(layer)
-        values, _ = run_slots(run, layer, "top")
-        frames.append(pd.DataFrame({"layer": layer, "neuron": range(values.shape[0]),
-                                    "firing_rate": s.firing_rate().cpu().numpy(), "max": values[:, 0].numpy()}))
-    return pd.concat(frames, ignore_index=True)
+def protocol(device) -> dict:
+    """The default sample sizes for a device ("cuda..." / "cpu" / torch.device)."""
+    return dict(PROTOCOL["gpu" if str(device).startswith("cuda") else "cpu"])
 
 
-def default_queries(run: Run, layers, stats: pd.DataFrame, rel: float = 0.25, min_rate: float = 0.001) -> list:
-    """Per layer, the neuron with the largest max among those estimated (from the run's histogram) to exceed
-    ``rel`` x their max on at least ``min_rate`` of the tokens; the largest max overall if none does."""
-    out = []
-    for layer, g in stats.groupby("layer"):
-        g = g.sort_values("neuron")
-        score = torch.tensor(g["max"].to_numpy(), dtype=torch.float64)
-        s = run.layer_stats(int(layer))
-        if s.n:
-            mx = torch.nan_to_num(s.max.double().cpu(), nan=0.0).clamp(min=0)
-            rate = s.count_above(rel * mx).double().cpu() / s.n
-            ok = rate >= min_rate
-            if bool(ok.any()):
-                score = torch.where(ok, score, torch.full_like(score, -torch.inf))
-        out.append((int(layer), int(score.argmax())))
+def _ks(setting, d_mlp: int):
+    if setting == "10pct":
+        return (max(1, d_mlp // 10),)
+    return tuple(setting) if setting else None
+
+
+@dataclass
+class Step:
+    """One measure's planned cost: counted ``tokens`` it rests on, model ``passes`` over them (a pass that
+    runs only the blocks from one layer on counts as one), vocabulary ``projections`` (rows x |V|), and the
+    progress ``total`` (layers for per-layer measures, else 1)."""
+
+    measure: str
+    tokens: int
+    passes: int
+    projections: int
+    total: int
+    note: str
+
+
+def plan(measures, n_layers_analysed: int, d_mlp: int, sizes: dict) -> list[Step]:
+    """What each measure will cost (printed by ``kvmem analyze`` before it starts)."""
+    L, out = n_layers_analysed, []
+    ks = sizes.get("ks") or ()
+    per_layer = 2 + len(ks) * (2 + sizes["n_random"])
+    for m in measures:
+        if m == "sparsity":
+            out.append(Step(m, sizes["tokens"], 1, 0, 1, "one pass, stops after the last analysed layer"))
+        elif m == "coactivation":
+            out.append(Step(m, sizes["tokens"], 1, 0, 1, "one pass, firing matrices per batch"))
+        elif m == "composition":
+            out.append(Step(m, sizes["composition_tokens"], 1, sizes["composition_tokens"] * L * 4, 1,
+                            "one pass with hidden states; per layer and token, readouts of residual, FFN update, "
+                            "sub-updates"))
+        elif m == "knockouts":
+            out.append(Step(m, sizes["knockout_tokens"], 1 + L * per_layer, 0, L,
+                            f"per layer {per_layer} partial passes (remove, linear, per k: top-max, top-rate, "
+                            f"{sizes['n_random']} random draws)"))
+        elif m == "agreement":
+            out.append(Step(m, 0, 0, L * d_mlp, 1, f"no forward pass: values x W_U, {sizes['n_perm']} derangement "
+                                                   "draws"))
+        elif m == "lexical":
+            out.append(Step(m, 0, 0, 0, 1, "short truncated-context passes for sampled neurons' triggers"))
     return out
 
 
-def steps(measures, n_layers: int) -> int:
-    """How many times ``analyze`` calls ``progress`` (for a progress bar's total)."""
-    return sum(n_layers if m == "knockouts" else 1 for m in measures)
-
-
-def analyze(run: Run | str | Path, model=None, *, tokens: int = 20000, knockout_tokens: int = 4096,
-            composition_tokens: int = 1024, measures=MEASURES, coactivation_neurons=None, layers=None, knockout_ks=None,
-            device: str = "auto", dtype: str = "auto",
-            cache: bool = True, progress=None, write: bool = True) -> dict:
+def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, knockout_tokens: int | None = None,
+            composition_tokens: int | None = None, measures=MEASURES, coactivation_neurons=None, layers=None,
+            knockout_ks=None, n_random: int | None = None, n_perm: int | None = None, seed: int = 0,
+            device: str = "auto", dtype: str = "auto", cache: bool = True, progress=None, on_plan=None,
+            write: bool = True) -> dict:
     """Run ``measures`` on a run (folder or kvmem.open_run result); returns {measure: AnalysisResult,
-    "findings": [...]} and writes RUN/analysis/ unless ``write`` is False."""
+    "findings": [...], "document": {...}} and writes RUN/analysis/ unless ``write`` is False.
+    Sizes left None take ``protocol(model.device)``. ``progress(measure, advance, label)`` is called as each
+    measure advances (``advance`` 0 announces it); ``on_plan(steps)`` receives the plan before anything runs."""
     import kvmem
-    from kvmem.analysis.agreement import agreement
-    from kvmem.analysis.coactivation import coactivation
-    from kvmem.analysis.composition import composition
-    from kvmem.analysis.knockout import knockouts
-    from kvmem.analysis.lexical import lexical
-    from kvmem.analysis.sparsity import sparsity
-    from kvmem.analysis.findings import findings
+    from kvmem.analysis.common import sample_from_run
+    from kvmem.analysis.findings import document
+    from kvmem.analysis.neurons import run_neuron_stats
 
     if not isinstance(run, Run):
         run = kvmem.open_run(run)
+    measures = list(measures)
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise KvmemError(f"unknown measure {unknown[0]!r}; choose from {', '.join(MEASURES)}")
-    if tokens < 2:
-        raise KvmemError("--tokens must be at least 2")
     if model is None:
         model = kvmem.load(run.model_spec, device=device, dtype=dtype)
     run.check_model(model)
+    proto = protocol(model.device)
+    sizes = {"tokens": tokens, "composition_tokens": composition_tokens, "knockout_tokens": knockout_tokens,
+             "n_random": n_random, "n_perm": n_perm}
+    sizes = {k: proto[k] if v is None else v for k, v in sizes.items()}
+    for name in ("tokens", "composition_tokens", "knockout_tokens"):
+        if sizes[name] < 2:
+            raise KvmemError(f"{name} must be at least 2")
+    sizes["ks"] = tuple(knockout_ks) if knockout_ks else _ks(proto["knockout_ks"], model.d_mlp)
     if layers is None:
-        layers = run.profiled_layers
+        layers = list(run.profiled_layers)
     else:
         missing = [layer for layer in layers if layer not in run.profiled_layers]
         if missing:
             raise KvmemError(f"layer {missing[0]} was not profiled in this run (layers: {run.profiled_layers})")
         layers = sorted(set(layers))
-    tick = progress or (lambda label: None)
-    sample = sample_from_run(run, tokens)
+    steps = plan(measures, len(layers), model.d_mlp, sizes | {"ks": sizes["ks"] or ()})
+    if on_plan is not None:
+        on_plan(steps)
+    tell = progress or (lambda measure, advance, label: None)
+    needs_sample = any(m in measures for m in ("sparsity", "coactivation", "composition", "knockouts"))
+    sample = sample_from_run(run, sizes["tokens"], seed=seed) if needs_sample else None
     stats = run_neuron_stats(run, layers)
-    maxima = {layer: torch.tensor(g["max"].to_numpy()) for layer, g in stats.groupby("layer")}
-    results, seconds = {}, {}
-
-    def timed(name, fn):
+    results, seconds, sample_tokens = {}, {}, {}
+    for step in steps:
+        name = step.measure
+        tell(name, 0, "starting")
         t0 = time.perf_counter()
-        results[name] = fn()
+        res = _RUNNERS[name](run, model, layers, sample, stats, sizes, seed, cache, coactivation_neurons,
+                             lambda label, _n=name: tell(_n, 1, label))
         seconds[name] = round(time.perf_counter() - t0, 2)
-
-    if "sparsity" in measures:
-        timed("sparsity", lambda: sparsity(model, sample, layers, maxima=maxima))
-        tick("sparsity")
-    if "coactivation" in measures:
-        queries = coactivation_neurons
-        if queries is None:
-            queries = default_queries(run, layers, stats)
-        timed("coactivation", lambda: coactivation(model, sample, queries, layers=layers,
-                                                                   maxima=maxima))
-        tick("co-activation")
-    if "composition" in measures:
-        timed("composition", lambda: composition(model, sample.head(composition_tokens), layers,
-                                                                cache=cache))
-        tick("composition")
-    if "knockouts" in measures:
-        timed("knockouts", lambda: knockouts(model, sample.head(knockout_tokens), layers, stats=stats,
-                                                      ks=knockout_ks, progress=tick))
-    if "agreement" in measures:
-        def run_agreement():
-            from kvmem.vocab import compute_projection, project_values
-
-            k = 10
-            proj = project_values(model, k=k, cache=True) if cache else compute_projection(model, k=k)
-            bottom = proj["bottom_ids"] if model.gated else None  # gated: m < 0 writes -v_i
-            return agreement(run, proj["top_ids"], k=k, layers=layers, value_bottom_ids=bottom)
-
-        timed("agreement", run_agreement)
-        tick("agreement")
-    if "lexical" in measures:
-        timed("lexical", lambda: lexical(model, run, layers=layers))
-        tick("lexical keys")
+        results[name] = res
+        sample_tokens[name] = int(res.meta.get("n_tokens", 0) or 0)
+        if step.total == 1:
+            tell(name, 1, "done")
     folder = run.analysis_dir
     previous = _previous(folder, exclude=set(results)) if write else {}
-    sample_tokens = {"sparsity": sample.n_tokens, "coactivation": sample.n_tokens,
-                     "composition": sample.head(composition_tokens).n_tokens,
-                     "knockouts": sample.head(knockout_tokens).n_tokens,
-                     "agreement": run.tokens.n_tokens, "lexical": run.tokens.n_tokens}
+    doc = _clean(document(previous | results, model.n_layers))  # as written: NaN -> None
     out = dict(results)
-    out["findings"] = findings(previous | results, model.n_layers)
+    out["findings"], out["document"] = doc["findings"], doc
+    settings = {name: {"seed": seed, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in sizes.items()}}
+                for name in results}
     if write:
-        _write(folder, results, previous, out, run, model, layers, sample_tokens, seconds)
+        _write(folder, results, previous, doc, run, model, layers, sample_tokens, seconds, settings, steps)
     return out
 
 
-def _write(folder: Path, results: dict, previous: dict, out: dict, run, model, layers, sample_tokens, seconds):
+# --- one runner per measure: (run, model, layers, sample, stats, sizes, seed, cache, queries, tick) -------------
+
+def _sparsity(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.neurons import maxima_of
+    from kvmem.analysis.sparsity import sparsity
+
+    return sparsity(model, sample, layers, maxima=maxima_of(stats), seed=seed)
+
+
+def _coactivation(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.coactivation import coactivation
+    from kvmem.analysis.neurons import default_queries, maxima_of
+
+    queries = queries if queries is not None else default_queries(run, layers, stats)
+    return coactivation(model, sample, queries, layers=layers, maxima=maxima_of(stats))
+
+
+def _composition(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.composition import composition
+
+    return composition(model, sample.head(sizes["composition_tokens"]), layers, cache=cache)
+
+
+def _knockouts(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.knockout import knockouts
+
+    return knockouts(model, sample.head(sizes["knockout_tokens"]), layers, stats=stats, ks=sizes["ks"],
+                     n_random=sizes["n_random"], seed=seed, progress=tick)
+
+
+def _agreement(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.agreement import agreement
+
+    return agreement(model, run, layers=layers, n_perm=sizes["n_perm"], seed=seed)
+
+
+def _lexical(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.lexical import lexical
+
+    return lexical(model, run, layers=layers, seed=seed)
+
+
+_RUNNERS = {"sparsity": _sparsity, "coactivation": _coactivation, "composition": _composition,
+            "knockouts": _knockouts, "agreement": _agreement, "lexical": _lexical}
+
+
+def _write(folder: Path, results: dict, previous: dict, doc: dict, run, model, layers, sample_tokens, seconds,
+           settings, steps):
     """Write ``run/analysis/`` as one folder (kvmem.atomic.staged): the earlier measures' files are
     carried over, the new ones added, and the folder is swapped in only when complete."""
     import shutil
@@ -161,17 +217,24 @@ def _write(folder: Path, results: dict, previous: dict, out: dict, run, model, l
     with staged(folder, "analysis") as tmp:
         if folder.is_dir():
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        for name in results:  # a refreshed measure's old tables go (a table it no longer writes must not linger)
+            for p in tmp.glob(f"{name}_*.parquet"):
+                p.unlink()
         for res in results.values():
             res.write(tmp)
         old = json.loads((folder / "analysis.json").read_text()) if previous else {}
-        write_json(tmp / "findings.json", _clean(out["findings"]))
+        write_json(tmp / "findings.json", doc)
+        cost = {s.measure: {"tokens": s.tokens, "forward_passes": s.passes, "projections": s.projections,
+                            "note": s.note} for s in steps}
         write_json(tmp / "analysis.json", _clean({
             "run": str(run.path), "model": model.spec, "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."), "run_tokens": run.tokens.n_tokens,
+            "kvmem_version": doc["kvmem_version"], "rules": doc["rules"],
             "layers": {**old.get("layers", {}), **{name: layers for name in results}},
-            "sample_tokens": {**old.get("sample_tokens", {}),
-                              **{name: n for name, n in sample_tokens.items() if name in results}},
+            "sample_tokens": {**old.get("sample_tokens", {}), **sample_tokens},
             "seconds": {**old.get("seconds", {}), **seconds},
+            "settings": {**old.get("settings", {}), **settings},
+            "cost": {**old.get("cost", {}), **cost},
             "measures": {**{name: r.meta for name, r in previous.items()},
                          **{name: res.meta for name, res in results.items()}}}))
 
@@ -201,19 +264,26 @@ def _clean(obj):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
-    if isinstance(obj, (np.generic, np.ndarray, torch.Tensor)):
+    if isinstance(obj, np.generic):
         obj = obj.item()
+    elif isinstance(obj, (np.ndarray, torch.Tensor)):
+        return _clean(obj.tolist())
     if isinstance(obj, float) and obj != obj:
         return None
     return obj
 
 
 def load_analysis(run_path) -> dict:
-    """The tables and findings of RUN/analysis as {"findings": [...], "analysis": {...}, name: DataFrame}."""
+    """The tables and findings of RUN/analysis as {"findings": [...], "paper": [...], "rules": {...},
+    "analysis": {...}, name: DataFrame} (a kvmem 0.2 findings.json, a bare list, reads as findings only)."""
     folder = Path(run_path) / "analysis"
     if not (folder / "findings.json").is_file():
         raise KvmemError(f"{run_path}: no analysis yet (run kvmem analyze {run_path})")
-    out = {"findings": json.loads((folder / "findings.json").read_text()),
+    data = json.loads((folder / "findings.json").read_text())
+    if isinstance(data, list):
+        data = {"findings": data}
+    out = {"findings": data.get("findings", []), "paper": data.get("paper", []), "rules": data.get("rules", {}),
+           "kvmem_version": data.get("kvmem_version"),
            "analysis": json.loads((folder / "analysis.json").read_text())}
     for path in sorted(folder.glob("*.parquet")):
         out[path.stem] = pd.read_parquet(path)

@@ -20,14 +20,15 @@ from kvmem.analysis.common import thirds
 from kvmem.analysis.result import AnalysisResult
 from kvmem.errors import KvmemError
 
-LAYER_COLUMNS = {
-    "sparsity_layers": ["active_gt0", "active_gt1pct_max", "active_gt10pct_max", "abs_gt_1x_mean", "carry50_share",
-                        "carry90_share"],
-    "agreement_layers": ["agree_top1", "base_top1", "agree_topk", "base_topk"],
+LAYER_COLUMNS = {  # per table, the columns compared (those present; each with its _lo/_hi where the table has them)
+    "sparsity_layers": ["active1", "active10", "active_gt0", "abs_gt_1x_mean", "carry50_share", "carry90_share"],
+    "agreement_layers": ["ex1", "base_ex1", "uniform_ex1", "docs_any", "next_top10"],
     "lexical_layers": ["same_token", "base_same_token", "kept_1", "kept_2"],
-    "composition_layers": ["novel_top10", "keep", "promotion", "elimination"],
+    "composition_layers": ["novel", "base_novel", "case_residual", "case_ffn", "case_agreement", "case_composition",
+                           "changed_to_ffn"],
     "knockouts_layers": ["remove", "linear"],
 }
+THIRD_COLUMNS = ("ex1", "base_ex1", "same_token", "kept_1", "novel", "case_residual", "remove", "linear")
 
 
 def compare(paths) -> AnalysisResult:
@@ -55,20 +56,22 @@ def compare(paths) -> AnalysisResult:
         for table, cols in LAYER_COLUMNS.items():
             if table not in a:
                 continue
-            df = a[table][["layer"] + [c for c in cols if c in a[table].columns]]
+            have = [c for c in cols if c in a[table].columns]
+            have += [f"{c}_{b}" for c in have for b in ("lo", "hi") if f"{c}_{b}" in a[table].columns]
+            df = a[table][["layer"] + have]
             per = df if per is None else per.merge(df, on="layer", how="outer")
         if per is not None:
             th = thirds(per.layer.tolist(), n_layers)
             for part in ("lower", "upper"):
                 sel = per[per.layer.isin(th[part])]
-                for col in ("agree_top1", "base_top1", "same_token", "kept_1", "novel_top10", "remove", "linear"):
+                for col in THIRD_COLUMNS:
                     if col in sel:
                         row[f"{part}_{col}"] = float(sel[col].mean())
             per.insert(0, "run", str(path))
             per.insert(1, "model", m["model"])
             per.insert(3, "depth", per.layer / max(n_layers - 1, 1))
             layers.append(per)
-        row["verdicts"] = "; ".join(f"{f['measure']}: {f['verdict']}" for f in a["findings"])
+        row["verdicts"] = "; ".join(f"{f.get('name', f['measure'])}: {f['verdict']}" for f in a["findings"])
         models.append(row)
     meta = {"same_corpus": len(corpora) == 1, "corpora": sorted(map(str, corpora)),
             "note": "figures come from each run's analysis/ (see its analysis.json for thresholds and sample sizes)"}

@@ -15,38 +15,82 @@ from kvmem.cli.common import DeviceOpt, DtypeOpt, JsonOpt, console, err_console,
 
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by kvmem profile.")]
 
-# (analysis table, columns shown, format) per measure, in the order printed
-SHOWN = {
-    "agreement": ("agreement_layers", ["agree_top1", "base_top1", "agree_topk", "base_topk", "agree_ex1",
-                                          "agree_neg_top1", "base_neg_top1"], "{:.1%}"),
-    "lexical": ("lexical_layers", ["same_token", "base_same_token", "same_bigram", "base_same_bigram", "kept_1",
-                                   "kept_2", "retain_1", "retain_2"], "{:.2f}"),
-    "sparsity": ("sparsity_layers", ["active_gt0", "active_gt1pct_max", "active_gt10pct_max", "abs_gt_1x_mean",
-                                     "abs_gt_10x_mean", "carry50_mean", "carry90_mean"], "{:.3g}"),
-    "composition": ("composition_layers", ["novel_top10", "chance_top10", "novel_all", "top1_agrees", "keep",
-                                           "promotion", "elimination"], "{:.1%}"),
-    "knockouts": ("knockouts_layers", None, "{:+.4f}"),
-}
+# extra per-layer columns shown beside every rate that has a 95% interval (``{c}_lo``/``{c}_hi``)
+EXTRA = {"agreement": ["base_ex1", "uniform_ex1", "next_rank_median"], "lexical": ["base_same_token"],
+         "knockouts": ["baseline_loss"]}
+MAX_COLS = 7
 
 
-def _table(name: str, df, cols, fmt: str, title: str) -> Table:
-    cols = cols or [c for c in df.columns if c not in ("layer", "baseline_loss", "n_tokens")]
-    cols = [c for c in cols if c in df.columns]
-    table = Table("layer", *cols, title=Text(title))
-    for _, row in df.iterrows():
-        table.add_row(str(int(row.layer)), *("—" if row[c] != row[c] else fmt.format(row[c]) for c in cols))
+def _fmt(v, pct: bool) -> str:
+    if v is None or v != v:
+        return "—"
+    return f"{v:.2%}" if pct else f"{v:.3g}"
+
+
+def layer_table(measure: str, df, meta: dict) -> Table:
+    """Per layer, each rate as ``value [lo, hi]`` (and the measure's baselines)."""
+    rates = [c for c in df.columns if f"{c}_lo" in df.columns and f"{c}_hi" in df.columns][:MAX_COLS]
+    extra = [c for c in EXTRA.get(measure, []) if c in df.columns]
+    pct = measure not in ("knockouts",)
+    n = meta.get("n_tokens")
+    title = f"{measure} — {n:,} tokens — value [95% interval]" if n else f"{measure} — value [95% interval]"
+    table = Table("layer", *rates, *extra, title=Text(title))
+    for _, row in df.sort_values("layer").iterrows():
+        cells = [f"{_fmt(row[c], pct and abs(row[c]) <= 1)} [{_fmt(row[f'{c}_lo'], pct and abs(row[c]) <= 1)}, "
+                 f"{_fmt(row[f'{c}_hi'], pct and abs(row[c]) <= 1)}]" if row[c] == row[c] else "—" for c in rates]
+        cells += [_fmt(row[c], False) for c in extra]
+        table.add_row(str(int(row.layer)), *cells)
     return table
 
 
-def _title(measure: str, meta: dict) -> str:
-    n = meta.get("n_tokens")
-    extra = {"agreement": f"value top-k, k={meta.get('k')}; baseline: derangement ({meta.get('n_perm')} draws)",
-             "lexical": "baseline base_*: random positions; kept_L: share keeping >= 50% with L context tokens",
-             "sparsity": f"maxima: {meta.get('maxima')}; carry: neurons for 50%/90% of sum |m|·‖v‖",
-             "composition": f"top {meta.get('top_sub_updates')} sub-updates; chance_top10 is the baseline",
-             "knockouts": f"loss increase (nats/token) over baseline {meta.get('baseline_loss', float('nan')):.4f}; "
-                          f"k = {meta.get('ks')}"}.get(measure, "")
-    return f"{measure} — {n:,} tokens — {extra}" if n is not None else measure
+def verdict_table(findings: list[dict]) -> Table:
+    table = Table("claim", "verdict", "checks: estimate [95% interval] vs threshold", "source",
+                  title="findings (rules: analysis/findings.json)")
+    for f in findings:
+        if f["verdict"] == "not tested":
+            detail = f"not tested: {f.get('reason', '')}"
+        else:
+            detail = "\n".join(f"{c['state']:>6}  {c['check']}: {_fmt(c['estimate'], False)} "
+                               f"[{_fmt(c['lo'], False)}, {_fmt(c['hi'], False)}] vs {_fmt(c['threshold'], False)}"
+                               for c in f.get("checks", [])[:6])
+            if len(f.get("checks", [])) > 6:
+                detail += f"\n… {len(f['checks']) - 6} more (findings.json)"
+        table.add_row(Text(f.get("title") or f["claim"]), Text(f["verdict"], style="bold"), Text(detail),
+                      Text(f.get("source", "")))
+    return table
+
+
+def paper_table(rows: list[dict]) -> Table:
+    table = Table("figure", "quantity", "paper", "measured [95% interval]", "layers (rel. depth)",
+                  title="the papers beside this model")
+    for r in rows:
+        if r.get("measured") is None:
+            got = r.get("status", "")
+        elif r.get("lo") is None:
+            got = f"{r['measured']:.4g} ({r.get('status', '')})"
+        else:
+            got = f"{r['measured']:.4g} [{r['lo']:.4g}, {r['hi']:.4g}]"
+        depth = r["depth"] + (f" ({r['rel_depth']})" if r.get("rel_depth") else "")
+        table.add_row(Text(r["figure"]), Text(r["quantity"]), Text(r["paper"]), Text(got), Text(depth))
+    return table
+
+
+def plan_table(steps) -> Table:
+    table = Table("measure", "tokens", "forward passes", "vocab projections", "what it runs",
+                  title="planned cost (passes over the sample; a partial pass runs the blocks from one layer on)")
+    for s in steps:
+        table.add_row(s.measure, f"{s.tokens:,}" if s.tokens else "—", f"{s.passes:,}" if s.passes else "—",
+                      f"{s.projections:,}" if s.projections else "—", Text(s.note))
+    return table
+
+
+def _ints(text: str, flag: str):
+    from kvmem.errors import KvmemError
+
+    try:
+        return [int(k) for k in text.split(",") if k.strip()] or None
+    except ValueError:
+        raise KvmemError(f"{flag} must be integers separated by commas, not {text!r}") from None
 
 
 @app.command()
@@ -54,20 +98,23 @@ def _title(measure: str, meta: dict) -> str:
 def analyze(
     run: RunArg,
     model: Annotated[str | None, typer.Option(help="Model spec (default: the one in the run's manifest).")] = None,
-    tokens: Annotated[int, typer.Option(help="Corpus tokens (from the run's token store) for sparsity and co-activation.")] = 20000,
-    knockout_tokens: Annotated[int, typer.Option(help="Tokens for the knock-out losses (at most --tokens).")] = 4096,
-    composition_tokens: Annotated[int, typer.Option(help="Tokens for the composition measure (at most --tokens).")] = 1024,
-    measures: Annotated[str, typer.Option(help="Comma-separated subset of: sparsity, coactivation, composition, knockouts, agreement, lexical.")] = "",
+    tokens: Annotated[int | None, typer.Option(help="Counted tokens of the run's rows (drawn at random across documents) for sparsity and co-activation (default: 32768 on a GPU, 4096 on a CPU).")] = None,
+    knockout_tokens: Annotated[int | None, typer.Option(help="Tokens for the knock-out losses (default: 8192 GPU, 512 CPU).")] = None,
+    composition_tokens: Annotated[int | None, typer.Option(help="Tokens for composition and the four cases (default: 8192 GPU, 1024 CPU).")] = None,
+    measures: Annotated[str, typer.Option(help="Comma-separated subset of: sparsity, coactivation, composition, knockouts, agreement, lexical (the others' tables and findings are kept).")] = "",
     layers: Annotated[str, typer.Option(help="Analyze only these profiled layers, e.g. '0-5,20' (default: all profiled).")] = "",
-    knockout_k: Annotated[str, typer.Option(help="Neurons zeroed per layer in the top-k knock-outs, e.g. '15,153' (default: 1% and 10% of d_mlp).")] = "",
-    neurons: Annotated[str, typer.Option(help="Co-activation query neurons, e.g. '3.17,5.2' (default: each layer's highest-max neuron).")] = "",
+    knockout_k: Annotated[str, typer.Option(help="Neurons zeroed per layer in the top-k knock-outs, e.g. '15,153' (default: 1% and 10% of d_mlp on a GPU, 10% on a CPU).")] = "",
+    n_random: Annotated[int | None, typer.Option(help="Random-k knock-out draws per layer and k (default: 5 GPU, 3 CPU).")] = None,
+    n_perm: Annotated[int | None, typer.Option(help="Derangement draws of the agreement baseline (default 100).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every sample and random draw.")] = 0,
+    neurons: Annotated[str, typer.Option(help="Co-activation query neurons, e.g. '3.17,5.2' (default: each layer's highest-max |m| neuron).")] = "",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Key-value memory analyses of a run: agreement, lexical keys, sparsity, composition, knock-outs; writes RUN/analysis/."""
+    """Key-value memory analyses of a run (Geva et al. 2021, 2022): verdicts with 95% intervals and the papers' figures beside the measured ones; writes RUN/analysis/."""
     import kvmem
-    from kvmem.analysis.analyze import MEASURES, analyze as run_analyze, steps
+    from kvmem.analysis.analyze import MEASURES, analyze as run_analyze
     from kvmem.errors import KvmemError
 
     r = kvmem.open_run(run)
@@ -77,8 +124,11 @@ def analyze(
         raise KvmemError(f"unknown measure {bad[0]!r}; choose from {', '.join(MEASURES)}")
     for name, value in (("--tokens", tokens), ("--knockout-tokens", knockout_tokens),
                         ("--composition-tokens", composition_tokens)):
-        if value < 2:
+        if value is not None and value < 2:
             raise KvmemError(f"{name} must be at least 2")
+    for name, value in (("--n-random", n_random), ("--n-perm", n_perm)):
+        if value is not None and value < 1:
+            raise KvmemError(f"{name} must be at least 1")
     spec = model or r.model_spec
     with err_console.status(f"loading {spec} ..."):
         kv = kvmem.load(spec, device=device, dtype=dtype)
@@ -86,31 +136,41 @@ def analyze(
     from kvmem.neurons import parse_layers
 
     chosen_layers = parse_layers(layers, kv.n_layers) if layers.strip() else None
-    try:
-        ks = [int(k) for k in knockout_k.split(",") if k.strip()] or None
-    except ValueError:
-        raise KvmemError(f"--knockout-k must be integers separated by commas, not {knockout_k!r}") from None
+    ks = _ints(knockout_k, "--knockout-k")
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task("analyzing", total=steps(chosen, len(chosen_layers or r.profiled_layers)))
+        tasks = {}
 
-        def tick(label: str) -> None:
-            bar.update(task, advance=1, description=f"done: {label}")
+        def on_plan(steps):
+            err_console.print(plan_table(steps))
+            for s in steps:
+                tasks[s.measure] = (bar.add_task(f"{s.measure}: waiting", total=s.total, start=False), s.total)
+
+        def tick(measure: str, advance: int, label: str) -> None:
+            task, total = tasks[measure]
+            if advance == 0:
+                bar.start_task(task)
+            bar.update(task, advance=advance, description=f"{measure}: {label}")
+            state = next(t for t in bar.tasks if t.id == task)
+            if state.completed >= total:
+                bar.update(task, description=f"{measure}: done in {state.elapsed or 0:.1f}s")
 
         out = run_analyze(r, kv, tokens=tokens, knockout_tokens=knockout_tokens,
                           composition_tokens=composition_tokens, measures=chosen, coactivation_neurons=queries,
-                          layers=chosen_layers, knockout_ks=ks, progress=tick)
-    results = {k: v for k, v in out.items() if k != "findings"}
+                          layers=chosen_layers, knockout_ks=ks, n_random=n_random, n_perm=n_perm, seed=seed,
+                          progress=tick, on_plan=on_plan)
+    results = {k: v for k, v in out.items() if k not in ("findings", "document")}
+    doc = out["document"]
     if json_out:
         return print_json({"run": str(r.path), "analysis": str(r.analysis_dir),
                            "measures": {k: v.meta for k, v in results.items()},
                            "tables": {f"{k}_{t}": df.to_dict(orient="records") for k, v in results.items()
                                       for t, df in v.tables.items() if t in ("layers", "model", "partners")},
-                           "findings": out["findings"]})
-    for measure, (_, cols, fmt) in SHOWN.items():
-        if measure in results:
-            res = results[measure]
-            console.print(_table(measure, res["layers"], cols, fmt, _title(measure, res.meta)))
+                           "findings": out["findings"], "paper": doc["paper"], "rules": doc["rules"],
+                           "kvmem_version": doc["kvmem_version"]})
+    for measure, res in results.items():
+        if "layers" in res.tables and measure != "coactivation":
+            console.print(layer_table(measure, res["layers"], res.meta))
     if "coactivation" in results:
         res = results["coactivation"]
         df = res["partners"]
@@ -121,12 +181,10 @@ def analyze(
             table.add_row(row.query, row.partner, f"{row.jaccard:.2f}", f"{row.p_given:.2f}", f"{row.lift:.1f}",
                           f"{row.co:.0f}")
         console.print(table)
-    table = Table("claim", "verdict", "numbers", title="findings (rules in analysis/findings.json)")
-    for f in out["findings"]:
-        nums = ", ".join(f"{k}={v:.3g}" for k, v in f["numbers"].items() if isinstance(v, (int, float)))
-        table.add_row(Text(f["claim"]), Text(f["verdict"], style="bold"), Text(nums))
-    console.print(table)
-    console.print(f"wrote {r.analysis_dir}", markup=False)
+    console.print(verdict_table(out["findings"]))
+    console.print(paper_table(doc["paper"]))
+    console.print(f"rules {doc['rules']['version']} (sha256 {doc['rules']['sha256'][:12]}…), kvmem "
+                  f"{doc['kvmem_version']}; wrote {r.analysis_dir}", markup=False)
 
 
 @app.command()

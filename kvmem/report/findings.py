@@ -22,6 +22,8 @@ import kvmem
 
 VERDICT_CLASS = {"supported": "ok", "not supported": "bad", "inconclusive": "mixed", "mixed": "mixed",
                  "not tested": "untested"}
+DEFAULTS = {"title": "", "source": "", "reason": "", "note": "", "seen_data": False, "threshold": "", "baseline": "",
+            "rule": "", "n_tokens": None}  # keys a kvmem 0.2 finding lacks
 PALETTE = ("#1c7ed6", "#e8590c", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599")
 
 
@@ -119,7 +121,7 @@ def findings_page(run, out: Path, env, figure_json) -> str | None:
         numbers = [(k, v) for k, v in (f.get("numbers") or {}).items()]
         checks = [{**c, "shown": {k: _fmt(c.get(k)) for k in ("estimate", "lo", "hi", "threshold")}}
                   for c in f.get("checks") or []]
-        shown.append({**f, "figs": _figures(folder, i, f, figure_json), "numbers": numbers, "checks": checks,
+        shown.append({**DEFAULTS, **f, "figs": _figures(folder, i, f, figure_json), "numbers": numbers, "checks": checks,
                       "css": VERDICT_CLASS.get(str(f.get("verdict")), "mixed")})
     paper = [{**r, "shown": {k: _fmt(r.get(k)) for k in ("paper_value", "measured", "lo", "hi")}}
              for r in data["paper"]]

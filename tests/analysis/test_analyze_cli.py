@@ -1,10 +1,13 @@
 """``kvmem analyze`` and ``kvmem compare`` end to end on profiled tiny models."""
 
+import hashlib
 import json
 
 import pandas as pd
 import pytest
 
+import kvmem
+from kvmem.analysis.rules import RULES_PATH
 from kvmem.cli import main
 
 
@@ -38,32 +41,43 @@ def test_analyze_writes_tables_and_findings(capsys, analyzed):
     for name in ("agreement_layers", "agreement_pairs", "lexical_layers", "lexical_truncation", "sparsity_layers",
                  "sparsity_model", "composition_layers", "knockouts_layers", "knockouts_long", "coactivation_partners"):
         assert (folder / f"{name}.parquet").is_file(), name
-    findings = json.loads((folder / "findings.json").read_text())
-    assert findings == res["findings"]
+    doc = json.loads((folder / "findings.json").read_text())
+    findings = doc["findings"]
+    assert findings == res["findings"] and doc["paper"] == res["paper"]
+    assert doc["kvmem_version"] == kvmem.__version__
+    assert doc["rules"]["sha256"] == hashlib.sha256(RULES_PATH.read_bytes()).hexdigest()
     assert {f["measure"] for f in findings} == {"agreement", "lexical", "sparsity", "composition", "knockouts"}
     for f in findings:
-        assert {"claim", "measure", "figures", "threshold", "n_tokens", "baseline", "rule", "verdict", "numbers"} <= set(f)
-        assert f["verdict"] in ("supported", "not supported", "mixed")
-        assert f["n_tokens"] > 0 and f["numbers"]
+        assert {"claim", "source", "measure", "figures", "threshold", "n_tokens", "baseline", "rule", "verdict",
+                "numbers", "checks", "reason"} <= set(f)
+        assert f["verdict"] in ("supported", "not supported", "inconclusive", "not tested")
+        assert f["n_tokens"] > 0
+        if f["verdict"] == "not tested":
+            assert f["reason"]
+        else:
+            assert f["numbers"] and f["checks"]
+            for c in f["checks"]:
+                assert c["lo"] <= c["estimate"] <= c["hi"], c
         for fig in f["figures"]:
             df = pd.read_parquet(folder / fig["table"])
             assert set(fig["y"]) <= set(df.columns)
     meta = json.loads((folder / "analysis.json").read_text())
-    assert meta["sample_tokens"]["sparsity"] == 640 and meta["sample_tokens"]["knockouts"] == 256
-    assert meta["sample_tokens"]["composition"] == 128
-    assert pd.read_parquet(folder / "sparsity_layers.parquet").n_tokens.eq(640).all()
+    assert meta["settings"]["sparsity"]["tokens"] == 640 and meta["settings"]["knockouts"]["knockout_tokens"] == 256
+    assert meta["settings"]["composition"]["composition_tokens"] == 128
+    assert meta["sample_tokens"]["sparsity"] >= 640  # counted tokens of whole rows drawn until 640 are counted
+    assert set(meta["cost"]) == set(meta["seconds"]) == set(meta["settings"])
     # the run's own max sets the "% of max" thresholds (the run saw more tokens than the sample)
     assert "given" in meta["measures"]["sparsity"]["maxima"]
     # refreshing one measure keeps the others' tables and findings
     code, out, err = cli(capsys, "analyze", run, "--tokens", "320", "--measures", "knockouts", "--knockout-k", "2",
                          "--device", "cpu", "--json")
     assert code == 0, err
-    again = json.loads((folder / "findings.json").read_text())
+    again = json.loads((folder / "findings.json").read_text())["findings"]
     assert [f["measure"] for f in again] == [f["measure"] for f in findings]
     assert [f for f in again if f["measure"] != "knockouts"] == [f for f in findings if f["measure"] != "knockouts"]
     assert set(pd.read_parquet(folder / "knockouts_long.parquet").k) == {0, 2}
     meta = json.loads((folder / "analysis.json").read_text())
-    assert meta["sample_tokens"]["knockouts"] == 320 and meta["sample_tokens"]["sparsity"] == 640
+    assert meta["settings"]["knockouts"]["tokens"] == 320 and meta["settings"]["sparsity"]["tokens"] == 640
 
 
 def test_analyze_tables_print_and_compare(capsys, analyzed):
@@ -74,7 +88,8 @@ def test_analyze_tables_print_and_compare(capsys, analyzed):
     knock = pd.read_parquet(analyzed["llama"] / "analysis" / "knockouts_long.parquet")
     assert sorted(knock.layer.unique()) == [0, 2] and set(knock.k) == {0, 2}
     assert sorted(pd.read_parquet(analyzed["llama"] / "analysis" / "agreement_layers.parquet").layer) == [0, 2]
-    assert "agreement" in out and "findings" in out and "320 tokens" in out
+    assert "agreement" in out and "findings" in out and "the papers beside this model" in out
+    assert "planned cost" in err
     if not (analyzed["gpt2"] / "analysis" / "findings.json").exists():
         assert cli(capsys, "analyze", analyzed["gpt2"], "--tokens", "320", "--measures", "sparsity",
                    "--device", "cpu", "--json")[0] == 0
@@ -92,7 +107,7 @@ def test_analyze_tables_print_and_compare(capsys, analyzed):
     layers = pd.DataFrame(res["layers"])
     assert layers.depth.between(0, 1).all()
     code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["llama"])
-    assert code == 0 and "active_gt10pct_max" in out
+    assert code == 0 and "active10" in out
 
 
 @pytest.mark.parametrize("argv", [
