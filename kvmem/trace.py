@@ -1,25 +1,31 @@
 """What each FFN does to one prediction, layer by layer: ``trace(model, prompt)``.
 
-One forward pass records, at one position, the FFN coefficients m [d_mlp] and output [d_model]
-of every layer and the residual stream after every decoder block (the hook points ffn.coef,
-ffn.out and resid.post of ``kvmem.hooks``). Every supported family adds the FFN output to the
-residual stream inside the block, so
+One forward pass records, at one position, the FFN input x [d_model], coefficients m [d_mlp] and
+output y [d_model] of every layer and the residual stream after every decoder block (the hook points
+ffn.x, ffn.coef, ffn.out and resid.post of ``kvmem.hooks``). What layer l's FFN writes into the stream
+is the view's ``FFNLayer.write`` (y for most families; write_scale·y with Granite's multiplier; N(y)
+behind a post-FFN RMSNorm, Gemma 2/3 and OLMo 2), so
     resid_after[l]  = the output of block l                                  [d_model]
-    resid_before[l] = resid_after[l] - ffn_out[l]                            [d_model]
+    resid_before[l] = resid_after[l] - write[l]                              [d_model]
 i.e. the stream the FFN's update is added to (the stream after attention; for GPT-NeoX with a
-parallel residual it is h + attn(h), the FFN having read norm(h) in parallel).
+parallel residual it is h + attn(h), the FFN having read norm(h) in parallel). Behind a post-residual
+norm (OPT-350m post-LN: resid_after = N(r + y)) resid_before is r, the FFN's own input there.
+Neuron i's share of the write is m_i·w_i·s (w_i = ``value_vectors_written``, s the post-norm's token
+scale, 1 without): exact and additive per token.
 
-Logit lens: final_norm(resid) @ W_U (+ LM-head bias): the tokens the stream would predict if the
-model stopped there. After the last block this is exactly the model's own logits.
+Logit lens: final_norm(resid) @ W_U (+ LM-head bias), then the model's logit transform (Cohere's and
+Granite's logit scale, Gemma 2/3's soft-capping), in float32: the tokens the stream would predict if
+the model stopped there. After the last block this is the model's own logits.
 
 Direct logit attribution (DLA): the final norm is linearised with its scale frozen at the final
 residual h (the one the model actually predicts from):
     RMSNorm    f(c) = w ⊙ c / sqrt(mean(h²) + eps)            (Gemma: (1 + w))
     LayerNorm  f(c) = γ ⊙ (c - mean(c)) / sqrt(var(h) + eps)
-so f is linear, f(h) + β = final_norm(h), and a component c of the stream (an FFN output, or a
-neuron's sub-update m_i·v_i) adds f(c)·W_U[:, t] to token t's final logit. The approximation:
-it ignores how removing c would change the norm's scale and everything later layers compute
-from c (``kvmem.intervene`` measures the real effect).
+so f is linear, f(h) + β = final_norm(h), and a component c of the stream (an FFN's write, or a
+neuron's sub-update m_i·w_i·s) adds f(c)·W_U[:, t] to token t's final logit, before the logit
+transform (soft-capping is monotone). The approximation: it ignores how removing c would change the
+norm's scale and everything later layers compute from c (``kvmem.intervene`` measures the real effect).
+Token lists (the lens' top tokens aside) exclude ids the tokenizer does not define.
 """
 
 from __future__ import annotations
@@ -34,18 +40,25 @@ from torch import nn
 from kvmem.errors import KvmemError
 from kvmem.hooks import hooks, record
 from kvmem.query import resolve_position
-from kvmem.vocab import vocab_strings
+from kvmem.vocab import float32_norm, vocab_mask, vocab_strings
 
 
 def frozen_norm(model, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The final norm as a linear map with its scale frozen at the residual h [d_model]:
-    c [..., d_model] -> f(c) [..., d_model] float32 (see the module docstring)."""
-    norm = model.final_norm
+    c [..., d_model] -> f(c) [..., d_model] float32 (see the module docstring). Whether the norm centres
+    (LayerNorm, Cohere's LayerNorm) is read from the module itself: it ignores a constant shift of its
+    input. A model without a final norm (OPT post-LN) gives the identity."""
+    norm = float32_norm(model)
+    if isinstance(norm, nn.Identity):
+        return lambda c: c.float()
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if eps is None:
         raise KvmemError(f"kvmem does not know how to linearise a {type(norm).__name__} final norm")
-    centered = isinstance(norm, nn.LayerNorm)
-    beta = norm.bias.float() if centered and norm.bias is not None else None
+    probe = torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(0)).to(h.device)
+    with torch.inference_mode():
+        centered = bool(torch.allclose(norm(probe + 3.0), norm(probe), atol=1e-4, rtol=1e-3))
+    b = getattr(norm, "bias", None)
+    beta = b.float() if isinstance(b, torch.Tensor) else None
 
     def scale(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -57,7 +70,7 @@ def frozen_norm(model, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
 
     def f(c: torch.Tensor) -> torch.Tensor:
         # norm(c) = (c ⊙ w) / scale(c) [+ β]  =>  c ⊙ w / scale(h) = (norm(c) - β) · scale(c) / scale(h)
-        out = norm(c.to(model.dtype)).float()
+        out = norm(c.float())
         if beta is not None:
             out = out - beta
         return out * (scale(c) / s_h)
@@ -66,15 +79,18 @@ def frozen_norm(model, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def lens_logits(model, resid: torch.Tensor) -> torch.Tensor:
-    """Logit lens: final_norm(resid) @ W_U (+ LM-head bias), [..., d_vocab] float32."""
-    logits = (model.final_norm(resid.to(model.dtype)) @ model.W_U).float()
+    """Logit lens: logit_transform(final_norm(resid) @ W_U + b_U), [..., d_vocab], all in float32."""
+    logits = float32_norm(model)(resid.float()) @ model.W_U.float()
     b_U = model.adapter.b_U
-    return logits if b_U is None else logits + b_U.float()
+    if b_U is not None:
+        logits = logits + b_U.float()
+    return model.adapter.logit_transform(logits)
 
 
 def _to_vocab(model, x: torch.Tensor) -> torch.Tensor:
-    """x [..., d_model] @ W_U in the model's dtype (no float32 copy of W_U), as float32 [..., d_vocab]."""
-    return (x.to(model.dtype) @ model.W_U).float()
+    """x [..., d_model] @ W_U in float32, [..., d_vocab]; ids the tokenizer does not define are -inf."""
+    out = x.float() @ model.W_U.float()
+    return out.masked_fill(~vocab_mask(model).to(out.device), float("-inf"))
 
 
 @dataclass
@@ -87,11 +103,11 @@ class TraceResult:
     top_n: int  # "top" means among the top_n tokens of a lens
     prediction: pd.DataFrame  # token, id, prob, logit: the model's next-token distribution, top rows
     # layer; before_tokens / after_tokens (lens top tokens of the stream before / after the FFN);
-    # target_rank_before/_after (1-based), target_prob_before/_after; ffn_dla (the FFN output's DLA on
-    # the target's logit); ffn_tokens (the tokens the FFN output's DLA promotes most); neurons / neuron_dla
+    # target_rank_before/_after (1-based), target_prob_before/_after; ffn_dla (the DLA of the FFN's write,
+    # after - before, on the target's logit); ffn_tokens (the tokens that write's DLA promotes most); neurons / neuron_dla
     # (the layer's neurons with the largest DLA on the target, and those DLAs)
     layers: pd.DataFrame
-    # over all layers, by DLA on the target: id, layer, neuron, coef (m_i), dla (m_i·f(v_i)·W_U[:, t]),
+    # over all layers, by DLA on the target: id, layer, neuron, coef (m_i), dla (m_i·s·f(w_i)·W_U[:, t]),
     # tokens (what sign(m_i)·v_i promotes, through the frozen norm)
     neurons: pd.DataFrame
     first_top: dict | None  # where the target first enters the lens' top_n: {"layer", "after": "attention"|"ffn"}
@@ -120,18 +136,33 @@ def resolve_target(model, target: str | int | None, logits: torch.Tensor) -> int
     return ids[0]
 
 
-def run_residuals(model, ids: torch.Tensor, pos: int):
+def run_residuals(model, ids: torch.Tensor, pos: int, *, with_input: bool = False):
     """One forward pass: (logits [d_vocab], coef [n_layers, d_mlp], ffn_out [n_layers, d_model],
-    resid_after [n_layers, d_model]) at position ``pos``, read at the hook points ffn.coef, ffn.out and
-    resid.post (kvmem.hooks); all hooks removed afterwards."""
+    resid_after [n_layers, d_model]) at position ``pos`` (and the FFN inputs x [n_layers, d_model] with
+    ``with_input``), read at the hook points ffn.coef, ffn.out, resid.post (ffn.x) of kvmem.hooks; all
+    hooks removed afterwards."""
     layers = range(model.n_layers)
+    names = ("ffn.coef", "ffn.out", "resid.post") + (("ffn.x",) if with_input else ())
     got: dict = {}
-    keep = lambda name: [(name, i) for i in layers]  # noqa: E731
-    with torch.inference_mode(), hooks(model, record(keep("ffn.coef") + keep("ffn.out") + keep("resid.post"), got)):
+    with torch.inference_mode(), hooks(model, record([(name, i) for name in names for i in layers], got)):
         logits = model.hf(input_ids=ids, use_cache=False).logits[0, pos].float()
-    coef, out, after = (torch.stack([got[(name, i)][0, pos] for i in layers])
-                        for name in ("ffn.coef", "ffn.out", "resid.post"))
-    return logits, coef, out, after
+    return (logits, *(torch.stack([got[(name, i)][0, pos] for i in layers]) for name in names))
+
+
+def layer_writes(model, coef: torch.Tensor, ffn_out: torch.Tensor, after: torch.Tensor, x: torch.Tensor):
+    """Per layer at one position (all [n_layers, ...] float32): (before [d_model], the FFN step's change
+    after − before [d_model], the token scale s [1] of its post-norm (1 without)); see the module docstring."""
+    before, scale = [], []
+    for i, lay in enumerate(model.layers):
+        resid = x[i] if lay.post_norm_reads_residual else None
+        s = lay.norm_scale(ffn_out[i], resid) if lay.post_norm is not None else torch.ones(1, device=coef.device)
+        if lay.post_norm_reads_residual:
+            before.append(x[i].float())  # N(r + y) replaced the stream; r is the FFN's own input
+        else:
+            before.append(after[i].float() - lay.write(coef[i], ffn_out[i]))
+        scale.append(s.float().reshape(1))
+    before = torch.stack(before)
+    return before, after.float() - before, torch.stack(scale)
 
 
 @torch.inference_mode()
@@ -143,9 +174,9 @@ def trace(model, prompt: str, *, position: int = -1, target: str | int | None = 
         raise KvmemError("--top, --per-layer, --neurons and --tokens must be at least 1")
     ids = model.encode(prompt)
     pos = resolve_position(position, ids.shape[1])
-    logits, coef, ffn_out, after = run_residuals(model, ids, pos)
+    logits, coef, ffn_out, after, x = run_residuals(model, ids, pos, with_input=True)
     t = resolve_target(model, target, logits)
-    before = after - ffn_out
+    before, delta, scale = layer_writes(model, coef, ffn_out, after, x)
     n_layers, strings = model.n_layers, vocab_strings(model)
     k = min(max(top_n, n_tokens), model.d_vocab)
 
@@ -156,10 +187,11 @@ def trace(model, prompt: str, *, position: int = -1, target: str | int | None = 
 
     f = frozen_norm(model, after[-1])
     u = model.W_U[:, t].float()
-    ffn_dla = _to_vocab(model, f(ffn_out))  # [n_layers, d_vocab]
+    ffn_dla = _to_vocab(model, f(delta))  # [n_layers, d_vocab]
     ffn_top = ffn_dla.topk(k, dim=-1).indices.cpu().numpy()
-    # per-neuron DLA on the target: m_i · f(v_i)·u, one [d_mlp, d_model] map per layer
-    neuron_dla = torch.stack([coef[i].float() * (f(model.layers[i].W_out) @ u) for i in range(n_layers)])
+    # per-neuron DLA on the target: m_i·s · f(w_i)·u, one [d_mlp, d_model] map per layer
+    written = [model.layers[i].value_vectors_written() for i in range(n_layers)]
+    neuron_dla = torch.stack([coef[i].float() * scale[i] * (f(written[i]) @ u) for i in range(n_layers)])
     layer_best = neuron_dla.topk(min(per_layer, model.d_mlp), dim=-1)
 
     layers = pd.DataFrame({
@@ -179,15 +211,15 @@ def trace(model, prompt: str, *, position: int = -1, target: str | int | None = 
     best = neuron_dla.flatten().topk(min(n_neurons, neuron_dla.numel()))
     pairs = [divmod(i, model.d_mlp) for i in best.indices.cpu().tolist()]
     m = torch.stack([coef[a, b] for a, b in pairs]).float()
-    v = torch.stack([model.layers[a].W_out[b] for a, b in pairs]).float() * torch.sign(m)[:, None]
-    written = _to_vocab(model, f(v)).topk(n_tokens, dim=-1).indices.cpu().numpy()
+    v = torch.stack([written[a][b] for a, b in pairs]) * torch.sign(m)[:, None]
+    promoted = _to_vocab(model, f(v)).topk(n_tokens, dim=-1).indices.cpu().numpy()
     neurons = pd.DataFrame({
         "id": [f"{a}.{b}" for a, b in pairs],
         "layer": [a for a, _ in pairs],
         "neuron": [b for _, b in pairs],
         "coef": m.cpu().tolist(),
         "dla": best.values.cpu().tolist(),
-        "tokens": [list(strings[r]) for r in written],
+        "tokens": [list(strings[r]) for r in promoted],
     })
 
     p = logits.softmax(-1)

@@ -126,3 +126,73 @@ def test_smollm2_trace_paris_and_ablation(smollm):
     assert after.prob_before == pytest.approx(before.prob_after)
     assert after.prob_after < 0.5 * after.prob_before
     assert after.logit_after < after.logit_before
+
+
+def _zero_ffn_stream(name, hf, layer, ids, pos):
+    """resid.post of ``layer`` with its FFN output replaced by zeros, from HF's own modules (raw hooks)."""
+    block = hf.model.layers[layer]
+    mlp = block.mlp
+    out = {}
+    h1 = mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+    h2 = block.register_forward_hook(lambda m, a, o: out.__setitem__("post", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids, use_cache=False)
+    finally:
+        h1.remove()
+        h2.remove()
+    return out["post"][0, pos]
+
+
+@pytest.mark.parametrize("name", ["granite", "gemma2", "olmo2", "cohere"])
+def test_post_norm_and_scaled_families(tiny_tokenizer, name):
+    """The stream before each FFN is the block output with the FFN silenced (a post-FFN RMSNorm maps 0 to 0);
+    the lens after the last block is the model's own logits (soft-capping, logit scales); neuron DLAs plus the
+    layer's other terms sum to the FFN's DLA; Gemma 2's neuron DLA by hand: m_i·f((1 + w)⊙v_i)/rms(y)·u."""
+    from kvmem.models.kvmodel import from_hf
+    from kvmem.trace import layer_writes
+    from tests.conftest import make_tiny_new
+
+    model = from_hf(make_tiny_new(name), tiny_tokenizer)
+    ids = model.encode(PROMPT)
+    pos = ids.shape[1] - 1
+    logits, coef, ffn_out, after, x = run_residuals(model, ids, pos, with_input=True)
+    before, delta, scale = layer_writes(model, coef, ffn_out, after, x)
+    for layer in range(model.n_layers):
+        torch.testing.assert_close(before[layer], _zero_ffn_stream(name, model.hf, layer, ids, pos), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lens_logits(model, after[-1]), logits, atol=1e-4, rtol=1e-4)
+    res = trace(model, PROMPT, per_layer=model.d_mlp, n_neurons=4)
+    f = frozen_norm(model, after[-1])
+    u = model.hf.get_output_embeddings().weight[res.target_id].float()
+    for row in res.layers.itertuples():
+        lay = model.layers[row.layer]
+        rest = (f(lay.written_rest(scale[row.layer])) @ u).item()
+        assert sum(row.neuron_dla) + rest == pytest.approx(row.ffn_dla, abs=1e-3)
+    if name == "gemma2":
+        for n in res.neurons.itertuples():
+            block = model.hf.model.layers[n.layer]
+            y = ffn_out[n.layer]
+            v = block.mlp.down_proj.weight[:, n.neuron] * (1 + block.post_feedforward_layernorm.weight)
+            s = 1 / torch.sqrt(y.pow(2).mean() + block.post_feedforward_layernorm.eps)
+            assert n.dla == pytest.approx(n.coef * s.item() * (f(v) @ u).item(), abs=1e-4)
+
+
+def _new_families():
+    from tests.conftest import NEW_FAMILIES
+
+    return NEW_FAMILIES
+
+
+@pytest.mark.parametrize("name", _new_families())
+def test_lens_after_the_last_block_is_the_model_logits_for_every_new_family(tiny_tokenizer, name):
+    """Soft-capping, logit scales, OPT's project_out and missing final norm: the lens reads what the model reads;
+    and trace runs (its per-layer neuron DLAs add up to the FFN's DLA up to the layer's other terms)."""
+    from kvmem.models.kvmodel import from_hf
+    from tests.conftest import make_tiny_new
+
+    model = from_hf(make_tiny_new(name), tiny_tokenizer)
+    ids = model.encode(PROMPT)
+    logits, _, _, after = run_residuals(model, ids, ids.shape[1] - 1)
+    torch.testing.assert_close(lens_logits(model, after[-1]), logits, atol=1e-4, rtol=1e-4)
+    res = trace(model, PROMPT, n_neurons=3)
+    assert len(res.layers) == model.n_layers and len(res.neurons) == 3
