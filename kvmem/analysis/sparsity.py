@@ -9,8 +9,9 @@ Per layer, over the sample's counted tokens (no BOS, padding or skipped position
   active1, active10       share of neurons with |m| > 1% / 10% of their max |m| (mean over tokens)  [headline]
   active_gt0              share with m > 0 exactly (secondary, sign-blind: meaningful for ReLU/GELU only)
   abs_gt_{1,10}x_mean     share with |m_i| > 1x / 10x the token's mean |m| over the layer's neurons
-  carry{50,90}_share      the fewest neurons whose contribution norms |m_i|·‖v_i‖ sum to 50% / 90% of
-                          sum_i |m_i|·‖v_i‖ at that token (the triangle-inequality bound on ‖m·W_out‖),
+  carry{50,90}_share      the fewest neurons whose contribution norms |m_i|·‖w_i‖ sum to 50% / 90% of
+                          sum_i |m_i|·‖w_i‖ at that token (the triangle-inequality bound on the update's norm;
+                          w_i = v_i, or write_scale·γ⊙v_i what the neuron writes through a post-FFN norm),
                           as a share of d_mlp (mean over tokens); carry{50,90}_mean / _median / _p90 as counts
   q_gate_{pos,neg}_up_{pos,neg}  gated FFNs: share of (token, neuron) pairs in each sign quadrant of
                           gate = x·W_gate + b_gate and up = x·W_in + b_in
@@ -99,6 +100,13 @@ def neuron_stats(model: KVModel, sample: Sample, layers=None, tokens_per_batch: 
     return pd.concat(frames, ignore_index=True)
 
 
+def written_norms(model: KVModel, layer: int) -> torch.Tensor:
+    """‖w_i‖ [d_mlp] float32 of what neuron i writes per unit coefficient (FFNLayer.value_vectors_written:
+    write_scale·γ⊙v_i under a post-FFN norm, ‖v_i‖ otherwise). The post-norm's per-token scale multiplies
+    every neuron of the token alike, so it leaves the carry counts unchanged."""
+    return model.layers[layer].value_vectors_written().norm(dim=1).float()
+
+
 def carry_counts(contrib: torch.Tensor, shares) -> list[torch.Tensor]:
     """contrib [tokens, d_mlp] >= 0 -> per share, [tokens] the fewest neurons whose contributions sum to
     that share of the token's total (0 where the total is 0). One sort for all shares."""
@@ -130,7 +138,7 @@ def sparsity(model: KVModel, sample: Sample, layers=None, *, maxima: dict | None
     if missing:
         raise KvmemError(f"maxima: no max |m| for layer {missing[0]}")
     mx = {layer: maxima[layer].float().abs().to(dev) for layer in layers}
-    norms = {layer: model.value_norms(layer).to(dev).float() for layer in layers}
+    norms = {layer: written_norms(model, layer).to(dev) for layer in layers}
     quads = {layer: torch.zeros(4, dtype=torch.float64, device=dev) for layer in layers}
     cols = {layer: [] for layer in layers}  # per batch: [n, RATES + abs_gt_* + carry counts]
     what = ("coef", "gate", "pre") if model.gated else ("coef",)
@@ -203,7 +211,8 @@ def sparsity(model: KVModel, sample: Sample, layers=None, *, maxima: dict | None
                       "active_gt0 = m > 0 is secondary (sign-blind)",
             "max_fractions": list(MAX_FRACTIONS), "mean_multiples": list(MEAN_MULTIPLES),
             "carry_shares": list(CARRY), "maxima": maxima_source, "rates": list(RATES),
-            "carry_definition": "fewest neurons whose |m_i|*||v_i|| sum to the share of sum_i |m_i|*||v_i||",
+            "carry_definition": "fewest neurons whose |m_i|*||w_i|| sum to the share of sum_i |m_i|*||w_i|| "
+                                "(w_i: what neuron i writes per unit m, v_i without a post-FFN norm)",
             "interval": f"95% cluster bootstrap over documents ({n_boot} draws, seed {seed})",
             "units": "one row per (layer, counted token): the token's shares",
             "baseline": "a dense layer would have every share at 1.0 and carry counts near the share times d_mlp",

@@ -1,4 +1,5 @@
-"""Sparsity and knock-outs against brute-force computations on tiny models."""
+"""Sparsity, co-activation and knock-outs against brute-force computations on tiny models (composition:
+tests/analysis/test_composition.py)."""
 
 import copy
 
@@ -167,45 +168,6 @@ def test_neuron_stats_brute_force(tiny_models, samples):
     assert np.allclose(st.max_abs, mx.numpy())
     assert np.allclose(st.active_rate, (m.abs() > 0.1 * mx).double().mean(0).numpy())
     assert np.allclose(st.mean_abs, m.abs().double().mean(0).numpy(), rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_composition_matches_brute_force(tiny_models, samples, family):
-    from kvmem.analysis.composition import composition
-
-    model, sample = tiny_models[family], samples[family]
-    res = composition(model, sample, cache=False, tokens_per_batch=64)
-    table = res["layers"].set_index("layer")
-    cap = run_capture(model, sample.rows, what=("coef", "out"), stop=False)
-    with torch.no_grad():
-        hidden = model.hf(input_ids=sample.rows, output_hidden_states=True).hidden_states
-        W_U = model.W_U.double()
-        for layer in range(model.n_layers):
-            m = cap.coef[layer].reshape(-1, model.d_mlp).double()
-            W_out = model.layers[layer].W_out.double()
-            sub_logits = (m[:, :, None] * W_out[None]) @ W_U  # [N, d_mlp, d_vocab]: every m_i v_i W_U
-            sub_top = sub_logits.argmax(-1)
-            ffn_top = (m @ W_out @ W_U).argmax(-1)
-            contrib = m.abs() * W_out.norm(dim=1)
-            novel10, novel_all = [], []
-            for t in range(m.shape[0]):
-                order = np.argsort(-contrib[t].numpy(), kind="stable")[:10]
-                novel10.append(all(sub_top[t, i] != ffn_top[t] for i in order))
-                novel_all.append(all(sub_top[t, i] != ffn_top[t] for i in range(model.d_mlp) if m[t, i] != 0))
-            row = table.loc[layer]
-            assert row.n_tokens == m.shape[0]
-            assert row.novel_top10 == pytest.approx(np.mean(novel10), abs=1e-9)
-            assert row.novel_all == pytest.approx(np.mean(novel_all), abs=1e-9)
-            if layer < model.n_layers - 1:  # hidden_states[-1] is after the final norm
-                post = hidden[layer + 1].reshape(-1, model.d_model)
-                mid = post - cap["out"][layer].reshape(-1, model.d_model)
-                top_post = (model.final_norm(post) @ model.W_U).argmax(-1)
-                top_mid = (model.final_norm(mid) @ model.W_U).argmax(-1)
-                keep = (top_post == top_mid).double().mean()
-                promo = ((top_post != top_mid) & (top_post == ffn_top)).double().mean()
-                assert row.keep == pytest.approx(float(keep), abs=1e-9)
-                assert row.promotion == pytest.approx(float(promo), abs=1e-9)
-            assert row.keep + row.promotion + row.elimination == pytest.approx(1.0)
 
 
 def test_coactivation_matches_brute_force(tiny_models, samples):

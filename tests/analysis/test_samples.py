@@ -220,3 +220,36 @@ def test_every_family_on_bos_rows(tiny_models, family):
             out.bias.zero_()
         assert ko.loc[("remove", 0), "baseline_loss"] == pytest.approx(_loss_rows_alone(model.hf, s)[0], rel=1e-5)
         assert ko.loc[("remove", 0), "loss"] == pytest.approx(_loss_rows_alone(edited.hf, s)[0], rel=1e-5)
+
+
+def _carry(contrib, share):
+    """Brute force: per token, add contributions largest first until ``share`` of the total is reached."""
+    out = []
+    for row in contrib:
+        c = np.sort(row)[::-1]
+        total, acc, k = c.sum(), 0.0, 0
+        while acc < share * total:
+            acc += c[k]
+            k += 1
+        out.append(k)
+    return np.array(out)
+
+
+def test_carry_counts_what_a_post_norm_layer_writes():
+    """Gemma 2 passes the FFN output through an RMSNorm with gain (1 + w): neuron i writes m_i·(1+w)⊙v_i/rms(y),
+    so its share of the update is |m_i|·‖(1+w)⊙v_i‖ (the per-token 1/rms is common to all neurons), read here
+    from the HF module's own weights."""
+    import kvmem
+    from tests.conftest import make_tiny_new
+
+    model = kvmem.from_hf(make_tiny_new("gemma2"), None)
+    s = sample_from_run(fake_run(), 60, seed=4)
+    m = torch.cat([run_capture(model, ids, layers=[1]).coef[1][0][c].double() for ids, c, _ in rows_alone(s)])
+    block = model.hf.model.layers[1]
+    v = block.mlp.down_proj.weight.double().T  # [d_mlp, d_model]
+    gain = 1 + block.post_feedforward_layernorm.weight.double()
+    want = _carry((m.abs() * (v * gain).norm(dim=1)).numpy(), 0.9)
+    plain = _carry((m.abs() * v.norm(dim=1)).numpy(), 0.9)
+    assert abs(plain.mean() - want.mean()) > 1e-3  # the gain matters on this model (old code: plain)
+    row = sparsity(model, s, layers=[1], n_boot=20)["layers"].iloc[0]
+    assert row.carry90_mean == pytest.approx(want.mean(), abs=1e-9)
