@@ -70,9 +70,11 @@ class KVModel:
         return self.adapter.final_norm()
 
     def value_norms(self, layer: int) -> torch.Tensor:
-        """‖v_i‖ for every neuron of a layer, [d_mlp] (float32, cached)."""
+        """‖w_i‖ for every neuron of a layer, [d_mlp] (float32, cached): w_i = what neuron i writes per unit
+        coefficient (FFNLayer.value_vectors_written: v_i, times Granite's residual multiplier, times the
+        post-norm gain γ of Gemma 2/3 / OLMo 2 before the token's scale s). ‖v_i‖ for the other families."""
         if layer not in self._value_norms:
-            self._value_norms[layer] = self.layers[layer].W_out.float().norm(dim=1)
+            self._value_norms[layer] = self.layers[layer].value_vectors_written().norm(dim=1)
         return self._value_norms[layer]
 
     # --- tokens ---------------------------------------------------------------------------
@@ -100,12 +102,29 @@ class KVModel:
         """v_i (rows of W_out) for (layer, neuron) pairs, [n, d_model]."""
         return torch.stack([self.layers[layer].W_out[neuron] for layer, neuron in neurons])
 
-    def value_logits(self, neurons, *, through_norm: bool = False, sign=None) -> torch.Tensor:
-        """v_i·W_U for (layer, neuron) pairs, [n, d_vocab] float32. ``sign`` [n] flips values
-        (what a negative coefficient writes); ``through_norm`` applies the final norm to the
-        value vector first, as if it were the residual stream."""
+    def written_vectors(self, neurons) -> torch.Tensor:
+        """w_i for (layer, neuron) pairs, [n, d_model] in the model's dtype: the direction neuron i writes into
+        the residual stream (FFNLayer.value_vectors_written; = v_i except for post-norm and Granite layers)."""
+        whole: dict[int, torch.Tensor] = {}  # layer -> its w_i [d_mlp, d_model], computed once per call
+        rows = []
         with torch.inference_mode():
-            v = self.value_vectors(neurons)
+            for layer, neuron in neurons:
+                lay = self.layers[layer]
+                if lay.post_norm is None and lay.write_scale == 1.0:
+                    rows.append(lay.W_out[neuron])
+                    continue
+                if layer not in whole:
+                    whole[layer] = lay.value_vectors_written().to(self.dtype)
+                rows.append(whole[layer][neuron])
+        return torch.stack(rows)
+
+    def value_logits(self, neurons, *, through_norm: bool = False, sign=None) -> torch.Tensor:
+        """w_i·W_U for (layer, neuron) pairs, [n, d_vocab] float32, w_i the written vector (v_i for pre-norm
+        families; γ⊙v_i behind Gemma 2/3 and OLMo 2 post-norms). ``sign`` [n] flips values (what a negative
+        coefficient writes); ``through_norm`` applies the final norm to the vector first, as if it were the
+        residual stream. No logit transform (soft-capping, logit scale): both keep every row's ranking."""
+        with torch.inference_mode():
+            v = self.written_vectors(neurons)
             if sign is not None:
                 v = v * torch.as_tensor(sign, device=v.device, dtype=v.dtype)[:, None]
             if through_norm:
@@ -136,6 +155,11 @@ class KVModel:
             "d_vocab": self.d_vocab,
             "activation": self.activation,
             "gated": self.gated,
+            "norm_placement": self.adapter.norm_placement,
+            "write_scale": self.layers[0].write_scale,
+            "embedding_scale": self.adapter.embedding_scale,
+            "logit_scale": self.adapter.logit_scale,
+            "logit_softcap": self.adapter.logit_softcap,
             "n_params": n_params,
             "ffn_params": sum(ffn.values()),
             "ffn_param_share": sum(ffn.values()) / n_params,

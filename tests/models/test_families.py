@@ -183,3 +183,23 @@ def test_supported_variations_pass(name, changes):
     _, rec = _forward(model)
     lay = model.layers[-1]
     torch.testing.assert_close(lay.output(rec[("m", lay.index)]), rec[("y", lay.index)], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2", "granite", "qwen3"])
+def test_value_logits_project_what_the_neuron_writes(models, name):
+    """Behind a post-norm neuron i moves the stream along γ⊙v_i (times s > 0), so the vocabulary projection is
+    of γ⊙v_i: checked against the model's own post-norm applied to one neuron's y = v_i (s cancels in the
+    direction), and the LM head applied to it."""
+    model = models[name]
+    lay = model.layers[1]
+    neurons = [(1, 0), (1, 5), (1, 47)]
+    got = model.value_logits(neurons)
+    for row, (_, i) in zip(got, neurons):
+        v = lay.W_out[i]
+        written = lay.post_norm(v) if lay.post_norm is not None else v * lay.write_scale  # HF's own module
+        direct = model.hf.get_output_embeddings()(written)
+        cos = torch.nn.functional.cosine_similarity(row, direct, dim=0)
+        assert cos > 1 - 1e-5
+        assert torch.equal(row.argsort(descending=True)[:5], direct.argsort(descending=True)[:5])
+    norms = model.value_norms(1)
+    torch.testing.assert_close(norms[[0, 5, 47]], got.new_tensor([lay.value_vectors_written()[i].norm() for _, i in neurons]))
