@@ -1,6 +1,7 @@
 """Value vectors in the vocabulary: v_i·W_U for every neuron of a model (Geva et al. 2022).
 
-``project_values(model)`` projects every value vector (row i of W_out, [d_model]) through the
+``project_values(model)`` projects every written value vector (row i of W_out, [d_model]; γ⊙v_i behind a
+post-FFN norm, write_scale·v_i with a residual multiplier: see ``value_matrix``) through the
 unembedding W_U [d_model, d_vocab], optionally after the final norm (``through_norm``: the
 value vector is normalised as if it were the residual stream), and keeps per neuron:
 
@@ -108,13 +109,24 @@ def chunk_rows(d_vocab: int, chunk_mb: float | None, d_mlp: int) -> int:
 
 
 def value_matrix(model, layer: int, through_norm: bool, rows: slice | None = None) -> torch.Tensor:
-    """Value vectors of one layer, [d_mlp, d_model] (or a slice of rows), in float32, after the final
-    norm (a float32 copy of it) when ``through_norm``."""
-    W = model.layers[layer].W_out
+    """Written value vectors of one layer, [d_mlp, d_model] (or a slice of rows), in float32, after the
+    final norm (a float32 copy of it) when ``through_norm``. Written: w_i = FFNLayer.value_vectors_written(),
+    v_i itself for most families, γ⊙v_i behind a post-FFN norm (Gemma 2/3, OLMo 2), write_scale·v_i with a
+    residual multiplier (Granite): what neuron i adds to the residual stream per unit of m_i·s."""
+    W = model.layers[layer].value_vectors_written()
     if rows is not None:
         W = W[rows]
     W = W.to(torch.float32)
     return float32_norm(model)(W) if through_norm else W
+
+
+def value_rows(model, pairs, *, through_norm: bool = False, sign=None) -> torch.Tensor:
+    """w_i·W_U (or final_norm(w_i)·W_U) in float32 for (layer, neuron) pairs, [n, d_vocab], undefined ids -inf;
+    ``sign`` [n] flips rows (what a negative coefficient writes). The rows ``compute_projection`` ranks."""
+    v = torch.stack([model.layers[layer].value_vectors_written()[neuron] for layer, neuron in pairs])
+    if sign is not None:
+        v = v * torch.as_tensor(sign, device=v.device, dtype=v.dtype)[:, None]
+    return project_rows(model, v, through_norm)
 
 
 @dataclass
@@ -345,7 +357,7 @@ def neuron_vocab(model, neurons, *, k: int = 10, through_norm: bool = False) -> 
     pairs = parse_neurons(model, neurons)
     if not 1 <= k <= model.d_vocab:
         raise KvmemError(f"--top must be between 1 and the vocabulary size {model.d_vocab}")
-    logits = project_rows(model, model.value_vectors(pairs), through_norm)  # [n, d_vocab] float32, -inf masked
+    logits = value_rows(model, pairs, through_norm=through_norm)  # [n, d_vocab] float32, -inf masked
     defined = vocab_mask(model).to(logits.device)
     if k > int(defined.sum()):
         raise KvmemError(f"--top must be at most the number of ids the tokenizer defines ({int(defined.sum())})")

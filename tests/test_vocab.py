@@ -289,3 +289,26 @@ def test_projection_in_float32_for_a_bf16_model(tiny_tokenizer):
     assert t["top_logits"][0, 0, 0].item() == pytest.approx(exact[a].item(), abs=1e-6)
     res = neuron_vocab(model, ["0.0"], k=2)
     assert res.neurons.top_ids[0] == [a, b] and res.neurons.top_logits[0][0] > res.neurons.top_logits[0][1]
+
+
+def test_projection_of_a_post_norm_family_uses_the_written_values(tiny_tokenizer):
+    """Gemma 2 writes N(y) = (1 + w)⊙y/rms(y): neuron i's write is along (1 + w)⊙v_i, which is what is projected."""
+    from kvmem.models.kvmodel import from_hf
+    from tests.conftest import make_tiny_new
+
+    model = from_hf(make_tiny_new("gemma2"), tiny_tokenizer)
+    t = compute_projection(model, k=4, chunk_mb=None)
+    hf = model.hf
+    differs = []
+    for a, b in [(0, 3), (1, 8), (2, 17)]:
+        with torch.no_grad():
+            v = hf.model.layers[a].mlp.down_proj.weight[:, b].double()
+            w = v * (1 + hf.model.layers[a].post_feedforward_layernorm.weight.double())
+            row = w @ hf.lm_head.weight.double().T
+            plain = v @ hf.lm_head.weight.double().T
+        differs.append(row.topk(4).indices.tolist() != plain.topk(4).indices.tolist())
+        assert t["top_ids"][a, b].tolist() == row.topk(4).indices.tolist()
+        assert t["bottom_ids"][a, b].tolist() == row.topk(4, largest=False).indices.tolist()
+        res = neuron_vocab(model, [f"{a}.{b}"], k=4)
+        assert res.neurons.top_ids[0] == row.topk(4).indices.tolist()
+    assert any(differs)  # the gain matters: projecting v_i itself would give other tokens
