@@ -330,3 +330,23 @@ def test_new_families_points_edits_and_logits(new_models, name):
     if model.gated or model.layers[L].act(torch.zeros(1)).abs().item() == 0:
         assert seen[("ffn.coef", L)].abs().max() == 0
     assert run.stopped
+
+
+def test_no_other_module_registers_pytorch_hooks():
+    """One hook layer: outside kvmem/hooks.py and kvmem/models/ nothing registers forward hooks or swaps a
+    module's forward."""
+    from pathlib import Path
+
+    import kvmem
+
+    root = Path(kvmem.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "hooks.py" or rel.startswith("models/"):
+            continue
+        text = path.read_text()
+        for needle in ("register_forward_hook", "register_forward_pre_hook", "register_full_backward", ".forward = "):
+            if needle in text:
+                offenders.append(f"{rel}: {needle}")
+    assert offenders == []
