@@ -29,14 +29,15 @@ import torch
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
 
-MEASURES = ("sparsity", "coactivation", "composition", "knockouts", "agreement", "lexical")
+MEASURES = ("sparsity", "coactivation", "composition", "knockouts", "agreement", "lexical", "mutation", "annotate")
+DEFAULT_MEASURES = MEASURES[:-1]  # annotate (a CSV sheet for human labelling) runs only when asked for
 # defaults by device kind: the full protocol on a GPU; on a CPU, sizes that finish in a few minutes for the
 # bundled model while every rate still gets a stated interval (see plan() for what each costs)
 PROTOCOL = {
     "gpu": {"tokens": 32768, "composition_tokens": 8192, "knockout_tokens": 8192, "n_random": 5, "n_perm": 100,
-            "knockout_ks": None},
+            "knockout_ks": None, "lexical_neurons": 128, "mutation_neurons": 64, "annotate_tokens": 20000},
     "cpu": {"tokens": 4096, "composition_tokens": 1024, "knockout_tokens": 512, "n_random": 3, "n_perm": 100,
-            "knockout_ks": "10pct"},
+            "knockout_ks": "10pct", "lexical_neurons": 16, "mutation_neurons": 8, "annotate_tokens": 4096},
 }
 
 
@@ -87,12 +88,21 @@ def plan(measures, n_layers_analysed: int, d_mlp: int, sizes: dict) -> list[Step
             out.append(Step(m, 0, 0, L * d_mlp, 1, f"no forward pass: values x W_U, {sizes['n_perm']} derangement "
                                                    "draws"))
         elif m == "lexical":
-            out.append(Step(m, 0, 0, 0, 1, "short truncated-context passes for sampled neurons' triggers"))
+            n = sizes["lexical_neurons"] * L * 5 * 2
+            out.append(Step(m, 0, 0, 0, 1, f"{n:,} short truncated-context runs ({sizes['lexical_neurons']} "
+                                           "neurons per layer, 5 triggers, 2 lengths)"))
+        elif m == "mutation":
+            n = sizes["mutation_neurons"] * L * 5 * 4
+            out.append(Step(m, 0, 0, 0, 1, f"{n:,} prefix runs ({sizes['mutation_neurons']} neurons per layer, 5 "
+                                           "triggers, original + first/last/random removed)"))
+        elif m == "annotate":
+            out.append(Step(m, sizes["annotate_tokens"], 1, 0, 1, "one pass for the keys' and random directions' "
+                                                                  "triggers; writes annotation.csv + its key"))
     return out
 
 
 def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, knockout_tokens: int | None = None,
-            composition_tokens: int | None = None, measures=MEASURES, coactivation_neurons=None, layers=None,
+            composition_tokens: int | None = None, measures=DEFAULT_MEASURES, coactivation_neurons=None, layers=None,
             knockout_ks=None, n_random: int | None = None, n_perm: int | None = None, seed: int = 0,
             device: str = "auto", dtype: str = "auto", cache: bool = True, progress=None, on_plan=None,
             write: bool = True) -> dict:
@@ -118,6 +128,7 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
     sizes = {"tokens": tokens, "composition_tokens": composition_tokens, "knockout_tokens": knockout_tokens,
              "n_random": n_random, "n_perm": n_perm}
     sizes = {k: proto[k] if v is None else v for k, v in sizes.items()}
+    sizes.update({k: proto[k] for k in ("lexical_neurons", "mutation_neurons", "annotate_tokens")})
     for name in ("tokens", "composition_tokens", "knockout_tokens"):
         if sizes[name] < 2:
             raise KvmemError(f"{name} must be at least 2")
@@ -199,11 +210,24 @@ def _agreement(run, model, layers, sample, stats, sizes, seed, cache, queries, t
 def _lexical(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
     from kvmem.analysis.lexical import lexical
 
-    return lexical(model, run, layers=layers, seed=seed)
+    return lexical(model, run, layers=layers, seed=seed, n_neurons=sizes["lexical_neurons"])
+
+
+def _mutation(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.mutation import mutation
+
+    return mutation(model, run, layers=layers, seed=seed, n_neurons=sizes["mutation_neurons"])
+
+
+def _annotate(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
+    from kvmem.analysis.annotate import annotate
+
+    return annotate(model, run, layers=layers, seed=seed, tokens=sizes["annotate_tokens"])
 
 
 _RUNNERS = {"sparsity": _sparsity, "coactivation": _coactivation, "composition": _composition,
-            "knockouts": _knockouts, "agreement": _agreement, "lexical": _lexical}
+            "knockouts": _knockouts, "agreement": _agreement, "lexical": _lexical, "mutation": _mutation,
+            "annotate": _annotate}
 
 
 def _write(folder: Path, results: dict, previous: dict, doc: dict, run, model, layers, sample_tokens, seconds,
@@ -220,7 +244,12 @@ def _write(folder: Path, results: dict, previous: dict, doc: dict, run, model, l
         for name in results:  # a refreshed measure's old tables go (a table it no longer writes must not linger)
             for p in tmp.glob(f"{name}_*.parquet"):
                 p.unlink()
-        for res in results.values():
+        for name, res in results.items():
+            if name == "annotate":  # the blinded sheet and, separately, its key (CSV); raw scores as parquet
+                from kvmem.analysis.annotate import write_annotation
+
+                write_annotation(res, tmp)
+                res = type(res)(name, {k: v for k, v in res.tables.items() if k in ("triggers",)}, res.meta)
             res.write(tmp)
         old = json.loads((folder / "analysis.json").read_text()) if previous else {}
         write_json(tmp / "findings.json", doc)

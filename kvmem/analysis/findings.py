@@ -189,13 +189,20 @@ def _topk(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
     k = max(res.meta.get("ks") or [0])
     top = _need(per_layer(res, c["top"], rules, k=k), f"no top-k column for k = {k}")
     rnd = _need(per_layer(res, c["random"], rules, k=k), f"no random-k column for k = {k}")
+    exc = per_layer(res, c.get("excess", []), rules, k=k)  # paired per-token difference, where measured
     nums["k"] = k
     checks = []
     for layer in sorted(set(top) & set(rnd)):
         t, r = top[layer], rnd[layer]
-        bar = max(r.hi, c["min_nats"])
-        state = YES if t.lo > bar else NO if t.hi <= r.value else UNSURE
-        checks.append(_check(f"layer {layer}: top-{k} above random-{k}", state, t, bar))
+        if layer in exc:  # the paired difference's interval against 0, and the top-k increase above the floor
+            e = exc[layer]
+            state = NO if e.hi <= 0 else YES if (e.lo > 0 and t.lo > c["min_nats"]) else UNSURE
+            checks.append(_check(f"layer {layer}: top-{k} minus random-{k} > 0", state, e, 0.0))
+            nums.update(e.as_dict(f"L{layer}_excess"))
+        else:  # unpaired: the top-k interval above the random-k interval
+            bar = max(r.hi, c["min_nats"])
+            state = YES if t.lo > bar else NO if t.hi <= r.value else UNSURE
+            checks.append(_check(f"layer {layer}: top-{k} above random-{k}", state, t, bar))
         nums.update(t.as_dict(f"L{layer}_top") | r.as_dict(f"L{layer}_random"))
     return _need(checks, "no layer with both knock-outs")
 
@@ -205,15 +212,14 @@ CLAIMS = {"agreement": (_agreement, combine), "lexical": (_lexical, combine), "s
           "nonlinear": (_nonlinear, majority), "topk": (_topk, majority)}
 
 FIGURES = {
-    "agreement": ("agreement_layers.parquet", ["agree_ex1", "base_ex1", "agree_top1", "base_top1"]),
-    "lexical": ("lexical_layers.parquet", ["same_token", "base_same_token", "kept_1", "kept_2"]),
-    "sparsity": ("sparsity_layers.parquet", ["active10", "active_abs_gt10pct_max", "active_gt10pct_max",
-                                             "carry90_share"]),
-    "composition": ("composition_layers.parquet", ["novel", "base_novel", "novel_active", "compose"]),
+    "agreement": ("agreement_layers.parquet", ["ex1", "base_ex1", "uniform_ex1", "docs_any", "next_top10"]),
+    "lexical": ("lexical_layers.parquet", ["same_token", "base_same_token", "excess_token", "kept_1", "kept_2"]),
+    "sparsity": ("sparsity_layers.parquet", ["active1", "active10", "carry90_share", "active_gt0"]),
+    "composition": ("composition_layers.parquet", ["novel_active", "novel_paired", "novel_top10"]),
     "cases": ("composition_layers.parquet", ["case_residual", "case_ffn", "case_agreement", "case_composition",
                                              "changed_to_ffn"]),
     "nonlinear": ("knockouts_layers.parquet", ["remove", "linear"]),
-    "topk": ("knockouts_layers.parquet", ["top_max_k{k}", "top_rate_k{k}", "random_k{k}"]),
+    "topk": ("knockouts_layers.parquet", ["top_max_k{k}", "top_rate_k{k}", "random_k{k}", "top_max_k{k}_excess"]),
 }
 REFERENCE = {"agreement": [{"y": 0.035, "label": "Geva 2021 Fig. 4: up to ~3.5% (upper layers)"}],
              "composition": [{"y": 0.68, "label": "Geva 2021 §5.1: >= 68% in every layer"}]}

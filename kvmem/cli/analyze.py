@@ -101,7 +101,7 @@ def analyze(
     tokens: Annotated[int | None, typer.Option(help="Counted tokens of the run's rows (drawn at random across documents) for sparsity and co-activation (default: 32768 on a GPU, 4096 on a CPU).")] = None,
     knockout_tokens: Annotated[int | None, typer.Option(help="Tokens for the knock-out losses (default: 8192 GPU, 512 CPU).")] = None,
     composition_tokens: Annotated[int | None, typer.Option(help="Tokens for composition and the four cases (default: 8192 GPU, 1024 CPU).")] = None,
-    measures: Annotated[str, typer.Option(help="Comma-separated subset of: sparsity, coactivation, composition, knockouts, agreement, lexical (the others' tables and findings are kept).")] = "",
+    measures: Annotated[str, typer.Option(help="Comma-separated subset of: sparsity, coactivation, composition, knockouts, agreement, lexical, mutation, annotate (default: all but annotate; the others' earlier tables and findings are kept).")] = "",
     layers: Annotated[str, typer.Option(help="Analyze only these profiled layers, e.g. '0-5,20' (default: all profiled).")] = "",
     knockout_k: Annotated[str, typer.Option(help="Neurons zeroed per layer in the top-k knock-outs, e.g. '15,153' (default: 1% and 10% of d_mlp on a GPU, 10% on a CPU).")] = "",
     n_random: Annotated[int | None, typer.Option(help="Random-k knock-out draws per layer and k (default: 5 GPU, 3 CPU).")] = None,
@@ -114,11 +114,11 @@ def analyze(
 ) -> None:
     """Key-value memory analyses of a run (Geva et al. 2021, 2022): verdicts with 95% intervals and the papers' figures beside the measured ones; writes RUN/analysis/."""
     import kvmem
-    from kvmem.analysis.analyze import MEASURES, analyze as run_analyze
+    from kvmem.analysis.analyze import DEFAULT_MEASURES, MEASURES, analyze as run_analyze
     from kvmem.errors import KvmemError
 
     r = kvmem.open_run(run)
-    chosen = [m.strip() for m in measures.split(",") if m.strip()] or list(MEASURES)
+    chosen = [m.strip() for m in measures.split(",") if m.strip()] or list(DEFAULT_MEASURES)
     bad = [m for m in chosen if m not in MEASURES]
     if bad:
         raise KvmemError(f"unknown measure {bad[0]!r}; choose from {', '.join(MEASURES)}")
@@ -169,7 +169,7 @@ def analyze(
                            "findings": out["findings"], "paper": doc["paper"], "rules": doc["rules"],
                            "kvmem_version": doc["kvmem_version"]})
     for measure, res in results.items():
-        if "layers" in res.tables and measure != "coactivation":
+        if "layers" in res.tables and measure not in ("coactivation", "annotate"):
             console.print(layer_table(measure, res["layers"], res.meta))
     if "coactivation" in results:
         res = results["coactivation"]
@@ -181,6 +181,9 @@ def analyze(
             table.add_row(row.query, row.partner, f"{row.jaccard:.2f}", f"{row.p_given:.2f}", f"{row.lift:.1f}",
                           f"{row.co:.0f}")
         console.print(table)
+    if "annotate" in results:
+        console.print(f"annotation sheet: {r.analysis_dir / 'annotation.csv'} (blinded; its key, to keep from the "
+                      f"annotator: {r.analysis_dir / 'annotation_key.csv'})", markup=False)
     console.print(verdict_table(out["findings"]))
     console.print(paper_table(doc["paper"]))
     console.print(f"rules {doc['rules']['version']} (sha256 {doc['rules']['sha256'][:12]}…), kvmem "

@@ -39,7 +39,8 @@ def test_analyze_writes_tables_and_findings(capsys, analyzed):
     res = json.loads(out)
     folder = run / "analysis"
     for name in ("agreement_layers", "agreement_pairs", "lexical_layers", "lexical_truncation", "sparsity_layers",
-                 "sparsity_model", "composition_layers", "knockouts_layers", "knockouts_long", "coactivation_partners"):
+                 "sparsity_model", "composition_layers", "knockouts_layers", "knockouts_long", "coactivation_partners",
+                 "mutation_layers", "mutation_units"):
         assert (folder / f"{name}.parquet").is_file(), name
     doc = json.loads((folder / "findings.json").read_text())
     findings = doc["findings"]
@@ -108,6 +109,17 @@ def test_analyze_tables_print_and_compare(capsys, analyzed):
     assert layers.depth.between(0, 1).all()
     code, out, err = cli(capsys, "compare", analyzed["gpt2"], analyzed["llama"])
     assert code == 0 and "active10" in out
+
+
+def test_annotate_is_opt_in_and_writes_the_sheet_apart_from_its_key(capsys, analyzed):
+    run = analyzed["gpt2"]
+    code, out, err = cli(capsys, "analyze", run, "--measures", "annotate", "--device", "cpu")
+    assert code == 0, err
+    folder = run / "analysis"
+    sheet, key = pd.read_csv(folder / "annotation.csv"), pd.read_csv(folder / "annotation_key.csv")
+    assert "kind" not in sheet.columns and set(key.kind) == {"key", "random"}
+    assert set(sheet["item"]) == set(key["item"])
+    assert "annotation.csv" in out and "annotate" in json.loads((folder / "analysis.json").read_text())["measures"]
 
 
 @pytest.mark.parametrize("argv", [

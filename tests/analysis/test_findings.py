@@ -219,3 +219,16 @@ def test_agreement_baseline_from_the_derangement_draws():
     res.tables["null"] = null.assign(ex1=0.001 * null.draw / 20)
     f = verdict({"agreement": res}, "agreement")
     assert f["checks"][0]["state"] == "yes" and f["numbers"]["upper_p_perm"] == pytest.approx(1 / 21)
+
+
+def test_topk_rule_uses_the_paired_excess_where_measured():
+    """With top_max_k{k}_excess (per-token top-k minus random-k, paired), the rule reads its interval against 0:
+    overlapping unpaired intervals can still give a clear paired difference."""
+    res = knockouts([0.2, 0.2, 0.2], [0.15, 0.15, 0.15], spread=0.1)
+    assert verdict({"knockouts": res}, "topk", 3)["verdict"] == "inconclusive"
+    df = res["layers"]
+    df["top_max_k10_excess"], df["top_max_k10_excess_lo"], df["top_max_k10_excess_hi"] = 0.05, 0.03, 0.07
+    f = verdict({"knockouts": res}, "topk", 3)
+    assert f["verdict"] == "supported" and f["checks"][0]["threshold"] == 0.0
+    df["top_max_k10_excess_lo"], df["top_max_k10_excess_hi"] = -0.02, 0.0
+    assert verdict({"knockouts": res}, "topk", 3)["verdict"] == "not supported"
