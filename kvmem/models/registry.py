@@ -7,6 +7,15 @@ from torch import nn
 from kvmem.errors import KvmemError
 
 _ADAPTERS: dict[str, type] = {}
+_MOE = "its FFNs are mixtures of experts; expert neurons are not supported yet"
+# Families kvmem knows it cannot represent exactly (yet), with the reason given when one is loaded.
+REFUSED = {
+    "gemma3": "the multimodal Gemma 3 wrapper; load its text model (model_type 'gemma3_text', Gemma3ForCausalLM)",
+    "gemma3n": "Gemma 3n's AltUp and per-layer inputs mix several streams: a neuron's write is not one vector",
+    "falcon_h1": "a hybrid of attention and Mamba blocks; its FFN view is not implemented",
+    "mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE, "olmoe": _MOE, "deepseek_v3": _MOE, "gpt_oss": _MOE,
+    "granitemoe": _MOE, "phimoe": _MOE,
+}
 
 
 def register(cls):
@@ -33,6 +42,8 @@ def adapter_for(model: nn.Module):
     _load_families()
     model_type = getattr(model.config, "model_type", None)
     cls = _ADAPTERS.get(model_type)
+    if cls is None and model_type in REFUSED:
+        raise KvmemError(f"unsupported architecture {model_type!r}: {REFUSED[model_type]}")
     if cls is None:
         raise KvmemError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(_ADAPTERS))}"

@@ -77,3 +77,13 @@ def test_info_counts_ffn_parameters(tiny_models):
     per_layer = 3 * model.d_model * model.d_mlp  # gate, up, down; no biases
     assert info["ffn_params"] == model.n_layers * per_layer
     assert info["n_layers"] == 3 and info["d_mlp"] == 48 and info["gated"] is True
+
+
+def test_a_known_unrepresentable_family_is_refused_with_its_reason():
+    from transformers import MixtralConfig
+
+    tiny = AutoModelForCausalLM.from_config(MixtralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=24,
+                                                          num_attention_heads=2, num_key_value_heads=1,
+                                                          num_local_experts=2, vocab_size=50))
+    with pytest.raises(KvmemError, match="unsupported architecture 'mixtral': .*mixtures of experts"):
+        kvmem.from_hf(tiny, None)
