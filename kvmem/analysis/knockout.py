@@ -169,10 +169,10 @@ def knockouts(model: KVModel, sample: Sample, layers=None, *, stats: pd.DataFram
                 continue
             kind, _, k = name.rpartition("_k") if "_k" in name else (name, "", "0")
             mean, lo, hi = ci.interval(d.numpy(), doc, n_boot, seed)
-            spread = draws.get(name)
+            spread = draws.get(name, [])  # the random draws' mean deltas (none for a fixed neuron set)
+            sd = float(np.std(spread, ddof=1)) if len(spread) > 1 else np.nan
             long.append({"layer": layer, "intervention": kind, "k": int(k), "loss": base + mean, "delta": mean,
-                         "delta_lo": lo, "delta_hi": hi, "delta_sd": float(np.std(spread, ddof=1)) if spread and
-                         len(spread) > 1 else np.nan, "draws": len(spread) if spread else 1,
+                         "delta_lo": lo, "delta_hi": hi, "delta_sd": sd, "draws": max(1, len(spread)),
                          "baseline_loss": base, "n_tokens": n_pred})
         if progress is not None:
             progress(f"knock-outs layer {layer}")
