@@ -9,8 +9,8 @@ RUN/analysis/
                               it ran with, its planned cost and the seconds it took; the model and the run
 Model-running measures take a sample of the run's own model rows drawn at random across its documents
 (kvmem.analysis.common.sample_from_run, seeded): ``tokens`` counted tokens for sparsity and co-activation,
-``composition_tokens`` and ``knockout_tokens`` (the first rows of the same random order) for the costlier
-ones. ``protocol(device)`` gives the defaults: the full protocol on a GPU, a short one on a CPU (a few
+``composition_tokens`` and ``knockout_tokens`` for the costlier ones, each the first rows of one random order
+of the run's rows (so the smaller samples are subsets of the larger). ``protocol(device)`` gives the defaults: the full protocol on a GPU, a short one on a CPU (a few
 minutes for the bundled SmolLM2-135M on 2 cores). ``plan`` states each measure's cost (tokens, forward
 passes) before anything runs.
 """
@@ -145,7 +145,8 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
         on_plan(steps)
     tell = progress or (lambda measure, advance, label: None)
     needs_sample = any(m in measures for m in ("sparsity", "coactivation", "composition", "knockouts"))
-    sample = sample_from_run(run, sizes["tokens"], seed=seed) if needs_sample else None
+    biggest = max(sizes["tokens"], sizes["composition_tokens"], sizes["knockout_tokens"])
+    sample = sample_from_run(run, biggest, seed=seed) if needs_sample else None  # heads of one random order
     stats = run_neuron_stats(run, layers)
     results, seconds, sample_tokens = {}, {}, {}
     for step in steps:
@@ -177,7 +178,7 @@ def _sparsity(run, model, layers, sample, stats, sizes, seed, cache, queries, ti
     from kvmem.analysis.neurons import maxima_of
     from kvmem.analysis.sparsity import sparsity
 
-    return sparsity(model, sample, layers, maxima=maxima_of(stats), seed=seed)
+    return sparsity(model, sample.head(sizes["tokens"]), layers, maxima=maxima_of(stats), seed=seed)
 
 
 def _coactivation(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
@@ -185,13 +186,15 @@ def _coactivation(run, model, layers, sample, stats, sizes, seed, cache, queries
     from kvmem.analysis.neurons import default_queries, maxima_of
 
     queries = queries if queries is not None else default_queries(run, layers, stats)
-    return coactivation(model, sample, queries, layers=layers, maxima=maxima_of(stats))
+    return coactivation(model, sample.head(sizes["tokens"]), queries, layers=layers, maxima=maxima_of(stats))
 
 
 def _composition(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
     from kvmem.analysis.composition import composition
+    from kvmem.analysis.neurons import maxima_of
 
-    return composition(model, sample.head(sizes["composition_tokens"]), layers, cache=cache)
+    return composition(model, sample.head(sizes["composition_tokens"]), layers, cache=cache, seed=seed,
+                       max_abs=maxima_of(stats))  # activity relative to the run's max |m| (no extra pass)
 
 
 def _knockouts(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
