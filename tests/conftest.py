@@ -132,6 +132,9 @@ def _new_family_configs():
         "opt_postln": lambda: T.OPTConfig(num_hidden_layers=L, hidden_size=D, ffn_dim=FF, num_attention_heads=H,
                                           vocab_size=VOCAB, max_position_embeddings=128, word_embed_proj_dim=16,
                                           do_layer_norm_before=False, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+        "opt_proj": lambda: T.OPTConfig(num_hidden_layers=L, hidden_size=D, ffn_dim=FF, num_attention_heads=H,
+                                        vocab_size=VOCAB, max_position_embeddings=128, word_embed_proj_dim=16,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0),  # pre-LN, projected
     }
 
 
