@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from kvmem.errors import KvmemError
 from kvmem.hooks import hooks
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 KINDS = ("coef", "pre", "gate", "x", "out")
 POINT = {kind: f"ffn.{kind}" for kind in KINDS}  # capture kind -> kvmem.hooks point
@@ -45,7 +48,7 @@ class Captured:
         return self.data["coef"]
 
 
-def check_layers(model, layers: Iterable[int] | None) -> list[int]:
+def check_layers(model: KVModel, layers: Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(model.n_layers))
     out = sorted(set(int(layer) for layer in layers))
@@ -56,7 +59,7 @@ def check_layers(model, layers: Iterable[int] | None) -> list[int]:
 
 
 @contextmanager
-def capture(model, layers: Iterable[int] | None = None, what: Iterable[str] = ("coef",), *,
+def capture(model: KVModel, layers: Iterable[int] | None = None, what: Iterable[str] = ("coef",), *,
             stop: bool = False, on_layer: Callable[[int, dict[str, torch.Tensor]], None] | None = None):
     """Context manager recording FFN tensors of ``model`` (a KVModel) during forward passes.
 
@@ -100,7 +103,7 @@ def capture(model, layers: Iterable[int] | None = None, what: Iterable[str] = ("
             cap.stopped = run.stopped
 
 
-def run_capture(model, input_ids: torch.Tensor, layers: Iterable[int] | None = None,
+def run_capture(model: KVModel, input_ids: torch.Tensor, layers: Iterable[int] | None = None,
                 what: Iterable[str] = ("coef",), *, stop: bool = True,
                 attention_mask: torch.Tensor | None = None) -> Captured:
     """One forward pass of ``input_ids`` [batch, pos], returning the captured tensors.

@@ -42,14 +42,18 @@ outputs instead of computing them). Nothing else in kvmem registers PyTorch hook
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
 from kvmem.errors import KvmemError
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 POINTS = ("resid.pre", "ffn.x", "ffn.gate", "ffn.pre", "ffn.coef", "ffn.out", "resid.post")
 Point = tuple[str, int]  # (name, layer)
@@ -69,7 +73,7 @@ class HookRun:
     _fired: set = field(default_factory=set, repr=False)
 
 
-def sites(model, layer: int) -> dict[str, tuple[nn.Module, str]]:
+def sites(model: KVModel, layer: int) -> dict[str, tuple[nn.Module, str]]:
     """point name -> (module, "input" | "output") for one layer of a KVModel (see the module docstring)."""
     custom = getattr(model.adapter, "hook_sites", None)
     if custom is not None:
@@ -89,7 +93,7 @@ def sites(model, layer: int) -> dict[str, tuple[nn.Module, str]]:
     return out
 
 
-def check_points(model, points: Iterable[Point]) -> list[Point]:
+def check_points(model: KVModel, points: Iterable[Point]) -> list[Point]:
     """Validated (name, layer) pairs in forward order; an unknown name, a layer out of range or ffn.gate on a
     non-gated model is a KvmemError."""
     out = []
@@ -99,11 +103,15 @@ def check_points(model, points: Iterable[Point]) -> list[Point]:
         name, layer = point
         if name not in POINTS:
             raise KvmemError(f"unknown hook point {name!r}; choose from {', '.join(POINTS)}")
-        if not (isinstance(layer, int) and 0 <= layer < model.n_layers):
+        try:
+            layer = operator.index(layer)  # ints, numpy and 0-d torch integers
+        except TypeError:
+            raise KvmemError(f"hook point {name}: layer {layer!r} is not an integer") from None
+        if not 0 <= layer < model.n_layers:
             raise KvmemError(f"hook point {name}: layer {layer} out of range (the model has layers 0..{model.n_layers - 1})")
         if name == "ffn.gate" and not model.gated:
             raise KvmemError(f"{model.family} FFNs are not gated: there is no 'ffn.gate' point")
-        out.append((name, int(layer)))
+        out.append((name, layer))
     return sorted(set(out), key=lambda p: (p[1], POINTS.index(p[0])))
 
 
@@ -116,10 +124,13 @@ def _chain(fns) -> list[Fn]:
 
 
 @contextmanager
-def hooks(model, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
+def hooks(model: KVModel, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
           stop_after: bool | Point | None = None) -> Iterator[HookRun]:
     """Install point functions on a KVModel for the duration of the block (see the module docstring)."""
-    chains = {p: _chain(fns[p]) for p in check_points(model, fns)}
+    chains: dict[Point, list[Fn]] = {}
+    for key, value in fns.items():
+        (point,) = check_points(model, [key])
+        chains.setdefault(point, []).extend(_chain(value))
     if isinstance(stop_after, tuple):
         (stop_point,) = check_points(model, [stop_after])
         chains.setdefault(stop_point, [])
@@ -132,7 +143,7 @@ def hooks(model, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
     else:
         stop_set = set()
     stop_layer = next(iter(stop_set))[1] if stop_set else None
-    run = HookRun(tuple(chains))
+    run = HookRun(tuple(sorted(chains, key=lambda p: (p[1], POINTS.index(p[0])))))
     shapes: dict[int, torch.Size] = {}  # layer -> [batch, pos] of the current pass's block input
     handles = []
 
@@ -286,7 +297,7 @@ def set_coefs(layer: int, values: Mapping[int, float], positions=None) -> PointF
     return {("ffn.coef", layer): [fn]}
 
 
-def linearize(model, layer: int) -> PointFns:
+def linearize(model: KVModel, layer: int) -> PointFns:
     """The activation becomes the identity: m' = x·W_in + b_in (non-gated), or (x·W_gate + b_gate) ⊙
     (x·W_in + b_in) (gated: only act() is removed). ffn.pre (and ffn.gate) are kept in the pass and replace m
     at ffn.coef; put other coefficient edits after this one in ``merge`` to apply them on top."""
@@ -314,7 +325,7 @@ def record(points: Iterable[Point], into: dict, *, detach: bool = True) -> Point
 
 
 @contextmanager
-def skip_blocks(model, cached: Mapping[int, torch.Tensor], upto: int):
+def skip_blocks(model: KVModel, cached: Mapping[int, torch.Tensor], upto: int):
     """Blocks 0..upto-1 return ``cached[i]`` (their resid.post [batch, pos, d_model] from an earlier pass of
     the same batch, cloned) instead of computing: an edit at layer ``upto`` or later cannot change them.
     Decoder blocks return the hidden states as a tensor in transformers 5 (the test checks every family).

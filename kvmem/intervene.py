@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -29,6 +30,9 @@ from kvmem.errors import KvmemError
 from kvmem.neurons import parse_neuron
 from kvmem.query import resolve_position
 from kvmem.vocab import vocab_strings
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
 def _parse_assignment(text: str, what: str, value_name: str, n_layers, d_mlp) -> tuple[tuple[int, int], float]:
@@ -82,7 +86,7 @@ def _factors(model, ablate, scale) -> dict[int, torch.Tensor]:
 
 
 @contextmanager
-def intervention(model, *, ablate=(), scale=(), set_coef=(), linearize=(), positions=None):
+def intervention(model: KVModel, *, ablate=(), scale=(), set_coef=(), linearize=(), positions=None):
     """Install the edits (see the module docstring) for the duration of the block.
 
     ``ablate``: (layer, neuron) pairs; ``scale`` and ``set_coef``: {(layer, neuron): value} or
@@ -146,7 +150,7 @@ def _top(model, logits: torch.Tensor, n: int) -> pd.DataFrame:
 
 
 @torch.inference_mode()
-def intervene(model, prompt: str, *, ablate=(), scale=(), set_coef=(), linearize=(), position: int = -1,
+def intervene(model: KVModel, prompt: str, *, ablate=(), scale=(), set_coef=(), linearize=(), position: int = -1,
               only_position: bool = False, target: str | int | None = None, n_tokens: int = 10) -> InterventionResult:
     """Next-token prediction at ``position`` without and with the intervention.
 

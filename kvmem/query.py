@@ -14,12 +14,16 @@ through W_U in float32 (optionally after the final norm), ids the tokenizer does
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
 from kvmem.capture import capture, check_layers
 from kvmem.errors import KvmemError
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 BY = ("contribution", "activation")
 
@@ -51,7 +55,7 @@ def resolve_position(position: int, n_tokens: int) -> int:
     return position % n_tokens
 
 
-def forward_coefficients(model, ids: torch.Tensor, layers: list[int], *, with_scale: bool = False):
+def forward_coefficients(model: KVModel, ids: torch.Tensor, layers: list[int], *, with_scale: bool = False):
     """One forward pass of ids [1, pos]: (logits [pos, d_vocab] float32, m [pos, n_layers, d_mlp] float32), and
     with ``with_scale`` also s [pos, n_layers, 1] float32, each layer's post-norm token scale (ones without)."""
     post = [layer for layer in layers if model.layers[layer].post_norm is not None]
@@ -72,7 +76,7 @@ def forward_coefficients(model, ids: torch.Tensor, layers: list[int], *, with_sc
     return logits, m, torch.stack(scales, 1)
 
 
-def written_norms(model, layers: list[int]) -> torch.Tensor:
+def written_norms(model: KVModel, layers: list[int]) -> torch.Tensor:
     """‖w_i‖ [n_layers, d_mlp] float32: the norm of what neuron i writes per unit coefficient and unit token
     scale (``FFNLayer.value_vectors_written``; ‖v_i‖ for families without a post-norm or multiplier)."""
     out = []
@@ -85,7 +89,7 @@ def written_norms(model, layers: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def contributions(model, m: torch.Tensor, layers: list[int], scale: torch.Tensor | None = None) -> torch.Tensor:
+def contributions(model: KVModel, m: torch.Tensor, layers: list[int], scale: torch.Tensor | None = None) -> torch.Tensor:
     """|m_i|·‖w_i‖·s for m [..., n_layers, d_mlp]: the norm of each neuron's sub-update. ``scale`` s
     [..., n_layers, 1] from ``forward_coefficients(with_scale=True)``; required for layers with a post-norm."""
     if scale is None and any(model.layers[layer].post_norm is not None for layer in layers):
@@ -94,7 +98,7 @@ def contributions(model, m: torch.Tensor, layers: list[int], scale: torch.Tensor
     return out if scale is None else out * scale.to(out.device)
 
 
-def promoted_tokens(model, neurons: list[tuple[int, int]], acts: torch.Tensor, *, n_tokens: int,
+def promoted_tokens(model: KVModel, neurons: list[tuple[int, int]], acts: torch.Tensor, *, n_tokens: int,
                     through_norm: bool = False, chunk: int = 256) -> list[list[str]]:
     """Per (layer, neuron) the n_tokens tokens its actual sub-update sign(m)·w_i promotes most (acts: m of
     each), projected in float32 with undefined ids excluded, [chunk, d_vocab] logits at a time."""
@@ -120,7 +124,7 @@ def promoted_tokens(model, neurons: list[tuple[int, int]], acts: torch.Tensor, *
     return out
 
 
-def query(model, prompt: str, *, position: int = -1, top: int = 20, by: str = "contribution",
+def query(model: KVModel, prompt: str, *, position: int = -1, top: int = 20, by: str = "contribution",
           n_tokens: int = 5, through_norm: bool = False, layers=None) -> QueryResult:
     """The top neurons at one position of ``prompt`` across ``layers`` (default all)."""
     if by not in BY:

@@ -31,7 +31,7 @@ Token lists (the lens' top tokens aside) exclude ids the tokenizer does not defi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 import torch
@@ -42,8 +42,11 @@ from kvmem.hooks import hooks, record
 from kvmem.query import resolve_position
 from kvmem.vocab import float32_norm, vocab_mask, vocab_strings
 
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
-def frozen_norm(model, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+
+def frozen_norm(model: KVModel, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The final norm as a linear map with its scale frozen at the residual h [d_model]:
     c [..., d_model] -> f(c) [..., d_model] float32 (see the module docstring). Whether the norm centres
     (LayerNorm, Cohere's LayerNorm) is read from the module itself: it ignores a constant shift of its
@@ -78,7 +81,7 @@ def frozen_norm(model, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     return f
 
 
-def lens_logits(model, resid: torch.Tensor) -> torch.Tensor:
+def lens_logits(model: KVModel, resid: torch.Tensor) -> torch.Tensor:
     """Logit lens: logit_transform(final_norm(resid) @ W_U + b_U), [..., d_vocab], all in float32."""
     logits = float32_norm(model)(resid.float()) @ model.W_U.float()
     b_U = model.adapter.b_U
@@ -121,7 +124,7 @@ class TraceResult:
         return d
 
 
-def resolve_target(model, target: str | int | None, logits: torch.Tensor) -> int:
+def resolve_target(model: KVModel, target: str | int | None, logits: torch.Tensor) -> int:
     if target is None:
         return int(logits.argmax())
     if isinstance(target, int):
@@ -136,7 +139,7 @@ def resolve_target(model, target: str | int | None, logits: torch.Tensor) -> int
     return ids[0]
 
 
-def run_residuals(model, ids: torch.Tensor, pos: int, *, with_input: bool = False):
+def run_residuals(model: KVModel, ids: torch.Tensor, pos: int, *, with_input: bool = False):
     """One forward pass: (logits [d_vocab], coef [n_layers, d_mlp], ffn_out [n_layers, d_model],
     resid_after [n_layers, d_model]) at position ``pos`` (and the FFN inputs x [n_layers, d_model] with
     ``with_input``), read at the hook points ffn.coef, ffn.out, resid.post (ffn.x) of kvmem.hooks; all
@@ -149,7 +152,7 @@ def run_residuals(model, ids: torch.Tensor, pos: int, *, with_input: bool = Fals
     return (logits, *(torch.stack([got[(name, i)][0, pos] for i in layers]) for name in names))
 
 
-def layer_writes(model, coef: torch.Tensor, ffn_out: torch.Tensor, after: torch.Tensor, x: torch.Tensor):
+def layer_writes(model: KVModel, coef: torch.Tensor, ffn_out: torch.Tensor, after: torch.Tensor, x: torch.Tensor):
     """Per layer at one position (all [n_layers, ...] float32): (before [d_model], the FFN step's change
     after − before [d_model], the token scale s [1] of its post-norm (1 without)); see the module docstring."""
     before, scale = [], []
@@ -166,7 +169,7 @@ def layer_writes(model, coef: torch.Tensor, ffn_out: torch.Tensor, after: torch.
 
 
 @torch.inference_mode()
-def trace(model, prompt: str, *, position: int = -1, target: str | int | None = None, top_n: int = 5,
+def trace(model: KVModel, prompt: str, *, position: int = -1, target: str | int | None = None, top_n: int = 5,
           per_layer: int = 3, n_neurons: int = 10, n_tokens: int = 5) -> TraceResult:
     """Layer by layer at one position: what each FFN's update promotes, the logit lens before and
     after it, and the neurons whose sub-updates add most to the target's final logit (DLA)."""
