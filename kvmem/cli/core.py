@@ -22,7 +22,8 @@ def models(json_out: JsonOpt = False) -> None:
 
     fams = adapters()
     rows = [{"model_type": mt, "family": cls.family, "activation": list(cls.activations()),
-             "gating": ("gated (fused gate_up)" if cls.fused_gate_up else "gated") if cls.gated else "none", "norm_placement": cls.placement, "moe": cls.moe}
+             "gating": ("gated (fused gate_up)" if cls.fused_gate_up else "gated") if cls.gated else "none",
+             "norm_placement": cls.placement, "moe": cls.moe}
             for mt, cls in fams.items()]
     bundled = {alias: {"installed": bundled_path(alias) is not None, "install": info[2]}
                for alias, info in BUNDLED.items()}

@@ -45,7 +45,8 @@ FALSY = Rule(lambda v: not v, "unset (None, False, 0 or empty)")
 
 # Fields of every transformers config that do not change what an FFN computes or writes.
 COMMON_IGNORED = frozenset({
-    "_name_or_path", "_model_name_or_path", "architectures", "transformers_version", "model_type", "auto_map", "tokenizer_class",
+    "_name_or_path", "_model_name_or_path", "architectures", "transformers_version", "model_type", "auto_map",
+    "tokenizer_class",
     "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "unk_token_id", "decoder_start_token_id",
     "dtype", "torch_dtype", "use_bfloat16", "id2label", "label2id", "problem_type", "finetuning_task",
     "output_attentions", "output_hidden_states", "return_dict", "use_cache", "torchscript",

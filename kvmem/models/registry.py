@@ -21,7 +21,8 @@ REFUSED = {
 def register(cls):
     for model_type in cls.model_types:
         if model_type in _ADAPTERS and _ADAPTERS[model_type] is not cls:
-            raise KvmemError(f"model_type {model_type!r} registered twice ({_ADAPTERS[model_type].__name__}, {cls.__name__})")
+            raise KvmemError(f"model_type {model_type!r} registered twice "
+                             f"({_ADAPTERS[model_type].__name__}, {cls.__name__})")
         _ADAPTERS[model_type] = cls
     return cls
 

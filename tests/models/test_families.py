@@ -39,8 +39,9 @@ def _forward(model, zero_layer=None):
     rec, handles = {}, []
     for lay in model.layers:
         i = lay.index
-        handles.append(lay.in_module.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(("x", i), a[0].clone())))
-        handles.append(lay.out_module.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(("m", i), a[0].clone())))
+        keep = rec.__setitem__
+        handles.append(lay.in_module.register_forward_pre_hook(lambda m, a, i=i: keep(("x", i), a[0].clone())))
+        handles.append(lay.out_module.register_forward_pre_hook(lambda m, a, i=i: keep(("m", i), a[0].clone())))
 
         def after(mod, a, o, i=i):
             rec[("y", i)] = o.clone()  # Falcon edits this tensor in place later: clone it
@@ -52,7 +53,7 @@ def _forward(model, zero_layer=None):
         handles.append(block.register_forward_pre_hook(
             lambda m, a, kw, i=i: rec.__setitem__(("pre", i), (a[0] if a else kw["hidden_states"]).clone()),
             with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda m, a, o, i=i: rec.__setitem__(("post", i), _tensor(o).clone())))
+        handles.append(block.register_forward_hook(lambda m, a, o, i=i: keep(("post", i), _tensor(o).clone())))
     try:
         logits = model.hf(input_ids=IDS, use_cache=False).logits
     finally:
@@ -138,7 +139,8 @@ def test_phi3_split_follows_the_fused_chunk_order():
     torch.testing.assert_close(lay.W_gate, W[:model.d_mlp].T)
     torch.testing.assert_close(lay.W_in, W[model.d_mlp:].T)
     fused = torch.randn(2, 3, 2 * model.d_mlp)
-    assert torch.equal(lay.gate_of(fused), fused[..., :model.d_mlp]) and torch.equal(lay.pre_of(fused), fused[..., model.d_mlp:])
+    assert torch.equal(lay.gate_of(fused), fused[..., :model.d_mlp])
+    assert torch.equal(lay.pre_of(fused), fused[..., model.d_mlp:])
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -202,4 +204,5 @@ def test_value_logits_project_what_the_neuron_writes(models, name):
         assert cos > 1 - 1e-5
         assert torch.equal(row.argsort(descending=True)[:5], direct.argsort(descending=True)[:5])
     norms = model.value_norms(1)
-    torch.testing.assert_close(norms[[0, 5, 47]], got.new_tensor([lay.value_vectors_written()[i].norm() for _, i in neurons]))
+    want = got.new_tensor([lay.value_vectors_written()[i].norm() for _, i in neurons])
+    torch.testing.assert_close(norms[[0, 5, 47]], want)

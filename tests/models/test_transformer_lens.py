@@ -35,7 +35,8 @@ def test_transformer_lens_hook_post_equals_kvmem_coefficients(name, tmp_path, to
     tl_copy.save_pretrained(tmp_path)  # TL reads the config by name; the weights are the ones passed
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.save_pretrained(tmp_path)
-    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=tl_copy, tokenizer=AutoTokenizer.from_pretrained(tmp_path))
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=tl_copy,
+                                                 tokenizer=AutoTokenizer.from_pretrained(tmp_path))
     ids = torch.tensor([[3, 17, 250, 9, 41, 77, 120, 5, 300, 64]])
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids)
