@@ -20,7 +20,9 @@ class FalconAdapter(Adapter):
     handled = {"activation": ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh"), "hidden_size": POSITIVE,
                "ffn_hidden_size": ANY, "num_hidden_layers": POSITIVE, "layer_norm_epsilon": ANY,
                "bias": (True, False), "parallel_attn": (True, False), "new_decoder_architecture": (True, False),
-               "num_ln_in_parallel_attn": (None, 1, 2)}
+               "num_ln_in_parallel_attn": (None, 1, 2),
+               # an old Bloom-era switch transformers' Falcon does not read; kvmem accepts only its usual value
+               "apply_residual_connection_post_layernorm": (False,)}
     ignored = ATTENTION | {"hidden_dropout", "alibi", "multi_query", "num_kv_heads"}
 
     @property

@@ -70,6 +70,7 @@ ATTENTION = frozenset({
     "max_position_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "_sliding_window_pattern",
     "attn_logit_softcapping", "query_pre_attn_scalar", "use_qk_norm", "original_max_position_embeddings",
+    "sliding_window_pattern", "rope_local_base_freq",
 })
 
 

@@ -22,7 +22,8 @@ class Gemma2Adapter(LlamaAdapter):
     handled = {"hidden_activation": ("gelu_pytorch_tanh", "gelu"), "hidden_size": POSITIVE,
                "intermediate_size": POSITIVE, "num_hidden_layers": POSITIVE, "rms_norm_eps": ANY,
                "final_logit_softcapping": POSITIVE_OR_NONE, "use_bidirectional_attention": FALSY}
-    ignored = ATTENTION | {"cache_implementation"}
+    # hidden_act: Gemma 2/3 checkpoints carry it beside hidden_activation, which is the one transformers reads
+    ignored = ATTENTION | {"cache_implementation", "hidden_act"}
 
     def layer(self, i: int) -> FFNLayer:
         block = self.blocks()[i]
@@ -40,4 +41,3 @@ class Gemma2Adapter(LlamaAdapter):
 class Gemma3TextAdapter(Gemma2Adapter):
     model_types = ("gemma3_text",)
     family = "gemma3"
-    ignored = Gemma2Adapter.ignored | {"rope_local_base_freq"}

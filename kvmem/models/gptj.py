@@ -14,7 +14,7 @@ class GPTJAdapter(Adapter):
     placement = "parallel"
     handled = {"activation_function": ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh"), "n_embd": POSITIVE,
                "n_layer": POSITIVE, "n_inner": ANY, "layer_norm_epsilon": ANY}
-    ignored = ATTENTION | {"n_positions", "n_head", "rotary_dim", "resid_pdrop", "embd_pdrop", "attn_pdrop"}
+    ignored = ATTENTION | {"n_positions", "n_head", "rotary_dim", "rotary", "resid_pdrop", "embd_pdrop", "attn_pdrop"}
 
     def blocks(self):
         return self.model.transformer.h

@@ -29,7 +29,7 @@ class OPTAdapter(Adapter):
         "num_hidden_layers": POSITIVE, "do_layer_norm_before": (True, False), "_remove_final_layer_norm": (True, False),
         "word_embed_proj_dim": ANY, "enable_bias": (True, False), "layer_norm_elementwise_affine": (True, False),
     }
-    ignored = ATTENTION | {"dropout", "layerdrop"}
+    ignored = ATTENTION | {"dropout", "layerdrop", "activation_dropout"}
 
     def __init__(self, model):
         self._cache: dict = {}

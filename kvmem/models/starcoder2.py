@@ -13,7 +13,8 @@ class Starcoder2Adapter(Adapter):
     model_types = ("starcoder2",)
     family = "starcoder2"
     handled = {"hidden_act": GELUS, "hidden_size": POSITIVE, "intermediate_size": POSITIVE,
-               "num_hidden_layers": POSITIVE, "norm_epsilon": ANY, "use_bias": (True, False)}
+               "num_hidden_layers": POSITIVE, "norm_epsilon": ANY, "use_bias": (True, False),
+               "mlp_type": ("default",), "norm_type": ("layer_norm",)}  # in released checkpoints' configs
     ignored = ATTENTION | {"residual_dropout", "embedding_dropout"}
 
     def blocks(self):
@@ -38,7 +39,10 @@ class GPTBigCodeAdapter(Adapter):
     handled = {"activation_function": GELUS, "n_embd": POSITIVE, "n_layer": POSITIVE, "n_inner": ANY,
                "layer_norm_epsilon": ANY}
     ignored = ATTENTION | {"n_positions", "n_head", "resid_pdrop", "embd_pdrop", "attn_pdrop", "scale_attn_weights",
-                           "attention_softmax_in_fp32", "scale_attention_softmax_in_fp32", "multi_query"}
+                           "attention_softmax_in_fp32", "scale_attention_softmax_in_fp32", "multi_query", "n_ctx",
+                           # serving settings in StarCoder 1 / SantaCoder configs
+                           "inference_runner", "max_batch_size", "max_sequence_length", "pad_key_length",
+                           "pre_allocate_kv_cache", "validate_runner_input"}
 
     def blocks(self):
         return self.model.transformer.h

@@ -174,6 +174,13 @@ def test_an_unsupported_value_is_refused_by_name(name, field, value):
     ("falcon_new", {"num_ln_in_parallel_attn": 1}),
     ("opt_postln", {"enable_bias": False, "layer_norm_elementwise_affine": False}),
     ("granite", {"residual_multiplier": 1.0, "embedding_multiplier": 1.0}),
+    # legacy keys that released checkpoints' config.json files carry (kept by transformers 5's configs)
+    ("starcoder2", {"mlp_type": "default", "norm_type": "layer_norm"}),
+    ("falcon", {"apply_residual_connection_post_layernorm": False}),
+    ("gemma2", {"hidden_act": "gelu_pytorch_tanh", "cache_implementation": "hybrid"}),
+    ("gemma3_text", {"sliding_window_pattern": 6}),
+    ("gptj", {"rotary": True, "tokenizer_class": "GPT2Tokenizer"}),
+    ("opt_postln", {"activation_dropout": 0.0, "prefix": "</s>"}),
 ])
 def test_supported_variations_pass(name, changes):
     from transformers import AutoModelForCausalLM
