@@ -179,7 +179,8 @@ def _nonlinear(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[di
     for layer in sorted(set(rem) & set(lin)):
         r, e = rem[layer], lin[layer]
         bar = c["ratio"] * r.value
-        state = NO if e.hi <= bar else YES if (e.lo > bar and r.lo > 0) else UNSURE
+        # removal that costs nothing (its interval at or below 0) leaves nothing for the nonlinearity to matter to
+        state = NO if (e.hi <= bar or r.hi <= 0) else YES if (e.lo > bar and r.lo > 0) else UNSURE
         checks.append(_check(f"layer {layer}: linear > {c['ratio']} x remove", state, e, bar))
         nums.update(r.as_dict(f"L{layer}_remove") | e.as_dict(f"L{layer}_linear"))
     return _need(checks, "no layer with both knock-outs")

@@ -88,6 +88,15 @@ class Est:
                    "difference of intervals")
 
 
+def _zero_width(e: Est) -> Est:
+    """A 0/1 rate with no or every event has a zero-width percentile bootstrap interval; widen it to the
+    Wilson score interval of k = value * n events (a rate of 0 out of 48 is not known to be exactly 0)."""
+    if e.lo == e.hi == e.value and e.value in (0.0, 1.0) and e.n == e.n and e.n > 0:
+        lo, hi = ci.wilson(e.value * e.n, e.n)
+        return Est(e.value, lo, hi, e.n, e.how + ", widened to the Wilson interval (no or every event)")
+    return e
+
+
 def pick(df: pd.DataFrame | None, names, k=None) -> str | None:
     """The first of ``names`` that is a column of ``df`` (names may hold ``{k}``)."""
     if df is None:
@@ -122,8 +131,8 @@ def pooled(res, layers, names, rules: Rules | None = None) -> Est | None:
         u = units[units.layer.isin(layers)]
         if u[col].notna().any():
             row = ci.bootstrap(u, col, **_boot_kwargs(rules)).iloc[0]
-            return Est(float(row[col]), float(row[f"{col}_lo"]), float(row[f"{col}_hi"]), float(row[f"n_{col}"]),
-                       "bootstrap")
+            return _zero_width(Est(float(row[col]), float(row[f"{col}_lo"]), float(row[f"{col}_hi"]),
+                                   float(row[f"n_{col}"]), "bootstrap"))
     df = res.tables.get("layers")
     col = pick(df, names)
     if col is None:
@@ -136,7 +145,7 @@ def pooled(res, layers, names, rules: Rules | None = None) -> Est | None:
         else math.nan
     if f"{col}_lo" in sel and f"{col}_hi" in sel and sel[f"{col}_lo"].notna().all():
         how = "per-layer bounds" if len(sel) == 1 else "layer mean of per-layer bounds"
-        return Est(value, float(sel[f"{col}_lo"].mean()), float(sel[f"{col}_hi"].mean()), n, how)
+        return _zero_width(Est(value, float(sel[f"{col}_lo"].mean()), float(sel[f"{col}_hi"].mean()), n, how))
     return Est(value, value, value, n, "none")
 
 
@@ -180,11 +189,11 @@ def per_layer(res, names, rules: Rules | None = None, k=None) -> dict[int, Est]:
             continue
         n = float(row[f"n_{col}"]) if f"n_{col}" in df.columns else math.nan
         if f"{col}_lo" in df.columns and not math.isnan(float(row[f"{col}_lo"])):
-            out[layer] = Est(v, float(row[f"{col}_lo"]), float(row[f"{col}_hi"]), n, "per-layer bounds")
+            out[layer] = _zero_width(Est(v, float(row[f"{col}_lo"]), float(row[f"{col}_hi"]), n, "per-layer bounds"))
         elif boot is not None and layer in boot.index:
             b = boot.loc[layer]
-            out[layer] = Est(float(b[col]), float(b[f"{col}_lo"]), float(b[f"{col}_hi"]), float(b[f"n_{col}"]),
-                             "bootstrap")
+            out[layer] = _zero_width(Est(float(b[col]), float(b[f"{col}_lo"]), float(b[f"{col}_hi"]),
+                                         float(b[f"n_{col}"]), "bootstrap"))
         else:
             out[layer] = Est(v, v, v, n, "none")
     return out

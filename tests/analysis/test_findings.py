@@ -232,3 +232,17 @@ def test_topk_rule_uses_the_paired_excess_where_measured():
     assert f["verdict"] == "supported" and f["checks"][0]["threshold"] == 0.0
     df["top_max_k10_excess_lo"], df["top_max_k10_excess_hi"] = -0.02, 0.0
     assert verdict({"knockouts": res}, "topk", 3)["verdict"] == "not supported"
+
+
+def test_no_events_get_a_wilson_interval_not_zero_width():
+    """0 hits out of n units: the percentile bootstrap gives [0, 0]; the verdicts use the Wilson interval."""
+    res = agreement(upper=0.0, lower=0.0, base=0.0, n_docs=20, per_doc=2)
+    e = pooled(res, [6, 7, 8], ["agree_ex1"])
+    assert e.value == 0 and e.lo == 0 and e.hi == pytest.approx(ci.wilson(0, 120)[1]) and "Wilson" in e.how
+
+
+def test_nonlinearity_fails_where_removal_costs_nothing():
+    res = knockouts([0.5, 0.5, 0.5], [0.1, 0.1, 0.1])
+    df = res["layers"]
+    df["remove"], df["remove_lo"], df["remove_hi"] = -0.1, -0.2, -0.05
+    assert verdict({"knockouts": res}, "nonlinear", 3)["verdict"] == "not supported"
