@@ -111,6 +111,21 @@ def test_analyze_tables_print_and_compare(capsys, analyzed):
     assert code == 0 and "active10" in out
 
 
+def test_an_empty_depth_third_reads_not_tested(capsys, analyzed, tmp_path):
+    """Issue 12 defect 8 end to end: --layers covering only the upper third leaves the lower third empty; the
+    agreement and lexical verdicts read "not tested" (kvmem 0.2: "not supported"), and say why."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(analyzed["llama"], run)
+    code, out, err = cli(capsys, "analyze", run, "--measures", "agreement,lexical", "--layers", "2", "--device", "cpu",
+                         "--json")
+    assert code == 0, err
+    got = {f["name"]: f for f in json.loads(out)["findings"]}
+    for name in ("agreement", "lexical"):
+        assert got[name]["verdict"] == "not tested" and "lower third" in got[name]["reason"]
+
+
 def test_annotate_is_opt_in_and_writes_the_sheet_apart_from_its_key(capsys, analyzed):
     run = analyzed["gpt2"]
     code, out, err = cli(capsys, "analyze", run, "--measures", "annotate", "--device", "cpu")
