@@ -182,6 +182,18 @@ class FFNLayer:
             out = out + beta
         return out * self.write_scale
 
+    def written_by(self, m: torch.Tensor, neurons, y: torch.Tensor | None = None,
+                   resid: torch.Tensor | None = None) -> torch.Tensor:
+        """What the neurons ``neurons`` (indices or a bool mask over d_mlp) write [..., d_model] float32, given the
+        token's full coefficients m [..., d_mlp]: Σ_{i in neurons} m_i·w_i·s with s from the whole FFN output
+        y (= output(m) when not given) and, under a residual-reading norm, the stream resid."""
+        keep = torch.zeros(m.shape[-1], dtype=torch.bool, device=m.device)
+        keep[torch.as_tensor(neurons, device=m.device)] = True
+        s = None
+        if self.post_norm is not None:
+            s = self.norm_scale(self.output(m) if y is None else y, resid)
+        return self.written(m * keep, s)
+
     def write(self, m: torch.Tensor, y: torch.Tensor | None = None, resid: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's whole write [..., d_model] float32 from its coefficients m (y = output(m) when not given):
         written(m, s) + written_rest(s). Equals resid.post − (stream before the FFN) for pre-norm, parallel and

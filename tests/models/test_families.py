@@ -96,6 +96,14 @@ def test_what_a_layer_writes_matches_the_model(models, name):
         per_neuron = m[..., :, None].float() * w * (1.0 if s is None else s[..., None])  # [b, p, d_mlp, d_model]
         torch.testing.assert_close(per_neuron.sum(-2) + lay.written_rest(s, rec[("x", lay.index)]), got,
                                    atol=1e-4, rtol=1e-4)
+        # a set of neurons and its complement, each with the token's own scale, add up to the neurons' part
+        subset = torch.randperm(model.d_mlp, generator=torch.Generator().manual_seed(lay.index))[:model.d_mlp // 3]
+        rest = torch.ones(model.d_mlp, dtype=torch.bool)
+        rest[subset] = False
+        r = rec[("x", lay.index)]
+        part = lay.written_by(m, subset, y, r)
+        torch.testing.assert_close(part + lay.written_by(m, rest, y, r), per_neuron.sum(-2), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(part, per_neuron[..., subset, :].sum(-2), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -213,3 +221,14 @@ def test_value_logits_project_what_the_neuron_writes(models, name):
     norms = model.value_norms(1)
     want = got.new_tensor([lay.value_vectors_written()[i].norm() for _, i in neurons])
     torch.testing.assert_close(norms[[0, 5, 47]], want)
+
+
+def test_info_states_placement_and_model_level_scales(models):
+    info = models["gemma2"].info()
+    assert info["norm_placement"] == "post-ffn" and info["logit_softcap"] == 30.0
+    assert info["embedding_scale"] == pytest.approx(32 ** 0.5)
+    info = models["granite"].info()
+    assert info["write_scale"] == pytest.approx(0.22) and info["logit_scale"] == pytest.approx(1 / 8)
+    assert models["opt_postln"].info()["norm_placement"] == "post-residual"
+    assert models["falcon_seq"].info()["norm_placement"] == "pre"
+    assert models["falcon"].info()["norm_placement"] == "parallel"
