@@ -232,3 +232,21 @@ def test_info_states_placement_and_model_level_scales(models):
     assert models["opt_postln"].info()["norm_placement"] == "post-residual"
     assert models["falcon_seq"].info()["norm_placement"] == "pre"
     assert models["falcon"].info()["norm_placement"] == "parallel"
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_a_saved_folder_loads_through_kvmem_load(name, tmp_path, tiny_tokenizer):
+    """The user's path: config.json written by save_pretrained (with the keys transformers adds) passes the
+    field check, and the loaded weights give the same coefficients as the in-memory model."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf = make_tiny_new(name)
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model = kvmem.load(str(tmp_path), device="cpu", dtype="float32")
+    assert model.hf.config.model_type == hf.config.model_type
+    _, rec = _forward(kvmem.from_hf(hf, None))
+    cap = kvmem.run_capture(model, IDS, stop=False)
+    for layer, m in cap.coef.items():
+        torch.testing.assert_close(m, rec[("m", layer)], atol=1e-6, rtol=1e-6)
