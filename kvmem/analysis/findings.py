@@ -222,6 +222,9 @@ FIGURES = {
     "nonlinear": ("knockouts_layers.parquet", ["remove", "linear"]),
     "topk": ("knockouts_layers.parquet", ["top_max_k{k}", "top_rate_k{k}", "random_k{k}", "top_max_k{k}_excess"]),
 }
+DISTRIBUTIONS = {  # continuous per-unit columns drawn as their distribution per layer (box plots)
+    "agreement": ["next_rank"], "lexical": ["excess_token"], "composition": ["n_active"],
+    "topk": ["top_max_k{k}_excess"], "nonlinear": ["linear"]}
 REFERENCE = {"agreement": [{"y": 0.035, "label": "Geva 2021 Fig. 4: up to ~3.5% (upper layers)"}],
              "composition": [{"y": 0.68, "label": "Geva 2021 §5.1: >= 68% in every layer"}]}
 
@@ -232,7 +235,10 @@ def _figures(name: str, res) -> list[dict]:
     k = max(res.meta.get("ks") or [0]) if name == "topk" else None
     ys = [y.format(k=k) if k is not None else y for y in ys]
     ys = [y for y in ys if df is not None and y in df.columns]
-    return [{"table": table, "x": "layer", "y": ys, "ref": REFERENCE.get(name, [])}] if ys else []
+    units = res.tables.get("units")
+    dist = [y.format(k=k) if k is not None else y for y in DISTRIBUTIONS.get(name, [])]
+    dist = [y for y in dist if units is not None and y in units.columns]
+    return [{"table": table, "x": "layer", "y": ys, "ref": REFERENCE.get(name, []), "dist": dist}] if ys else []
 
 
 def _text(c: dict) -> dict:

@@ -6,7 +6,8 @@ sha256, findings, paper-versus-measured table) and the per-layer tables it names
 rules come from kvmem.analysis.findings, this module only shows them. Per-layer figures draw each rate
 with its 95% interval as a band (columns ``{y}_lo``/``{y}_hi``), the paper's stated values as dashed
 reference lines (kvmem does not transcribe the papers' plotted curves), and, where the measure kept
-continuous per-unit values (``{measure}_units.parquet``), their distribution per layer as box plots.
+continuous per-unit values (``{measure}_units.parquet``, the columns a figure lists under ``dist``), their
+distribution per layer as box plots.
 Older findings.json files (a bare list of kvmem 0.2 findings) still render.
 """
 
@@ -56,8 +57,10 @@ def findings_figure(df: pd.DataFrame, x: str, ys: list[str], title: str, refs=()
 
 
 def distribution_figure(units: pd.DataFrame, y: str, title: str) -> go.Figure:
-    """Box plot per layer of a continuous per-unit column (NaN = not counted)."""
+    """Box plot per layer of a continuous per-unit column (NaN = not counted); a log axis for ranks."""
     fig = go.Figure()
+    if "rank" in y:
+        fig.update_yaxes(type="log")
     for layer, g in units.dropna(subset=[y]).groupby("layer"):
         fig.add_trace(go.Box(y=g[y].tolist(), name=str(int(layer)), boxpoints=False, marker_color=PALETTE[0],
                              showlegend=False))
@@ -96,7 +99,8 @@ def _figures(folder: Path, i: int, f: dict, figure_json) -> list:
         units = folder / spec["table"].replace("_layers.parquet", "_units.parquet")
         if units.is_file() and units != table:
             u = pd.read_parquet(units)
-            for k, y in enumerate(y for y in ys if y in u.columns and "layer" in u.columns and _continuous(u[y])):
+            dist = spec.get("dist") or []
+            for k, y in enumerate(y for y in dist if y in u.columns and "layer" in u.columns and _continuous(u[y])):
                 fig = distribution_figure(u, y, f"{y} per unit, by layer (distribution)")
                 figs.append((f"f{i}-{j}-d{k}", figure_json(fig)))
     return figs

@@ -40,6 +40,8 @@ def test_findings_page_shows_every_claim_and_verdict(tmp_path, report_run):
     assert figs and all(json.loads(body)["data"] for _, body in figs)
     # interval bands: a filled trace for each rate that has _lo/_hi columns
     assert any(t.get("fill") == "tonexty" for _, body in figs for t in json.loads(body)["data"])
+    # distributions per layer of continuous per-unit columns (e.g. the rank of a trigger's next token)
+    assert any(t.get("type") == "box" for _, body in figs for t in json.loads(body)["data"])
 
 
 def test_findings_page_reads_a_kvmem_02_list(tmp_path, report_run):
