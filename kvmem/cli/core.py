@@ -18,7 +18,7 @@ from kvmem.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, ModelArg, console, h
 def models(json_out: JsonOpt = False) -> None:
     """Supported model families (activation, gating, norm placement, MoE layout), and the bundled model."""
     from kvmem.models.load import BUNDLED, bundled_path
-    from kvmem.models.registry import adapters
+    from kvmem.models.registry import REFUSED, adapters
 
     fams = adapters()
     rows = [{"model_type": mt, "family": cls.family, "activation": list(cls.activations()),
@@ -29,13 +29,19 @@ def models(json_out: JsonOpt = False) -> None:
                for alias, info in BUNDLED.items()}
     if json_out:
         return print_json({"model_types": {mt: cls.family for mt, cls in fams.items()}, "families": rows,
-                           "bundled": bundled})
+                           "refused": REFUSED, "bundled": bundled})
     table = Table("config.model_type", "adapter family", "activation", "gating", "norm placement", "MoE",
                   title="Supported architectures")
     for r in rows:
         table.add_row(Text(r["model_type"]), Text(r["family"]), Text(", ".join(r["activation"])), Text(r["gating"]),
                       Text(r["norm_placement"]), Text(r["moe"]))
     console.print(table)
+    by_reason: dict[str, list[str]] = {}
+    for mt, why in REFUSED.items():
+        by_reason.setdefault(why, []).append(mt)
+    console.print("Refused (not representable exactly yet):")
+    for why, mts in by_reason.items():
+        console.print(f"  {', '.join(mts)}: {why}", markup=False, highlight=False)
     for alias, b in bundled.items():
         state = "installed" if b["installed"] else f"not installed ({b['install']})"
         console.print(f"bundled model [bold]{alias}[/]: {state}")

@@ -19,5 +19,6 @@ def test_models_lists_every_family_with_its_layout(capsys):
     assert rows["phi3"]["gating"] == "gated (fused gate_up)" and rows["gptj"]["gating"] == "none"
     assert rows["qwen3"]["activation"] == ["silu"] and "gelu_pytorch_tanh" in rows["gemma2"]["activation"]
     assert all(r["moe"] == "dense" and r["activation"] for r in rows.values())
+    assert "experts" in res["refused"]["mixtral"] and not set(res["refused"]) & set(rows)
     assert main(["models"]) == 0
     assert "olmo2" in capsys.readouterr().out
