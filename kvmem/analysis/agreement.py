@@ -23,7 +23,8 @@ r_hi (95% cluster bootstrap over documents, kvmem.analysis.ci), n_r (neurons cou
 docs_any, topk, neg_any: the derangement baseline (neuron i's value against the triggers of neuron pi(i), pi a
 random derangement of the layer's neurons; mean of ``n_perm`` draws) and its one-sided permutation p-value;
 uniform_r: the rate a uniformly random defined token (or k distinct ones) would get, 1/|V| for ex1 (the paper
-quotes 0.0004%); next_rank_median, next_prob_median; n_neurons (the layer's d_mlp).
+quotes 0.0004%); next_rank_median, next_prob_median; n_neurons (the layer's d_mlp); n_docs_ex1 (documents the
+ex1 units come from: the number of bootstrap clusters).
 ``null``: one row per (layer, draw) with each baseline rate and its count (to pool layers per draw);
 ``pairs``: the derangements of the first ``keep_pairs`` draws (layer, draw, neuron, partner).
 """
@@ -97,10 +98,12 @@ def _rate(x: torch.Tensor) -> tuple[float, int]:
 
 
 def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_perm: int = 100, seed: int = 0,
-              layers=None, chunk: int = 256, keep_pairs: int = 5, n_boot: int = ci.N_BOOT) -> AnalysisResult:
+              layers=None, chunk: int = 256, keep_pairs: int = 5, n_boot: int = ci.N_BOOT,
+              progress=None) -> AnalysisResult:
     """Per-layer agreement (module docstring) of ``model``'s values with ``run``'s per-document triggers.
     ``n_examples``: triggers per neuron for docs_any/topk (default: all the store holds); ``k``: value tokens for
-    topk; ``n_perm``: derangement draws; ``chunk``: neurons per projection matmul."""
+    topk; ``n_perm``: derangement draws; ``chunk``: neurons per projection matmul; ``progress(label)`` is called
+    after each layer."""
     store = run.tokens
     layers = run.profiled_layers if layers is None else list(layers)
     V = n_defined(model)
@@ -133,9 +136,12 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
             if bool(ok.any()):
                 lg, tt = logits[ok], t[ok]
                 own = lg.gather(1, tt[:, None])  # [c', 1]
-                ids = torch.arange(lg.shape[1])[None, :]
-                r = (lg > own).sum(1) + ((lg == own) & (ids < tt[:, None]) & ~undefined[None, :]).sum(1) + 1
-                p = torch.softmax(lg.double(), dim=1).gather(1, tt[:, None]).squeeze(1)
+                r = (lg > own).sum(1) + 1
+                tied = ((lg == own).sum(1) > 1).nonzero().flatten()  # rare: ties go to the lower defined id
+                for t_row in tied.tolist():
+                    same = (lg[t_row] == own[t_row]) & ~undefined
+                    r[t_row] += int(same[:int(tt[t_row])].sum())
+                p = (own.squeeze(1).double() - torch.logsumexp(lg, dim=1).double()).exp()  # softmax at the token
                 rank[torch.arange(sl.start, sl.stop)[ok]] = r.double()
                 prob[torch.arange(sl.start, sl.stop)[ok]] = p
         vals = torch.cat(top_ids)  # [d, k]
@@ -154,7 +160,8 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
             unit["neg_doc"] = _docs(store, bindex[:, 0])
         u = pd.DataFrame(unit)
         units.append(u)
-        row = {"layer": layer, "n_neurons": d, "n_examples": int(index.shape[1]), "k": k, "n_vocab": V}
+        row = {"layer": layer, "n_neurons": d, "n_examples": int(index.shape[1]), "k": k, "n_vocab": V,
+               "n_docs_ex1": int(u.doc[u.ex1.notna()].nunique())}
         row.update(_intervals(u, [r for r in RATES if r in u and r != "neg_any"], "doc", n_boot, seed))
         if neg is not None:
             row.update(_intervals(u, ["neg_any"], "neg_doc", n_boot, seed))
@@ -187,6 +194,8 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
             row["uniform_neg_any"] = float(np.nanmean(uniform_any(neg[1], 1, V))) if bool((neg[1] >= 0).any()) \
                 else float("nan")
         rows.append(row)
+        if progress is not None:
+            progress(f"agreement layer {layer}")
     meta = {"section": "Geva et al. 2021 section 4 (Figs. 4-6)", "n_tokens": store.n_tokens, "k": k, "n_perm": n_perm,
             "seed": seed, "n_examples": n_examples, "n_vocab": V, "top10": TOP10, "n_boot": n_boot, "level": ci.LEVEL,
             "headline": "ex1: value top-1 token == next token of the key's top-1 trigger (one trigger per document)",

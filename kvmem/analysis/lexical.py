@@ -17,7 +17,8 @@ activation without context; a semantic one needs the context.
 Tables: ``layers`` (one row per layer: each rate r with r_lo, r_hi, n_r: 95% cluster bootstrap over documents,
 kvmem.analysis.ci), ``units`` (kind "neuron": one row per neuron with its shares, doc = its top example's
 document; kind "example": one row per truncated example with kept_1/kept_2/retain_1/retain_2, doc = its document;
-NaN = not counted), ``truncation`` (one row per example and L).
+NaN = not counted), ``truncation`` (one row per example and L). n_docs / n_docs_kept: the documents (bootstrap
+clusters) of the neuron units / of the truncated examples.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _docs(store: TokenStore, index: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def truncation(model, run: Run, layer_examples: dict, tokens_per_batch: int = 4096) -> pd.DataFrame:
+def truncation(model, run: Run, layer_examples: dict, tokens_per_batch: int = 4096, progress=None) -> pd.DataFrame:
     """layer_examples {layer: (neuron [e], global index [e], stored value [e])} -> one row per example and L
     (TRUNC_COLUMNS). The truncated input is the row's BOS (if any) + the last L real tokens of the example's
     prefix; examples whose prefix holds L real tokens or fewer are skipped."""
@@ -85,12 +86,15 @@ def truncation(model, run: Run, layer_examples: dict, tokens_per_batch: int = 40
             out.append(pd.DataFrame({"layer": layer, "neuron": neuron[keep_t].numpy(), "index": index[keep_t].numpy(),
                                      "doc": _docs(store, index[keep_t]), "L": L, "m_stored": v.numpy(),
                                      "m_trunc": m.numpy(), "retain": (m / v).numpy()}))
+        if progress is not None:
+            progress(f"lexical layer {layer}")
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=TRUNC_COLUMNS)
 
 
 def lexical(model, run: Run, *, n_examples: int | None = None, n_neurons: int = 128, n_trunc: int = 5, seed: int = 0,
-            layers=None, tokens_per_batch: int = 4096, n_boot: int = ci.N_BOOT) -> AnalysisResult:
-    """Per-layer lexical shares (with a random-position baseline) and truncation retention (module docstring)."""
+            layers=None, tokens_per_batch: int = 4096, n_boot: int = ci.N_BOOT, progress=None) -> AnalysisResult:
+    """Per-layer lexical shares (with a random-position baseline) and truncation retention (module docstring);
+    ``progress(label)`` is called after each layer's truncation runs."""
     for name, v in (("n_neurons", n_neurons), ("n_trunc", n_trunc)):
         if v < 0:
             raise KvmemError(f"{name} must be at least 0, got {v}")
@@ -118,7 +122,7 @@ def lexical(model, run: Run, *, n_examples: int | None = None, n_neurons: int = 
         v, i = values[pick, :n_trunc], index[pick, :n_trunc]
         ok = (i >= 0) & (v > 0)
         chosen[layer] = (pick[:, None].expand_as(i)[ok], i[ok], v[ok])
-    ex = truncation(model, run, chosen, tokens_per_batch)
+    ex = truncation(model, run, chosen, tokens_per_batch, progress)
     per_ex = _example_units(ex)
     units = pd.concat(units + ([per_ex] if len(per_ex) else []), ignore_index=True)
     rows = []
@@ -128,7 +132,8 @@ def lexical(model, run: Run, *, n_examples: int | None = None, n_neurons: int = 
         u = units[units.layer == layer]
         row = {"layer": layer, "n_neurons": int((u.kind == "neuron").sum()),
                "n_examples": int(run.slots(layer, "top").index.shape[1] if n_examples is None else n_examples),
-               "n_tokens": store.n_tokens}
+               "n_tokens": store.n_tokens, "n_docs": int(u.doc[u.kind == "neuron"].nunique()),
+               "n_docs_kept": int(u.doc[u.kind == "example"].nunique())}
         cols = [c for c in rates if c in u and u[c].notna().any()]
         b = ci.bootstrap(u, cols, cluster="doc", n_boot=n_boot, seed=seed).iloc[0].to_dict()
         row.update({c: v for c, v in b.items() if c not in ("n_units", "n_clusters")})

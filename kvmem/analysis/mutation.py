@@ -14,7 +14,8 @@ where m_orig > 0 (top triggers are the largest m: positive for every neuron that
 trigger token keeps little when ``last`` is removed; one driven by earlier context loses more from ``first``.
 
 Tables: ``layers`` (per layer and kind: kept_kind (mean), kept_kind_lo/_hi (95% cluster bootstrap over the
-examples' documents, kvmem.analysis.ci), n_kept_kind, kept_kind_median; n_neurons sampled), ``units`` (one row per
+examples' documents, kvmem.analysis.ci), n_kept_kind, kept_kind_median; n_neurons sampled; n_docs: the bootstrap
+clusters), ``units`` (one row per
 example: layer, neuron, index, doc, n_prefix, removed, m_stored, m_orig, m_first, m_last, m_random, kept_first,
 kept_last, kept_random).
 """
@@ -43,10 +44,11 @@ def mutants(real: list[int], j: int) -> dict[str, list[int]]:
 
 
 def mutation(model, run: Run, *, n_neurons: int = 32, n_examples: int = 5, store: str = "top", seed: int = 0,
-             layers=None, tokens_per_batch: int = 4096, n_boot: int = ci.N_BOOT) -> AnalysisResult:
+             layers=None, tokens_per_batch: int = 4096, n_boot: int = ci.N_BOOT, progress=None) -> AnalysisResult:
     """Share of activation kept after each removal, by layer (module docstring). ``n_neurons`` sampled per layer
     (seeded, among neurons whose top example has m > 0), their top ``n_examples`` triggers from ``store`` (top:
-    per token, as the paper's trigger examples; top_docs: one per document)."""
+    per token, as the paper's trigger examples; top_docs: one per document). ``progress(label)`` is called after each
+    layer."""
     if n_neurons < 1 or n_examples < 1:
         raise KvmemError(f"n_neurons and n_examples must be at least 1, got {n_neurons} and {n_examples}")
     if store not in STORES:
@@ -74,6 +76,8 @@ def mutation(model, run: Run, *, n_neurons: int = 32, n_examples: int = 5, store
                 j = int(torch.randint(1, n - 1, (1,), generator=gen))
                 rows.append((neuron, i, v, prefix, j))
         if not rows:
+            if progress is not None:
+                progress(f"mutation layer {layer}")
             continue
         seqs, neurons = [], []
         for neuron, _, _, prefix, j in rows:
@@ -92,6 +96,8 @@ def mutation(model, run: Run, *, n_neurons: int = 32, n_examples: int = 5, store
             u[f"m_{kind}"] = m[:, c].numpy()
             u[f"kept_{kind}"] = torch.where(orig > 0, m[:, c].double() / orig, torch.tensor(float("nan"))).numpy()
         units.append(pd.DataFrame(u))
+        if progress is not None:
+            progress(f"mutation layer {layer}")
     cols = [f"kept_{k}" for k in KINDS]
     units = pd.concat(units, ignore_index=True) if units else pd.DataFrame(
         columns=["layer", "neuron", "index", "doc", "n_prefix", "removed", "m_stored", "m_orig"]
@@ -99,7 +105,8 @@ def mutation(model, run: Run, *, n_neurons: int = 32, n_examples: int = 5, store
     out = []
     for layer in layers:
         u = units[units.layer == layer]
-        row = {"layer": layer, "n_neurons": int(u.neuron.nunique()), "n_examples": int(len(u))}
+        row = {"layer": layer, "n_neurons": int(u.neuron.nunique()), "n_examples": int(len(u)),
+               "n_docs": int(u.doc.nunique())}
         if len(u):
             b = ci.bootstrap(u, cols, cluster="doc", n_boot=n_boot, seed=seed).iloc[0].to_dict()
             row.update({c: v for c, v in b.items() if c not in ("n_units", "n_clusters")})

@@ -112,6 +112,7 @@ def test_agreement_matches_brute_force(tiny_models, runs, name, masked, monkeypa
             assert u.loc[i, "doc"] == brute_doc_id(docs[i][0], store)
         assert table.loc[layer, "next_rank_median"] == pytest.approx(np.nanmedian(u.next_rank))
         assert table.loc[layer, "uniform_ex1"] == 1 / V
+        assert table.loc[layer, "n_docs_ex1"] == len({u.loc[i, "doc"] for i in range(model.d_mlp) if nexts[i][0] is not None})
         # the derangement null: every kept draw redone by hand; base = mean over draws; p = permutation p-value
         null = res["null"][res["null"].layer == layer].set_index("draw")
         assert list(null.index) == list(range(n_perm))

@@ -48,6 +48,7 @@ def test_lexical_matches_brute_force(tiny_models, runs, name):
         assert row.excess_token == pytest.approx(np.mean(shares) - row.base_same_token)
         assert row.excess_token_lo - 1e-12 <= row.excess_token <= row.excess_token_hi + 1e-12
         assert 0 < row.base_same_token <= 1
+        assert row.n_docs == len({brute_doc_id(r[0], store) for r in index})
     ex = res["truncation"]
     assert set(ex.L) == {1, 2} and len(ex) > 0
     layout = layout_of(run)

@@ -52,7 +52,7 @@ def test_mutation_matches_brute_force(tiny_models, runs, name):
             assert getattr(row, f"m_{kind}") == pytest.approx(m, rel=1e-4, abs=1e-5)
             assert getattr(row, f"kept_{kind}") == pytest.approx(m / orig, rel=1e-3, abs=1e-4)
     for layer, g in units.groupby("layer"):
-        assert table.loc[layer, "n_examples"] == len(g)
+        assert table.loc[layer, "n_examples"] == len(g) and table.loc[layer, "n_docs"] == g.doc.nunique()
         for kind in KINDS:
             c = f"kept_{kind}"
             assert table.loc[layer, c] == pytest.approx(g[c].mean())
