@@ -3,8 +3,8 @@
 Rows follow the run's RowLayout (kvmem.profile.tokens: by default every row inside one document, the
 tokenizer's BOS first, row position 0 left out of the statistics). Rows are scheduled deterministically
 (``schedule``): the full rows in stream order, ``batch_size`` at a time, then the short last rows of the
-documents longest first, packed up to the same number of model positions, so that rows of similar
-length share a padded batch. Per batch [b, L]: one forward pass with its attention mask that stops
+documents longest first, so that rows of similar length share a padded batch (padding: 2.6% of the
+model positions over the default corpus with SmolLM2's tokenizer at seq_len 512, 8 rows per batch). Per batch [b, L]: one forward pass with its attention mask that stops
 after the last profiled layer (no LM head), coefficient hooks hand each layer's m at the counted
 positions [N, d_mlp] (and gate/up for gated FFNs) straight to that layer's statistics (in stream order
 within the batch), and nothing is kept beyond them (with ``context`` on, the statistics
@@ -105,20 +105,16 @@ def layout_of(model, cfg: ProfileConfig, store: TokenStore) -> RowLayout:
 
 
 def schedule(layout: RowLayout, batch_size: int) -> list[torch.Tensor]:
-    """The batches of rows, deterministic (row numbers [b] int64 ascending in each): the full rows in stream
-    order, ``batch_size`` per batch; then the shorter rows by length, longest first (ties in stream order),
-    as many per batch as fit in ``batch_size * seq_len`` model positions at the batch's padded width."""
+    """The batches of rows, deterministic (row numbers [b] int64 ascending in each, b <= batch_size): the
+    full rows in stream order, then the shorter rows by length, longest first (ties in stream order), so
+    that a padded batch holds rows of similar length. A row's m depends on its batch-mates only through
+    float rounding (padding width and batch shape); with batch_size 1 every row runs alone, unpadded."""
     full_len = layout.seq_len - layout.first
     full = (layout.lengths == full_len).nonzero().squeeze(1)
-    out = [full[i:i + batch_size] for i in range(0, full.numel(), batch_size)]
     short = (layout.lengths < full_len).nonzero().squeeze(1)
     order = short[torch.sort(-layout.lengths[short], stable=True).indices]
-    budget, i = batch_size * layout.seq_len, 0
-    while i < order.numel():
-        take = max(1, budget // (int(layout.lengths[order[i]]) + layout.first))
-        out.append(torch.sort(order[i:i + take]).values)
-        i += take
-    return out
+    out = [full[i:i + batch_size] for i in range(0, full.numel(), batch_size)]
+    return out + [torch.sort(order[i:i + batch_size]).values for i in range(0, order.numel(), batch_size)]
 
 
 def padding_share(layout: RowLayout, batch_size: int) -> dict:

@@ -71,14 +71,16 @@ def _state(run):
     return load_file(str(run.path / "stats.safetensors"))
 
 
-def assert_same_stats(a, b, cuts=()):
-    """a (merged from shards starting at the global token indices ``cuts``) has b's statistics exactly;
-    its context windows know every position b knows except those across a cut from their example."""
+def assert_same_stats(a, b, cuts=(), tol=0.0):
+    """a (merged from shards starting at the global token indices ``cuts``) has b's statistics exactly (float
+    values within ``tol`` relative where the two ran with other thread counts); its context windows know
+    every position b knows except those across a cut from their example."""
     sa, sb = _state(a), _state(b)
     assert sa.keys() == sb.keys()
     for name in sa:
-        if name.endswith((".sum", ".sumsq")):  # float64 sums in another order
-            torch.testing.assert_close(sa[name], sb[name], rtol=1e-9, atol=1e-9)
+        if name.endswith((".sum", ".sumsq")):  # sums of float32 batch sums in another order (the whole run
+            # takes the full rows of every shard before the short ones: kvmem.profile.runner.schedule)
+            torch.testing.assert_close(sa[name], sb[name], rtol=1e-6, atol=1e-6)
         elif name.endswith(".context.window"):
             prefix = name[: -len("window")]
             offs = torch.arange(-int(sa[prefix + "meta.before"]), int(sa[prefix + "meta.after"]) + 1)
@@ -87,21 +89,25 @@ def assert_same_stats(a, b, cuts=()):
             across = side(index + offs) != side(index)
             wa, wb = sa[name].float(), sb[name].float()
             assert torch.equal(~wa.isnan(), ~wb.isnan() & ~across), name
-            assert torch.equal(wa[~wa.isnan()], wb[~wa.isnan()]), name
+            torch.testing.assert_close(wa[~wa.isnan()], wb[~wa.isnan()], rtol=tol, atol=tol, msg=name)
         elif not name.endswith("meta.last_index"):  # exact; empty slots hold NaN
-            torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, equal_nan=True, msg=name)
+            t = tol if sa[name].is_floating_point() else 0
+            torch.testing.assert_close(sa[name], sb[name], rtol=t, atol=t, equal_nan=True, msg=name)
     assert torch.equal(a.tokens.ids, b.tokens.ids) and torch.equal(a.tokens.doc_offsets, b.tokens.doc_offsets)
 
 
 def test_merge_of_shards_equals_one_run(tmp_path, corpus, tiny_models):
+    """Shards of document rows (BOS first) merge into the single run exactly. One row per batch: a row's m
+    then depends on the row alone (in a padded batch its batch-mates change the float rounding)."""
     model = tiny_models["qwen2"]
-    cfg = ProfileConfig(corpus=str(corpus), seq_len=8, batch_size=2, top_k=4, checkpoint_every=1e9)
+    cfg = ProfileConfig(corpus=str(corpus), seq_len=8, batch_size=1, top_k=4, checkpoint_every=1e9)
     from dataclasses import replace
 
     whole = kvmem.profile(cfg, tmp_path / "whole", model=model)
     kvmem.profile(replace(cfg, shard="0/2"), tmp_path / "a", model=model)
     b = kvmem.profile(replace(cfg, shard="1/2"), tmp_path / "b", model=model)
-    assert b.tokens.continues_doc  # the shard boundary falls inside the long document
+    assert b.tokens.continues_doc and b.tokens.offset > 0  # the shard boundary falls inside the long document
+    assert b.layout.bos_id is not None and int(b.layout.position(torch.tensor([b.tokens.offset]))[0]) == 1
     merged = kvmem.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
     assert_same_stats(merged, whole, cuts=[b.tokens.offset])
     assert merged.tokens.n_docs == whole.tokens.n_docs
@@ -118,7 +124,7 @@ def test_merge_of_shards_equals_one_run(tmp_path, corpus, tiny_models):
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, corpus, tiny_dirs, tiny_models):
-    args = ["--corpus", corpus, "--seq-len", "8", "--batch-size", "2", "--top-k", "4"]
+    args = ["--corpus", corpus, "--seq-len", "8", "--batch-size", "1", "--top-k", "4"]  # rows alone: see above
     model = tiny_dirs["gpt2"]
     subprocess.run(kvmem_cmd("profile", model, *args, "--out", tmp_path / "one"), check=True, env=env(),
                    capture_output=True)
@@ -128,8 +134,10 @@ def test_torchrun_two_processes_equal_one(tmp_path, corpus, tiny_dirs, tiny_mode
     assert res.returncode == 0, res.stderr[-2000:]
     one, two = kvmem.open_run(tmp_path / "one"), kvmem.open_run(tmp_path / "two")
     assert two.manifest["settings"]["world_size"] == 2
-    cut = one.tokens.rows(8) // 2 * 8  # where rank 1's block of rows starts
-    assert_same_stats(two, one, cuts=[cut])
+    cut = int(one.layout.starts[one.layout.n_rows // 2])  # where rank 1's block of rows starts
+    # torchrun runs each rank with OMP_NUM_THREADS=1, the single run with the machine's threads: m differs
+    # by matmul rounding (~1e-7 relative); every index, count and slot is the same
+    assert_same_stats(two, one, cuts=[cut], tol=1e-5)
     assert not (tmp_path / "two" / ".shards").exists()
 
 
