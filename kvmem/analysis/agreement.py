@@ -91,10 +91,24 @@ def uniform_any(nxt: torch.Tensor, k: int, n_vocab: int) -> torch.Tensor:
     return out
 
 
-def _rate(x: torch.Tensor) -> tuple[float, int]:
-    ok = ~torch.isnan(x)
-    n = int(ok.sum())
-    return (float(x[ok].mean()) if n else float("nan")), n
+def null_rates(value_ids: torch.Tensor, nxt: torch.Tensor, perms: list[torch.Tensor],
+               chunk: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The rates of ``match_table`` when neuron i's value meets the triggers of neuron perm[i], for each of the
+    permutations ``perms`` (P of them, each [d]): {ex1, docs_any, topk: (rate [P] float, NaN where none counted;
+    count [P] int)}. ``chunk`` permutations at a time ([chunk, d, k, n] booleans)."""
+    out = {r: ([], []) for r in ("ex1", "docs_any", "topk")}
+    for start in range(0, len(perms), chunk):
+        nx = nxt[torch.stack(perms[start:start + chunk])]  # [p, d, n]
+        valid = nx >= 0
+        match = (value_ids[None, :, :, None] == nx[:, :, None, :]) & valid[:, :, None, :]  # [p, d, k, n]
+        has = valid.any(2)  # [p, d]
+        for r, hit, counted in (("ex1", match[:, :, 0, 0], valid[:, :, 0]), ("docs_any", match[:, :, 0, :].any(2), has),
+                                ("topk", match.any(3).any(2), has)):
+            n = counted.sum(1)
+            h = (hit & counted).sum(1)
+            out[r][0].append(torch.where(n > 0, h.double() / n.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64)))
+            out[r][1].append(n)
+    return {r: (torch.cat(a).numpy(), torch.cat(b).numpy()) for r, (a, b) in out.items()}
 
 
 def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_perm: int = 100, seed: int = 0,
@@ -168,21 +182,18 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
         row["next_rank_median"] = float(np.nanmedian(u.next_rank)) if u.next_rank.notna().any() else float("nan")
         row["next_prob_median"] = float(np.nanmedian(u.next_prob)) if u.next_prob.notna().any() else float("nan")
         # derangement null: neuron i's value against the triggers of neuron pi(i)
-        draws = {r: [] for r in NULL_RATES}
-        for draw in range(n_perm):
-            perm = derangement(d, gen)
-            o = match_table(vals, nxt[perm])
-            got = {"ex1": _rate(o["ex1"]), "docs_any": _rate(o["any"]), "topk": _rate(o["topk"])}
-            if neg is not None:
-                got["neg_any"] = _rate(match_table(neg[0], neg[1][perm])["any"])
-            nulls.append({"layer": layer, "draw": draw, **{r: v[0] for r, v in got.items()},
-                          **{f"n_{r}": v[1] for r, v in got.items()}})
-            for r, v in got.items():
-                draws[r].append(v[0])
+        perms = [derangement(d, gen) for _ in range(n_perm)]
+        draws = null_rates(vals, nxt, perms)
+        if neg is not None:
+            draws["neg_any"] = null_rates(neg[0], neg[1], perms)["docs_any"]
+        for draw, perm in enumerate(perms):
+            nulls.append({"layer": layer, "draw": draw, **{r: float(v[0][draw]) for r, v in draws.items()},
+                          **{f"n_{r}": int(v[1][draw]) for r, v in draws.items()}})
             if draw < keep_pairs:
                 pairs.append(pd.DataFrame({"layer": layer, "draw": draw, "neuron": np.arange(d), "partner": perm.numpy()}))
+        draws = {r: v[0] for r, v in draws.items()}
         for r, v in draws.items():
-            if v:
+            if len(v):
                 row[f"base_{r}"] = float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
                 row[f"p_{r}"] = ci.perm_pvalue(row[r], v)
         row["uniform_ex1"] = 1 / V
