@@ -17,10 +17,13 @@ Per neuron (the ``units`` table, one row per (layer, neuron); NaN = not counted)
   next_prob    probability of that next token under softmax(v_i·W_U) over the defined ids, Fig. 6
   neg_any      gated FFNs (m < 0 writes -v_i): 1 if the value's most suppressed token (argmin) is the next token of
                any of the neuron's top-n bottom examples (most negative m, per token)
+  ex1_abs      gated FFNs, sign-aware top-1 (SwiGLU coefficients are sign-symmetric): the neuron's trigger of largest
+               |m| -- top_docs slot 0 (m > 0) or bottom slot 0 (m < 0, when -m exceeds it; abs_neg = 1) -- against the
+               token that write promotes (value top-1 for m > 0, value argmin for m < 0); cluster abs_doc
   doc          global document id of the top-1 trigger (the bootstrap cluster); neg_doc: of the first bottom example
 Per layer (the ``layers`` table): for each rate r of ex1, docs_any, topk, next_top10, next_prob, neg_any: r, r_lo,
 r_hi (95% cluster bootstrap over documents, kvmem.analysis.ci), n_r (neurons counted); base_r and p_r for ex1,
-docs_any, topk, neg_any: the derangement baseline (neuron i's value against the triggers of neuron pi(i), pi a
+docs_any, topk, neg_any, ex1_abs: the derangement baseline (neuron i's value against the triggers of neuron pi(i), pi a
 random derangement of the layer's neurons; mean of ``n_perm`` draws) and its one-sided permutation p-value;
 uniform_r: the rate a uniformly random defined token (or k distinct ones) would get, 1/|V| for ex1 (the paper
 quotes 0.0004%); next_rank_median, next_prob_median; n_neurons (the layer's d_mlp); n_docs_ex1 (documents the
@@ -45,8 +48,8 @@ from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
 from kvmem.vocab import value_matrix, vocab_mask
 
-RATES = ("ex1", "docs_any", "topk", "next_top10", "next_prob", "neg_any")
-NULL_RATES = ("ex1", "docs_any", "topk", "neg_any")
+RATES = ("ex1", "docs_any", "topk", "next_top10", "next_prob", "neg_any", "ex1_abs")  # the per-neuron rates
+OWN_CLUSTER = {"neg_any": "neg_doc", "ex1_abs": "abs_doc"}  # rates clustered on another trigger's document
 TOP10 = 10
 
 
@@ -172,13 +175,25 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
             neg = (bvals, bnxt)
             unit["neg_any"] = match_table(bvals, bnxt)["any"].numpy()
             unit["neg_doc"] = _docs(store, bindex[:, 0])
+            # sign-aware top-1: the trigger of largest |m| (top_docs slot 0 or bottom slot 0) against the token its
+            # write promotes (the value's top-1 for m > 0, its argmin for m < 0)
+            bval = run.slots(layer, "bottom").value.cpu()[:, 0]
+            tval = torch.nan_to_num(docs.value.cpu()[:, 0].float(), nan=float("-inf"))
+            use_neg = (bindex[:, 0] >= 0) & (-bval > tval)
+            abs_pred = torch.where(use_neg, bvals[:, 0], vals[:, 0])[:, None]  # [d, 1]
+            abs_next = torch.where(use_neg, bnxt[:, 0], first)[:, None]  # [d, 1]
+            unit["ex1_abs"] = match_table(abs_pred, abs_next)["ex1"].numpy()
+            unit["abs_neg"] = use_neg.numpy()
+            unit["abs_doc"] = _docs(store, torch.where(use_neg, bindex[:, 0], index[:, 0]))
+            neg = (bvals, bnxt, abs_pred, abs_next)
         u = pd.DataFrame(unit)
         units.append(u)
         row = {"layer": layer, "n_neurons": d, "n_examples": int(index.shape[1]), "k": k, "n_vocab": V,
                "n_docs_ex1": int(u.doc[u.ex1.notna()].nunique())}
-        row.update(_intervals(u, [r for r in RATES if r in u and r != "neg_any"], "doc", n_boot, seed))
+        row.update(_intervals(u, [r for r in RATES if r in u and r not in OWN_CLUSTER], "doc", n_boot, seed))
         if neg is not None:
-            row.update(_intervals(u, ["neg_any"], "neg_doc", n_boot, seed))
+            for r, cluster in OWN_CLUSTER.items():
+                row.update(_intervals(u, [r], cluster, n_boot, seed))
         row["next_rank_median"] = float(np.nanmedian(u.next_rank)) if u.next_rank.notna().any() else float("nan")
         row["next_prob_median"] = float(np.nanmedian(u.next_prob)) if u.next_prob.notna().any() else float("nan")
         # derangement null: neuron i's value against the triggers of neuron pi(i)
@@ -186,6 +201,7 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
         draws = null_rates(vals, nxt, perms)
         if neg is not None:
             draws["neg_any"] = null_rates(neg[0], neg[1], perms)["docs_any"]
+            draws["ex1_abs"] = null_rates(neg[2], neg[3], perms)["ex1"]
         for draw, perm in enumerate(perms):
             nulls.append({"layer": layer, "draw": draw, **{r: float(v[0][draw]) for r, v in draws.items()},
                           **{f"n_{r}": int(v[1][draw]) for r, v in draws.items()}})
@@ -202,6 +218,7 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
         row["uniform_next_top10"] = min(TOP10, V) / V
         row["uniform_next_prob"] = 1 / V
         if neg is not None:
+            row["uniform_ex1_abs"] = 1 / V
             row["uniform_neg_any"] = float(np.nanmean(uniform_any(neg[1], 1, V))) if bool((neg[1] >= 0).any()) \
                 else float("nan")
         rows.append(row)

@@ -111,6 +111,24 @@ def test_agreement_matches_brute_force(tiny_models, runs, name, masked, monkeypa
             assert u.loc[i, "next_top10"] == float(u.loc[i, "next_rank"] <= 10)
             assert u.loc[i, "doc"] == brute_doc_id(docs[i][0], store)
         assert table.loc[layer, "next_rank_median"] == pytest.approx(np.nanmedian(u.next_rank))
+        u = u.copy()
+        u["_pred"], u["_next"] = None, None
+        u = u.astype({"_pred": object, "_next": object})
+        if model.gated:  # sign-aware top-1: the larger of the best positive and the most negative m
+            tv, bv = run.stats[layer].top_docs.value.tolist(), run.stats[layer].bottom.value.tolist()
+            for i in range(model.d_mlp):
+                neg = bottom[i][0] >= 0 and -bv[i][0] > (tv[i][0] if docs[i][0] >= 0 else -np.inf)
+                x = bottom[i][0] if neg else docs[i][0]
+                t = brute_next(x, store) if x >= 0 else None
+                pred = int(full[i].masked_fill(~defined, float("inf")).argmin()) if neg else int(order[i, 0])
+                assert u.loc[i, "abs_neg"] == neg
+                u.loc[i, "_pred"], u.loc[i, "_next"] = pred, t
+                if t is None:
+                    assert np.isnan(u.loc[i, "ex1_abs"])
+                else:
+                    assert u.loc[i, "ex1_abs"] == float(pred == t) and u.loc[i, "abs_doc"] == brute_doc_id(x, store)
+            assert table.loc[layer, "ex1_abs"] == pytest.approx(u.ex1_abs.mean())
+            assert 0 < u.abs_neg.sum() < model.d_mlp  # both signs occur in the tiny SwiGLU model
         assert table.loc[layer, "uniform_ex1"] == 1 / V
         assert table.loc[layer, "n_docs_ex1"] == len({u.loc[i, "doc"] for i in range(model.d_mlp) if nexts[i][0] is not None})
         # the derangement null: every kept draw redone by hand; base = mean over draws; p = permutation p-value
@@ -123,6 +141,10 @@ def test_agreement_matches_brute_force(tiny_models, runs, name, masked, monkeypa
             other = rates(partner.__getitem__)
             for r in ("ex1", "docs_any", "topk") + (("neg_any",) if model.gated else ()):
                 assert null.loc[draw, r] == pytest.approx(np.nanmean(other[r]))
+            if model.gated:  # neuron i's sign-aware prediction against the partner's largest-|m| trigger
+                hits = [float(p == t) for p, t in ((u.loc[i, "_pred"], u.loc[partner[i], "_next"])
+                                                   for i in range(model.d_mlp)) if t is not None]
+                assert null.loc[draw, "ex1_abs"] == pytest.approx(np.mean(hits))
         for r in ("ex1", "docs_any", "topk"):
             assert table.loc[layer, f"base_{r}"] == pytest.approx(null[r].mean())
             obs = table.loc[layer, r]
