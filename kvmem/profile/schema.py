@@ -128,9 +128,15 @@ MANIFEST = {
 }
 MANIFEST_OPTIONAL = {
     "format": ("int64", "RUN_FORMAT of the writer; absent in runs written before it existed: read as 1"),
-    "layout": ("dict", "format >= 3, required there: the model rows (kvmem.profile.tokens.RowLayout.settings(): "
-                       "seq_len, bos_id (null: none), doc_rows, skip_first, pad_id); the rows are rebuilt from "
-                       "these and the token store. Formats 1-2: stream rows of seq_len, no BOS, position 0 kept"),
+    # format >= 3, required there (kvmem.profile.run.open_run): the model rows, RowLayout.settings() of
+    # kvmem.profile.tokens; the rows are rebuilt from these and the token store. Formats 1-2 have none: stream
+    # rows of seq_len across documents, no BOS, position 0 kept
+    "layout.seq_len": ("int64", "tokens per model row, the BOS included"),
+    "layout.bos_id": ("int64", "the BOS prepended to every row (null: none)"),
+    "layout.doc_rows": ("bool", "every row inside one document (false: the stream cut into seq_len rows)"),
+    "layout.skip_first": ("bool", "row position 0 (the BOS, or the first token without one) left out of the "
+                                  "statistics"),
+    "layout.pad_id": ("int64", "id at padded positions of a batch (masked out)"),
     "settings.rows": ("string", "format >= 3: doc (rows inside one document) or stream (legacy rows)"),
     "settings.skip_first": ("bool", "format >= 3: row position 0 left out of the statistics"),
     "settings.bos_id": ("int64", "format >= 3: the BOS prepended to every row (null: none)"),

@@ -82,7 +82,10 @@ class WithMass:
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def profiled(request, tmp_path_factory, corpus, tiny_models):
     model = tiny_models[request.param]
-    cfg = ProfileConfig(corpus=str(corpus), seq_len=SEQ, batch_size=BATCH, top_k=K, checkpoint_every=1e9)
+    # the legacy stream rows, position 0 kept: ``coefficients`` recomputes m in exactly the run's batches, so
+    # the tables compare bit for bit (the rows themselves: tests/profile/test_profile.py, test_rows.py)
+    cfg = ProfileConfig(corpus=str(corpus), seq_len=SEQ, batch_size=BATCH, top_k=K, checkpoint_every=1e9,
+                        rows="stream", skip_first=False)
     run = kvmem.profile(cfg, tmp_path_factory.mktemp("runs") / request.param, model=model)
     return model, run, coefficients(model, run)
 
