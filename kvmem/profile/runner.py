@@ -151,6 +151,17 @@ def shard_of(store: TokenStore, layout: RowLayout, i: int, n: int) -> TokenStore
 
 
 @dataclass
+class Step:
+    """One batch as the profiler runs it (axes: b rows, L positions, N counted positions)."""
+
+    ids: torch.Tensor  # [b, L] int64 model input (RowBatch.ids)
+    mask: torch.Tensor  # [b, L] bool attention mask
+    sel: torch.Tensor | None  # [N] int64 flat positions (of b*L) that enter the statistics; None: all of them
+    index: torch.Tensor  # [N] int64 their global token indices, increasing
+    pos: torch.Tensor  # [N] int64 their positions in the row
+
+
+@dataclass
 class Progress:
     next_row: int = 0
     elapsed: float = 0.0  # seconds spent in earlier sessions of this run
@@ -242,17 +253,23 @@ class Profiler:
 
     # --- the pass -------------------------------------------------------------------------
     def batches(self):
-        """(rows [b] int64, RowBatch on the model's device) of the schedule from state.next_row on."""
+        """(rows [b] int64, Step) of the schedule from state.next_row on; what enters the statistics is
+        worked out on the host, then moved (no host synchronisation on a GPU)."""
         done = 0
         for rows in self.plan:
             done += rows.numel()
             if done <= self.state.next_row:
                 continue
             b = self.layout.batch(self.store, rows)
+            flat = b.counted.flatten()
+            sel = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # None: every position counts
+            index = b.index.flatten() if sel is None else b.index.flatten().index_select(0, sel)
+            pos = b.pos.flatten() if sel is None else b.pos.flatten().index_select(0, sel)
+            step = Step(b.ids, b.mask, sel, index, pos)
             if self.model.device.type == "cuda":
-                b.ids, b.mask, b.index, b.counted = (t.pin_memory().to(self.model.device, non_blocking=True)
-                                                     for t in (b.ids, b.mask, b.index, b.counted))
-            yield rows, b
+                step = Step(*(None if t is None else t.pin_memory().to(self.model.device, non_blocking=True)
+                              for t in (b.ids, b.mask, sel, index, pos)))
+            yield rows, step
 
     def done_tokens(self) -> int:
         """Store tokens of the scheduled rows before state.next_row."""
@@ -264,17 +281,17 @@ class Profiler:
             n += int(self.layout.lengths[rows].sum())
         return n
 
-    def step(self, rows: torch.Tensor, b) -> None:
-        """One forward pass over a RowBatch; the counted positions (in stream order) update the statistics."""
-        sel = b.counted.flatten().nonzero().squeeze(1)  # [N] flat positions that enter the statistics
-        index = b.index.flatten().index_select(0, sel)  # global token indices, increasing
-        local = index - self.store.offset
+    def step(self, rows: torch.Tensor, b: "Step") -> None:
+        """One forward pass over a batch of rows; the counted positions (in stream order) update the statistics."""
+        local = b.index - self.store.offset
         doc = torch.searchsorted(self.doc_offsets, local, right=True) - 1 + self.store.doc_base  # global ids
-        pos = torch.arange(b.ids.shape[1], device=sel.device).repeat(b.ids.shape[0]).index_select(0, sel)
+        sel = b.sel
 
         def on_layer(layer, t):
-            flat = {k: v.reshape(-1, v.shape[-1]).index_select(0, sel) for k, v in t.items()}
-            self.stats[layer].update(flat["coef"], index, doc, pos, gate=flat.get("gate"), up=flat.get("pre"))
+            flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
+            if sel is not None:
+                flat = {k: v.index_select(0, sel) for k, v in flat.items()}
+            self.stats[layer].update(flat["coef"], b.index, doc, b.pos, gate=flat.get("gate"), up=flat.get("pre"))
 
         with torch.inference_mode(), capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer):
             self.model.hf(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
