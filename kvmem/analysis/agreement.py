@@ -109,7 +109,8 @@ def null_rates(value_ids: torch.Tensor, nxt: torch.Tensor, perms: list[torch.Ten
                                 ("topk", match.any(3).any(2), has)):
             n = counted.sum(1)
             h = (hit & counted).sum(1)
-            out[r][0].append(torch.where(n > 0, h.double() / n.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64)))
+            nan = torch.tensor(float("nan"), dtype=torch.float64)
+            out[r][0].append(torch.where(n > 0, h.double() / n.clamp(min=1), nan))
             out[r][1].append(n)
     return {r: (torch.cat(a).numpy(), torch.cat(b).numpy()) for r, (a, b) in out.items()}
 
@@ -142,7 +143,8 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
         nxt = next_in_doc(store, index)  # [d, n]
         first = nxt[:, 0]
         top_ids, bottom_id = [], []
-        rank, prob = torch.full((d,), float("nan"), dtype=torch.float64), torch.full((d,), float("nan"), dtype=torch.float64)
+        rank = torch.full((d,), float("nan"), dtype=torch.float64)
+        prob = rank.clone()
         for start in range(0, d, chunk):
             sl = slice(start, min(d, start + chunk))
             logits = value_logits(model, layer, sl, W_U)  # [c, d_vocab], -inf at undefined ids
@@ -165,7 +167,8 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
         own = match_table(vals, nxt)
         unit = {"layer": layer, "neuron": np.arange(d), "doc": _docs(store, index[:, 0]),
                 "ex1": own["ex1"].numpy(), "docs_any": own["any"].numpy(), "topk": own["topk"].numpy(),
-                "next_rank": rank.numpy(), "next_top10": torch.where(torch.isnan(rank), rank, (rank <= TOP10).double()).numpy(),
+                "next_rank": rank.numpy(),
+                "next_top10": torch.where(torch.isnan(rank), rank, (rank <= TOP10).double()).numpy(),
                 "next_prob": prob.numpy()}
         neg = None
         if gated:
@@ -206,7 +209,8 @@ def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_
             nulls.append({"layer": layer, "draw": draw, **{r: float(v[0][draw]) for r, v in draws.items()},
                           **{f"n_{r}": int(v[1][draw]) for r, v in draws.items()}})
             if draw < keep_pairs:
-                pairs.append(pd.DataFrame({"layer": layer, "draw": draw, "neuron": np.arange(d), "partner": perm.numpy()}))
+                pairs.append(pd.DataFrame({"layer": layer, "draw": draw, "neuron": np.arange(d),
+                                           "partner": perm.numpy()}))
         draws = {r: v[0] for r, v in draws.items()}
         for r, v in draws.items():
             if len(v):

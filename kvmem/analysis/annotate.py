@@ -74,7 +74,8 @@ def annotate(model, run: Run, *, layers=None, n_keys: int = 10, n_triggers: int 
     keys = {layer: torch.randperm(model.d_mlp, generator=gen)[:n_keys].sort().values for layer in layers}
     dirs = {layer: torch.randn(n_random, model.d_model, generator=gen) for layer in layers}
     n_items = {layer: len(keys[layer]) + n_random for layer in layers}
-    best = {layer: (torch.empty(n_items[layer], 0), torch.empty(n_items[layer], 0, dtype=torch.long)) for layer in layers}
+    best = {layer: (torch.empty(n_items[layer], 0), torch.empty(n_items[layer], 0, dtype=torch.long))
+            for layer in layers}
     dev = model.device
     b = max(1, tokens_per_batch // pool.seq_len)
     for start in range(0, pool.rows.shape[0], b):
@@ -103,7 +104,8 @@ def annotate(model, run: Run, *, layers=None, n_keys: int = 10, n_triggers: int 
             item = f"{layer}.{number:0{width}d}"
             is_key = j < len(keys[layer])
             key.append({"item": item, "layer": layer, "kind": "key" if is_key else "random",
-                        "neuron": int(keys[layer][j]) if is_key else -1, "direction": -1 if is_key else j - len(keys[layer])})
+                        "neuron": int(keys[layer][j]) if is_key else -1,
+                        "direction": -1 if is_key else j - len(keys[layer])})
             if not is_key:
                 vecs.append({"item": item, "layer": layer, "vector": dirs[layer][j - len(keys[layer])].numpy()})
             top = float(score[j, 0]) if score.shape[1] else float("nan")
@@ -121,7 +123,8 @@ def annotate(model, run: Run, *, layers=None, n_keys: int = 10, n_triggers: int 
             "context": context, "seed": seed, "pool": pool.source, "labels": LABELS,
             "keys": "neurons drawn uniformly per layer (seeded); triggers = largest m over the pool",
             "random": "random directions r ~ N(0, I) in the FFN input space; triggers = largest x.r over the same pool",
-            "blinding": "item numbers are a seeded shuffle of keys and random directions per layer; rel_score = score / "
+            "blinding": "item numbers are a seeded shuffle of keys and random directions per layer; "
+                        "rel_score = score / "
                         "rank-1 score; the key is written to a separate file",
             "text": f"the last {context} tokens of the trigger's row prefix (BOS left out), trigger marked [[...]], "
                     f"newlines shown as {NEWLINE}"}

@@ -55,7 +55,8 @@ def _shares(index: torch.Tensor, store: TokenStore) -> tuple[torch.Tensor, torch
     ids = store.ids.long()
     tok = ids[idx - store.offset]
     has_prev = valid & (idx - 1 >= store.doc_start(idx))
-    prev = torch.where(has_prev, ids[(idx - 1 - store.offset).clamp(min=0)], -1 - torch.arange(idx.numel()).view_as(idx))
+    unique = -1 - torch.arange(idx.numel()).view_as(idx)
+    prev = torch.where(has_prev, ids[(idx - 1 - store.offset).clamp(min=0)], unique)
     bigram = tok * (ids.max() + 2) + prev  # unique negative prev keeps pairs without a previous token apart
     return mode_share(tok, valid), mode_share(bigram, valid)
 

@@ -59,7 +59,8 @@ def pad_id(model) -> int:
 
 
 @torch.inference_mode()
-def last_coef(model, layer: int, seqs: list[list[int]], neurons: torch.Tensor, tokens_per_batch: int = 4096) -> torch.Tensor:
+def last_coef(model, layer: int, seqs: list[list[int]], neurons: torch.Tensor,
+              tokens_per_batch: int = 4096) -> torch.Tensor:
     """m of ``neurons`` [n] (one per sequence) at the last token of each of ``seqs`` (n id lists, each run alone
     with right padding and an attention mask), float32 [n]. Sequences are batched by length (about
     ``tokens_per_batch`` tokens per forward pass, stopped after ``layer``)."""

@@ -130,7 +130,8 @@ def test_agreement_matches_brute_force(tiny_models, runs, name, masked, monkeypa
             assert table.loc[layer, "ex1_abs"] == pytest.approx(u.ex1_abs.mean())
             assert 0 < u.abs_neg.sum() < model.d_mlp  # both signs occur in the tiny SwiGLU model
         assert table.loc[layer, "uniform_ex1"] == 1 / V
-        assert table.loc[layer, "n_docs_ex1"] == len({u.loc[i, "doc"] for i in range(model.d_mlp) if nexts[i][0] is not None})
+        docs_ex1 = {u.loc[i, "doc"] for i in range(model.d_mlp) if nexts[i][0] is not None}
+        assert table.loc[layer, "n_docs_ex1"] == len(docs_ex1)
         # the derangement null: every kept draw redone by hand; base = mean over draws; p = permutation p-value
         null = res["null"][res["null"].layer == layer].set_index("draw")
         assert list(null.index) == list(range(n_perm))
