@@ -80,7 +80,8 @@ def profile(
     out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/default"),
     seq_len: Annotated[int | None, typer.Option(help="Tokens per model input row, the BOS included (default 512).")] = None,
     rows: Annotated[str | None, typer.Option(help="doc (default): every row inside one document, the tokenizer's BOS first; stream: the legacy cut of the token stream across documents, no BOS.")] = None,
-    keep_first: Annotated[bool, typer.Option("--keep-first", help="Keep row position 0 (the BOS, or the first token without one: the attention sink) in the statistics.")] = False,
+    bos: Annotated[str | None, typer.Option(help="Token opening every document row: auto (default: the tokenizer's BOS, none if it has none), none, or a token such as '<|endoftext|>'.")] = None,
+    keep_first: Annotated[bool, typer.Option("--keep-first", help="Keep row position 0 (the attention sink) in the statistics where it is a corpus token: rows without a BOS (--bos none, tokenizers without one, --rows stream). The BOS itself is never counted.")] = False,
     batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass (default: auto).")] = None,
     layers: Annotated[str | None, typer.Option(help="Layers to profile, e.g. 0-5,20 (default all).")] = None,
     top_k: Annotated[int | None, typer.Option(help="Examples kept per neuron per store (default 20).")] = None,
@@ -101,7 +102,7 @@ def profile(
 
     cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                   top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, shard=shard, device=device,
-                  dtype=dtype, rows=rows, skip_first=False if keep_first else None)
+                  dtype=dtype, rows=rows, bos=bos, skip_first=False if keep_first else None)
     stages, notes = {}, []
     t = time.perf_counter()
     with err_console.status(f"loading {cfg.model} ..."):

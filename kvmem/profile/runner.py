@@ -42,7 +42,10 @@ class ProfileConfig:
     seq_len: int = 512  # tokens per model input row, the BOS included
     rows: str = "doc"  # "doc": rows inside one document, BOS first where the tokenizer has one; "stream": the
     #                    legacy cut of the flat stream into seq_len rows across documents, no BOS
-    skip_first: bool = True  # leave row position 0 (the BOS, or the first token without one) out of the statistics
+    skip_first: bool = True  # leave row position 0 out of the statistics (matters in rows without a BOS: the BOS,
+    #                          not a corpus token, never enters them)
+    bos: str = "auto"  # the token opening every document row: auto (the tokenizer's bos_token), none, or a token
+    #                    string of the vocabulary (e.g. "<|endoftext|>")
     batch_size: int | None = None  # rows per forward pass (None: auto, backing off on out-of-memory)
     layers: tuple[int, ...] | None = None  # layers to profile (None: all)
     top_k: int = 20  # examples kept per neuron in each top-k store
@@ -85,15 +88,22 @@ CONTEXT_FIELDS = ("context", "context_before", "context_after", "context_top", "
                   "context_dtype")
 CONTEXT_DTYPES = ("bfloat16", "float16", "float32")
 ROWS = ("doc", "stream")
-LAYOUT_FIELDS = ("rows", "skip_first")  # settings that decide the rows (with seq_len and the tokenizer's BOS)
+LAYOUT_FIELDS = ("rows", "skip_first", "bos")  # settings that decide the rows (with seq_len and the tokenizer's BOS)
 
 
 def bos_id(model, cfg: ProfileConfig) -> int | None:
-    """The BOS prepended to every row: the tokenizer's ``bos_token_id`` for document rows, none for stream rows."""
-    if cfg.rows != "doc":
+    """The BOS prepended to every row (document rows only; stream rows have none): with ``bos`` auto the
+    tokenizer's ``bos_token_id`` (None if it defines none), none, or the id of the token string given."""
+    if cfg.rows != "doc" or cfg.bos == "none":
         return None
-    bos = getattr(model.tokenizer, "bos_token_id", None)
-    return None if bos is None else int(bos)
+    tok = model.tokenizer
+    if cfg.bos == "auto":
+        bos = getattr(tok, "bos_token_id", None)
+        return None if bos is None else int(bos)
+    ids = tok.convert_tokens_to_ids([cfg.bos])
+    if not ids or ids[0] is None or (ids[0] == tok.unk_token_id and cfg.bos != tok.unk_token):
+        raise KvmemError(f"--bos {cfg.bos!r} is not a token of the model's vocabulary")
+    return int(ids[0])
 
 
 def layout_of(model, cfg: ProfileConfig, store: TokenStore) -> RowLayout:

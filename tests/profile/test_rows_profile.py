@@ -92,3 +92,16 @@ def test_layout_of_format_2_and_a_format_3_manifest_without_it(tmp_path, corpus,
     assert old.bos_id is None and not old.doc_rows and not old.skip_first
     assert old.starts.tolist() == list(range(0, 60, SEQ))
     assert layout["bos_id"] is not None
+
+
+def test_bos_option_none_or_a_named_token(tmp_path, corpus, tiny_models):
+    model = tiny_models["gpt2"]
+    cfg = ProfileConfig(corpus=str(corpus), seq_len=SEQ, top_k=4, tokens=60)
+    from kvmem.profile.runner import bos_id
+
+    assert bos_id(model, replace(cfg, bos="none")) is None
+    assert bos_id(model, replace(cfg, bos="<|endoftext|>")) == model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    with pytest.raises(KvmemError, match="--bos"):
+        bos_id(model, replace(cfg, bos="<|not a token|>"))
+    run = kvmem.profile(replace(cfg, bos="none"), tmp_path / "run", model=model)
+    assert run.layout.bos_id is None and run.manifest["settings"]["bos"] == "none"
