@@ -64,6 +64,17 @@ def test_mutation_matches_brute_force(tiny_models, runs, name):
                                   units[["neuron", "index", "removed"]].to_numpy())
 
 
+def test_mutation_on_the_per_document_store(tiny_models, runs):
+    model, run = tiny_models["llama"], runs["llama"]
+    units = mutation(model, run, n_neurons=3, n_examples=2, store="top_docs", n_boot=50)["units"]
+    assert len(units) > 0
+    for row in units.itertuples():
+        docs = run.stats[row.layer].top_docs
+        slot = docs.index[row.neuron].tolist().index(row.index)
+        assert slot < 2 and row.m_stored == pytest.approx(float(docs.value[row.neuron, slot]))
+        assert row.m_orig == pytest.approx(row.m_stored, rel=1e-4, abs=1e-5)
+
+
 def test_mutation_rejects_bad_input(tiny_models, runs):
     with pytest.raises(KvmemError, match="n_neurons"):
         mutation(tiny_models["gpt2"], runs["gpt2"], n_neurons=0)
