@@ -140,15 +140,20 @@ def test_layer_data_matches_run(report_dir, report_run):
 
 
 def test_shading_matches_brute_force(report_dir, report_run):
-    """Context shading (from the run's bfloat16 windows) vs m recomputed here row by row with run_capture."""
+    """Context shading (from the run's bfloat16 windows) vs m recomputed here row by row with run_capture:
+    each document cut into pieces of seq_len - 1 tokens run alone after the BOS; positions of the document
+    outside the example's row are unshaded ('K')."""
     import kvmem
 
     run, model = report_run
-    seq_len = run.manifest["settings"]["seq_len"]
-    ids = run.tokens.ids.long()
+    seq_len, store = run.manifest["settings"]["seq_len"], run.tokens
+    ids, bos = store.ids.long(), model.tokenizer.bos_token_id
     layer = run.profiled_layers[0]
-    m = torch.cat([kvmem.run_capture(model, ids[a:a + seq_len][None], layers=[layer]).coef[layer][0]
-                   for a in range(0, len(ids), seq_len)])  # [n_tokens, d_mlp]
+    pieces = [(a, min(a + seq_len - 1, int(store.doc_offsets[d + 1]))) for d in range(store.n_docs)
+              for a in range(int(store.doc_offsets[d]), int(store.doc_offsets[d + 1]), seq_len - 1)]
+    row = torch.cat([torch.full((b - a,), r) for r, (a, b) in enumerate(pieces)])  # row of each token
+    m = torch.cat([kvmem.run_capture(model, torch.cat([torch.tensor([bos]), ids[a:b]])[None],
+                                     layers=[layer]).coef[layer][0, 1:] for a, b in pieces])  # [n_tokens, d_mlp]
     data = load_data(report_dir / "data" / f"layer-{layer}.js")
     assert data["shaded"]
     before, checked = data["before"], 0
@@ -170,7 +175,8 @@ def test_shading_matches_brute_force(report_dir, report_run):
                 continue
             g = top_index - before + j
             assert ids[g] == tok
-            assert ord(ex[2][j]) - ord("K") == pytest.approx(10 * float(m[g, neuron]) / scale, abs=0.5 + 1e-3)
+            want = 10 * float(m[g, neuron]) / scale if row[g] == row[top_index] else 0.0
+            assert ord(ex[2][j]) - ord("K") == pytest.approx(want, abs=0.5 + 1e-3)
     assert checked > 0
 
 
