@@ -82,7 +82,8 @@ class LayerStats:
     def update(self, coef, token_index, doc_id, pos_in_seq, gate=None, up=None) -> None:
         """Add one batch. coef [N, d_mlp] (any float dtype; computed in float32), token_index [N] int64
         (global, strictly increasing, < 2**32 - 1), doc_id [N] int64 (>= 0, non-decreasing), pos_in_seq [N]
-        int64 (< max_pos); gated layers also gate, up [N, d_mlp] (m = act(gate) * up)."""
+        int64 (< max_pos); gated layers also gate, up [N, d_mlp] (m = act(gate) * up). With context windows,
+        every token of a model row that enters the statistics comes in the same update (kvmem.stats.context)."""
         d, dev = self.d_mlp, self.device
         if coef.dim() != 2 or coef.shape[1] != d:
             raise ValueError(f"coef must be [N, {d}], got {tuple(coef.shape)}")

@@ -105,3 +105,6 @@ def test_bos_option_none_or_a_named_token(tmp_path, corpus, tiny_models):
         bos_id(model, replace(cfg, bos="<|not a token|>"))
     run = kvmem.profile(replace(cfg, bos="none"), tmp_path / "run", model=model)
     assert run.layout.bos_id is None and run.manifest["settings"]["bos"] == "none"
+    other = kvmem.profile(cfg, tmp_path / "other", model=model)
+    with pytest.raises(KvmemError, match="rows"):  # runs cut into other rows do not merge
+        kvmem.merge([run.path, other.path], tmp_path / "merged")
