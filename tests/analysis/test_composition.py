@@ -113,7 +113,7 @@ def brute_force(family, hf, sample):
         m = ms[layer]
         maxabs = m.abs().max(0).values
         sub_top = {(i, s): int(logits((s * V[i])[None]).argmax()) for i in range(d) for s in (1, -1)}
-        perm = derangement(N, gen)
+        perm = derangement(N, gen) if N >= 2 else None
         score = torch.rand(N, d, generator=gen)
         col = {c: [] for c in COLUMNS}
         for t in range(N):
@@ -129,8 +129,12 @@ def brute_force(family, hf, sample):
             act = [i for i in range(d) if abs(m[t, i]) > TAU * maxabs[i]]
             col["n_active"].append(len(act))
             col["novel_active"].append(all(top_of(t, i) != to for i in act))
-            p = int(perm[t])
-            col["novel_paired"].append(all(top_of(p, i) != to for i in range(d) if abs(m[p, i]) > TAU * maxabs[i]))
+            if perm is None:
+                col["novel_paired"].append(np.nan)
+            else:
+                p = int(perm[t])
+                col["novel_paired"].append(all(top_of(p, i) != to for i in range(d)
+                                               if abs(m[p, i]) > TAU * maxabs[i]))
             strength = (m[t].abs() * V.norm(dim=1)).numpy()
             dom = list(np.argsort(-strength, kind="stable")[:TOP_SUB])
             col["novel_top10"].append(all(top_of(t, i) != to for i in dom))
@@ -246,3 +250,47 @@ def test_composition_on_a_bf16_model(tok):
     assert np.isfinite(table.case_residual).all()
     cases = table[["case_residual", "case_ffn", "case_agreement", "case_composition"]].sum(1)
     assert np.allclose(cases, 1.0)
+
+
+# the columns of one token that do not depend on the other tokens of the sample (the activity scale and the
+# random pairing do)
+OWN_COLS = ("case_residual", "case_ffn", "case_agreement", "case_composition", "changed", "changed_to_ffn",
+            "novel_top10", "dom_has_top", "dom_top_share", "dom_logit", "dom_logit_share", "saturation",
+            "elimination", "resid_is_final", "resid_top_prob", "resid_final_prob")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_composition_on_bos_rows_of_a_shard_matches_rows_run_alone(tok, family):
+    """A shard (offset > 0, document ids from doc_base) cut into BOS-first document rows, padded in one batch:
+    every per-token column equals the brute force over each row run alone without padding, BOS never counted,
+    clusters are the global document ids."""
+    from kvmem.analysis.common import sample_from_run
+    from tests.analysis.test_samples import brute_doc, fake_run
+
+    hf = make_tiny(family).requires_grad_(False)
+    model = from_hf(copy.deepcopy(hf), tok)
+    run = fake_run(bos=0, offset=1000, doc_base=7)
+    sample = sample_from_run(run, 60, seed=2)
+    assert sample.padded and (sample.rows[:, 0] == 0).all()
+    res = composition(model, sample, tokens_per_batch=10_000, n_boot=100)
+    units = res["units"]
+    assert (units["index"] >= 1000).all()
+    assert units.groupby("layer").size().eq(sample.n_tokens).all()
+    offset = 0
+    for r in range(sample.rows.shape[0]):
+        n = int(sample.mask[r].sum())
+        counted = sample.counted[r, :n]
+        if not counted.any():
+            continue
+        alone = Sample(sample.rows[r:r + 1, :n], "row", counted=counted[None], doc=sample.doc[r:r + 1, :n])
+        want = brute_force(family, hf, alone)
+        k = int(counted.sum())
+        for layer, cols in want.items():
+            got = units[units.layer == layer].iloc[offset:offset + k]
+            assert got.doc.tolist() == [brute_doc(run.tokens, int(i)) for i in got["index"]]
+            for c in OWN_COLS:
+                a, b = got[c].to_numpy(), cols[c]
+                assert np.array_equal(np.isnan(a), np.isnan(b)), (r, layer, c)
+                ok = ~np.isnan(b)
+                np.testing.assert_allclose(a[ok], b[ok], rtol=1e-3, atol=1e-4, err_msg=f"row {r} layer {layer} {c}")
+        offset += k
