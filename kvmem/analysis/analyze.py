@@ -85,15 +85,15 @@ def plan(measures, n_layers_analysed: int, d_mlp: int, sizes: dict) -> list[Step
                             f"per layer {per_layer} partial passes (remove, linear, per k: top-max, top-rate, "
                             f"{sizes['n_random']} random draws)"))
         elif m == "agreement":
-            out.append(Step(m, 0, 0, L * d_mlp, 1, f"no forward pass: values x W_U, {sizes['n_perm']} derangement "
+            out.append(Step(m, 0, 0, L * d_mlp, L, f"no forward pass: values x W_U, {sizes['n_perm']} derangement "
                                                    "draws"))
         elif m == "lexical":
             n = sizes["lexical_neurons"] * L * 5 * 2
-            out.append(Step(m, 0, 0, 0, 1, f"{n:,} short truncated-context runs ({sizes['lexical_neurons']} "
+            out.append(Step(m, 0, 0, 0, L, f"{n:,} short truncated-context runs ({sizes['lexical_neurons']} "
                                            "neurons per layer, 5 triggers, 2 lengths)"))
         elif m == "mutation":
             n = sizes["mutation_neurons"] * L * 5 * 4
-            out.append(Step(m, 0, 0, 0, 1, f"{n:,} prefix runs ({sizes['mutation_neurons']} neurons per layer, 5 "
+            out.append(Step(m, 0, 0, 0, L, f"{n:,} prefix runs ({sizes['mutation_neurons']} neurons per layer, 5 "
                                            "triggers, original + first/last/random removed)"))
         elif m == "annotate":
             out.append(Step(m, sizes["annotate_tokens"], 1, 0, 1, "one pass for the keys' and random directions' "
@@ -109,7 +109,7 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
     """Run ``measures`` on a run (folder or kvmem.open_run result); returns {measure: AnalysisResult,
     "findings": [...], "document": {...}} and writes RUN/analysis/ unless ``write`` is False.
     Sizes left None take ``protocol(model.device)``. ``progress(measure, advance, label)`` is called as each
-    measure advances (``advance`` 0 announces it); ``on_plan(steps)`` receives the plan before anything runs."""
+    measure advances (``advance`` 0 announces it, None completes it); ``on_plan(steps)`` receives the plan before anything runs."""
     import kvmem
     from kvmem.analysis.common import sample_from_run
     from kvmem.analysis.findings import document
@@ -158,8 +158,7 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
         seconds[name] = round(time.perf_counter() - t0, 2)
         results[name] = res
         sample_tokens[name] = int(res.meta.get("n_tokens", 0) or 0)
-        if step.total == 1:
-            tell(name, 1, "done")
+        tell(name, None, "done")  # completes the measure's bar whatever its own progress calls were
     folder = run.analysis_dir
     previous = _previous(folder, exclude=set(results)) if write else {}
     doc = _clean(document(previous | results, model.n_layers))  # as written: NaN -> None
@@ -207,19 +206,19 @@ def _knockouts(run, model, layers, sample, stats, sizes, seed, cache, queries, t
 def _agreement(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
     from kvmem.analysis.agreement import agreement
 
-    return agreement(model, run, layers=layers, n_perm=sizes["n_perm"], seed=seed)
+    return agreement(model, run, layers=layers, n_perm=sizes["n_perm"], seed=seed, progress=tick)
 
 
 def _lexical(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
     from kvmem.analysis.lexical import lexical
 
-    return lexical(model, run, layers=layers, seed=seed, n_neurons=sizes["lexical_neurons"])
+    return lexical(model, run, layers=layers, seed=seed, n_neurons=sizes["lexical_neurons"], progress=tick)
 
 
 def _mutation(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
     from kvmem.analysis.mutation import mutation
 
-    return mutation(model, run, layers=layers, seed=seed, n_neurons=sizes["mutation_neurons"])
+    return mutation(model, run, layers=layers, seed=seed, n_neurons=sizes["mutation_neurons"], progress=tick)
 
 
 def _annotate(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):

@@ -69,8 +69,24 @@ def _uniform(res, names) -> float | None:
 
 # --- the claims ------------------------------------------------------------------------------------------
 
+def _variant(res, c: dict) -> dict:
+    """The claim's column names for the first of its ``variants`` the measure has (rate v, baseline base_v,
+    draws v in the null table, uniform_v); the claim's own names when none is present."""
+    for v in c.get("variants", []):
+        if pick(res.tables.get("units"), [v]) or pick(res.tables.get("layers"), [v]):
+            return {**c, "rate": [v], "baseline": [f"base_{v}"], "null": [v], "uniform": [f"uniform_{v}"],
+                    "variant": v}
+    return c
+
+
 def _agreement(res, c: dict, n_layers: int, rules: Rules, nums: dict) -> list[dict]:
     upper, lower = _third(res, n_layers, "upper"), _third(res, n_layers, "lower")
+    c = _variant(res, c)
+    nums["rate"] = c.get("variant", c["rate"][0])
+    if c.get("variant") not in (None, "ex1"):  # the paper's own measure beside the one judged
+        paper = pooled(res, upper, ["ex1"], rules)
+        if paper is not None:
+            nums.update(paper.as_dict("upper_ex1"))
     up = _need(pooled(res, upper, c["rate"], rules), f"no agreement column {c['rate']}")
     bu = _need(null_pooled(res, upper, c["null"], rules) or pooled(res, upper, c["baseline"], rules),
                f"no baseline column {c['baseline']}")

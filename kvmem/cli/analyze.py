@@ -150,7 +150,10 @@ def analyze(
             task, total = tasks[measure]
             if advance == 0:
                 bar.start_task(task)
-            bar.update(task, advance=advance, description=f"{measure}: {label}")
+            if advance is None:
+                bar.update(task, completed=total)
+            else:
+                bar.update(task, advance=advance, description=f"{measure}: {label}")
             state = next(t for t in bar.tasks if t.id == task)
             if state.completed >= total:
                 bar.update(task, description=f"{measure}: done in {state.elapsed or 0:.1f}s")

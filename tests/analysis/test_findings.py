@@ -246,3 +246,19 @@ def test_nonlinearity_fails_where_removal_costs_nothing():
     df = res["layers"]
     df["remove"], df["remove_lo"], df["remove_hi"] = -0.1, -0.2, -0.05
     assert verdict({"knockouts": res}, "nonlinear", 3)["verdict"] == "not supported"
+
+
+def test_gated_agreement_is_judged_on_the_sign_aware_rate():
+    """A gated model's measure has ex1_abs (trigger of largest |m| vs the token its write promotes): the verdict
+    uses it with its own baseline, and reports the paper's ex1 beside it."""
+    def rate(hi, lo):
+        return lambda layer: hi if layer >= 6 else lo
+    res = units_result("agreement", range(9), {"ex1": rate(0.01, 0.002), "base_ex1": rate(0.01, 0.002),
+                                               "ex1_abs": rate(0.2, 0.002), "base_ex1_abs": rate(0.01, 0.002)},
+                       meta={"uniform_ex1_abs": 1e-5, "uniform_ex1": 1e-5})
+    f = verdict({"agreement": res}, "agreement")
+    assert f["numbers"]["rate"] == "ex1_abs" and f["verdict"] == "supported"
+    assert f["numbers"]["upper_ex1"] == pytest.approx(0.01, abs=0.01)
+    res.tables["units"] = res["units"].drop(columns=["ex1_abs", "base_ex1_abs"])
+    res.tables["layers"] = res["layers"].drop(columns=[c for c in res["layers"] if "ex1_abs" in c])
+    assert verdict({"agreement": res}, "agreement")["verdict"] == "not supported"
