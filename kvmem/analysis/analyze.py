@@ -35,9 +35,11 @@ DEFAULT_MEASURES = MEASURES[:-1]  # annotate (a CSV sheet for human labelling) r
 # bundled model while every rate still gets a stated interval (see plan() for what each costs)
 PROTOCOL = {
     "gpu": {"tokens": 32768, "composition_tokens": 8192, "knockout_tokens": 8192, "n_random": 5, "n_perm": 100,
-            "knockout_ks": None, "lexical_neurons": 128, "mutation_neurons": 64, "annotate_tokens": 20000},
+            "knockout_ks": None, "lexical_neurons": 128, "mutation_neurons": 64, "mutation_examples": 5,
+            "annotate_tokens": 20000},
     "cpu": {"tokens": 4096, "composition_tokens": 1024, "knockout_tokens": 512, "n_random": 3, "n_perm": 100,
-            "knockout_ks": "10pct", "lexical_neurons": 16, "mutation_neurons": 8, "annotate_tokens": 4096},
+            "knockout_ks": "10pct", "lexical_neurons": 16, "mutation_neurons": 2, "mutation_examples": 2,
+            "annotate_tokens": 4096},
 }
 
 
@@ -92,9 +94,10 @@ def plan(measures, n_layers_analysed: int, d_mlp: int, sizes: dict) -> list[Step
             out.append(Step(m, 0, 0, 0, L, f"{n:,} short truncated-context runs ({sizes['lexical_neurons']} "
                                            "neurons per layer, 5 triggers, 2 lengths)"))
         elif m == "mutation":
-            n = sizes["mutation_neurons"] * L * 5 * 4
-            out.append(Step(m, 0, 0, 0, L, f"{n:,} prefix runs ({sizes['mutation_neurons']} neurons per layer, 5 "
-                                           "triggers, original + first/last/random removed)"))
+            n = sizes["mutation_neurons"] * L * sizes["mutation_examples"] * 4
+            out.append(Step(m, 0, 0, 0, L, f"{n:,} prefix runs, each up to the trigger ({sizes['mutation_neurons']} "
+                                           f"neurons per layer, {sizes['mutation_examples']} triggers, original + "
+                                           "first/last/random removed)"))
         elif m == "annotate":
             out.append(Step(m, sizes["annotate_tokens"], 1, 0, 1, "one pass for the keys' and random directions' "
                                                                   "triggers; writes annotation.csv + its key"))
@@ -128,7 +131,7 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
     sizes = {"tokens": tokens, "composition_tokens": composition_tokens, "knockout_tokens": knockout_tokens,
              "n_random": n_random, "n_perm": n_perm}
     sizes = {k: proto[k] if v is None else v for k, v in sizes.items()}
-    sizes.update({k: proto[k] for k in ("lexical_neurons", "mutation_neurons", "annotate_tokens")})
+    sizes.update({k: proto[k] for k in ("lexical_neurons", "mutation_neurons", "mutation_examples", "annotate_tokens")})
     for name in ("tokens", "composition_tokens", "knockout_tokens"):
         if sizes[name] < 2:
             raise KvmemError(f"{name} must be at least 2")
@@ -218,7 +221,8 @@ def _lexical(run, model, layers, sample, stats, sizes, seed, cache, queries, tic
 def _mutation(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
     from kvmem.analysis.mutation import mutation
 
-    return mutation(model, run, layers=layers, seed=seed, n_neurons=sizes["mutation_neurons"], progress=tick)
+    return mutation(model, run, layers=layers, seed=seed, n_neurons=sizes["mutation_neurons"],
+                    n_examples=sizes["mutation_examples"], progress=tick)
 
 
 def _annotate(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):

@@ -28,9 +28,11 @@ ORDER = ("agreement", "lexical", "sparsity", "composition", "cases", "nonlinear"
 
 
 def _check(name: str, state: str, e: Est | None, threshold: float | None) -> dict:
+    if e is not None and e.few_docs:
+        state = UNSURE  # too few documents to decide (rules.toml min_docs)
     return {"check": name, "state": state, "estimate": None if e is None else e.value,
             "lo": None if e is None else e.lo, "hi": None if e is None else e.hi, "threshold": threshold,
-            "interval": None if e is None else e.how}
+            "interval": None if e is None else e.how, "docs": None if e is None or e.docs != e.docs else e.docs}
 
 
 class _NotTested(Exception):

@@ -24,6 +24,7 @@ from kvmem.errors import KvmemError
 
 RULES_PATH = Path(__file__).with_name("rules.toml")
 YES, NO, UNSURE = "yes", "no", "unsure"
+MIN_DOCS = 5  # default of rules.toml's min_docs
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_TESTED = "supported", "not supported", "inconclusive", "not tested"
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_TESTED)
 
@@ -46,7 +47,8 @@ class Rules:
     def header(self) -> dict:
         """What findings.json records about the rules."""
         return {"version": self.version, "sha256": self.sha256, "file": self.path, "date": self.data.get("date"),
-                "level": self.data.get("level"), "n_boot": self.data.get("n_boot")}
+                "level": self.data.get("level"), "n_boot": self.data.get("n_boot"),
+                "min_docs": self.data.get("min_docs", MIN_DOCS)}
 
 
 def load_rules(path: str | Path | None = None) -> Rules:
@@ -78,6 +80,12 @@ class Est:
     hi: float
     n: float
     how: str
+    docs: float = math.nan  # documents (bootstrap clusters) the estimate rests on, where known
+    min_docs: int = 0  # fewer documents than this: no comparison is decided (UNSURE)
+
+    @property
+    def few_docs(self) -> bool:
+        return self.docs == self.docs and self.docs < self.min_docs
 
     def as_dict(self, name: str) -> dict:
         return {name: self.value, f"{name}_lo": self.lo, f"{name}_hi": self.hi, f"n_{name}": self.n}
@@ -85,7 +93,7 @@ class Est:
     def minus(self, other: "Est") -> "Est":
         """A conservative difference interval [lo - other.hi, hi - other.lo] (no correlation assumed)."""
         return Est(self.value - other.value, self.lo - other.hi, self.hi - other.lo, min(self.n, other.n),
-                   "difference of intervals")
+                   "difference of intervals", min(self.docs, other.docs), max(self.min_docs, other.min_docs))
 
 
 def _zero_width(e: Est) -> Est:
@@ -93,7 +101,8 @@ def _zero_width(e: Est) -> Est:
     Wilson score interval of k = value * n events (a rate of 0 out of 48 is not known to be exactly 0)."""
     if e.lo == e.hi == e.value and e.value in (0.0, 1.0) and e.n == e.n and e.n > 0:
         lo, hi = ci.wilson(e.value * e.n, e.n)
-        return Est(e.value, lo, hi, e.n, e.how + ", widened to the Wilson interval (no or every event)")
+        return Est(e.value, lo, hi, e.n, e.how + ", widened to the Wilson interval (no or every event)", e.docs,
+                   e.min_docs)
     return e
 
 
@@ -110,6 +119,17 @@ def pick(df: pd.DataFrame | None, names, k=None) -> str | None:
 
 def _units(res) -> pd.DataFrame | None:
     return res.tables.get("units") if res is not None else None
+
+
+def _min_docs(rules: Rules | None) -> int:
+    return int((rules.data if rules is not None else {}).get("min_docs", MIN_DOCS))
+
+
+def _docs(row, col: str) -> float:
+    for name in (f"n_docs_{col}", "n_docs", "n_clusters"):
+        if name in row and row[name] == row[name]:
+            return float(row[name])
+    return math.nan
 
 
 def _boot_kwargs(rules: Rules | None) -> dict:
@@ -131,8 +151,9 @@ def pooled(res, layers, names, rules: Rules | None = None) -> Est | None:
         u = units[units.layer.isin(layers)]
         if u[col].notna().any():
             row = ci.bootstrap(u, col, **_boot_kwargs(rules)).iloc[0]
+            docs = float(u.loc[u[col].notna(), "doc"].nunique())
             return _zero_width(Est(float(row[col]), float(row[f"{col}_lo"]), float(row[f"{col}_hi"]),
-                                   float(row[f"n_{col}"]), "bootstrap"))
+                                   float(row[f"n_{col}"]), "bootstrap", docs, _min_docs(rules)))
     df = res.tables.get("layers")
     col = pick(df, names)
     if col is None:
@@ -143,10 +164,12 @@ def pooled(res, layers, names, rules: Rules | None = None) -> Est | None:
     value = float(sel[col].mean())
     n = float(sel[f"n_{col}"].sum()) if f"n_{col}" in sel else float(sel["n_units"].sum()) if "n_units" in sel \
         else math.nan
+    docs = max((_docs(r, col) for _, r in sel.iterrows()), default=math.nan)  # at least this many
     if f"{col}_lo" in sel and f"{col}_hi" in sel and sel[f"{col}_lo"].notna().all():
         how = "per-layer bounds" if len(sel) == 1 else "layer mean of per-layer bounds"
-        return _zero_width(Est(value, float(sel[f"{col}_lo"].mean()), float(sel[f"{col}_hi"].mean()), n, how))
-    return Est(value, value, value, n, "none")
+        return _zero_width(Est(value, float(sel[f"{col}_lo"].mean()), float(sel[f"{col}_hi"].mean()), n, how, docs,
+                               _min_docs(rules)))
+    return Est(value, value, value, n, "none", docs, _min_docs(rules))
 
 
 def null_pooled(res, layers, names, rules: Rules | None = None) -> Est | None:
@@ -189,13 +212,14 @@ def per_layer(res, names, rules: Rules | None = None, k=None) -> dict[int, Est]:
             continue
         n = float(row[f"n_{col}"]) if f"n_{col}" in df.columns else math.nan
         if f"{col}_lo" in df.columns and not math.isnan(float(row[f"{col}_lo"])):
-            out[layer] = _zero_width(Est(v, float(row[f"{col}_lo"]), float(row[f"{col}_hi"]), n, "per-layer bounds"))
+            out[layer] = _zero_width(Est(v, float(row[f"{col}_lo"]), float(row[f"{col}_hi"]), n, "per-layer bounds",
+                                         _docs(row, col), _min_docs(rules)))
         elif boot is not None and layer in boot.index:
             b = boot.loc[layer]
             out[layer] = _zero_width(Est(float(b[col]), float(b[f"{col}_lo"]), float(b[f"{col}_hi"]),
-                                         float(b[f"n_{col}"]), "bootstrap"))
+                                         float(b[f"n_{col}"]), "bootstrap", float(b["n_clusters"]), _min_docs(rules)))
         else:
-            out[layer] = Est(v, v, v, n, "none")
+            out[layer] = Est(v, v, v, n, "none", _docs(row, col), _min_docs(rules))
     return out
 
 
@@ -217,12 +241,15 @@ def difference(res_a, layers_a, res_b, layers_b, names, rules: Rules | None = No
         d = d[~np.isnan(d)]
         q = (1 - kw["level"]) / 2
         return Est(a.value - b.value, float(np.quantile(d, q)), float(np.quantile(d, 1 - q)), min(a.n, b.n),
-                   "bootstrap of the difference")
+                   "bootstrap of the difference", min(a.docs, b.docs), _min_docs(rules))
     return a.minus(b)
 
 
 def above(e: Est, threshold: float) -> str:
-    """YES if the whole interval is above ``threshold``, NO if it is at or below it, else UNSURE."""
+    """YES if the whole interval is above ``threshold``, NO if it is at or below it, else UNSURE (also
+    when the estimate rests on fewer than ``min_docs`` documents)."""
+    if e.few_docs:
+        return UNSURE
     if e.lo > threshold:
         return YES
     if e.hi <= threshold:
@@ -231,7 +258,10 @@ def above(e: Est, threshold: float) -> str:
 
 
 def below(e: Est, threshold: float) -> str:
-    """YES if the whole interval is below ``threshold``, NO if it is at or above it, else UNSURE."""
+    """YES if the whole interval is below ``threshold``, NO if it is at or above it, else UNSURE (also
+    when the estimate rests on fewer than ``min_docs`` documents)."""
+    if e.few_docs:
+        return UNSURE
     if e.hi < threshold:
         return YES
     if e.lo >= threshold:

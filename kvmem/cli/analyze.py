@@ -43,7 +43,12 @@ def layer_table(measure: str, df, meta: dict) -> Table:
     return table
 
 
-def verdict_table(findings: list[dict]) -> Table:
+def _docs_note(c: dict, min_docs: int) -> str:
+    d = c.get("docs")
+    return f" (only {int(d)} documents)" if d is not None and d < min_docs else ""
+
+
+def verdict_table(findings: list[dict], min_docs: int = 5) -> Table:
     table = Table("claim", "verdict", "checks: estimate [95% interval] vs threshold", "source",
                   title="findings (rules: analysis/findings.json)")
     for f in findings:
@@ -52,6 +57,7 @@ def verdict_table(findings: list[dict]) -> Table:
         else:
             detail = "\n".join(f"{c['state']:>6}  {c['check']}: {_fmt(c['estimate'], False)} "
                                f"[{_fmt(c['lo'], False)}, {_fmt(c['hi'], False)}] vs {_fmt(c['threshold'], False)}"
+                               f"{_docs_note(c, min_docs)}"
                                for c in f.get("checks", [])[:6])
             if len(f.get("checks", [])) > 6:
                 detail += f"\n… {len(f['checks']) - 6} more (findings.json)"
@@ -187,7 +193,7 @@ def analyze(
     if "annotate" in results:
         console.print(f"annotation sheet: {r.analysis_dir / 'annotation.csv'} (blinded; its key, to keep from the "
                       f"annotator: {r.analysis_dir / 'annotation_key.csv'})", markup=False)
-    console.print(verdict_table(out["findings"]))
+    console.print(verdict_table(out["findings"], doc["rules"].get("min_docs", 5)))
     console.print(paper_table(doc["paper"]))
     console.print(f"rules {doc['rules']['version']} (sha256 {doc['rules']['sha256'][:12]}…), kvmem "
                   f"{doc['kvmem_version']}; wrote {r.analysis_dir}", markup=False)

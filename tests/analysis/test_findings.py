@@ -262,3 +262,12 @@ def test_gated_agreement_is_judged_on_the_sign_aware_rate():
     res.tables["units"] = res["units"].drop(columns=["ex1_abs", "base_ex1_abs"])
     res.tables["layers"] = res["layers"].drop(columns=[c for c in res["layers"] if "ex1_abs" in c])
     assert verdict({"agreement": res}, "agreement")["verdict"] == "not supported"
+
+
+def test_too_few_documents_decide_nothing():
+    """An interval from fewer than min_docs documents (a cluster bootstrap over 3 documents) leaves the check
+    unsure, however clear the numbers look."""
+    res = composition(0.95, base=0.99, n_docs=3)
+    f = verdict({"composition": res}, "composition")
+    assert f["verdict"] == "inconclusive" and {c["state"] for c in f["checks"]} == {"unsure"}
+    assert all(c["docs"] == 3 for c in f["checks"])
