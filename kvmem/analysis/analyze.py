@@ -66,6 +66,7 @@ class Step:
     projections: int
     total: int
     note: str
+    docs: int | None = None  # documents the sample's rows come from (the bootstrap clusters), where it has one
 
 
 def plan(measures, n_layers_analysed: int, d_mlp: int, sizes: dict) -> list[Step]:
@@ -144,12 +145,17 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
             raise KvmemError(f"layer {missing[0]} was not profiled in this run (layers: {run.profiled_layers})")
         layers = sorted(set(layers))
     steps = plan(measures, len(layers), model.d_mlp, sizes | {"ks": sizes["ks"] or ()})
-    if on_plan is not None:
-        on_plan(steps)
-    tell = progress or (lambda measure, advance, label: None)
     needs_sample = any(m in measures for m in ("sparsity", "coactivation", "composition", "knockouts"))
     biggest = max(sizes["tokens"], sizes["composition_tokens"], sizes["knockout_tokens"])
     sample = sample_from_run(run, biggest, seed=seed) if needs_sample else None  # heads of one random order
+    for step in steps:  # the documents each sample spans: fewer than rules.toml's min_docs decide no verdict
+        key = {"sparsity": "tokens", "coactivation": "tokens", "composition": "composition_tokens",
+               "knockouts": "knockout_tokens"}.get(step.measure)
+        if key is not None:
+            step.docs = sample.head(sizes[key]).n_docs
+    if on_plan is not None:
+        on_plan(steps)
+    tell = progress or (lambda measure, advance, label: None)
     stats = run_neuron_stats(run, layers)
     results, seconds, sample_tokens = {}, {}, {}
     for step in steps:
@@ -259,8 +265,8 @@ def _write(folder: Path, results: dict, previous: dict, doc: dict, run, model, l
             res.write(tmp)
         old = json.loads((folder / "analysis.json").read_text()) if previous else {}
         write_json(tmp / "findings.json", doc)
-        cost = {s.measure: {"tokens": s.tokens, "forward_passes": s.passes, "projections": s.projections,
-                            "note": s.note} for s in steps}
+        cost = {s.measure: {"tokens": s.tokens, "documents": s.docs, "forward_passes": s.passes,
+                            "projections": s.projections, "note": s.note} for s in steps}
         write_json(tmp / "analysis.json", _clean({
             "run": str(run.path), "model": model.spec, "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."), "run_tokens": run.tokens.n_tokens,

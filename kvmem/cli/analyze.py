@@ -82,11 +82,12 @@ def paper_table(rows: list[dict]) -> Table:
 
 
 def plan_table(steps) -> Table:
-    table = Table("measure", "tokens", "forward passes", "vocab projections", "what it runs",
+    table = Table("measure", "tokens", "documents", "forward passes", "vocab projections", "what it runs",
                   title="planned cost (passes over the sample; a partial pass runs the blocks from one layer on)")
     for s in steps:
-        table.add_row(s.measure, f"{s.tokens:,}" if s.tokens else "—", f"{s.passes:,}" if s.passes else "—",
-                      f"{s.projections:,}" if s.projections else "—", Text(s.note))
+        table.add_row(s.measure, f"{s.tokens:,}" if s.tokens else "—", f"{s.docs:,}" if s.docs else "—",
+                      f"{s.passes:,}" if s.passes else "—", f"{s.projections:,}" if s.projections else "—",
+                      Text(s.note))
     return table
 
 
