@@ -10,9 +10,9 @@ RUN/analysis/
 Model-running measures take a sample of the run's own model rows drawn at random across its documents
 (kvmem.analysis.common.sample_from_run, seeded): ``tokens`` counted tokens for sparsity and co-activation,
 ``composition_tokens`` and ``knockout_tokens`` for the costlier ones, each the first rows of one random order
-of the run's rows (so the smaller samples are subsets of the larger). ``protocol(device)`` gives the defaults: the full protocol on a GPU, a short one on a CPU (a few
-minutes for the bundled SmolLM2-135M on 2 cores). ``plan`` states each measure's cost (tokens, forward
-passes) before anything runs.
+of the run's rows (so the smaller samples are subsets of the larger). ``protocol(device)`` gives the
+defaults: the full protocol on a GPU, a shorter one on a CPU (see PROTOCOL for what it costs). ``plan``
+states each measure's cost (tokens, documents, forward passes) before anything runs.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ DEFAULT_MEASURES = MEASURES[:-1]  # annotate (a CSV sheet for human labelling) r
 # analysed layer, fewer neurons for lexical and mutation) that still give every rate a stated interval. CPU
 # seconds measured on SmolLM2-135M (30 layers, 2 threads, a loaded machine) with these sizes' predecessors:
 # sparsity 78, agreement 203 (before its 2.7x speed-up), lexical 84, composition 268 for 1,298 tokens (3
-# documents: its verdict then reads inconclusive, rules.toml min_docs), knock-outs over 8 minutes on 30 layers;
+# documents: its verdict then reads inconclusive, rules.toml min_docs), knock-outs 926 (739 s wall) on all 30
+# layers for 785 predicted tokens (the LM head of every partial pass dominates; hence every third layer now);
 # so the whole CPU default takes well over "a few minutes" there: see plan() for each measure's cost.
 PROTOCOL = {
     "gpu": {"tokens": 32768, "composition_tokens": 8192, "knockout_tokens": 8192, "n_random": 5, "n_perm": 100,
@@ -120,7 +121,8 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
     """Run ``measures`` on a run (folder or kvmem.open_run result); returns {measure: AnalysisResult,
     "findings": [...], "document": {...}} and writes RUN/analysis/ unless ``write`` is False.
     Sizes left None take ``protocol(model.device)``. ``progress(measure, advance, label)`` is called as each
-    measure advances (``advance`` 0 announces it, None completes it); ``on_plan(steps)`` receives the plan before anything runs."""
+    measure advances (``advance`` 0 announces it, None completes it); ``on_plan(steps)`` receives the plan
+    before anything runs."""
     import kvmem
     from kvmem.analysis.common import sample_from_run
     from kvmem.analysis.findings import document

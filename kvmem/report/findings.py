@@ -123,9 +123,10 @@ def findings_page(run, out: Path, env, figure_json) -> str | None:
     shown = []
     for i, f in enumerate(data["findings"]):
         numbers = [(k, v) for k, v in (f.get("numbers") or {}).items()]
-        checks = [{**c, "shown": {k: _fmt(c.get(k)) for k in ("estimate", "lo", "hi", "threshold")}}
+        checks = [{"docs": None, **c, "shown": {k: _fmt(c.get(k)) for k in ("estimate", "lo", "hi", "threshold")}}
                   for c in f.get("checks") or []]
-        shown.append({**DEFAULTS, **f, "figs": _figures(folder, i, f, figure_json), "numbers": numbers, "checks": checks,
+        shown.append({**DEFAULTS, **f, "figs": _figures(folder, i, f, figure_json), "numbers": numbers,
+                      "checks": checks,
                       "css": VERDICT_CLASS.get(str(f.get("verdict")), "mixed")})
     paper = [{**r, "shown": {k: _fmt(r.get(k)) for k in ("paper_value", "measured", "lo", "hi")}}
              for r in data["paper"]]
