@@ -41,16 +41,37 @@ DEFAULT_MEASURES = MEASURES[:-1]  # annotate (a CSV sheet for human labelling) r
 PROTOCOL = {
     "gpu": {"tokens": 32768, "composition_tokens": 8192, "knockout_tokens": 8192, "n_random": 5, "n_perm": 100,
             "knockout_ks": None, "knockout_stride": 1, "lexical_neurons": 128, "mutation_neurons": 64,
-            "mutation_examples": 5, "annotate_tokens": 20000},
-    "cpu": {"tokens": 4096, "composition_tokens": 1024, "knockout_tokens": 512, "n_random": 3, "n_perm": 100,
+            "mutation_examples": 5, "annotate_tokens": 20000, "composition_per_row": 64, "knockout_length": None},
+    "cpu": {"tokens": 4096, "composition_tokens": 1024, "knockout_tokens": 1024, "n_random": 3, "n_perm": 100,
             "knockout_ks": "10pct", "knockout_stride": 3, "lexical_neurons": 16, "mutation_neurons": 2,
-            "mutation_examples": 2, "annotate_tokens": 4096},
+            "mutation_examples": 2, "annotate_tokens": 4096, "composition_per_row": 32, "knockout_length": 64},
 }
 
 
 def protocol(device) -> dict:
     """The default sample sizes for a device ("cuda..." / "cpu" / torch.device)."""
     return dict(PROTOCOL["gpu" if str(device).startswith("cuda") else "cpu"])
+
+
+def measure_sample(sample, sizes: dict, measure: str, seed: int = 0):
+    """The part of the analysis sample a measure uses: sparsity and co-activation the first rows holding
+    ``tokens`` counted tokens; composition ``composition_per_row`` random counted positions of each row (its
+    cost is per counted token: more rows, more documents for the same budget); knock-outs the rows cut to
+    ``knockout_length`` positions (its cost is per position)."""
+    if measure == "composition":
+        return sample.spread(per_row=sizes.get("composition_per_row"), seed=seed).head(sizes["composition_tokens"])
+    if measure == "knockouts":
+        return sample.spread(length=sizes.get("knockout_length")).head(sizes["knockout_tokens"])
+    return sample.head(sizes["tokens"])
+
+
+def _rows_needed(sizes: dict, seq_len: int) -> int:
+    """Counted tokens of whole rows the analysis sample must hold for every measure's part of it."""
+    per_row = sizes.get("composition_per_row") or seq_len
+    length = sizes.get("knockout_length") or seq_len
+    rows = max(-(-sizes["composition_tokens"] // min(per_row, seq_len)),
+               -(-sizes["knockout_tokens"] // max(1, min(length, seq_len) - 1)))
+    return max(sizes["tokens"], sizes["composition_tokens"], sizes["knockout_tokens"], rows * seq_len)
 
 
 def _ks(setting, d_mlp: int):
@@ -142,7 +163,7 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
              "n_random": n_random, "n_perm": n_perm}
     sizes = {k: proto[k] if v is None else v for k, v in sizes.items()}
     sizes.update({k: proto[k] for k in ("lexical_neurons", "mutation_neurons", "mutation_examples", "annotate_tokens",
-                                        "knockout_stride")})
+                                        "knockout_stride", "composition_per_row", "knockout_length")})
     for name in ("tokens", "composition_tokens", "knockout_tokens"):
         if sizes[name] < 2:
             raise KvmemError(f"{name} must be at least 2")
@@ -158,13 +179,11 @@ def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, kno
         layers = sorted(set(layers))
     steps = plan(measures, len(layers), model.d_mlp, sizes | {"ks": sizes["ks"] or ()})
     needs_sample = any(m in measures for m in ("sparsity", "coactivation", "composition", "knockouts"))
-    biggest = max(sizes["tokens"], sizes["composition_tokens"], sizes["knockout_tokens"])
-    sample = sample_from_run(run, biggest, seed=seed) if needs_sample else None  # heads of one random order
+    biggest = _rows_needed(sizes, run.seq_len)
+    sample = sample_from_run(run, biggest, seed=seed) if needs_sample else None  # parts of one random order
     for step in steps:  # the documents each sample spans: fewer than rules.toml's min_docs decide no verdict
-        key = {"sparsity": "tokens", "coactivation": "tokens", "composition": "composition_tokens",
-               "knockouts": "knockout_tokens"}.get(step.measure)
-        if key is not None:
-            step.docs = sample.head(sizes[key]).n_docs
+        if step.measure in ("sparsity", "coactivation", "composition", "knockouts"):
+            step.docs = measure_sample(sample, sizes, step.measure, seed).n_docs
     if on_plan is not None:
         on_plan(steps)
     tell = progress or (lambda measure, advance, label: None)
@@ -198,7 +217,7 @@ def _sparsity(run, model, layers, sample, stats, sizes, seed, cache, queries, ti
     from kvmem.analysis.neurons import maxima_of
     from kvmem.analysis.sparsity import sparsity
 
-    return sparsity(model, sample.head(sizes["tokens"]), layers, maxima=maxima_of(stats), seed=seed)
+    return sparsity(model, measure_sample(sample, sizes, "sparsity"), layers, maxima=maxima_of(stats), seed=seed)
 
 
 def _coactivation(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
@@ -206,14 +225,14 @@ def _coactivation(run, model, layers, sample, stats, sizes, seed, cache, queries
     from kvmem.analysis.neurons import default_queries, maxima_of
 
     queries = queries if queries is not None else default_queries(run, layers, stats)
-    return coactivation(model, sample.head(sizes["tokens"]), queries, layers=layers, maxima=maxima_of(stats))
+    return coactivation(model, measure_sample(sample, sizes, "coactivation"), queries, layers=layers, maxima=maxima_of(stats))
 
 
 def _composition(run, model, layers, sample, stats, sizes, seed, cache, queries, tick):
     from kvmem.analysis.composition import composition
     from kvmem.analysis.neurons import maxima_of
 
-    return composition(model, sample.head(sizes["composition_tokens"]), layers, cache=cache, seed=seed,
+    return composition(model, measure_sample(sample, sizes, "composition", seed), layers, cache=cache, seed=seed,
                        max_abs=maxima_of(stats))  # activity relative to the run's max |m| (no extra pass)
 
 
@@ -221,7 +240,7 @@ def _knockouts(run, model, layers, sample, stats, sizes, seed, cache, queries, t
     from kvmem.analysis.knockout import knockouts
 
     layers = layers[::sizes.get("knockout_stride", 1)]  # CPU default: every third layer (rules judge by majority)
-    return knockouts(model, sample.head(sizes["knockout_tokens"]), layers, stats=stats, ks=sizes["ks"],
+    return knockouts(model, measure_sample(sample, sizes, "knockouts"), layers, stats=stats, ks=sizes["ks"],
                      n_random=sizes["n_random"], seed=seed, progress=tick)
 
 

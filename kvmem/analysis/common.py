@@ -89,6 +89,30 @@ class Sample:
         return Sample(self.rows[:n_rows], self.source, self.mask[:n_rows], self.counted[:n_rows],
                       self.index[:n_rows], self.doc[:n_rows])
 
+    def spread(self, per_row: int | None = None, length: int | None = None, seed: int = 0) -> "Sample":
+        """The same rows, cheaper per document: each row cut to its first ``length`` positions (a model row
+        is causal, so the kept positions see exactly the context they had), then at most ``per_row`` counted
+        positions kept per row, drawn at random (seeded). A measure whose cost is per counted token (the
+        vocabulary readouts) or per position (the forward passes) then spreads the same budget over more
+        rows, hence more documents: its intervals rest on more clusters."""
+        rows, mask, counted, index, doc = self.rows, self.mask, self.counted, self.index, self.doc
+        if length is not None:
+            if length < 2:
+                raise KvmemError("length must be at least 2")
+            rows, mask, counted, index, doc = (t[:, :length] for t in (rows, mask, counted, index, doc))
+        counted = counted.clone()
+        if per_row is not None:
+            if per_row < 1:
+                raise KvmemError("per_row must be at least 1")
+            gen = torch.Generator().manual_seed(int(seed))
+            keys = torch.rand(counted.shape, generator=gen).masked_fill(~counted, 2.0)
+            rank = keys.argsort(dim=1).argsort(dim=1)  # rank of each position's random key within its row
+            counted &= rank < per_row
+        note = "; ".join(x for x in (f"rows cut to their first {length} positions" if length else "",
+                                     f"{per_row} counted positions per row at random (seed {seed})" if per_row
+                                     else "") if x)
+        return Sample(rows, f"{self.source}; {note}" if note else self.source, mask, counted, index, doc)
+
     def head(self, max_tokens: int | None) -> "Sample":
         """The fewest first rows holding at least ``max_tokens`` counted tokens (all rows if they hold
         fewer; at least one row). A run sample's rows are in random order, so a head is a random sample."""

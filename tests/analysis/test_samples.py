@@ -253,3 +253,20 @@ def test_carry_counts_what_a_post_norm_layer_writes():
     assert abs(plain.mean() - want.mean()) > 1e-3  # the gain matters on this model (old code: plain)
     row = sparsity(model, s, layers=[1], n_boot=20)["layers"].iloc[0]
     assert row.carry90_mean == pytest.approx(want.mean(), abs=1e-9)
+
+
+def test_spread_keeps_per_row_counted_positions_and_cuts_rows():
+    from kvmem.analysis.common import Sample
+
+    rows = torch.arange(40).view(4, 10)
+    counted = torch.ones(4, 10, dtype=torch.bool)
+    counted[:, 0] = False  # position 0 never counted
+    s = Sample(rows, "t", counted=counted)
+    t = s.spread(per_row=3, length=8, seed=1)
+    assert t.rows.shape == (4, 8) and torch.equal(t.rows, rows[:, :8])
+    assert t.counted.sum(1).tolist() == [3, 3, 3, 3]
+    assert not t.counted[:, 0].any()  # only counted positions are drawn
+    assert torch.equal(t.counted, s.spread(per_row=3, length=8, seed=1).counted)  # seeded
+    assert not torch.equal(t.counted, s.spread(per_row=3, length=8, seed=2).counted)
+    assert t.head(6).rows.shape[0] == 2  # head counts the kept positions: more rows for the same budget
+    assert s.head(6).rows.shape[0] == 1
