@@ -155,6 +155,12 @@ def print_summary(run, s: dict) -> None:
         console.print(f"{s['invalid_utf8_docs']} documents held invalid UTF-8 (decoded with replacement characters)")
     console.print(f"profiled {s['tokens']:,} tokens in {s['docs']:,} documents in {s['seconds']:.1f} s "
                   f"({s['tokens_per_second']:,.0f} tokens/s) -> {s['out']}", markup=False, highlight=False)
+    lay = s.get("layout")
+    if lay:
+        first = f"BOS (id {lay['bos_id']}) + {lay['seq_len'] - 1}" if lay.get("bos_id") is not None else str(lay["seq_len"])
+        kind = "tokens of one document (padded, masked)" if lay.get("doc_rows") else "tokens of the stream"
+        skip = "; row position 0 not counted" if lay.get("skip_first") else ""
+        console.print(f"rows: {first} {kind}{skip}", markup=False, highlight=False)
     if s["stages"]:
         order = sorted(s["stages"], key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
         console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {s['stages'][k]:.1f} s" for k in order),
