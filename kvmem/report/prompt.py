@@ -24,9 +24,10 @@ def prompt_data(model, prompt: str, *, per_layer: int = 5, top: int = 20, n_toke
     and the top neurons of each layer. One forward pass; scores as in ``kvmem.query``."""
     ids = model.encode(prompt)
     layers = list(range(model.n_layers))
-    logits, m = forward_coefficients(model, ids, layers)  # [pos, d_vocab], [pos, n_layers, d_mlp]
+    # logits [pos, d_vocab], m [pos, n_layers, d_mlp], s [pos, n_layers, 1] (post-norm token scales, else 1)
+    logits, m, s = forward_coefficients(model, ids, layers, with_scale=True)
     logits, m = logits.cpu(), m.cpu()
-    score = contributions(model, m, layers)  # [pos, n_layers, d_mlp]: |m_i|·‖v_i‖
+    score = contributions(model, m, layers, s)  # [pos, n_layers, d_mlp]: |m_i|·‖w_i‖·s (what each neuron writes)
     pos_n, n_layers, d_mlp = score.shape
     k = min(per_layer, d_mlp)
     best = score.topk(k, dim=2)  # per layer [pos, n_layers, k]
