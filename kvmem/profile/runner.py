@@ -168,6 +168,7 @@ class Step:
     mask: torch.Tensor  # [b, L] bool attention mask
     sel: torch.Tensor | None  # [N] int64 flat positions (of b*L) that enter the statistics; None: all of them
     index: torch.Tensor  # [N] int64 their global token indices, increasing
+    doc: torch.Tensor  # [N] int64 their global document ids (TokenStore.doc_of)
     pos: torch.Tensor  # [N] int64 their positions in the row
 
 
@@ -228,7 +229,6 @@ class Profiler:
         self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)
         self.batch_size = cfg.batch_size or auto_batch_size(model, cfg.seq_len)
         self.plan = schedule(self.layout, self.batch_size)
-        self.doc_offsets = store.doc_offsets.to(model.device)
         self.what = ("coef", "gate", "pre") if model.gated else ("coef",)
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -275,10 +275,10 @@ class Profiler:
             sel = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # None: every position counts
             index = b.index.flatten() if sel is None else b.index.flatten().index_select(0, sel)
             pos = b.pos.flatten() if sel is None else b.pos.flatten().index_select(0, sel)
-            step = Step(b.ids, b.mask, sel, index, pos)
+            step = Step(b.ids, b.mask, sel, index, self.store.doc_of(index), pos)
             if self.model.device.type == "cuda":
                 step = Step(*(None if t is None else t.pin_memory().to(self.model.device, non_blocking=True)
-                              for t in (b.ids, b.mask, sel, index, pos)))
+                              for t in (step.ids, step.mask, step.sel, step.index, step.doc, step.pos)))
             yield rows, step
 
     def done_tokens(self) -> int:
@@ -293,15 +293,13 @@ class Profiler:
 
     def step(self, rows: torch.Tensor, b: "Step") -> None:
         """One forward pass over a batch of rows; the counted positions (in stream order) update the statistics."""
-        local = b.index - self.store.offset
-        doc = torch.searchsorted(self.doc_offsets, local, right=True) - 1 + self.store.doc_base  # global ids
         sel = b.sel
 
         def on_layer(layer, t):
             flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
             if sel is not None:
                 flat = {k: v.index_select(0, sel) for k, v in flat.items()}
-            self.stats[layer].update(flat["coef"], b.index, doc, b.pos, gate=flat.get("gate"), up=flat.get("pre"))
+            self.stats[layer].update(flat["coef"], b.index, b.doc, b.pos, gate=flat.get("gate"), up=flat.get("pre"))
 
         with torch.inference_mode(), capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer):
             self.model.hf(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
