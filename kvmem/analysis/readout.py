@@ -30,7 +30,6 @@ sub-updates are m_i·w_i·s with w_i the written value vectors and s > 0 the tok
 
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -47,11 +46,11 @@ class Readout:
     logits [N, d_vocab]."""
 
     def __init__(self, model, device=None):
-        from kvmem.vocab import vocab_mask
+        from kvmem.vocab import float32_norm, vocab_mask
 
         device = torch.device(device or model.device)
         self.device = device
-        self.norm = copy.deepcopy(model.final_norm).to(device=device, dtype=torch.float32)
+        self.norm = float32_norm(model).to(device)
         self.W_U = model.W_U.detach().to(device=device, dtype=torch.float32)  # [d_model, d_vocab]
         b_U = model.adapter.b_U
         self.b_U = None if b_U is None else b_U.detach().to(device=device, dtype=torch.float32)
