@@ -12,6 +12,13 @@ index is -1), and statistics skip row position 0 (the BOS, or the first token wi
 attention-sink position) unless asked to keep it. Runs of formats 1-2 cut the flat stream into rows
 of ``seq_len`` tokens across documents, without BOS (``doc_rows=False``). Saved as ``tokens.safetensors``.
 
+Memory: ``tokenize`` streams the corpus to that file in bounded batches and ``TokenStore.load`` maps it
+(kvmem.profile.tokenfile): ``ids`` stay on disk (a numpy memmap shared by a torch tensor) and
+``doc_offsets`` (8 bytes per document) are in memory. ``read`` / ``RowLayout.batch`` / ``context`` copy
+only the tokens they need out of the file without touching the map, so a pass over the whole store
+keeps resident memory flat; indexing ``ids`` directly works too but maps the pages it touches (file-backed,
+reclaimable). ``ids.long()`` or ``ids.tolist()`` on a whole mapped store reads it all into memory.
+
 A shard (``--shard i/n``, torchrun ranks) holds a contiguous block of rows of the whole stream:
 ``offset`` is the global index of its first token and ``doc_base`` the global id of its first
 document, so its statistics use global indices and shards merge exactly; ``continues_doc`` marks a
@@ -21,22 +28,31 @@ global; ``ids`` and ``doc_offsets`` are local to the store.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from kvmem.errors import KvmemError
+from kvmem.profile.tokenfile import MappedIds, TokenWriter, open_tokens
+
+_SAVE_CHUNK = 1 << 24  # tokens copied at a time when a store is saved (64 MB of int32)
 
 
 @dataclass
 class TokenStore:
-    ids: torch.Tensor  # [n_tokens] int32
-    doc_offsets: torch.Tensor  # [n_docs + 1] int64, local
+    ids: torch.Tensor  # [n_tokens] int32; memory-mapped (not in RAM) when the store comes from a file
+    doc_offsets: torch.Tensor  # [n_docs + 1] int64, local, in memory
     continues_doc: bool = False
     offset: int = 0  # global index of ids[0]
     doc_base: int = 0  # global id of the first document
+    # the file ``ids`` is mapped from and where they start in its ids (None: ids in memory)
+    file: MappedIds | None = field(default=None, repr=False, compare=False)
+    file_start: int = field(default=0, repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
@@ -45,6 +61,19 @@ class TokenStore:
     @property
     def n_docs(self) -> int:
         return int(self.doc_offsets.numel() - 1)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether ``ids`` are memory-mapped from a file rather than held in memory."""
+        return self.file is not None
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        """Local ids [a, b) as a fresh int32 tensor (a mapped store reads just them from the file, leaving
+        the map untouched: reading the whole store in order keeps resident memory flat)."""
+        a, b = max(int(a), 0), min(int(b), self.n_tokens)
+        if self.file is None:
+            return self.ids[a:b].clone() if b > a else self.ids[:0].clone()
+        return torch.from_numpy(self.file.read(self.file_start + a, self.file_start + max(a, b)))
 
     def local_doc_of(self, local_index: torch.Tensor) -> torch.Tensor:
         """Local document id of each local token index (same shape)."""
@@ -67,7 +96,7 @@ class TokenStore:
         doc = int(self.local_doc_of(torch.tensor([local]))[0])
         lo = max(int(self.doc_offsets[doc]), local - before)
         hi = min(int(self.doc_offsets[doc + 1]), local + after + 1)
-        return self.ids[lo:hi].tolist(), local - lo
+        return self.read(lo, hi).tolist(), local - lo
 
     def slice_rows(self, start_row: int, end_row: int, seq_len: int) -> "TokenStore":
         """The shard holding stream rows [start_row, end_row) of ``seq_len`` tokens (legacy layout)."""
@@ -77,68 +106,125 @@ class TokenStore:
         return self.slice_tokens(a, b)
 
     def slice_tokens(self, a: int, b: int) -> "TokenStore":
-        """The shard holding local tokens [a, b): ids, local doc offsets, continues_doc, global offsets kept."""
+        """The shard holding local tokens [a, b): ids, local doc offsets, continues_doc, global offsets kept.
+        A mapped store's shard is a view of the same map (nothing is copied)."""
         if not 0 <= a < b <= self.n_tokens:
             raise KvmemError(f"tokens {a}..{b} are not a non-empty range of the store's {self.n_tokens}")
         ends = self.local_doc_of(torch.tensor([a, b - 1]))
         first, last = int(ends[0]), int(ends[1])
         offsets = self.doc_offsets[first:last + 2].clone().clamp(a, b) - a
-        return TokenStore(self.ids[a:b].clone(), offsets, int(self.doc_offsets[first]) < a,
-                          self.offset + a, self.doc_base + first)
+        ids = self.ids[a:b] if self.mapped else self.ids[a:b].clone()
+        return TokenStore(ids, offsets, int(self.doc_offsets[first]) < a, self.offset + a, self.doc_base + first,
+                          self.file, self.file_start + a)
 
     @property
     def end(self) -> tuple[int, int]:
         """(global index after the last token, global id after the last document)."""
         return self.offset + self.n_tokens, self.doc_base + self.n_docs
 
-    def concat(self, other: "TokenStore") -> "TokenStore":
+    def concat(self, other: "TokenStore", path: Path | None = None) -> "TokenStore":
         """This stream followed by ``other``'s, which must start where this one ends (a document that
-        ``other`` continues becomes one document)."""
+        ``other`` continues becomes one document). With ``path`` the result is streamed to that file and
+        returned mapped (memory: one chunk); without, it is built in memory."""
         doc_end = self.end[1] - (1 if other.continues_doc else 0)
         if (other.offset, other.doc_base) != (self.end[0], doc_end):
             raise KvmemError("token stores are not contiguous: cannot concatenate")
         tail = other.doc_offsets[1:] if other.continues_doc else other.doc_offsets
         offsets = torch.cat([self.doc_offsets[:-1], tail + self.n_tokens])
-        return TokenStore(torch.cat([self.ids, other.ids]), offsets, self.continues_doc, self.offset, self.doc_base)
+        if path is None:
+            return TokenStore(torch.cat([self.read(0, self.n_tokens), other.read(0, other.n_tokens)]), offsets,
+                              self.continues_doc, self.offset, self.doc_base)
+        with TokenWriter(path) as w:
+            for store in (self, other):
+                for a in range(0, store.n_tokens, _SAVE_CHUNK):
+                    w.add(store.read(a, a + _SAVE_CHUNK).numpy(), np.zeros(0, dtype=np.int64))
+            w.add_doc_ends(offsets[1:].numpy())
+            w.close((int(self.continues_doc), self.offset, self.doc_base))
+        return TokenStore.load(path)
 
     def save(self, path: Path) -> None:
-        # shard position as a tensor: safetensors' metadata map is not written in a fixed order
-        where = torch.tensor([int(self.continues_doc), self.offset, self.doc_base], dtype=torch.int64)
-        save_file({"ids": self.ids.contiguous(), "doc_offsets": self.doc_offsets.contiguous(), "shard": where},
-                  str(path))
+        """Write the store to ``path`` (kvmem.profile.tokenfile's layout), ``_SAVE_CHUNK`` tokens at a time."""
+        with TokenWriter(path) as w:
+            for a in range(0, self.n_tokens, _SAVE_CHUNK):
+                w.add(self.read(a, a + _SAVE_CHUNK).numpy(), np.zeros(0, dtype=np.int64))
+            w.add_doc_ends(self.doc_offsets[1:].numpy())
+            w.close((int(self.continues_doc), self.offset, self.doc_base))
 
     @classmethod
     def load(cls, path: Path) -> "TokenStore":
-        t = load_file(str(path))
-        continues, offset, doc_base = t["shard"].tolist() if "shard" in t else (0, 0, 0)
-        return cls(t["ids"], t["doc_offsets"], bool(continues), offset, doc_base)
+        """The store in ``path``, ``ids`` memory-mapped (nothing of them is read here), offsets in memory."""
+        ids, offsets, shard = open_tokens(Path(path))
+        continues, offset, doc_base = shard.tolist() if shard is not None else (0, 0, 0)
+        return cls(ids.tensor(), torch.from_numpy(offsets), bool(continues), offset, doc_base, ids, 0)
 
 
-def tokenize(corpus, tokenizer, max_tokens: int | None, *, batch_docs: int = 64) -> tuple[TokenStore, bool]:
-    """Tokenize documents until ``max_tokens``; returns the store and whether the corpus ran out
-    before ``max_tokens`` were reached."""
+def tokenize(corpus, tokenizer, max_tokens: int | None, *, path: Path | None = None, batch_docs: int = 256,
+             batch_chars: int = 1 << 22) -> tuple[TokenStore, bool]:
+    """Tokenize documents until ``max_tokens``; returns the store (memory-mapped from ``path``) and whether
+    the corpus ran out before ``max_tokens`` were reached.
+
+    Streamed: documents are read ``batch_docs`` at a time (fewer when they reach ``batch_chars``
+    characters), encoded by one batch call of the fast tokenizer (its Rust thread pool uses every core;
+    ``TOKENIZERS_PARALLELISM=false`` turns that off) and appended to the file, so host memory holds one
+    batch whatever the corpus size. Each document is followed by EOS when the tokenizer has one; the
+    last one is cut at ``max_tokens``. Without ``path`` the store goes to a temporary file that is
+    removed at once (the map keeps it alive while the store lives)."""
     eos = tokenizer.eos_token_id
-    ids: list[torch.Tensor] = []
-    offsets, total = [0], 0
+    encode = _encoder(tokenizer)
+    unlink = path is None
+    if path is None:
+        fd, name = tempfile.mkstemp(prefix="kvmem-tokens-", suffix=".safetensors")
+        os.close(fd)
+        path = Path(name)
     docs = corpus.documents()
-    while max_tokens is None or total < max_tokens:
-        chunk = [d for _, d in zip(range(batch_docs), docs)]
-        if not chunk:
+    try:
+        with TokenWriter(path) as w:
+            while max_tokens is None or w.n_tokens < max_tokens:
+                chunk = _take(docs, batch_docs, batch_chars)
+                if not chunk:
+                    break
+                lists = [toks + [eos] for toks in encode(chunk)] if eos is not None else encode(chunk)
+                lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+                lists, lengths = [t for t, n in zip(lists, lengths) if n], lengths[lengths > 0]
+                ends = np.cumsum(lengths)
+                if max_tokens is not None and w.n_tokens + int(ends[-1] if ends.size else 0) > max_tokens:
+                    room = max_tokens - w.n_tokens
+                    keep = int(np.searchsorted(ends, room, side="left")) + 1  # documents reaching into the room
+                    lists, ends = lists[:keep], np.minimum(ends[:keep], room)
+                total = int(ends[-1]) if ends.size else 0
+                flat = np.fromiter(chain.from_iterable(lists), dtype=np.int32, count=total) if total else \
+                    np.zeros(0, dtype=np.int32)
+                w.add(flat, ends)
+            if w.n_tokens == 0:
+                raise KvmemError("the corpus gives no tokens")
+            ran_out = max_tokens is not None and w.n_tokens < max_tokens
+            w.close()
+        store = TokenStore.load(path)
+    finally:
+        if unlink:
+            path.unlink(missing_ok=True)
+    return store, ran_out
+
+
+def _encoder(tokenizer):
+    """documents -> token id lists without special tokens: the Rust tokenizer's batch call when there is
+    one (the same ids as ``tokenizer(docs, add_special_tokens=False)``, without offsets and masks)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+    if fast is not None:
+        return lambda docs: [e.ids for e in fast(docs, add_special_tokens=False)]
+    return lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]
+
+
+def _take(docs, n: int, chars: int) -> list[str]:
+    """Up to ``n`` next documents, stopping after the one that reaches ``chars`` characters in all."""
+    out, size = [], 0
+    for d in islice(docs, n):
+        out.append(d)
+        size += len(d)
+        if size >= chars:
             break
-        for toks in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            toks = toks + [eos] if eos is not None else toks
-            if max_tokens is not None:
-                toks = toks[: max_tokens - total]
-            if toks:
-                ids.append(torch.tensor(toks, dtype=torch.int32))
-                total += len(toks)
-                offsets.append(total)
-            if max_tokens is not None and total >= max_tokens:
-                break
-    if total == 0:
-        raise KvmemError("the corpus gives no tokens")
-    ran_out = max_tokens is not None and total < max_tokens
-    return TokenStore(torch.cat(ids), torch.tensor(offsets, dtype=torch.int64)), ran_out
+    return out
 
 
 # --- rows -----------------------------------------------------------------------------------
@@ -224,7 +310,7 @@ class RowLayout:
         """The ids the model saw in that token's row up to and including the token (BOS first)."""
         row = int(self.row_of(torch.tensor([int(index)]))[0])
         a = int(self.starts[row]) - store.offset
-        ids = store.ids[a:int(index) - store.offset + 1].tolist()
+        ids = store.read(a, int(index) - store.offset + 1).tolist()
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
     def batch(self, store: TokenStore, rows) -> "RowBatch":
@@ -239,7 +325,11 @@ class RowLayout:
         real = (col >= 0) & (col < lengths[:, None])  # [b, L]
         index = torch.where(real, starts[:, None] + col, torch.full_like(col, -1))
         ids = torch.full((rows.numel(), width), self.pad_id, dtype=torch.int64)
-        ids[real] = store.ids[index[real] - store.offset].long()
+        if store.mapped:  # one read per row: only these tokens leave the file
+            for r, (s, n) in enumerate(zip((starts - store.offset).tolist(), lengths.tolist())):
+                ids[r, f:f + n] = store.read(s, s + n)
+        else:
+            ids[real] = store.ids[index[real] - store.offset].long()
         mask = real.clone()
         if f:
             ids[:, 0] = self.bos_id
