@@ -75,6 +75,11 @@ class TokenStore:
             return self.ids[a:b].clone() if b > a else self.ids[:0].clone()
         return torch.from_numpy(self.file.read(self.file_start + a, self.file_start + max(a, b)))
 
+    def take(self, local_index: torch.Tensor) -> torch.Tensor:
+        """ids at local indices (any shape, each in [0, n_tokens)) as int64, the same shape: a gather that
+        touches only their pages of a mapped store (unlike ``ids.long()[...]``, which copies the whole store)."""
+        return self.ids[torch.as_tensor(local_index, dtype=torch.int64)].long()
+
     def local_doc_of(self, local_index: torch.Tensor) -> torch.Tensor:
         """Local document id of each local token index (same shape)."""
         return torch.searchsorted(self.doc_offsets.to(local_index.device), local_index, right=True) - 1
@@ -124,22 +129,32 @@ class TokenStore:
 
     def concat(self, other: "TokenStore", path: Path | None = None) -> "TokenStore":
         """This stream followed by ``other``'s, which must start where this one ends (a document that
-        ``other`` continues becomes one document). With ``path`` the result is streamed to that file and
-        returned mapped (memory: one chunk); without, it is built in memory."""
-        doc_end = self.end[1] - (1 if other.continues_doc else 0)
-        if (other.offset, other.doc_base) != (self.end[0], doc_end):
-            raise KvmemError("token stores are not contiguous: cannot concatenate")
-        tail = other.doc_offsets[1:] if other.continues_doc else other.doc_offsets
-        offsets = torch.cat([self.doc_offsets[:-1], tail + self.n_tokens])
+        ``other`` continues becomes one document). See ``join``."""
+        return TokenStore.join([self, other], path)
+
+    @staticmethod
+    def join(stores: list["TokenStore"], path: Path | None = None) -> "TokenStore":
+        """The streams of ``stores`` one after the other, each starting where the previous one ends. With
+        ``path`` the result is streamed to that file and returned mapped (memory: one chunk); without, it
+        is built in memory."""
+        first, offsets, n = stores[0], [stores[0].doc_offsets], stores[0].n_tokens
+        for prev, other in zip(stores, stores[1:]):
+            doc_end = prev.end[1] - (1 if other.continues_doc else 0)
+            if (other.offset, other.doc_base) != (prev.end[0], doc_end):
+                raise KvmemError("token stores are not contiguous: cannot concatenate")
+            offsets[-1] = offsets[-1][:-1]
+            offsets.append((other.doc_offsets[1:] if other.continues_doc else other.doc_offsets) + n)
+            n += other.n_tokens
+        offsets = torch.cat(offsets)
         if path is None:
-            return TokenStore(torch.cat([self.read(0, self.n_tokens), other.read(0, other.n_tokens)]), offsets,
-                              self.continues_doc, self.offset, self.doc_base)
+            return TokenStore(torch.cat([s.read(0, s.n_tokens) for s in stores]), offsets, first.continues_doc,
+                              first.offset, first.doc_base)
         with TokenWriter(path) as w:
-            for store in (self, other):
+            for store in stores:
                 for a in range(0, store.n_tokens, _SAVE_CHUNK):
                     w.add(store.read(a, a + _SAVE_CHUNK).numpy(), np.zeros(0, dtype=np.int64))
             w.add_doc_ends(offsets[1:].numpy())
-            w.close((int(self.continues_doc), self.offset, self.doc_base))
+            w.close((int(first.continues_doc), first.offset, first.doc_base))
         return TokenStore.load(path)
 
     def save(self, path: Path) -> None:

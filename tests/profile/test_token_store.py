@@ -173,6 +173,13 @@ def test_contexts_prefixes_shards_save_and_concat_of_a_mapped_store(tmp_path):
     whole = a.concat(back, path=tmp_path / "whole.safetensors")
     assert whole.mapped and whole.ids.tolist() == flat.tolist() and whole.doc_offsets.tolist() == offsets.tolist()
     assert torch.equal(a.concat(back).ids, whole.ids)  # the in-memory concatenation agrees
+    parts = [store.slice_tokens(0, 10), store.slice_tokens(10, cut), b]  # three at once, streamed
+    joined = TokenStore.join(parts, path=tmp_path / "joined.safetensors")
+    assert joined.ids.tolist() == flat.tolist() and joined.doc_offsets.tolist() == offsets.tolist()
+    with pytest.raises(KvmemError, match="not contiguous"):
+        TokenStore.join([parts[0], parts[2]])
+    idx = torch.tensor([[0, 5], [cut, flat.size - 1]])
+    assert store.take(idx).tolist() == flat[idx.numpy()].tolist() and store.take(idx).dtype == torch.int64
 
 
 def test_old_store_files_still_load(tmp_path):
