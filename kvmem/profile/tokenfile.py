@@ -148,6 +148,8 @@ class TokenWriter:
             "shard": {"dtype": "I64", "shape": [3], "data_offsets": [ids_bytes + off_bytes, ids_bytes + off_bytes + 24]},
         }
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > HEADER_BYTES - 8:
+            raise KvmemError(f"{self.path}: the tokens header does not fit in {HEADER_BYTES} bytes")
         text += b" " * (HEADER_BYTES - 8 - len(text))  # safetensors allows trailing spaces in the header
         self._f.seek(0)
         self._f.write(struct.pack("<Q", len(text)) + text)

@@ -40,7 +40,7 @@ import torch
 from kvmem.errors import KvmemError
 from kvmem.profile.tokenfile import MappedIds, TokenWriter, open_tokens
 
-_SAVE_CHUNK = 1 << 24  # tokens copied at a time when a store is saved (64 MB of int32)
+_SAVE_CHUNK = 1 << 22  # tokens copied at a time when a store is saved or joined (16 MB of int32)
 
 
 @dataclass
