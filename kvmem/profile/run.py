@@ -213,6 +213,15 @@ class Run:
                              f"{profile_again(self.path, self.manifest)}")
         return stats
 
+    @property
+    def explanations(self) -> pd.DataFrame:
+        """Descriptions and their scores (kvmem.explain.store.COLUMNS; written by kvmem explain / score):
+        one row per (neuron, side, sign, explainer); an empty table with those columns if none were written.
+        Read fresh each time (kvmem explain may have added rows)."""
+        from kvmem.explain import store
+
+        return store.read(self)
+
     def layer_stats(self, layer: int) -> LayerStats:
         """The statistics of one profiled layer."""
         if layer not in self.profiled_layers:

@@ -58,6 +58,9 @@ FILES = {
     LAYERS_FILE: "one row per layer: m > 0 figures, magnitude figures, mass-L0, sign quadrants (LAYERS)",
 }
 OPTIONAL_FILES = {
+    "explanations.parquet": "one row per (neuron, side, sign, explainer): descriptions and scores (columns: "
+                            "kvmem.explain.store.COLUMNS; read with Run.explanations)",
+    "explain_cache": "folder of kvmem explain / score: cached replies by request hash (replies.jsonl)",
     ANALYSIS_DIR: "folder written by kvmem analyze: {measure}_{table}.parquet, findings.json, analysis.json",
 }
 
