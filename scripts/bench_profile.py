@@ -1,29 +1,43 @@
 """Benchmark `kvmem profile` side by side with the alternatives, in one run, on the same tokens.
 
-Methods (tokens/s and peak memory of each):
-  forward+logits   the model's plain forward pass with the LM head
-  forward-no-head  the base model (no LM head): the ceiling for a profiler that needs no logits
-  tlens-cache      TransformerLens 4 TransformerBridge.run_with_cache on the MLP hook_post hooks plus a
-                   per-batch top-k merged into running stores (what a user would otherwise write)
-  kvmem-profile    kvmem's streaming profiler over all neurons of all layers (all statistics)
+Methods (tokens/s and peak memory of each, every one warmed up on one batch first):
+  forward+logits     the model's plain forward pass with the LM head (logits cast to float32)
+  forward-no-head    the base model (no LM head): the ceiling for a profiler that needs no logits
+  forward-compiled   the base model under torch.compile (its compile time is reported apart, not timed)
+  tlens-cache        TransformerLens 4 TransformerBridge.run_with_cache on the MLP hook_post hooks plus a
+                     per-batch top-k (k=20) merged into running stores (what a user would otherwise write)
+  kvmem-profile      kvmem's streaming profiler over all neurons of all layers, all statistics
+  kvmem-compiled     the same with ProfileConfig(compile=True), when the runner has that option
 
-  python scripts/bench_profile.py --model smollm2-135m --tokens 16384 --seq-len 512       # CPU, real model
-  python scripts/bench_profile.py --shape gpt2-small --tokens 262144 --seq-len 1024       # GPU, random init
-  python scripts/bench_profile.py --shape llama3-8b --tokens 65536 --seq-len 1024 --skip tlens-cache
+  python scripts/bench_profile.py --model smollm2-135m --tokens 16384 --seq-len 512        # CPU, real model
+  python scripts/bench_profile.py --shape gpt2-small --tokens 1048576 --seq-len 1024        # GPU, random init, bf16
+  python scripts/bench_profile.py --shape llama3-8b --tokens 131072 --seq-len 1024 --skip tlens-cache
+  python scripts/bench_profile.py --smoke                                                   # CPU, tiny, float32
 
-Ratios printed at the end are measured in this one run. Peak memory: GPU max_memory_allocated per
-method; on CPU the peak resident set size above the baseline, sampled every 5 ms.
+Output: the table on stdout, and bench-<shape>.json + bench-<shape>.md in --out (default: $OUT when set).
+The ratios and the bars (issue 14) are measured in this one run:
+  GPT-2 small   kvmem >= 1.5x forward+logits and >= 4x tlens-cache
+  Llama-3-8B    kvmem >= 0.9x forward-no-head
+  memory        kvmem peak <= forward-no-head peak + the statistics' own size (LayerStats state tensors)
+Peak memory: torch.cuda.max_memory_allocated, reset before each method (it includes the weights); on CPU
+the peak resident set size above the method's start, sampled every 5 ms (indicative only).
+From the kvmem tok/s the run projects the hours for all neurons of this shape over 20M and 100M tokens on
+one such device (for llama3-8b: Llama-3.1-8B, 458,752 neurons), beside GLUScope's and Transluce's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,34 +45,51 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvmem  # noqa: E402
+from kvmem.models.load import resolve_device, resolve_dtype  # noqa: E402
 from kvmem.profile.runner import Profiler, ProfileConfig, auto_batch_size  # noqa: E402
-from kvmem.tuning import apply as apply_tuning  # noqa: E402
 from kvmem.profile.tokens import TokenStore  # noqa: E402
+from kvmem.tuning import apply as apply_tuning  # noqa: E402
 
-SHAPES = {
+_LLAMA = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+              rope_theta=500000.0)
+SHAPES = {  # (model_type, config fields); random init
     "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
-    "llama-1b": ("llama", dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=2048)),
-    "llama3-8b": ("llama", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
-                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                max_position_embeddings=2048)),
+    "llama-1b": ("llama", dict(_LLAMA, num_hidden_layers=16, hidden_size=2048, intermediate_size=8192)),
+    "llama3-8b": ("llama", dict(_LLAMA, num_hidden_layers=32, hidden_size=4096, intermediate_size=14336)),
+    # --smoke: the same code paths on CPU in seconds
+    "tiny-gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256,
+                                bos_token_id=0, eos_token_id=0)),
+    "tiny-llama": ("llama", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)),
 }
+METHODS = ("forward+logits", "forward-no-head", "forward-compiled", "kvmem-profile", "kvmem-compiled", "tlens-cache")
+# published figures the projection is set beside (not re-measured here)
+PUBLISHED = [
+    {"who": "GLUScope", "hardware": "1x A100", "tokens": 20_000_000, "hours": "10-20 per model",
+     "tokens_per_s": "~280 (8B)", "note": "one model's profile, 20M tokens by default"},
+    {"who": "Transluce", "hardware": "2x A100", "tokens": None, "hours": "~64",
+     "tokens_per_s": None, "note": "exemplars of all 458,752 neurons of Llama-3.1-8B, one forward pass per layer"},
+]
+PROJECT_TOKENS = (20_000_000, 100_000_000)
 
 
 def build_random(shape: str, device: str, dtype: str):
+    """A random-init model of ``shape``, built directly on the device in its dtype (an 8B model never
+    passes through host memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kw = SHAPES[shape]
     cfg = AutoConfig.for_model(model_type, **kw)
-    dev = kvmem.models.load.resolve_device(device)
-    dt = kvmem.models.load.resolve_dtype(dtype, dev)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    torch.manual_seed(0)
     with torch.device(dev):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dt)
-    return kvmem.from_hf(hf, None, spec=f"random:{shape}", device=dev, dtype=dt)
+    return kvmem.from_hf(hf.eval(), None, spec=f"random:{shape}", device=dev, dtype=dt)
 
 
 class PeakMemory:
-    """Peak GPU allocation, or peak RSS above the start on CPU (sampled)."""
+    """Peak GPU allocation (weights included), or peak RSS above the start on CPU (sampled)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -66,13 +97,13 @@ class PeakMemory:
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
         else:
             import psutil
 
-            self.proc, self.base, self.peak, self.stop = psutil.Process(), 0, 0, False
-            self.base = self.proc.memory_info().rss
+            self.proc, self.stop = psutil.Process(), False
+            self.base = self.peak = self.proc.memory_info().rss
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
         return self
@@ -85,54 +116,60 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.value = torch.cuda.max_memory_allocated()
-            self.note = "GPU peak allocated"
+            self.value, self.note = torch.cuda.max_memory_allocated(), "GPU peak allocated (weights included)"
         else:
             self.stop = True
             self.thread.join()
-            self.value = max(self.peak - self.base, 0)
-            self.note = "CPU peak RSS above baseline"
+            self.value, self.note = max(self.peak - self.base, 0), "CPU peak RSS above the method's start"
 
 
-def rows(ids: torch.Tensor, batch: int):
+def batches(ids: torch.Tensor, batch: int, device: torch.device):
     for i in range(0, ids.shape[0], batch):
-        yield ids[i:i + batch]
+        yield ids[i:i + batch].to(device, non_blocking=True)
 
 
-def method_forward(model, ids, batch, head: bool):
-    base = model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf.base_model
-    with torch.inference_mode():
-        for x in rows(ids, batch):
-            x = x.to(model.device, non_blocking=True)
-            if head:
-                model.hf(input_ids=x, use_cache=False).logits.float()
-            else:
-                base(input_ids=x, use_cache=False)
+def decoder(model):
+    return model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf.base_model
 
 
-def method_tlens(model, ids, batch, k=20):
+def forward_fn(model, head: bool, compiled=None):
+    base = compiled if compiled is not None else decoder(model)
+
+    def run(ids, batch):
+        with torch.inference_mode():
+            for x in batches(ids, batch, model.device):
+                if head:
+                    model.hf(input_ids=x, use_cache=False).logits.float()
+                else:
+                    base(input_ids=x, use_cache=False)
+    return run
+
+
+def tlens_fn(model, k: int = 20):
+    """TransformerBridge.run_with_cache on blocks.*.mlp.hook_post, then a running top-k per neuron."""
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(model.hf.config.model_type, hf_model=model.hf,
                                                  tokenizer=model.tokenizer or _dummy_tokenizer())
     L, d = model.n_layers, model.d_mlp
-    vals = torch.full((L, k, d), -torch.inf, device=model.device)
-    idx = torch.full((L, k, d), -1, dtype=torch.long, device=model.device)
-    offset = 0
-    with torch.inference_mode():
-        for x in rows(ids, batch):
-            x = x.to(model.device)
-            _, cache = bridge.run_with_cache(x, names_filter=lambda n: n.endswith("mlp.hook_post"))
-            n = x.numel()
-            pos = torch.arange(offset, offset + n, device=model.device)
-            for layer in range(L):
-                acts = cache[f"blocks.{layer}.mlp.hook_post"].reshape(n, d).float()
-                v = torch.cat([vals[layer], acts])
-                i = torch.cat([idx[layer], pos[:, None].expand(n, d)])
-                top = v.topk(k, dim=0)
-                vals[layer], idx[layer] = top.values, i.gather(0, top.indices)
-            offset += n
-            del cache
+
+    def run(ids, batch):
+        vals = torch.full((L, k, d), -torch.inf, device=model.device)
+        idx = torch.full((L, k, d), -1, dtype=torch.long, device=model.device)
+        offset = 0
+        with torch.inference_mode():
+            for x in batches(ids, batch, model.device):
+                _, cache = bridge.run_with_cache(x, names_filter=lambda n: n.endswith("mlp.hook_post"))
+                n = x.numel()
+                pos = torch.arange(offset, offset + n, device=model.device)
+                for layer in range(L):
+                    acts = cache[f"blocks.{layer}.mlp.hook_post"].reshape(n, d).float()
+                    top = torch.cat([vals[layer], acts]).topk(k, dim=0)
+                    vals[layer] = top.values
+                    idx[layer] = torch.cat([idx[layer], pos[:, None].expand(n, d)]).gather(0, top.indices)
+                offset += n
+                del cache
+    return run
 
 
 def _dummy_tokenizer():
@@ -148,87 +185,250 @@ def _dummy_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
-def method_kvmem(model, ids, batch, seq_len, k=20):
-    flat = ids.flatten().to(torch.int32)
-    store = TokenStore(flat, torch.tensor([0, flat.numel()]))
-    cfg = ProfileConfig(seq_len=seq_len, batch_size=batch, top_k=k, checkpoint_every=1e9)
-    Profiler(model, cfg, store, Path("/nonexistent")).run()
+def runner_options() -> set[str]:
+    return {f.name for f in dataclasses.fields(ProfileConfig)}
 
 
-def main() -> None:
+def kvmem_fn(model, seq_len: int, compiled: bool, k: int = 20):
+    """`kvmem profile` of every neuron of every layer with every statistic (context windows included),
+    through the public Profiler API; returns the Profiler (its statistics are sized afterwards)."""
+    extra = {"compile": True} if compiled else {}
+
+    def run(ids, batch):
+        flat = ids.flatten().to(torch.int32)
+        store = TokenStore(flat, torch.tensor([0, flat.numel()]))
+        cfg = ProfileConfig(seq_len=seq_len, batch_size=batch, top_k=k, checkpoint_every=1e12, **extra)
+        prof = Profiler(model, cfg, store, Path("/nonexistent"))
+        prof.run()
+        return prof
+    return run
+
+
+def stats_bytes(prof) -> int:
+    """The statistics' own size: bytes of every LayerStats state tensor over all layers."""
+    total = 0
+    for st in prof.stats.values():
+        total += sum(t.numel() * t.element_size() for t in st.state_dict().values())
+    return total
+
+
+def ratio(r: dict, a: str, b: str) -> float | None:
+    ta, tb = r.get(a, {}).get("tokens_per_s"), r.get(b, {}).get("tokens_per_s")
+    return ta / tb if ta and tb else None
+
+
+def check_bars(shape: str, results: dict, kv: str, stats_size: int | None) -> list[dict]:
+    """The issue's bars for this shape, each {bar, value, need, ok} (ok None: a figure is missing)."""
+    bars = []
+
+    def bar(name, value, need):
+        bars.append({"bar": name, "value": value, "need": need, "ok": None if value is None else value >= need})
+    if shape in ("gpt2-small", "tiny-gpt2"):
+        bar(f"{kv} / forward+logits", ratio(results, kv, "forward+logits"), 1.5)
+        bar(f"{kv} / tlens-cache", ratio(results, kv, "tlens-cache"), 4.0)
+    if shape in ("llama3-8b", "tiny-llama"):
+        bar(f"{kv} / forward-no-head", ratio(results, kv, "forward-no-head"), 0.9)
+    fwd, mine = results.get("forward-no-head", {}).get("peak_bytes"), results.get(kv, {}).get("peak_bytes")
+    if fwd is not None and mine is not None and stats_size is not None:  # as a ratio: allowed / used >= 1
+        bars.append({"bar": f"{kv} peak <= forward-no-head peak + statistics", "value": (fwd + stats_size) / max(mine, 1),
+                     "need": 1.0, "ok": mine <= fwd + stats_size, "peak_bytes": mine, "allowed_bytes": fwd + stats_size})
+    return bars
+
+
+def project(tokens_per_s: float | None, n_neurons: int) -> list[dict]:
+    if not tokens_per_s:
+        return []
+    return [{"tokens": n, "hours": n / tokens_per_s / 3600, "neurons": n_neurons} for n in PROJECT_TOKENS]
+
+
+def environment(model) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "kvmem_commit": commit}
+    if model.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(model.device)
+    return env
+
+
+def size(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def markdown(rep: dict) -> str:
+    lines = [f"### {rep['shape']}: {rep['n_layers']} layers x {rep['d_mlp']} neurons, {rep['tokens']:,} tokens, "
+             f"rows of {rep['seq_len']}, batch {rep['batch']} rows, {rep['env']['device']} {rep['env']['dtype']}"
+             f"{' (' + rep['env']['gpu'] + ')' if rep['env'].get('gpu') else ''}", "",
+             "| method | tok/s | seconds | peak memory | x forward+logits | x forward-no-head | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    res = rep["results"]
+    for name, r in res.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed | | | | | {r['error'][:120]} |")
+            continue
+        fmt = [f"{x:.2f}" if x is not None else "" for x in (ratio(res, name, "forward+logits"),
+                                                            ratio(res, name, "forward-no-head"))]
+        note = f"compile {r['compile_seconds']:.1f} s (untimed)" if "compile_seconds" in r else ""
+        note += f"bridge boot {r['setup_seconds']:.1f} s (untimed)" if "setup_seconds" in r else ""
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['seconds']:.2f} | {size(r['peak_bytes'])} | "
+                     f"{fmt[0]} | {fmt[1]} | {note} |")
+    if rep.get("stats_bytes") is not None:
+        lines += ["", f"Statistics' own size (LayerStats state, all layers): {size(rep['stats_bytes'])}; peak memory: "
+                  f"{next(iter(r['peak_note'] for r in res.values() if 'peak_note' in r), '')}"]
+    if rep["bars"]:
+        lines += ["", "| bar | measured | needed | met |", "| --- | ---: | ---: | --- |"]
+        for b in rep["bars"]:
+            v = "missing" if b["value"] is None else f"{b['value']:.2f}x"
+            lines.append(f"| {b['bar']} | {v} | {b['need']:.2f}x | {'-' if b['ok'] is None else 'yes' if b['ok'] else 'NO'} |")
+    if rep["projection"]:
+        lines += ["", f"Projected hours, all {rep['n_layers'] * rep['d_mlp']:,} neurons of this shape, one "
+                  f"{rep['env'].get('gpu', rep['env']['device'])}, at the {rep['kvmem_method']} rate measured here:", "",
+                  "| who | hardware | tokens | hours | tok/s |", "| --- | --- | ---: | ---: | ---: |"]
+        for p in rep["projection"]:
+            lines.append(f"| kvmem (projected) | 1x {rep['env'].get('gpu', rep['env']['device'])} | {p['tokens']:,} | "
+                         f"{p['hours']:.2f} | {p['tokens'] / p['hours'] / 3600:,.0f} |")
+        for p in PUBLISHED:
+            lines.append(f"| {p['who']} (published; {p['note']}) | {p['hardware']} | "
+                         f"{'' if p['tokens'] is None else format(p['tokens'], ',')} | {p['hours']} | {p['tokens_per_s'] or ''} |")
+        lines.append("\nPublished figures are on other hardware (A100): the ratio mixes the method with the device.")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a model spec (e.g. smollm2-135m)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random-init model of this shape instead")
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=None, help="rows per batch (default ~8k tokens GPU, 2k CPU)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape (default tiny-gpt2), CPU, float32, 512 tokens, "
+                    "rows of 64, torch.compile with the eager backend: every method and the output, in seconds")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per method (default 16384; --smoke 512)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 1024 for shapes, 512 else)")
+    ap.add_argument("--batch", type=int, default=None, help="rows per batch (default: kvmem profile's, ~8k tokens "
+                    "GPU, 4k CPU)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--skip", nargs="*", default=[], help="methods to skip")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to skip")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every method, interleaved (medians)")
-    ap.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
-    args = ap.parse_args()
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --smoke eager)")
+    ap.add_argument("--out", default=None, help="folder for bench-<shape>.json/.md (default: $OUT when set)")
+    ap.add_argument("--json", dest="json_out", help="also write the JSON to this file")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.shape = a.shape or "tiny-gpt2"
+        a.device, a.dtype = "cpu", "float32"
+        a.tokens, a.seq_len = a.tokens or 512, a.seq_len or 64
+        a.compile_backend = a.compile_backend or "eager"
+        a.batch = a.batch or 4
+    a.tokens = a.tokens or 16384
+    a.seq_len = a.seq_len or (1024 if a.shape else 512)
+    a.compile_backend = a.compile_backend or "inductor"
+    a.out = a.out or os.environ.get("OUT")
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     model = build_random(args.shape, args.device, args.dtype) if args.shape else \
         kvmem.load(args.model or "smollm2-135m", device=args.device, dtype=args.dtype)
-    n_rows = max(1, args.tokens // args.seq_len)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.d_vocab, (n_rows, args.seq_len), generator=gen)
+    batch = args.batch or auto_batch_size(model, args.seq_len)  # what kvmem profile takes by default
+    n_rows = max(batch, args.tokens // args.seq_len // batch * batch)  # whole batches: one compiled shape
+    ids = torch.randint(0, model.d_vocab, (n_rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     if model.tokenizer is not None and not args.shape:  # a real model reads real text
         from kvmem.profile.corpus import Corpus
         from kvmem.profile.tokens import tokenize
 
         store, _ = tokenize(Corpus("pydoc"), model.tokenizer, n_rows * args.seq_len)
         ids = store.ids[: n_rows * args.seq_len].long().view(n_rows, args.seq_len)
-    batch = args.batch or auto_batch_size(model, args.seq_len)  # what kvmem profile takes by default
-    methods = {
-        "forward+logits": lambda: method_forward(model, ids, batch, head=True),
-        "forward-no-head": lambda: method_forward(model, ids, batch, head=False),
-        "kvmem-profile": lambda: method_kvmem(model, ids, batch, args.seq_len),
-        "tlens-cache": lambda: method_tlens(model, ids, batch),  # last: the bridge wraps the HF modules
-    }
-    if model.device.type == "cpu":  # kvmem profile tunes glibc's allocator; every method runs with it
+    if model.device.type == "cuda":
+        ids = ids.pin_memory()
+    else:  # kvmem profile tunes glibc's allocator; every method runs with it
         print(f"CPU tuning for every method (kvmem.tuning, KVMEM_CPU_TUNING=0 turns it off): {apply_tuning()}")
-    method_forward(model, ids[:batch], batch, head=False)  # warm-up (kernels, allocator)
-    runs: dict[str, list[dict]] = {}
-    order = [n for n in methods if n not in args.skip]
-    # --repeat rounds, the methods interleaved within each (tlens-cache stays last: its bridge wraps
-    # the model's modules); each method's figures are the medians over its rounds
+    order = [n for n in METHODS if n not in args.skip]
+    if "kvmem-compiled" in order and "compile" not in runner_options():
+        order.remove("kvmem-compiled")
+        print("kvmem-compiled skipped: ProfileConfig has no `compile` option in this checkout")
+    results: dict[str, dict] = {}
+    fns, rounds, profs = {}, {}, {}
+    warm = ids[:batch]
+
+    def setup(name):  # builds and warms one method on one batch (compile and bridge boot timed apart)
+        t0 = time.perf_counter()
+        if name in ("forward+logits", "forward-no-head"):
+            fn = forward_fn(model, head=name == "forward+logits")
+        elif name == "forward-compiled":
+            fn = forward_fn(model, head=False, compiled=torch.compile(decoder(model), backend=args.compile_backend,
+                                                                      dynamic=False))
+        elif name == "tlens-cache":
+            fn = tlens_fn(model)
+        else:
+            fn = kvmem_fn(model, args.seq_len, compiled=name == "kvmem-compiled")
+        setup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fn(warm, batch)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        warm_s = time.perf_counter() - t0
+        extra = {"compile_seconds": warm_s} if "compiled" in name else {}
+        return fn, extra | ({"setup_seconds": setup_s} if name == "tlens-cache" else {})
+
+    # --repeat rounds, the methods interleaved within each; tlens-cache runs last (its bridge wraps the
+    # model's modules); a method that fails is recorded with its error and the others go on
     schedule = [n for _ in range(args.repeat) for n in order if n != "tlens-cache"]
     schedule += ["tlens-cache"] * (args.repeat if "tlens-cache" in order else 0)
     for name in schedule:
-        fn = methods[name]
-        with PeakMemory(model.device) as mem:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
+        if "error" in results.get(name, {}):
+            continue
+        try:
+            if name not in fns:
+                fns[name], results[name] = setup(name)
+            with PeakMemory(model.device) as mem:
+                t0 = time.perf_counter()
+                out = fns[name](ids, batch)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - one method's failure leaves the others' figures
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}".replace("\n", " ")}
             if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        runs.setdefault(name, []).append({"seconds": dt, "cpu_seconds": cpu, "peak_bytes": mem.value,
-                                          "note": mem.note})
-        print(f"  round {len(runs[name])}: {name:16s} {ids.numel() / dt:10,.0f} tok/s wall  "
-              f"{ids.numel() / cpu:10,.0f} tok/CPU-s", flush=True)
-    results = {}
-    for name in order:
-        dt = statistics.median(r["seconds"] for r in runs[name])
-        cpu = statistics.median(r["cpu_seconds"] for r in runs[name])
-        peak = max(r["peak_bytes"] for r in runs[name])
-        results[name] = {"seconds": dt, "cpu_seconds": cpu, "tokens_per_s": ids.numel() / dt,
-                         "tokens_per_cpu_s": ids.numel() / cpu, "peak_bytes": peak,
-                         "rounds": [r["seconds"] for r in runs[name]]}
-        mem_note = runs[name][0]["note"]
-        print(f"{name:16s} {ids.numel() / dt:10,.0f} tok/s wall  {ids.numel() / cpu:10,.0f} tok/CPU-s  "
-              f"{dt:8.2f} s  peak {peak / 2**20:9.1f} MiB ({mem_note})", flush=True)
-    r = {k: v["tokens_per_s"] for k, v in results.items()}
-    rc = {k: v["tokens_per_cpu_s"] for k, v in results.items()}
-    print(f"\n{model.spec}: {model.n_layers} layers x {model.d_mlp} neurons, {ids.numel():,} tokens, "
-          f"seq_len {args.seq_len}, batch {batch} rows, {model.device} {str(model.dtype).removeprefix('torch.')}")
-    kp, kc = r.get("kvmem-profile"), rc.get("kvmem-profile")
-    for other in ("forward+logits", "forward-no-head", "tlens-cache"):
-        if kp and other in r:
-            print(f"kvmem-profile / {other:16s} = {kp / r[other]:.2f}x wall, {kc / rc[other]:.2f}x by CPU time "
-                  "(the CPU-time ratio is robust to other load on a CPU machine)")
+                torch.cuda.empty_cache()
+            continue
+        if out is not None:
+            profs[name] = out
+        rounds.setdefault(name, []).append((dt, mem.value, mem.note))
+        print(f"  round {len(rounds[name])}: {name:16s} {ids.numel() / dt:12,.0f} tok/s  {dt:8.2f} s  "
+              f"peak {mem.value / 2**30:7.2f} GiB", flush=True)
+    for name, rs in rounds.items():
+        dt = statistics.median(r[0] for r in rs)
+        results[name] |= {"seconds": dt, "tokens_per_s": ids.numel() / dt, "peak_bytes": max(r[1] for r in rs),
+                          "peak_note": rs[0][2], "rounds": [r[0] for r in rs]}
+    results = {n: results[n] for n in order if n in results}
+    kvs = [n for n in ("kvmem-compiled", "kvmem-profile") if "tokens_per_s" in results.get(n, {})]
+    kv = max(kvs, key=lambda n: results[n]["tokens_per_s"]) if kvs else "kvmem-profile"
+    size = stats_bytes(profs[kv]) if kv in profs else None
+    profs.clear()
+    shape = args.shape or model.spec
+    rep = {"shape": shape, "args": vars(args), "env": environment(model), "n_layers": model.n_layers,
+           "d_mlp": model.d_mlp, "tokens": ids.numel(), "seq_len": args.seq_len, "batch": batch,
+           "results": results, "stats_bytes": size, "kvmem_method": kv,
+           "bars": check_bars(shape, results, kv, size),
+           "projection": project(results.get(kv, {}).get("tokens_per_s"), model.n_layers * model.d_mlp),
+           "published": PUBLISHED}
+    text = markdown(rep)
+    print("\n" + text, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = "bench-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in shape)
+        (out / f"{stem}.json").write_text(json.dumps(rep, indent=2))
+        (out / f"{stem}.md").write_text(text)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json_out).write_text(json.dumps(rep, indent=2))
+    return rep
 
 
 if __name__ == "__main__":
