@@ -20,6 +20,7 @@ app = typer.Typer(
 
 from kvmem.cli import analyze, core, profile, report  # noqa: E402,F401  (registers commands)
 from kvmem.cli import vocab  # noqa: E402,F401  (registers vocab, search, trace, intervene)
+from kvmem.cli import explain  # noqa: E402,F401  (registers explain, score)
 
 
 def main(argv: list[str] | None = None) -> int:

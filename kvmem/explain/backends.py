@@ -68,6 +68,19 @@ class OpenAIBackend:
         self._logprobs: bool | None = None
         self.logprobs_reason = "not probed yet"
 
+    def check(self) -> None:
+        """Raise a one-line KvmemError unless the endpoint answers (GET /v1/models; any HTTP status will do)."""
+        import httpx
+
+        try:
+            self.client.get(self.base + "/models")
+        except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ConnectTimeout) as e:
+            raise KvmemError(f"--endpoint {self.endpoint}: cannot connect ({e})") from None
+        except httpx.InvalidURL as e:
+            raise KvmemError(f"--endpoint {self.endpoint!r} is not a valid URL ({e})") from None
+        except httpx.HTTPError as e:
+            raise KvmemError(f"--endpoint {self.endpoint}: no answer ({type(e).__name__}: {e})") from None
+
     # --- requests ------------------------------------------------------------------------------
     def _post(self, path: str, body: dict, read):
         """POST with retries; ``read(json) -> value`` raises on a malformed reply. None after retries."""
