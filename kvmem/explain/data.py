@@ -37,6 +37,7 @@ class Snippet:
     coefs: list[float]  # sign-aware activation per token (m for "+", -m for "-")
     at: int  # the example token's place in ``tokens`` (-1 for random windows)
     doc: int
+    index: int = -1  # global token index of the example token in the run's token store
 
     def acts(self, max_abs: float) -> list[int]:
         return scale(self.coefs, max_abs)
@@ -94,7 +95,8 @@ def _windows(run, model, layer: int, neuron: int, indices: list[int], before: in
     for b, (p, e) in enumerate(zip(pos.tolist(), ends)):
         lo = max(first, p - before)
         tok_ids = batch.ids[b, lo:e].tolist()
-        out.append(Snippet([vocab[t] for t in tok_ids], (s * m[b, lo:e, neuron]).tolist(), p - lo, int(docs[b])))
+        out.append(Snippet([vocab[t] for t in tok_ids], (s * m[b, lo:e, neuron]).tolist(), p - lo, int(docs[b]),
+                           int(indices[b])))
     return out
 
 
