@@ -62,7 +62,9 @@ SHAPES = {  # (model_type, config fields); random init
     "tiny-llama": ("llama", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)),
 }
-METHODS = ("forward+logits", "forward-no-head", "forward-compiled", "kvmem-profile", "kvmem-compiled", "tlens-cache")
+# run in this order: the plain methods first, the compiled ones (long warm-ups) after, tlens-cache last (its
+# bridge wraps the model's modules)
+METHODS = ("forward+logits", "forward-no-head", "kvmem-profile", "forward-compiled", "kvmem-compiled", "tlens-cache")
 # published figures the projection is set beside (not re-measured here)
 PUBLISHED = [
     {"who": "GLUScope", "hardware": "1x A100", "tokens": 20_000_000, "hours": "10-20 per model",
@@ -261,7 +263,8 @@ def size(b: float) -> str:
 
 
 def markdown(rep: dict) -> str:
-    lines = [f"### {rep['shape']}: {rep['n_layers']} layers x {rep['d_mlp']} neurons, {rep['tokens']:,} tokens, "
+    partial = "" if rep["final"] else " (partial: the run stopped before its end)"
+    lines = [f"### {rep['shape']}{partial}: {rep['n_layers']} layers x {rep['d_mlp']} neurons, {rep['tokens']:,} tokens, "
              f"rows of {rep['seq_len']}, batch {rep['batch']} rows, {rep['env']['device']} {rep['env']['dtype']}"
              f"{' (' + rep['env']['gpu'] + ')' if rep['env'].get('gpu') else ''}", "",
              "| method | tok/s | seconds | peak memory | x forward+logits | x forward-no-head | note |",
@@ -352,7 +355,7 @@ def main(argv=None) -> dict:
         order.remove("kvmem-compiled")
         print("kvmem-compiled skipped: ProfileConfig has no `compile` option in this checkout")
     results: dict[str, dict] = {}
-    fns, rounds, profs = {}, {}, {}
+    fns, rounds = {}, {}
     warm = ids[:batch]
 
     def setup(name):  # builds and warms one method on one batch (compile and bridge boot timed apart)
@@ -397,29 +400,36 @@ def main(argv=None) -> dict:
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if out is not None:
-            profs[name] = out
+        if out is not None:  # a Profiler: the statistics' own size, then it goes (its memory with it)
+            results[name]["stats_bytes"] = stats_bytes(out)
+            del out
         rounds.setdefault(name, []).append((dt, mem.value, mem.note))
+        results[name] |= {"seconds": statistics.median(r[0] for r in rounds[name]),
+                          "peak_bytes": max(r[1] for r in rounds[name]), "peak_note": mem.note,
+                          "rounds": [r[0] for r in rounds[name]]}
+        results[name]["tokens_per_s"] = ids.numel() / results[name]["seconds"]
         print(f"  round {len(rounds[name])}: {name:16s} {ids.numel() / dt:12,.0f} tok/s  {dt:8.2f} s  "
               f"peak {mem.value / 2**30:7.2f} GiB", flush=True)
-    for name, rs in rounds.items():
-        dt = statistics.median(r[0] for r in rs)
-        results[name] |= {"seconds": dt, "tokens_per_s": ids.numel() / dt, "peak_bytes": max(r[1] for r in rs),
-                          "peak_note": rs[0][2], "rounds": [r[0] for r in rs]}
+        report(args, model, ids, batch, order, results, final=False)  # a timeout later keeps these figures
+    return report(args, model, ids, batch, order, results, final=True)
+
+
+def report(args, model, ids, batch, order, results, final: bool) -> dict:
+    """The report of what is measured so far, written to --out (bench-<shape>.json/.md) and --json."""
     results = {n: results[n] for n in order if n in results}
     kvs = [n for n in ("kvmem-compiled", "kvmem-profile") if "tokens_per_s" in results.get(n, {})]
     kv = max(kvs, key=lambda n: results[n]["tokens_per_s"]) if kvs else "kvmem-profile"
-    size = stats_bytes(profs[kv]) if kv in profs else None
-    profs.clear()
+    size = results.get(kv, {}).get("stats_bytes")
     shape = args.shape or model.spec
-    rep = {"shape": shape, "args": vars(args), "env": environment(model), "n_layers": model.n_layers,
-           "d_mlp": model.d_mlp, "tokens": ids.numel(), "seq_len": args.seq_len, "batch": batch,
-           "results": results, "stats_bytes": size, "kvmem_method": kv,
+    rep = {"shape": shape, "final": final, "args": vars(args), "env": environment(model),
+           "n_layers": model.n_layers, "d_mlp": model.d_mlp, "tokens": ids.numel(), "seq_len": args.seq_len,
+           "batch": batch, "results": results, "stats_bytes": size, "kvmem_method": kv,
            "bars": check_bars(shape, results, kv, size),
            "projection": project(results.get(kv, {}).get("tokens_per_s"), model.n_layers * model.d_mlp),
            "published": PUBLISHED}
     text = markdown(rep)
-    print("\n" + text, flush=True)
+    if final:
+        print("\n" + text, flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
