@@ -6,6 +6,8 @@ state tensors, adds a batch, merges another instance of itself, and round-trips 
         applies(spec) -> bool        classmethod: whether a layer of this spec keeps it (default: always)
         __init__(spec)               empty state for a layer (LayerSpec below)
         update(batch)                add one Batch (the torch path: any device; the reference)
+        update_dense(batch)          the same with fixed shapes, no host synchronisation (the GPU path);
+                                     default: update
         merge(other)                 add the state of the same statistic over a disjoint set of tokens
         shift(d_tokens, d_docs)      move every token index by d_tokens and document id by d_docs, in place
                                      (merging an independent run after another); default: nothing to move
@@ -66,6 +68,7 @@ class Batch:
     global document id, non-decreasing; pos [N] int64 position in the model's input row; gate, up [N, d]
     (gated layers, else None). first/last: index[0], index[-1]; monotone: every index exceeds every index
     seen before (ties with stored entries then lose on the index, so bounds may be strict).
+    Sync-free updates (``update_dense``) get first = last = None and monotone False: nothing host-side.
     ``stats``: the LayerStats being updated (for components that read others', e.g. context windows)."""
 
     m: torch.Tensor
@@ -74,8 +77,8 @@ class Batch:
     pos: torch.Tensor
     gate: torch.Tensor | None
     up: torch.Tensor | None
-    first: int
-    last: int
+    first: int | None
+    last: int | None
     monotone: bool
     stats: object = None
     paths: dict = field(default_factory=dict)  # code paths taken (diagnostics, tests)
@@ -83,6 +86,13 @@ class Batch:
     @property
     def n(self) -> int:
         return self.m.shape[0]
+
+    @cached_property
+    def keys(self) -> torch.Tensor:
+        """Store keys [N, d] int64 of (m, token index) (kvmem.stats.keys), shared by the sync-free updates."""
+        from kvmem.stats.keys import encode
+
+        return encode(self.m, self.index[:, None])
 
     @cached_property
     def positives(self) -> torch.Tensor:
@@ -113,6 +123,11 @@ class Stat:
 
     def update(self, batch: Batch) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def update_dense(self, batch: Batch) -> None:
+        """update with fixed shapes and no host synchronisation (LayerStats(sync_free=True), the default on
+        a GPU); same state. Default: ``update``, for components whose update already is."""
+        self.update(batch)
 
     def merge(self, other: "Stat") -> None:  # pragma: no cover - interface
         raise NotImplementedError

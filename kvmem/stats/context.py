@@ -37,6 +37,8 @@ of referencing slots per entry), so a neuron whose shown slots did not change co
 The windows are copied over and those of tokens in the batch filled (found by binary search in the
 batch's indices), in token order (a window reads one column of m over W rows; in neuron order nearly every read would miss the
 TLB). Other devices, float16 windows and
+LayerStats(sync_free=True) (the default on a GPU) keeps a slot-aligned form during updates and sorts it
+into this one only when the state is read (kvmem.stats.context_fixed: no host synchronisation per batch).
 LayerStats(backend="torch") take the torch ops (a sort of the referenced keys with torch.unique, a
 searchsorted against the kept ones and of the keys' tokens in the batch, gathers of the windows of batch
 tokens; on a GPU, unique and nonzero each synchronise with the host once per layer); the tests hold the two to the same state bit for
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 
 from kvmem.errors import KvmemError
+from kvmem.stats import context_fixed
 from kvmem.stats.keys import EMPTY
 from kvmem.stats.parallel import run_parallel
 
@@ -84,6 +87,7 @@ class ContextWindows:
         self.n_top, self.n_docs, self.n_bottom = int(n_top), int(n_docs), int(n_bottom)
         self.dtype, self.device = dtype, torch.device(device)
         self.width = self.before + 1 + self.after
+        self._fixed = None  # the slot-aligned form of sync-free updates (kvmem.stats.context_fixed), or None
         self._offs = torch.arange(-self.before, self.after + 1, device=self.device)  # [W]
         self.key = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.window = torch.full((0, self.width), float("nan"), dtype=dtype, device=self.device)
@@ -93,6 +97,34 @@ class ContextWindows:
         # the CPU pass's memo (see _plan), valid while _snap_of is self.key: the shown slots' keys [d, slots]
         # behind self.key, each entry's number of referencing slots [E], each neuron's first entry [d + 1]
         self._snap, self._snap_of, self._refs, self._start = None, None, None, None
+
+    @property
+    def key(self) -> torch.Tensor:
+        """Entry keys [E] int64, sorted (neuron * 2**32 + token index)."""
+        self._sorted()
+        return self._key
+
+    @key.setter
+    def key(self, t: torch.Tensor) -> None:
+        self._sorted()
+        self._key = t
+
+    @property
+    def window(self) -> torch.Tensor:
+        """Windows [E, W] of the entries."""
+        self._sorted()
+        return self._window
+
+    @window.setter
+    def window(self, t: torch.Tensor) -> None:
+        self._sorted()
+        self._window = t
+
+    def _sorted(self) -> None:
+        """Turn the slot-aligned form of sync-free updates into the sorted one (synchronises)."""
+        if getattr(self, "_fixed", None) is not None:
+            self._key, self._window = context_fixed.materialize(self)
+            self._fixed = None
 
     @property
     def settings(self) -> tuple[int, ...]:
@@ -132,6 +164,8 @@ class ContextWindows:
             raise ValueError(f"m must be [N, {self.d_mlp}], got {tuple(m.shape)}")
         index = index.to(device=self.device, dtype=torch.int64).reshape(n).contiguous()
         pos = pos.to(device=self.device, dtype=torch.int64).reshape(n).contiguous()
+        if getattr(stats, "sync_free", False):
+            return context_fixed.update(self, stats, m, index, pos)
         stores = self._stores(stats, m)
         if stores is not None:
             self._update_cpu(stores, m, index, pos)

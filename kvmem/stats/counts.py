@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from kvmem.stats.base import Batch, Counters
+from kvmem.stats.store import bincount_fixed
 
 
 class PositiveCounts(Counters):
@@ -28,9 +29,15 @@ class PositiveCounts(Counters):
         l0, count = batch.positives
         self.add(l0, count, batch.pos)
 
-    def add(self, l0: torch.Tensor, count: torch.Tensor, pos: torch.Tensor) -> None:
+    def update_dense(self, batch: Batch) -> None:
+        """update without host synchronisation (index_add_ for the bincounts)."""
+        l0, count = batch.positives
+        self.add(l0, count, batch.pos, fixed=True)
+
+    def add(self, l0: torch.Tensor, count: torch.Tensor, pos: torch.Tensor, fixed: bool = False) -> None:
         """Add a batch's L0 per token l0 [N], positives per neuron count [d], row positions pos [N]."""
+        bc = bincount_fixed if fixed else (lambda x, minlength: torch.bincount(x, minlength=minlength))
         self.pos += count
-        self.l0_hist += torch.bincount(l0, minlength=self.spec.d_mlp + 1)
+        self.l0_hist += bc(l0, minlength=self.spec.d_mlp + 1)
         self.l0_pos_sum.index_add_(0, pos, l0)
-        self.l0_pos_count += torch.bincount(pos, minlength=self.spec.max_pos)
+        self.l0_pos_count += bc(pos, minlength=self.spec.max_pos)

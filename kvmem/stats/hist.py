@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kvmem.stats.base import Batch, Counters
-from kvmem.stats.store import bincount, work_buffer
+from kvmem.stats.store import bincount, bincount_fixed, work_buffer
 
 OCT_LO, OCT_HI, PER_OCT = -10, 14, 4
 N_REG = (OCT_HI - OCT_LO) * PER_OCT  # 96 regular bins per sign
@@ -72,16 +72,18 @@ def _scaled_lut(d: int, device: torch.device) -> torch.Tensor:
     return lut
 
 
-def batch_hist(m: torch.Tensor, code: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+def batch_hist(m: torch.Tensor, code: torch.Tensor, flat: torch.Tensor, fixed: bool = False) -> torch.Tensor:
     """Counts [N_BINS, d] int64 of the float32 activations m [N, d] (contiguous).
 
-    code, flat: int32 work buffers [N, d] (overwritten). Four elementwise passes and one bincount."""
+    code, flat: int32 work buffers [N, d] (overwritten). Four elementwise passes and one bincount
+    (fixed: an index_add_ instead, no host synchronisation; the same counts)."""
     n, d = m.shape
     torch.bitwise_right_shift(m.view(torch.int32), 21, out=code)
     code.bitwise_and_(2047)
     torch.index_select(_scaled_lut(d, m.device), 0, code.view(-1), out=flat.view(-1))
     flat.add_(torch.arange(d, dtype=torch.int32, device=m.device))
-    return bincount(flat.view(-1), N_BINS * d).view(N_BINS, d)
+    count = bincount_fixed if fixed else bincount
+    return count(flat.view(-1), N_BINS * d).view(N_BINS, d)
 
 
 def count_above(hist: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +122,14 @@ class Histogram(Counters):
         code = work_buffer("i32_a", (n, d), torch.int32, m.device)
         flat = work_buffer("i32_b", (n, d), torch.int32, m.device)
         self.count += batch_hist(m, code, flat).T
+
+    def update_dense(self, batch: Batch) -> None:
+        """update without host synchronisation (an index_add_ for the bincount)."""
+        m = batch.m
+        n, d = m.shape
+        code = work_buffer("i32_a", (n, d), torch.int32, m.device)
+        flat = work_buffer("i32_b", (n, d), torch.int32, m.device)
+        self.count += batch_hist(m, code, flat, fixed=True).T
 
     def above(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(estimate, bound) float64 [d] of the number of tokens with m > threshold [d]."""

@@ -21,6 +21,14 @@ Backends: on CPU one fused numba pass over the batch updates the components it k
 everything else, and every component on other devices or with ``backend="torch"``, takes the component's
 own ``update``. The tests run every check on both.
 
+Sync-free updates (``sync_free``; on by default on any device but the CPU, the GPU path): every component
+takes its ``update_dense`` (fixed shapes: topk along the tokens and the slots, scatter amax, index_add_;
+kvmem.stats.base) and the context windows their slot-aligned form (kvmem.stats.context_fixed), so an update
+only queues kernels: no value is read back to the host. The input checks then run on the device into a
+flag that ``check()`` raises at the next batch boundary that reads the state (``state_dict``, ``merge``,
+the read-outs the profiler takes at checkpoints and at the end); positions outside [0, max_pos) are clamped
+until then. The state is the same, bit for bit, as the other paths'.
+
 state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` and ``{component}.{key}`` for each
 component. Naming contract: a tensor whose name ends in ``.index`` holds global token indices (-1 = none),
 ``top_docs.doc`` global document ids (-1 = none); ``shifted`` moves exactly those. Format 1 (kvmem 0.2,
@@ -56,7 +64,8 @@ class LayerStats:
 
     def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu",
                  backend: str = "auto", context: ContextWindows | None = None,
-                 value_norm: torch.Tensor | None = None, components=None, sign_preserving_act: bool = False):
+                 value_norm: torch.Tensor | None = None, components=None, sign_preserving_act: bool = False,
+                 sync_free: bool | None = None):
         if backend not in BACKENDS:
             raise KvmemError(f"LayerStats backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         # "auto": the fused one-pass kernel on CPU (kvmem.stats.fused), torch elsewhere; "torch": torch only
@@ -71,6 +80,32 @@ class LayerStats:
             raise KvmemError(f"context windows for d_mlp {context.d_mlp} on {context.device} do not fit this layer")
         self.context = context
         self._paths: dict = {}  # code paths taken by the last update (diagnostics, tests)
+        # no host synchronisation in update (module docstring); None: on unless the device is the CPU
+        self.sync_free = self.spec.device.type != "cpu" if sync_free is None else bool(sync_free)
+        self._bad: torch.Tensor | None = None  # [3] bool: invalid token_index / doc_id / pos_in_seq seen (sync-free)
+
+    @property
+    def _last_index(self) -> int:
+        """Largest token index seen (-1: none); read back from the device after sync-free updates."""
+        v = self._last
+        return v if isinstance(v, int) else int(v)
+
+    @_last_index.setter
+    def _last_index(self, v) -> None:
+        self._last = v if isinstance(v, torch.Tensor) else int(v)
+
+    def check(self) -> None:
+        """Raise the ValueError update would have raised for the first invalid input a sync-free update saw
+        (the check waits for the device: call it at batch boundaries); then clear the flag."""
+        if self._bad is None:
+            return
+        bad, self._bad = self._bad.tolist(), None
+        if bad[0]:
+            raise ValueError(f"token_index must be strictly increasing within [0, {MAX_TOKEN_INDEX}]")
+        if bad[1]:
+            raise ValueError("doc_id must be non-negative and non-decreasing")
+        if bad[2]:
+            raise ValueError(f"pos_in_seq must lie in [0, {self.max_pos})")
 
     d_mlp = property(lambda self: self.spec.d_mlp)
     k = property(lambda self: self.spec.k)
@@ -100,6 +135,8 @@ class LayerStats:
         ti = token_index.to(device=dev, dtype=torch.int64).reshape(n)
         doc = doc_id.to(device=dev, dtype=torch.int64).reshape(n)
         pos = pos_in_seq.to(device=dev, dtype=torch.int64).reshape(n)
+        if self.sync_free:
+            return self._update_fixed(m, ti, doc, pos, gate, up)
         checks = torch.stack(
             [ti[0], ti[-1], (ti[1:] > ti[:-1]).all().long(), (doc[1:] >= doc[:-1]).all().long(), doc[0],
              pos.min(), pos.max()]
@@ -125,6 +162,26 @@ class LayerStats:
             self.context.update(self, m, ti, pos)
         self._paths = batch.paths
 
+    def _update_fixed(self, m, ti, doc, pos, gate, up) -> None:
+        """update without host synchronisation (module docstring): checks into self._bad, dense updates."""
+        bad = torch.stack([(ti[0] < 0) | (ti[-1] > MAX_TOKEN_INDEX) | ~(ti[1:] > ti[:-1]).all(),
+                           (doc[0] < 0) | ~(doc[1:] >= doc[:-1]).all(),
+                           (pos.min() < 0) | (pos.max() >= self.max_pos)])
+        self._bad = bad if self._bad is None else self._bad | bad
+        pos = pos.clamp(0, self.max_pos - 1)
+        if self.gated:
+            gate, up = gate.to(self.device), up.to(self.device)
+        batch = Batch(m, ti, doc, pos, gate, up, None, None, False, stats=self)
+        for part in self.parts.values():
+            part.update_dense(batch)
+        batch.paths["dense"] = "fixed"
+        self.n += m.shape[0]
+        last = self._last if isinstance(self._last, torch.Tensor) else torch.tensor(self._last, device=self.device)
+        self._last = torch.maximum(last, ti[-1])
+        if self.context is not None:
+            self.context.update(self, m, ti, pos)
+        self._paths = batch.paths
+
     def _fused(self, m: torch.Tensor) -> bool:
         """Whether this update takes the fused CPU pass (kvmem.stats.fused)."""
         return self.backend != "torch" and m.device.type == "cpu" and fused.available
@@ -136,6 +193,8 @@ class LayerStats:
         component kept by only one side (a run of an older kvmem) is dropped: the merge keeps what both have."""
         a = (self.d_mlp, self.k, self.gated, self.max_pos)
         b = (other.d_mlp, other.k, other.gated, other.max_pos)
+        self.check()
+        other.check()
         if a != b:
             raise KvmemError(f"cannot merge LayerStats with (d_mlp, k, gated, max_pos) {b} into {a}")
         for name in list(self.parts):
@@ -204,6 +263,7 @@ class LayerStats:
         def i64(x: int) -> torch.Tensor:
             return torch.tensor(int(x), dtype=torch.int64, device=self.device)
 
+        self.check()
         sd = {"meta.version": i64(STATE_VERSION), "meta.d_mlp": i64(self.d_mlp), "meta.k": i64(self.k),
               "meta.gated": i64(self.gated), "meta.max_pos": i64(self.max_pos),
               "meta.last_index": i64(self._last_index), "meta.n": i64(self.n)}

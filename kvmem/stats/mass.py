@@ -62,6 +62,7 @@ from kvmem.errors import KvmemError
 from kvmem.stats import fused
 from kvmem.stats.base import Batch, Counters, LayerSpec
 from kvmem.stats.parallel import run_parallel
+from kvmem.stats.store import bincount_fixed
 
 try:  # numba is a dependency; a platform without its wheels still works on the torch path
     import numba
@@ -335,16 +336,23 @@ class MassCounts(Counters):
         batch.paths[self.name] = self.last_path
         self.add(k, batch.pos)
 
-    def add(self, k: torch.Tensor, pos: torch.Tensor) -> None:
+    def update_dense(self, batch: Batch) -> None:
+        """update without host synchronisation: the torch k_f (sort and cumsum), index_add_ for the counts."""
+        k = k_torch(batch.m, self.value_norm)
+        self.last_path = batch.paths[self.name] = "torch"
+        self.add(k, batch.pos, fixed=True)
+
+    def add(self, k: torch.Tensor, pos: torch.Tensor, fixed: bool = False) -> None:
         """Add tokens' k_f [N, len(FRACTIONS)] int64 at row positions pos [N]."""
         nf, d1 = self.hist.shape
         dev = self.hist.device
         k = k.to(dev)
         pos = pos.to(dev)
+        bc = bincount_fixed if fixed else (lambda x, minlength: torch.bincount(x, minlength=minlength))
         off = torch.arange(nf, device=dev) * d1
-        self.hist += torch.bincount((k + off).reshape(-1), minlength=nf * d1).view(nf, d1)
+        self.hist += bc((k + off).reshape(-1), minlength=nf * d1).view(nf, d1)
         self.pos_sum.index_add_(1, pos, k.T.contiguous())
-        self.pos_count += torch.bincount(pos, minlength=self.spec.max_pos)
+        self.pos_count += bc(pos, minlength=self.spec.max_pos)
 
     # ------------------------------------------------------------------ merge, state
     def merge(self, other: "MassCounts") -> None:

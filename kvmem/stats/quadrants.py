@@ -8,6 +8,10 @@ token (NaN while the quadrant is empty), ``index`` [d, 4] int64 its token (-1 em
 Torch update: each token is held to the example of its own quadrant (one mask |m| > bound[quadrant]);
 quadrants seen for the first time in a neuron take a dense pass over that neuron's column (at most four
 times per neuron). A quadrant's example is empty exactly until its count is non-zero.
+
+Sync-free update (``update_dense``, the GPU path): the best key of |m| per (quadrant, neuron) by one scatter
+amax over the batch, the larger of it and the kept one; the example's m read back by a searchsorted of its
+token in the batch, taken where the key changed. Fixed shapes; the same state as ``update``.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ class Quadrants(Stat):
         self.value = torch.where(take, ov, self.value)
         self.count += other.count.to(dev)
 
-    def update(self, batch: Batch) -> None:
-        m, ti, gate, up = batch.m, batch.index, batch.gate, batch.up
+    def _count(self, m, gate, up) -> None:
+        """Add the batch's tokens per quadrant (float sums of 0/1: exact integers below 2**24)."""
         n, d = m.shape
         dev = m.device
         g = work_buffer("f32_a", (n, d), torch.float32, dev)
@@ -72,11 +76,31 @@ class Quadrants(Stat):
         torch.gt(gate, 0, out=g)
         torch.gt(up, 0, out=u)
         ones = torch.ones(n, device=dev)
-        gs, us = ones @ g, ones @ u  # float sums of 0/1: exact integers below 2**24
+        gs, us = ones @ g, ones @ u
         g.mul_(u)
         gus = ones @ g
         self.count += torch.stack([gus, gs - gus, us - gus, n - gs - us + gus], 1).to(torch.int64)
 
+    def update_dense(self, batch: Batch) -> None:
+        """update without host synchronisation (module docstring)."""
+        m, ti, gate, up = batch.m, batch.index, batch.gate, batch.up
+        n, d = m.shape
+        self._count(m, gate, up)
+        quad = (gate <= 0).to(torch.int64) * 2 + (up <= 0).to(torch.int64)  # [N, d]
+        best = torch.full((4, d), EMPTY, dtype=torch.int64, device=m.device)
+        best.scatter_reduce_(0, quad, encode(m.abs(), ti[:, None]), "amax")
+        new = torch.maximum(self.keys, best.T)
+        row = torch.searchsorted(ti, decode_index(new)).clamp_(0, n - 1)  # [d, 4]
+        v = m.gather(0, row.T).T  # m[row[j, q], j]
+        self.value = torch.where(new != self.keys, v, self.value)
+        self.keys = new
+        batch.paths["quadrants"] = "fixed"
+
+    def update(self, batch: Batch) -> None:
+        m, ti, gate, up = batch.m, batch.index, batch.gate, batch.up
+        n, d = m.shape
+        dev = m.device
+        self._count(m, gate, up)
         old = self.keys
         new = old.clone()
         if bool((old != EMPTY).any()):  # every token held to its own quadrant's example (+inf where empty)

@@ -16,6 +16,10 @@ token hashes, found by searchsorted on the sorted hashes of the batch, so the sa
 O(N log N + candidates) and never touches [N, d_mlp] once the store is warm; a narrower window holding
 about SAMPLE_WINDOW·k expected positives is tried first. While the interval would visit more than
 SAMPLE_RANGE_LIMIT of the batch's pairs (the first batches), a dense pass is cheaper.
+
+Sync-free update (``update_dense``, the GPU path): the sample keys of the batch's active pairs [N, d]
+(EMPTY elsewhere), the top min(k, N) per column by one topk along the tokens, merged into the store by one
+topk along the slots (kvmem.stats.store.merge_dense); fixed shapes, the same state as ``update``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from kvmem.stats.base import Batch, LayerSpec, Stat
 from kvmem.stats.keys import EMPTY, LOW, decode_index, encode_high, key_high, neuron_hash, sample_key, token_hash
-from kvmem.stats.store import column_topk, merge_entries, pick
+from kvmem.stats.store import column_topk, merge_dense, merge_entries, pick
 from kvmem.stats.topk import Slots, entries
 
 SAMPLE_RANGE_LIMIT = 0.125
@@ -63,6 +67,18 @@ class Sample(Stat):
         dev = self.spec.device
         rows, key, pay = entries(other.keys.to(dev), other.value.to(dev))
         self.keys, (self.value,) = merge_entries(self.keys, [self.value], [float("nan")], rows, key, pay)
+
+    def update_dense(self, batch: Batch) -> None:
+        """update without host synchronisation (module docstring)."""
+        m, ti = batch.m, batch.index
+        n = m.shape[0]
+        prio = (token_hash(ti)[:, None] + self.neuron_c[None, :]) & LOW  # [N, d]
+        keys = torch.where(m > 0, encode_high(prio - 2**31, ti[:, None]), EMPTY)
+        del prio
+        top = torch.topk(keys, min(self.spec.k, n), dim=0)
+        v = torch.where(top.values == EMPTY, float("nan"), m.gather(0, top.indices))
+        self.keys, (self.value,) = merge_dense(self.keys, top.values.T, [(self.value, v.T)])
+        batch.paths["sample"] = "fixed"
 
     def _hash_ranges(self, T: torch.Tensor, active: torch.Tensor, hs: torch.Tensor):
         """Per neuron the sorted-hash positions whose priority is >= T [d] (unsigned), for active neurons:

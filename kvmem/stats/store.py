@@ -6,6 +6,10 @@ payloads [C]. ``merge_entries`` is the one merge used by update and by merging s
 first keeps one entry per (neuron, doc) (the largest key, across candidates and store), then keeps
 the k largest keys per neuron (padded block + topk, or a segmented sort). Keys are unique per neuron
 (they contain the token index), so the result does not depend on the order of the candidates.
+
+The sync-free path (LayerStats(sync_free=True), the default on a GPU) takes fixed shapes only:
+``merge_dense`` merges a candidate block [d, c] into a store [d, k] by one topk along the rows, and
+``bincount_fixed`` counts by index_add_ (torch.bincount reads the maximum back to the host on CUDA).
 """
 
 from __future__ import annotations
@@ -61,6 +65,33 @@ def bincount(x: torch.Tensor, minlength: int) -> torch.Tensor:
     for c in counts[1:]:
         out += c
     return out
+
+
+def bincount_fixed(x: torch.Tensor, minlength: int) -> torch.Tensor:
+    """Counts [minlength] int64 of the values of a flat int tensor x, all in [0, minlength) (not checked):
+    an index_add_ into a fixed-size tensor, so no host synchronisation (unlike torch.bincount on CUDA)."""
+    x = x.reshape(-1)
+    out = torch.zeros(minlength, dtype=torch.int64, device=x.device)
+    return out.index_add_(0, x, torch.ones(x.shape, dtype=torch.int64, device=x.device))
+
+
+def merge_dense(keys: torch.Tensor, cand: torch.Tensor, payloads=(), dedupe: int | None = None):
+    """The k largest keys per row of the store keys [d, k] and the candidate keys cand [d, c] (EMPTY pads
+    both), with payloads riding along: a list of (store [d, k], candidates [d, c]) pairs. Fixed shapes, no
+    host synchronisation. dedupe: index into payloads of a group id (the doc id, -1 = none): of the entries
+    of a row with the same group only the largest key is kept (the others become EMPTY first); the
+    candidates and the store must each hold a group at most once per row. Returns (keys [d, k], [payload
+    [d, k] ...]); a payload is read from the slot its key came from (an EMPTY slot may take any EMPTY's)."""
+    k = keys.shape[1]
+    allk = torch.cat([keys, cand.to(keys.dtype)], 1)
+    pays = [torch.cat([p, c.to(p.dtype)], 1) for p, c in payloads]
+    if dedupe is not None:
+        g = pays[dedupe]
+        same = (g[:, :, None] == g[:, None, :]) & (g[:, :, None] >= 0)  # [d, W, W]
+        beaten = (same & (allk[:, None, :] > allk[:, :, None])).any(2)
+        allk = torch.where(beaten, torch.full_like(allk, EMPTY), allk)
+    top = torch.topk(allk, k, dim=1)
+    return top.values, [torch.gather(p, 1, top.indices) for p in pays]
 
 
 def nonzero_flat(mask: torch.Tensor) -> torch.Tensor:

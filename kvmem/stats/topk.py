@@ -13,6 +13,13 @@ a sparse extraction, and the exact key merge (kvmem.stats.store.merge_entries). 
 the batch's token indices all exceed every index seen (``Batch.monotone``: a tie then loses on the index),
 else widened by one ulp so ties reach the exact key comparison. The CPU backend (kvmem.stats.fused)
 updates the same keys in place in its single pass.
+
+Sync-free update (``update_dense``; LayerStats(sync_free=True), the default on a GPU): fixed shapes only,
+no host synchronisation. The batch's keys [N, d] (value and token index, kvmem.stats.keys), the min(k, N)
+best per column by one topk along the tokens, merged into the store by one topk along the slots
+(kvmem.stats.store.merge_dense). top_docs: each document's best key per column by a scatter amax into N
+groups (a document is a run of equal doc ids), its top min(k, N) documents merged with the store keeping
+one entry per document. Same state, bit for bit, as ``update``: both keep the k largest unique keys.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 
 from kvmem.stats.base import Batch, LayerSpec, Stat
 from kvmem.stats.keys import EMPTY, decode_index, decode_value, encode, next_down
-from kvmem.stats.store import merge_entries, nonzero_flat, pick, work_buffer
+from kvmem.stats.store import merge_dense, merge_entries, nonzero_flat, pick, work_buffer
 from kvmem.stats.warmup import batch_doc_rows, batch_topk_rows
 
 
@@ -81,6 +88,13 @@ class Top(Stat):
             sel = key > self.keys[:, -1].index_select(0, cols)
             cols, key = cols[sel], key[sel]
         self.keys, _ = merge_entries(self.keys, [], [], cols, key, [])
+
+    def update_dense(self, batch: Batch) -> None:
+        """update without host synchronisation (module docstring)."""
+        key = batch.keys if self.sign > 0 else encode(-batch.m, batch.index[:, None])  # [N, d]
+        cand = torch.topk(key, min(self.spec.k, key.shape[0]), dim=0).values.T  # [d, kk]
+        self.keys, _ = merge_dense(self.keys, cand)
+        batch.paths[self.name] = "fixed"
 
     def merge(self, other: "Top") -> None:
         rows, key, _ = entries(other.keys.to(self.spec.device))
@@ -140,6 +154,20 @@ class TopDocs(Stat):
             sel = key > self.keys[:, -1].index_select(0, cols)
             cols, key, docs = cols[sel], key[sel], doc[rows[sel]]
         self.keys, (self.doc,) = merge_entries(self.keys, [self.doc], [-1], cols, key, [docs], dedupe=0)
+
+    def update_dense(self, batch: Batch) -> None:
+        """update without host synchronisation (module docstring)."""
+        key, doc = batch.keys, batch.doc
+        n, d = key.shape
+        seg = torch.zeros(n, dtype=torch.int64, device=key.device)  # document run of each token, in [0, n)
+        torch.cumsum(doc[1:] != doc[:-1], 0, out=seg[1:])
+        best = torch.full((n, d), EMPTY, dtype=torch.int64, device=key.device)
+        best.scatter_reduce_(0, seg[:, None].expand(n, d), key, "amax")  # each document's best key
+        seg_doc = torch.full((n,), -1, dtype=torch.int64, device=key.device).scatter_(0, seg, doc)
+        top = torch.topk(best, min(self.spec.k, n), dim=0)
+        cdoc = torch.where(top.values == EMPTY, -1, seg_doc[top.indices])
+        self.keys, (self.doc,) = merge_dense(self.keys, top.values.T, [(self.doc, cdoc.T)], dedupe=0)
+        batch.paths[self.name] = "fixed"
 
     def merge(self, other: "TopDocs") -> None:
         dev = self.spec.device
