@@ -8,6 +8,7 @@
 #                         configs field by field, so the benchmark runs on the tested version)
 #   transformer-lens      the tlens-cache baseline, and what its import and TransformerBridge path import
 #                         that the image lacks: datasets, multiprocess, dill, beartype, typeguard, fancy-einsum
+#   regex                 transformers checks regex>=2025.10.22 at import; the image's version is not recorded
 # Not carried: wandb, transformers-stream-generator (Requires-Dist of transformer-lens, never imported by
 # the bridge path: the import check blocks them and passes), kvmem's own plotly/gguf (report and GGUF
 # loading only). Total about 16 MiB.
@@ -24,6 +25,7 @@ WHEELS=(
   beartype==0.23.1
   typeguard==4.6.1
   fancy-einsum==0.0.3
+  regex==2026.5.9
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
@@ -33,7 +35,10 @@ ls -la .whl
 python3 scripts/gpu_wheels_check.py requires .whl || echo "(requirements above not met: see whether the run imports them)"
 # install as the device does, then import and run the smoke benchmark with everything else blocked
 rm -rf /tmp/kvmem-whl-site
-# (--python-version 3.12: the py312-only multiprocess wheel installs here too; pure python, imports on 3.11)
+# (--python-version 3.12: the py312-only multiprocess wheel installs here too, pure python; compiled cp312
+# wheels (regex) cannot import on this machine's 3.11: left out here, this machine's own version serves)
+pure=$(ls .whl/*.whl | grep -v -- '-cp3' || true)
+echo "import check without the compiled wheels: $(ls .whl/*.whl | grep -- '-cp3' | xargs -r -n1 basename | tr '\n' ' ')"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kvmem-whl-site \
-  --python-version 3.12 --only-binary=:all: .whl/*.whl
+  --python-version 3.12 --only-binary=:all: $pure
 python3 scripts/gpu_wheels_check.py imports /tmp/kvmem-whl-site .whl

@@ -31,6 +31,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || echo "WHEEL INSTALL FAILED: tlens-cache will record its error"
   export PYTHONPATH=/tmp/site:$PWD
+  if ! python3 -c "import transformers, kvmem" 2>"$OUT/import-error.txt"; then  # fall back to the image's
+    echo "carried transformers does not import here (see import-error.txt): the image's transformers is used"
+    rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info
+  else
+    rm -f "$OUT/import-error.txt"
+  fi
 else
   echo "no .whl/ carried: the image's transformers, no TransformerLens"
   export PYTHONPATH=$PWD
