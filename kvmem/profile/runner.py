@@ -12,10 +12,19 @@ include the m of the shown examples' context windows, taken while their tokens a
 kvmem.stats.context). Checkpoints (stats state + next row) are
 written every ``checkpoint_every`` seconds at batch boundaries, so ``--resume`` continues with the
 same batches and ends bit-identical to an uninterrupted run (``next_row`` counts scheduled rows).
+
+Host synchronisation: on a GPU the statistics take their sync-free path (LayerStats(sync_free=True):
+nothing inside the forward hooks reads a value back to the host; input checks are raised at batch
+boundaries). What syncs is outside the batch loop's device work: each batch's host-side inputs (which
+positions count, their token and document ids) are built on the host before the forward pass and copied
+from pinned memory with ``non_blocking=True``, one batch ahead; the progress bar (host-side lengths only)
+and checkpoints (the state read back) run at batch boundaries. ``HOOK_GUARD`` wraps every hook's work (the
+tests set kvmem.stats.syncguard.no_host_sync there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -31,6 +40,10 @@ from kvmem.models.load import DEFAULT_MODEL
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import DEFAULT_CORPUS
 from kvmem.profile.tokens import RowLayout, TokenStore
+
+
+SYNC_FREE: bool | None = None  # LayerStats(sync_free=...): None = on unless the device is the CPU
+HOOK_GUARD = contextlib.nullcontext  # a context manager around each hook's work (tests: no_host_sync)
 
 
 @dataclass(frozen=True)
@@ -223,7 +236,7 @@ class Profiler:
         self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
                                         device=model.device, context=context_windows(model, cfg),
                                         value_norm=model.value_norms(layer),
-                                        sign_preserving_act=sign_preserving(model))
+                                        sign_preserving_act=sign_preserving(model), sync_free=SYNC_FREE)
                       for layer in self.layers}
         self.state = Progress()
         self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)
@@ -264,7 +277,27 @@ class Profiler:
     # --- the pass -------------------------------------------------------------------------
     def batches(self):
         """(rows [b] int64, Step) of the schedule from state.next_row on; what enters the statistics is
-        worked out on the host, then moved (no host synchronisation on a GPU)."""
+        worked out on the host, then moved (no host synchronisation on a GPU): from pinned memory with
+        ``non_blocking=True`` on CUDA, one batch ahead (batch i + 1 is built and its copy queued before batch
+        i is handed out). On CPU the same code, the move a no-op."""
+        pending = None
+        for rows, step in self.host_batches():
+            step = self.to_device(step)
+            if pending is not None:
+                yield pending
+            pending = (rows, step)
+        if pending is not None:
+            yield pending
+
+    def to_device(self, step: "Step") -> "Step":
+        """A host-built Step on the model's device (CUDA: pinned, non_blocking; CPU: as it is)."""
+        if self.model.device.type != "cuda":
+            return step
+        return Step(*(None if t is None else t.pin_memory().to(self.model.device, non_blocking=True)
+                      for t in (step.ids, step.mask, step.sel, step.index, step.doc, step.pos)))
+
+    def host_batches(self):
+        """(rows, Step on the host) of the schedule from state.next_row on."""
         done = 0
         for rows in self.plan:
             done += rows.numel()
@@ -275,11 +308,7 @@ class Profiler:
             sel = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # None: every position counts
             index = b.index.flatten() if sel is None else b.index.flatten().index_select(0, sel)
             pos = b.pos.flatten() if sel is None else b.pos.flatten().index_select(0, sel)
-            step = Step(b.ids, b.mask, sel, index, self.store.doc_of(index), pos)
-            if self.model.device.type == "cuda":
-                step = Step(*(None if t is None else t.pin_memory().to(self.model.device, non_blocking=True)
-                              for t in (step.ids, step.mask, step.sel, step.index, step.doc, step.pos)))
-            yield rows, step
+            yield rows, Step(b.ids, b.mask, sel, index, self.store.doc_of(index), pos)
 
     def done_tokens(self) -> int:
         """Store tokens of the scheduled rows before state.next_row."""
@@ -296,10 +325,12 @@ class Profiler:
         sel = b.sel
 
         def on_layer(layer, t):
-            flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
-            if sel is not None:
-                flat = {k: v.index_select(0, sel) for k, v in flat.items()}
-            self.stats[layer].update(flat["coef"], b.index, b.doc, b.pos, gate=flat.get("gate"), up=flat.get("pre"))
+            with HOOK_GUARD():
+                flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
+                if sel is not None:
+                    flat = {k: v.index_select(0, sel) for k, v in flat.items()}
+                self.stats[layer].update(flat["coef"], b.index, b.doc, b.pos, gate=flat.get("gate"),
+                                         up=flat.get("pre"))
 
         with torch.inference_mode(), capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer):
             self.model.hf(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
@@ -319,6 +350,8 @@ class Profiler:
                 last_ckpt = time.monotonic()
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
+        for s in self.stats.values():  # the sync-free path's deferred input checks
+            s.check()
         return self.state.elapsed + time.monotonic() - start
 
 
