@@ -7,6 +7,8 @@ Methods (tokens/s and peak memory of each, every one warmed up on one batch firs
   tlens-cache        TransformerLens 4 TransformerBridge.run_with_cache on the MLP hook_post hooks plus a
                      per-batch top-k (k=20) merged into running stores (what a user would otherwise write)
   kvmem-profile      kvmem's streaming profiler over all neurons of all layers, all statistics
+  kvmem-sync-off     the same with the statistics' sync-free path off (kvmem.profile.runner.SYNC_FREE=False):
+                     what the host synchronisations cost, when the runner has that switch
   kvmem-compiled     the same with ProfileConfig(compile=True), when the runner has that option
 
   python scripts/bench_profile.py --model smollm2-135m --tokens 16384 --seq-len 512        # CPU, real model
@@ -64,7 +66,8 @@ SHAPES = {  # (model_type, config fields); random init
 }
 # run in this order: the plain methods first, the compiled ones (long warm-ups) after, tlens-cache last (its
 # bridge wraps the model's modules)
-METHODS = ("forward+logits", "forward-no-head", "kvmem-profile", "forward-compiled", "kvmem-compiled", "tlens-cache")
+METHODS = ("forward+logits", "forward-no-head", "kvmem-profile", "kvmem-sync-off", "forward-compiled", "kvmem-compiled",
+           "tlens-cache")
 # published figures the projection is set beside (not re-measured here)
 PUBLISHED = [
     {"who": "GLUScope", "hardware": "1x A100", "tokens": 20_000_000, "hours": "10-20 per model",
@@ -191,17 +194,26 @@ def runner_options() -> set[str]:
     return {f.name for f in dataclasses.fields(ProfileConfig)}
 
 
-def kvmem_fn(model, seq_len: int, compiled: bool, k: int = 20):
+def kvmem_fn(model, seq_len: int, compiled: bool, k: int = 20, sync_free: bool | None = None):
     """`kvmem profile` of every neuron of every layer with every statistic (context windows included),
     through the public Profiler API; returns the Profiler (its statistics are sized afterwards)."""
     extra = {"compile": True} if compiled else {}
 
     def run(ids, batch):
+        from kvmem.profile import runner
+
         flat = ids.flatten().to(torch.int32)
         store = TokenStore(flat, torch.tensor([0, flat.numel()]))
         cfg = ProfileConfig(seq_len=seq_len, batch_size=batch, top_k=k, checkpoint_every=1e12, **extra)
-        prof = Profiler(model, cfg, store, Path("/nonexistent"))
-        prof.run()
+        old = getattr(runner, "SYNC_FREE", None)
+        if sync_free is not None:
+            runner.SYNC_FREE = sync_free
+        try:
+            prof = Profiler(model, cfg, store, Path("/nonexistent"))
+            prof.run()
+        finally:
+            if sync_free is not None:
+                runner.SYNC_FREE = old
         return prof
     return run
 
@@ -307,7 +319,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", help="a model spec (e.g. smollm2-135m)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random-init model of this shape instead")
     ap.add_argument("--smoke", action="store_true", help="tiny shape (default tiny-gpt2), CPU, float32, 512 tokens, "
-                    "rows of 64, torch.compile with the eager backend: every method and the output, in seconds")
+                    "rows of 64, 4 rows a batch, one torch thread, torch.compile with the eager backend, the "
+                    "sync-free path on: every method and the output, in seconds")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per method (default 16384; --smoke 512)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 1024 for shapes, 512 else)")
     ap.add_argument("--batch", type=int, default=None, help="rows per batch (default: kvmem profile's, ~8k tokens "
@@ -317,6 +330,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to skip")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every method, interleaved (medians)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --smoke eager)")
+    ap.add_argument("--sync-free", choices=("auto", "on", "off"), default=None,
+                    help="the statistics' sync-free path (kvmem.profile.runner.SYNC_FREE; auto: on except on CPU; "
+                         "--smoke: on, so that the GPU's path runs on CPU)")
     ap.add_argument("--out", default=None, help="folder for bench-<shape>.json/.md (default: $OUT when set)")
     ap.add_argument("--json", dest="json_out", help="also write the JSON to this file")
     a = ap.parse_args(argv)
@@ -326,15 +342,37 @@ def parse(argv=None) -> argparse.Namespace:
         a.tokens, a.seq_len = a.tokens or 512, a.seq_len or 64
         a.compile_backend = a.compile_backend or "eager"
         a.batch = a.batch or 4
+        a.sync_free = a.sync_free or "on"
     a.tokens = a.tokens or 16384
     a.seq_len = a.seq_len or (1024 if a.shape else 512)
     a.compile_backend = a.compile_backend or "inductor"
+    a.sync_free = a.sync_free or "auto"
     a.out = a.out or os.environ.get("OUT")
     return a
 
 
 def main(argv=None) -> dict:
+    """Runs the benchmark; returns the report (also written to --out). The runner's SYNC_FREE switch is
+    set for the run and restored after it."""
+    from kvmem.profile import runner
+
     args = parse(argv)
+    threads, old = torch.get_num_threads(), getattr(runner, "SYNC_FREE", None)
+    if args.smoke:  # tiny shapes: one thread (a shared CPU's OpenMP team spins for nothing: 3x slower)
+        torch.set_num_threads(1)
+    if hasattr(runner, "SYNC_FREE"):  # the switch, where this checkout has it
+        runner.SYNC_FREE = {"auto": None, "on": True, "off": False}[args.sync_free]
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        if hasattr(runner, "SYNC_FREE"):
+            runner.SYNC_FREE = old
+
+
+def _run(args) -> dict:
+    from kvmem.profile import runner
+
     model = build_random(args.shape, args.device, args.dtype) if args.shape else \
         kvmem.load(args.model or "smollm2-135m", device=args.device, dtype=args.dtype)
     batch = args.batch or auto_batch_size(model, args.seq_len)  # what kvmem profile takes by default
@@ -354,6 +392,9 @@ def main(argv=None) -> dict:
     if "kvmem-compiled" in order and "compile" not in runner_options():
         order.remove("kvmem-compiled")
         print("kvmem-compiled skipped: ProfileConfig has no `compile` option in this checkout")
+    if "kvmem-sync-off" in order and not hasattr(runner, "SYNC_FREE"):
+        order.remove("kvmem-sync-off")
+        print("kvmem-sync-off skipped: kvmem.profile.runner has no SYNC_FREE switch in this checkout")
     results: dict[str, dict] = {}
     fns, rounds = {}, {}
     warm = ids[:batch]
@@ -368,7 +409,8 @@ def main(argv=None) -> dict:
         elif name == "tlens-cache":
             fn = tlens_fn(model)
         else:
-            fn = kvmem_fn(model, args.seq_len, compiled=name == "kvmem-compiled")
+            fn = kvmem_fn(model, args.seq_len, compiled=name == "kvmem-compiled",
+                          sync_free=False if name == "kvmem-sync-off" else None)
         setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         fn(warm, batch)

@@ -63,6 +63,6 @@ run_shape() {  # shape timeout tokens extra-args...
 }
 ONLY=${ONLY:-both}  # gpt2 | 8b | both: a rerun of one shape
 [ "$ONLY" != 8b ] && run_shape "$S1" "$GPT2_TIMEOUT" "$GPT2_TOKENS"
-[ "$ONLY" != gpt2 ] && run_shape "$S2" "$L8B_TIMEOUT" "$L8B_TOKENS" --skip tlens-cache
+[ "$ONLY" != gpt2 ] && run_shape "$S2" "$L8B_TIMEOUT" "$L8B_TOKENS" --skip tlens-cache kvmem-sync-off
 echo "== total $((SECONDS - start)) s"
 for f in "$OUT"/bench-*.md; do [ -f "$f" ] && cat "$f"; done

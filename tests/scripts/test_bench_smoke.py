@@ -24,8 +24,13 @@ import scripts.bench_profile as bench  # noqa: E402
 
 
 def test_smoke_runs_every_method_and_writes_json_and_markdown(tmp_path):
+    from kvmem.profile import runner
+
+    before = getattr(runner, "SYNC_FREE", None)
     rep = bench.main(["--smoke", "--out", str(tmp_path)])
-    expected = [m for m in bench.METHODS if m != "kvmem-compiled" or "compile" in bench.runner_options()]
+    assert getattr(runner, "SYNC_FREE", None) == before  # the switch is restored
+    expected = [m for m in bench.METHODS if (m != "kvmem-compiled" or "compile" in bench.runner_options())
+                and (m != "kvmem-sync-off" or hasattr(runner, "SYNC_FREE"))]
     assert list(rep["results"]) == expected
     for name, r in rep["results"].items():
         assert "error" not in r, (name, r)
@@ -49,7 +54,7 @@ def test_a_failing_method_leaves_the_others(tmp_path, monkeypatch):
             raise RuntimeError("boom\nsecond line")
         return run
     monkeypatch.setattr(bench, "forward_fn", broken)
-    rep = bench.main(["--smoke", "--shape", "tiny-llama", "--skip", "tlens-cache", "kvmem-compiled",
+    rep = bench.main(["--smoke", "--shape", "tiny-llama", "--skip", "tlens-cache", "kvmem-compiled", "kvmem-sync-off",
                       "--out", str(tmp_path)])
     res = rep["results"]
     assert res["forward+logits"]["error"] == "RuntimeError: boom second line"  # one line
