@@ -301,7 +301,8 @@ def markdown(rep: dict) -> str:
             v = "missing" if b["value"] is None else f"{b['value']:.2f}x"
             lines.append(f"| {b['bar']} | {v} | {b['need']:.2f}x | {'-' if b['ok'] is None else 'yes' if b['ok'] else 'NO'} |")
     if rep["projection"]:
-        lines += ["", f"Projected hours, all {rep['n_layers'] * rep['d_mlp']:,} neurons of this shape, one "
+        of = " of Llama-3.1-8B (this shape)" if rep["shape"] == "llama3-8b" else " of this shape"
+        lines += ["", f"Projected hours, all {rep['n_layers'] * rep['d_mlp']:,} neurons{of}, one "
                   f"{rep['env'].get('gpu', rep['env']['device'])}, at the {rep['kvmem_method']} rate measured here:", "",
                   "| who | hardware | tokens | hours | tok/s |", "| --- | --- | ---: | ---: | ---: |"]
         for p in rep["projection"]:
