@@ -18,7 +18,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/kvmem-gpu-bench}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false 
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 GPT2_TOKENS=${GPT2_TOKENS:-1048576} GPT2_TIMEOUT=${GPT2_TIMEOUT:-180}
 L8B_TOKENS=${L8B_TOKENS:-131072} L8B_TIMEOUT=${L8B_TIMEOUT:-270}
 if [ "${KVMEM_BENCH_SMOKE:-0}" = 1 ]; then  # the same script on CPU with tiny shapes (tests/scripts)
@@ -27,18 +27,18 @@ else
   S1=gpt2-small S2=llama3-8b DEVARGS=(--seq-len 1024 --device cuda --dtype bfloat16)
 fi
 start=$SECONDS
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && [ "${KVMEM_BENCH_SMOKE:-0}" != 1 ]; then  # (smoke: this machine's env)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || echo "WHEEL INSTALL FAILED: tlens-cache will record its error"
   export PYTHONPATH=/tmp/site:$PWD
-  if ! python3 -c "import transformers, kvmem" 2>"$OUT/import-error.txt"; then  # fall back to the image's
+  if ! python3 -c "import transformers" 2>"$OUT/import-error.txt"; then  # fall back to the image's
     echo "carried transformers does not import here (see import-error.txt): the image's transformers is used"
     rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info
   else
     rm -f "$OUT/import-error.txt"
   fi
 else
-  echo "no .whl/ carried: the image's transformers, no TransformerLens"
+  echo "no wheels installed: this python's own transformers (and TransformerLens if it has one)"
   export PYTHONPATH=$PWD
 fi
 {
