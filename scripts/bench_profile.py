@@ -366,6 +366,8 @@ def _run(args) -> dict:
             continue
         if out is not None:  # a Profiler: the statistics' own size, then it goes (its memory with it)
             results[name]["stats_bytes"] = stats_bytes(out)
+            if getattr(out, "backoffs", 0):  # out-of-memory back-offs (the runner's, where it has them)
+                results[name]["oom_backoffs"] = out.backoffs
             del out
         rounds.setdefault(name, []).append((dt, mem.value, mem.note))
         results[name] |= {"seconds": statistics.median(r[0] for r in rounds[name]),

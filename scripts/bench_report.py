@@ -65,6 +65,7 @@ def markdown(rep: dict) -> str:
                                                             ratio(res, name, "forward-no-head"))]
         note = f"compile {r['compile_seconds']:.1f} s (untimed)" if "compile_seconds" in r else ""
         note += f"bridge boot {r['setup_seconds']:.1f} s (untimed)" if "setup_seconds" in r else ""
+        note += f"{r['oom_backoffs']} out-of-memory back-offs" if r.get("oom_backoffs") else ""
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['seconds']:.2f} | {size(r['peak_bytes'])} | "
                      f"{fmt[0]} | {fmt[1]} | {note} |")
     if rep.get("stats_bytes") is not None:
