@@ -243,6 +243,8 @@ class Profiler:
         self.batch_size = cfg.batch_size or auto_batch_size(model, cfg.seq_len)
         self.plan = schedule(self.layout, self.batch_size)
         self.what = ("coef", "gate", "pre") if model.gated else ("coef",)
+        self.split = 1  # each planned batch runs in this many parts (doubled on out-of-memory: run_batch)
+        self.backoffs = 0  # out-of-memory back-offs taken
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -303,12 +305,45 @@ class Profiler:
             done += rows.numel()
             if done <= self.state.next_row:
                 continue
-            b = self.layout.batch(self.store, rows)
-            flat = b.counted.flatten()
-            sel = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # None: every position counts
-            index = b.index.flatten() if sel is None else b.index.flatten().index_select(0, sel)
-            pos = b.pos.flatten() if sel is None else b.pos.flatten().index_select(0, sel)
-            yield rows, Step(b.ids, b.mask, sel, index, self.store.doc_of(index), pos)
+            yield rows, self.host_step(rows)
+
+    def host_step(self, rows: torch.Tensor) -> "Step":
+        """The Step of a batch of rows [b] int64, built on the host."""
+        b = self.layout.batch(self.store, rows)
+        flat = b.counted.flatten()
+        sel = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # None: every position counts
+        index = b.index.flatten() if sel is None else b.index.flatten().index_select(0, sel)
+        pos = b.pos.flatten() if sel is None else b.pos.flatten().index_select(0, sel)
+        return Step(b.ids, b.mask, sel, index, self.store.doc_of(index), pos)
+
+    def run_batch(self, rows: torch.Tensor, b: "Step", skip=frozenset()) -> None:
+        """step, backing off on out-of-memory: the batch is retried as two halves of its rows (and so on
+        down to one row), each layer that already took the whole batch left out of the retries, so nothing
+        is lost or counted twice (a failed sync-free LayerStats.update leaves its state as it was; the CPU
+        paths are not undone, and on CPU an OOM is not expected). Later batches of the same plan are cut
+        into as many parts (``split``), so the plan, the checkpoints and ``next_row`` stay as they were."""
+        split = min(self.split, rows.numel())
+        if split > 1:
+            for part in torch.tensor_split(rows, split):
+                self._attempt(part, self.to_device(self.host_step(part)), skip)
+        else:
+            self._attempt(rows, b, skip)
+
+    def _attempt(self, rows: torch.Tensor, b: "Step", skip) -> None:
+        done: set = set()
+        try:
+            self.step(rows, b, skip=skip, done=done)
+        except torch.OutOfMemoryError:
+            if rows.numel() == 1:
+                raise KvmemError("out of GPU memory even with one row per batch: lower --seq-len or --layers") from None
+            del b
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = -(-rows.numel() // 2)  # the larger half's rows: later batches run in parts of at most that
+            self.split = max(self.split, -(-self.batch_size // half))
+            self.backoffs += 1
+            for part in torch.tensor_split(rows, 2):
+                self._attempt(part, self.to_device(self.host_step(part)), skip | done)
 
     def done_tokens(self) -> int:
         """Store tokens of the scheduled rows before state.next_row."""
@@ -320,17 +355,22 @@ class Profiler:
             n += int(self.layout.lengths[rows].sum())
         return n
 
-    def step(self, rows: torch.Tensor, b: "Step") -> None:
-        """One forward pass over a batch of rows; the counted positions (in stream order) update the statistics."""
+    def step(self, rows: torch.Tensor, b: "Step", skip=frozenset(), done: set | None = None) -> None:
+        """One forward pass over a batch of rows; the counted positions (in stream order) update the statistics
+        of every layer but those in ``skip``; each layer whose update completed is added to ``done``."""
         sel = b.sel
 
         def on_layer(layer, t):
+            if layer in skip:
+                return
             with HOOK_GUARD():
                 flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
                 if sel is not None:
                     flat = {k: v.index_select(0, sel) for k, v in flat.items()}
                 self.stats[layer].update(flat["coef"], b.index, b.doc, b.pos, gate=flat.get("gate"),
                                          up=flat.get("pre"))
+            if done is not None:
+                done.add(layer)
 
         with torch.inference_mode(), capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer):
             self.model.hf(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
@@ -341,7 +381,7 @@ class Profiler:
             self.tuning = tuning.apply(self.cfg.cpu_tuning)  # process-wide; kvmem.tuning has the switch
         start, last_ckpt = time.monotonic(), time.monotonic()
         for rows, b in self.batches():
-            self.step(rows, b)
+            self.run_batch(rows, b)
             self.state.next_row += rows.numel()
             if self.progress is not None:
                 self.progress(int(self.layout.lengths[rows.cpu()].sum()))

@@ -126,7 +126,9 @@ class Stat:
 
     def update_dense(self, batch: Batch) -> None:
         """update with fixed shapes and no host synchronisation (LayerStats(sync_free=True), the default on
-        a GPU); same state. Default: ``update``, for components whose update already is."""
+        a GPU); same state. It assigns new state tensors rather than writing into the old ones, so that an
+        update failing half way (out of memory) can be undone by restoring the old references. Default:
+        ``update``, for components whose update already is both."""
         self.update(batch)
 
     def merge(self, other: "Stat") -> None:  # pragma: no cover - interface

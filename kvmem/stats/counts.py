@@ -36,8 +36,13 @@ class PositiveCounts(Counters):
 
     def add(self, l0: torch.Tensor, count: torch.Tensor, pos: torch.Tensor, fixed: bool = False) -> None:
         """Add a batch's L0 per token l0 [N], positives per neuron count [d], row positions pos [N]."""
-        bc = bincount_fixed if fixed else (lambda x, minlength: torch.bincount(x, minlength=minlength))
+        if fixed:  # out of place, so that a failed sync-free update leaves the state as it was (LayerStats)
+            self.pos = self.pos + count
+            self.l0_hist = self.l0_hist + bincount_fixed(l0, self.spec.d_mlp + 1)
+            self.l0_pos_sum = self.l0_pos_sum.index_add(0, pos, l0)
+            self.l0_pos_count = self.l0_pos_count + bincount_fixed(pos, self.spec.max_pos)
+            return
         self.pos += count
-        self.l0_hist += bc(l0, minlength=self.spec.d_mlp + 1)
+        self.l0_hist += torch.bincount(l0, minlength=self.spec.d_mlp + 1)
         self.l0_pos_sum.index_add_(0, pos, l0)
-        self.l0_pos_count += bc(pos, minlength=self.spec.max_pos)
+        self.l0_pos_count += torch.bincount(pos, minlength=self.spec.max_pos)

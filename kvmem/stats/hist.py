@@ -129,7 +129,7 @@ class Histogram(Counters):
         n, d = m.shape
         code = work_buffer("i32_a", (n, d), torch.int32, m.device)
         flat = work_buffer("i32_b", (n, d), torch.int32, m.device)
-        self.count += batch_hist(m, code, flat, fixed=True).T
+        self.count = self.count + batch_hist(m, code, flat, fixed=True).T  # out of place: see LayerStats
 
     def above(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(estimate, bound) float64 [d] of the number of tokens with m > threshold [d]."""

@@ -163,7 +163,24 @@ class LayerStats:
         self._paths = batch.paths
 
     def _update_fixed(self, m, ti, doc, pos, gate, up) -> None:
-        """update without host synchronisation (module docstring): checks into self._bad, dense updates."""
+        """update without host synchronisation (module docstring): checks into self._bad, dense updates.
+        All or nothing: the components assign new state tensors (Stat.update_dense), so on any exception
+        (out of memory half way) the old references are put back and the batch can be retried."""
+        saved = ([dict(vars(p)) for p in self.parts.values()], self.n, self._last, self._bad,
+                 None if self.context is None else dict(vars(self.context)))
+        try:
+            self._update_fixed_parts(m, ti, doc, pos, gate, up)
+        except BaseException:
+            for p, state in zip(self.parts.values(), saved[0]):
+                vars(p).clear()
+                vars(p).update(state)
+            self.n, self._last, self._bad = saved[1:4]
+            if self.context is not None:
+                vars(self.context).clear()
+                vars(self.context).update(saved[4])
+            raise
+
+    def _update_fixed_parts(self, m, ti, doc, pos, gate, up) -> None:
         bad = torch.stack([(ti[0] < 0) | (ti[-1] > MAX_TOKEN_INDEX) | ~(ti[1:] > ti[:-1]).all(),
                            (doc[0] < 0) | ~(doc[1:] >= doc[:-1]).all(),
                            (pos.min() < 0) | (pos.max() >= self.max_pos)])

@@ -348,11 +348,15 @@ class MassCounts(Counters):
         dev = self.hist.device
         k = k.to(dev)
         pos = pos.to(dev)
-        bc = bincount_fixed if fixed else (lambda x, minlength: torch.bincount(x, minlength=minlength))
         off = torch.arange(nf, device=dev) * d1
-        self.hist += bc((k + off).reshape(-1), minlength=nf * d1).view(nf, d1)
+        if fixed:  # out of place, so that a failed sync-free update leaves the state as it was (LayerStats)
+            self.hist = self.hist + bincount_fixed((k + off).reshape(-1), nf * d1).view(nf, d1)
+            self.pos_sum = self.pos_sum.index_add(1, pos, k.T.contiguous())
+            self.pos_count = self.pos_count + bincount_fixed(pos, self.spec.max_pos)
+            return
+        self.hist += torch.bincount((k + off).reshape(-1), minlength=nf * d1).view(nf, d1)
         self.pos_sum.index_add_(1, pos, k.T.contiguous())
-        self.pos_count += bc(pos, minlength=self.spec.max_pos)
+        self.pos_count += torch.bincount(pos, minlength=self.spec.max_pos)
 
     # ------------------------------------------------------------------ merge, state
     def merge(self, other: "MassCounts") -> None:

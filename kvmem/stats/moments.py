@@ -26,6 +26,16 @@ class Moments(Counters):
         x.mul_(x)
         self.sumsq += (ones @ x)[0]
 
+    def update_dense(self, batch: Batch) -> None:
+        """update out of place (a failed sync-free update leaves the state as it was: LayerStats)."""
+        m = batch.m
+        x = work_buffer("f64", tuple(m.shape), torch.float64, m.device)
+        x.copy_(m)
+        ones = torch.ones(1, m.shape[0], dtype=torch.float64, device=m.device)
+        s = (ones @ x)[0]
+        x.mul_(x)
+        self.sum, self.sumsq = self.sum + s, self.sumsq + (ones @ x)[0]
+
     def mean(self, n: int) -> torch.Tensor:
         """Mean of m per neuron, float64 [d] (NaN before any token)."""
         return self.sum / n if n else torch.full_like(self.sum, float("nan"))

@@ -79,7 +79,7 @@ class Quadrants(Stat):
         gs, us = ones @ g, ones @ u
         g.mul_(u)
         gus = ones @ g
-        self.count += torch.stack([gus, gs - gus, us - gus, n - gs - us + gus], 1).to(torch.int64)
+        self.count = self.count + torch.stack([gus, gs - gus, us - gus, n - gs - us + gus], 1).to(torch.int64)
 
     def update_dense(self, batch: Batch) -> None:
         """update without host synchronisation (module docstring)."""
