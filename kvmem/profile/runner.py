@@ -40,6 +40,7 @@ from kvmem.models.load import DEFAULT_MODEL
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import DEFAULT_CORPUS
 from kvmem.profile.tokens import RowLayout, TokenStore
+from kvmem.stats import placement
 
 
 SYNC_FREE: bool | None = None  # LayerStats(sync_free=...): None = on unless the device is the CPU
@@ -203,7 +204,7 @@ def sign_preserving(model) -> bool:
         return False
 
 
-def context_windows(model, cfg: ProfileConfig):
+def context_windows(model, cfg: ProfileConfig, device=None):
     """A layer's ContextWindows for the settings of ``cfg`` (None when ``cfg.context`` is off)."""
     from kvmem.stats.context import DTYPES, ContextWindows
 
@@ -211,7 +212,7 @@ def context_windows(model, cfg: ProfileConfig):
         return None
     return ContextWindows(model.d_mlp, before=cfg.context_before, after=cfg.context_after, n_top=cfg.context_top,
                           n_docs=cfg.context_docs, n_bottom=cfg.context_bottom, dtype=DTYPES[cfg.context_dtype],
-                          device=model.device)
+                          device=model.device if device is None else device)
 
 
 def auto_batch_size(model, seq_len: int) -> int:
@@ -233,8 +234,11 @@ class Profiler:
         self.progress = progress
         # value norms ‖v_i‖ weigh |m_i| in what each neuron writes (kvmem.stats.mass)
         self.layout = layout_of(model, cfg, store)
+        # each layer's statistics on that layer's device (one device, or spread by --device-map auto)
+        self.devices = placement.layer_devices(model, self.layers)
         self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
-                                        device=model.device, context=context_windows(model, cfg),
+                                        device=self.devices[layer],
+                                        context=context_windows(model, cfg, self.devices[layer]),
                                         value_norm=model.value_norms(layer),
                                         sign_preserving_act=sign_preserving(model), sync_free=SYNC_FREE)
                       for layer in self.layers}
@@ -274,6 +278,8 @@ class Profiler:
         self.batch_size = progress["batch_size"]  # same batches -> bit-identical statistics
         self.plan = schedule(self.layout, self.batch_size)
         self.stats = runfiles.load_stats(self.ckpt / progress["stats_file"], device=self.model.device)
+        self.stats = {layer: s if s.device == self.devices[layer] else
+                      type(s).from_state_dict(s.state_dict(), device=self.devices[layer]) for layer, s in self.stats.items()}
         self.state = Progress(progress["next_row"], progress["elapsed"])
 
     # --- the pass -------------------------------------------------------------------------
