@@ -93,22 +93,22 @@ def profile(
     force: Annotated[bool, typer.Option("--force", help="Replace whatever --out holds.")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    device_map: Annotated[str | None, typer.Option(help="auto: spread a model too large for one GPU over the visible GPUs (accelerate), each layer's statistics on its GPU; with torchrun give each rank its GPUs by CUDA_VISIBLE_DEVICES.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Profile every FFN neuron over a corpus in one streaming pass: top examples, firing rates, histograms."""
     from kvmem.neurons import parse_layers
     from kvmem.profile.job import profile as run_profile
-    from kvmem.profile.job import rank_device
+    from kvmem.profile.job import load_model
 
     cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                   top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, shard=shard, device=device,
-                  dtype=dtype, rows=rows, bos=bos, skip_first=False if keep_first else None)
+                  dtype=dtype, rows=rows, bos=bos, skip_first=False if keep_first else None, device_map=device_map)
+    cfg.validate()
     stages, notes = {}, []
     t = time.perf_counter()
     with err_console.status(f"loading {cfg.model} ..."):
-        import kvmem
-
-        kv = kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
+        kv = load_model(cfg)
     stages["load"] = time.perf_counter() - t
     if layers is not None:
         from dataclasses import replace

@@ -88,6 +88,27 @@ def load_hf(spec: str):
     return (*_load_hub(spec), f"hub:{spec}")
 
 
+def dispatch(hf, device_map: str | dict = "auto", max_memory: dict | None = None) -> dict:
+    """Spread an already-built HF model over the local devices with accelerate's big-model dispatch (hooks move
+    each block's inputs to its device); returns the device map (module name -> device), also left in
+    ``hf.hf_device_map``. ``"auto"``: accelerate's map over the visible GPUs (and ``max_memory``), whole
+    decoder blocks kept together; a dict is used as given. Layers the map offloads ("cpu" beside GPUs,
+    "disk") are refused by the profiler (kvmem.stats.placement, which also says how a 70B model runs).
+    The model is first built whole on the host (kvmem.load); loading straight onto the devices
+    (from_pretrained(device_map=...)) is not wired in yet."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        if not torch.cuda.is_available():
+            raise KvmemError("--device-map auto needs CUDA GPUs (none is visible)")
+        device_map = infer_auto_device_map(hf, max_memory=max_memory,
+                                           no_split_module_classes=list(getattr(hf, "_no_split_modules", None) or []))
+    elif not isinstance(device_map, dict):
+        raise KvmemError(f"device_map must be auto or a mapping of module names to devices (got {device_map!r})")
+    dispatch_model(hf, device_map=dict(device_map))
+    return dict(device_map)
+
+
 def _load_dir(path: Path, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

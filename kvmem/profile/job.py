@@ -35,7 +35,7 @@ from kvmem.profile.tokens import TokenStore, tokenize
 
 
 # settings a checkpoint may be continued with although they differ (they do not change the result)
-_FREE_SETTINGS = ("checkpoint_every", "batch_size", "cpu_tuning")
+_FREE_SETTINGS = ("checkpoint_every", "batch_size", "cpu_tuning", "device_map")
 
 
 def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = False, model=None,
@@ -59,7 +59,7 @@ def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = Fals
     rank, world = _dist_rank_world()
     t = time.perf_counter()
     if model is None:
-        model = kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
+        model = load_model(cfg)
         stages["load"] = time.perf_counter() - t
     cfg = replace(cfg, model=model.spec)  # the settings record the model actually profiled
     if world > 1:
@@ -276,6 +276,23 @@ def value_tokens(model, n: int = 5):
 # --- torchrun -------------------------------------------------------------------------------
 def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load_model(cfg: ProfileConfig):
+    """The KVModel ``cfg`` profiles: on ``cfg.device`` (this torchrun rank's GPU), or with ``device_map`` auto
+    built on the host in ``cfg.dtype`` (auto: bfloat16) and spread over the visible GPUs by accelerate
+    (kvmem.models.load.dispatch); its ``device`` is then the embedding's, where the input ids go. Under
+    torchrun each rank spreads over the GPUs it sees: give each rank its group with CUDA_VISIBLE_DEVICES
+    (kvmem.stats.placement)."""
+    from kvmem.models.load import dispatch
+
+    if cfg.device_map is None:
+        return kvmem.load(cfg.model, device=rank_device(cfg.device), dtype=cfg.dtype)
+    if not torch.cuda.is_available():
+        raise KvmemError("--device-map auto needs CUDA GPUs (none is visible)")
+    kv = kvmem.load(cfg.model, device="cpu", dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype)
+    dispatch(kv.hf, cfg.device_map)
+    return replace(kv, device=kv.hf.get_input_embeddings().weight.device)
 
 
 def rank_device(device: str) -> str:

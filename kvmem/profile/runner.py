@@ -68,6 +68,8 @@ class ProfileConfig:
     checkpoint_every: float = 300.0  # seconds between checkpoints (0: after every batch)
     shard: str | None = None  # "i/n": profile only the i-th of n contiguous blocks of rows (merge them later)
     cpu_tuning: bool = True  # on CPU: torch's OpenMP team for the stats kernel, glibc kept buffers (kvmem.tuning)
+    device_map: str | None = None  # "auto": the model spread over the visible GPUs by accelerate, each layer's
+    #                                statistics on its layer's GPU (kvmem.stats.placement); None: one device
     # context windows kept for the report (kvmem.stats.context): m of each shown example's neuron over its
     # context, so `kvmem report` shades contexts without re-running the model. Defaults = ReportOptions'.
     context: bool = True  # keep them at all
@@ -91,6 +93,8 @@ class ProfileConfig:
             raise KvmemError("--tokens must be at least 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise KvmemError("--batch-size must be at least 1")
+        if self.device_map not in (None, "auto"):
+            raise KvmemError(f"--device-map must be auto (got {self.device_map!r})")
         if self.rows not in ROWS:
             raise KvmemError(f"--rows must be one of {', '.join(ROWS)} (got {self.rows!r})")
         if self.shard is not None:

@@ -60,3 +60,30 @@ def test_a_run_over_a_device_map_equals_a_single_device_run(tmp_path, corpus, ti
     gathered = placement.gather(run.stats, "cpu")
     assert all(isinstance(s, LayerStats) and s.device == torch.device("cpu") for s in gathered.values())
     same_stats(gathered, ref.stats)
+
+
+def test_accelerate_dispatch_then_profile(tmp_path, corpus, tiny_dirs, tiny_models):
+    """kvmem.models.load.dispatch (accelerate's dispatch_model) with a map of CPU devices: the map is left on
+    the model, the statistics follow it, and the run equals one of the undispatched model."""
+    from kvmem.models.load import dispatch
+
+    kv = kvmem.load(str(tiny_dirs["llama"]), device="cpu")
+    dmap = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(kv.n_layers)},
+            "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    assert dispatch(kv.hf, dmap) == dmap and kv.hf.hf_device_map == dmap
+    assert placement.layer_devices(kv, range(kv.n_layers)) == {i: torch.device("cpu") for i in range(kv.n_layers)}
+    cfg = ProfileConfig(corpus=str(corpus), seq_len=SEQ, batch_size=BATCH, top_k=K, checkpoint_every=1e9)
+    same_stats(kvmem.profile(cfg, tmp_path / "run", model=kv).stats,
+               kvmem.profile(cfg, tmp_path / "ref", model=tiny_models["llama"]).stats)
+
+
+def test_device_map_options_refused_with_one_line(capsys, tmp_path, tiny_dirs, corpus):
+    from kvmem.cli import main
+
+    for value, msg in (("bogus", "--device-map must be auto"), ("auto", "needs CUDA GPUs")):
+        if value == "auto" and torch.cuda.is_available():
+            continue
+        code = main(["profile", str(tiny_dirs["llama"]), "--corpus", str(corpus), "--out", str(tmp_path / value),
+                     "--device-map", value])
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
