@@ -94,6 +94,7 @@ def profile(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     device_map: Annotated[str | None, typer.Option(help="auto: spread a model too large for one GPU over the visible GPUs (accelerate), each layer's statistics on its GPU; with torchrun give each rank its GPUs by CUDA_VISIBLE_DEVICES.")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the statistics update (GPU runs; the first batches pay the compilation).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Profile every FFN neuron over a corpus in one streaming pass: top examples, firing rates, histograms."""
@@ -103,7 +104,8 @@ def profile(
 
     cfg = _config(config, model=model, corpus=corpus, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                   top_k=top_k, text_field=text_field, checkpoint_every=checkpoint_every, shard=shard, device=device,
-                  dtype=dtype, rows=rows, bos=bos, skip_first=False if keep_first else None, device_map=device_map)
+                  dtype=dtype, rows=rows, bos=bos, skip_first=False if keep_first else None, device_map=device_map,
+                  compile=compile or None)
     cfg.validate()
     stages, notes = {}, []
     t = time.perf_counter()

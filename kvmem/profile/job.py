@@ -35,7 +35,7 @@ from kvmem.profile.tokens import TokenStore, tokenize
 
 
 # settings a checkpoint may be continued with although they differ (they do not change the result)
-_FREE_SETTINGS = ("checkpoint_every", "batch_size", "cpu_tuning", "device_map")
+_FREE_SETTINGS = ("checkpoint_every", "batch_size", "cpu_tuning", "device_map", "compile")
 
 
 def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = False, model=None,

@@ -68,6 +68,7 @@ class ProfileConfig:
     checkpoint_every: float = 300.0  # seconds between checkpoints (0: after every batch)
     shard: str | None = None  # "i/n": profile only the i-th of n contiguous blocks of rows (merge them later)
     cpu_tuning: bool = True  # on CPU: torch's OpenMP team for the stats kernel, glibc kept buffers (kvmem.tuning)
+    compile: bool = False  # torch.compile the sync-free statistics update (GPU runs; kvmem.stats.layer)
     device_map: str | None = None  # "auto": the model spread over the visible GPUs by accelerate, each layer's
     #                                statistics on its layer's GPU (kvmem.stats.placement); None: one device
     # context windows kept for the report (kvmem.stats.context): m of each shown example's neuron over its
@@ -244,7 +245,8 @@ class Profiler:
                                         device=self.devices[layer],
                                         context=context_windows(model, cfg, self.devices[layer]),
                                         value_norm=model.value_norms(layer),
-                                        sign_preserving_act=sign_preserving(model), sync_free=SYNC_FREE)
+                                        sign_preserving_act=sign_preserving(model), sync_free=SYNC_FREE,
+                                        compile=cfg.compile)
                       for layer in self.layers}
         self.state = Progress()
         self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)

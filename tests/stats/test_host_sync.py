@@ -159,3 +159,20 @@ def test_sync_free_context_windows_match_the_stream(gated, every):
     assert a.keys() == b.keys()
     for name in b:  # bit for bit, NaNs included
         assert torch.equal(a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8)), name
+
+
+def test_compiled_update_keeps_the_eager_state():
+    """LayerStats(compile=True): the components' sync-free updates through torch.compile give the eager
+    state bit for bit (kept small: the top store and the histogram; compilation dominates the time)."""
+    st = make_stream(seed=5, n=600, d=10)
+    a = LayerStats(10, k=5, max_pos=64, sync_free=True, components=["top", "hist"])
+    b = LayerStats(10, k=5, max_pos=64, compile=True, components=["top", "hist"])
+    assert b.sync_free
+    cuts = [0, 200, 400, 600]  # one shape: one compilation
+    feed(a, st, cuts)
+    feed(b, st, cuts)
+    assert b._paths["dense"] == "compiled"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and {"top.value", "hist.count"} <= set(sa)
+    for name in sa:
+        assert torch.equal(sa[name].reshape(-1).view(torch.uint8), sb[name].reshape(-1).view(torch.uint8)), name
