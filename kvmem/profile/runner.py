@@ -220,11 +220,25 @@ def context_windows(model, cfg: ProfileConfig, device=None):
                           device=model.device if device is None else device)
 
 
+# bytes per (token, neuron) of one layer's sync-free update at its peak (int64 keys of m, of -m and of the
+# documents' best, the sample's keys and priorities, the histogram's int32 codes, float64 moments, float32
+# m and positives): an upper estimate, so that half the free memory holds a batch's statistics transients
+STATS_BYTES_PER_ENTRY = 64
+GPU_TOKENS = (1024, 32768)  # the range of tokens per batch the free-memory rule picks from
+
+
 def auto_batch_size(model, seq_len: int) -> int:
-    """Rows per batch: ~8k tokens per pass on a GPU (backed off on OOM by the caller), 4k on CPU (the
-    statistics' fixed costs per call, thread launches and per-block set-up, spread over more tokens; the
-    forward pass runs as fast as with 2k)."""
-    target = 8192 if model.device.type == "cuda" else 4096
+    """Rows per batch. On a GPU from the free memory (torch.cuda.mem_get_info, read once before the pass):
+    half of it over STATS_BYTES_PER_ENTRY * d_mlp bytes per token, within GPU_TOKENS (the caller backs off
+    on out-of-memory: find_batch_size, Profiler.run_batch). On CPU 4k tokens (the statistics' fixed costs
+    per call, thread launches and per-block set-up, spread over more tokens; the forward pass runs as fast
+    as with 2k)."""
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        target = int(free // 2 // (STATS_BYTES_PER_ENTRY * model.d_mlp))
+        target = min(max(target, GPU_TOKENS[0]), GPU_TOKENS[1])
+    else:
+        target = 4096
     return max(1, target // seq_len)
 
 

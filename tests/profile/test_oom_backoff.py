@@ -37,3 +37,16 @@ def test_oom_in_a_hook_is_retried_at_half_size_without_loss(tmp_path, corpus, ti
     assert calls[2:6] == [h1, h1, h2, h2] and h1 + h2 == first and 0 < h2 <= h1 < first
     assert sum(s.n for s in run.stats.values()) == sum(s.n for s in ref.stats.values())
     same_stats(run.stats, ref.stats)
+
+
+def test_batch_size_from_free_memory(monkeypatch):
+    """On a GPU the rows per batch follow the free memory (half of it over the update's bytes per token),
+    within GPU_TOKENS; on CPU 4k tokens."""
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), d_mlp=14336)
+    per_token = runner.STATS_BYTES_PER_ENTRY * 14336
+    for free, tokens in ((2 * per_token * 8192, 8192), (10**15, runner.GPU_TOKENS[1]), (10**6, runner.GPU_TOKENS[0])):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 2 * f))
+        assert runner.auto_batch_size(gpu, 1024) == tokens // 1024
+    assert runner.auto_batch_size(SimpleNamespace(device=torch.device("cpu"), d_mlp=64), 512) == 8
