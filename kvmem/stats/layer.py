@@ -27,10 +27,10 @@ kvmem.stats.base) and the context windows their slot-aligned form (kvmem.stats.c
 only queues kernels: no value is read back to the host. The input checks then run on the device into a
 flag that ``check()`` raises at the next batch boundary that reads the state (``state_dict``, ``merge``,
 the read-outs the profiler takes at checkpoints and at the end); positions outside [0, max_pos) are clamped
-until then. The state is the same, bit for bit, as the other paths'. ``compile=True`` (with sync_free)
-(which implies sync_free unless it is set) runs each component's update_dense through torch.compile (one compiled function per component class,
-shared by all layers; the first batches pay the compilation: about 40 s for all components on 2 CPU
-cores; the same state as eager, tested on CPU).
+until then. The state is the same, bit for bit, as the other paths'. ``compile=True`` (which implies
+sync_free unless that is set) runs each component's update_dense through torch.compile (one compiled
+function per component class, shared by all layers; the first batches pay the compilation: about 40 s for
+all components on 2 CPU cores; the same state as eager, tested on CPU).
 
 state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` and ``{component}.{key}`` for each
 component. Naming contract: a tensor whose name ends in ``.index`` holds global token indices (-1 = none),
