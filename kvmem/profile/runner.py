@@ -269,6 +269,8 @@ class Profiler:
         self.what = ("coef", "gate", "pre") if model.gated else ("coef",)
         self.split = 1  # each planned batch runs in this many parts (doubled on out-of-memory: run_batch)
         self.backoffs = 0  # out-of-memory back-offs taken
+        self.skip: frozenset = frozenset()  # layers the current step leaves out (they took the batch already)
+        self.done: set | None = None  # layers whose update of the current step completed
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -357,8 +359,9 @@ class Profiler:
 
     def _attempt(self, rows: torch.Tensor, b: "Step", skip) -> None:
         done: set = set()
+        self.skip, self.done = skip, done
         try:
-            self.step(rows, b, skip=skip, done=done)
+            self.step(rows, b)
         except torch.OutOfMemoryError:
             if rows.numel() == 1:
                 raise KvmemError("out of GPU memory even with one row per batch: lower --seq-len or --layers") from None
@@ -381,10 +384,11 @@ class Profiler:
             n += int(self.layout.lengths[rows].sum())
         return n
 
-    def step(self, rows: torch.Tensor, b: "Step", skip=frozenset(), done: set | None = None) -> None:
+    def step(self, rows: torch.Tensor, b: "Step") -> None:
         """One forward pass over a batch of rows; the counted positions (in stream order) update the statistics
-        of every layer but those in ``skip``; each layer whose update completed is added to ``done``."""
-        sel = b.sel
+        of every layer but those in ``self.skip``; each layer whose update completed is added to ``self.done``
+        (both set by run_batch)."""
+        sel, skip, done = b.sel, self.skip, self.done
 
         def on_layer(layer, t):
             if layer in skip:
