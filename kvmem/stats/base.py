@@ -48,6 +48,11 @@ class LayerSpec:
     # wherever m != 0, (up > 0) == ((m > 0) == (gate > 0)), which lets the CPU pass (kvmem.stats.fused)
     # skip reading up. A run-time property of the model, not of the statistics (not in the state)
     sign_preserving_act: bool = False
+    # mixture-of-experts layers (kvmem.stats.routing): routed experts (0: a dense layer) and expert_of [d]
+    # int64, the expert of each flat neuron (routed e: e; shared expert s: -1 - s). Then the neuron
+    # statistics count only the tokens routed to each neuron's expert (Batch.active, kvmem.stats.layer)
+    n_experts: int = 0
+    expert_of: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.d_mlp < 1 or self.k < 1 or self.max_pos < 1:
@@ -58,6 +63,19 @@ class LayerSpec:
             if vn.numel() != self.d_mlp:
                 raise KvmemError(f"value_norm has {vn.numel()} entries for d_mlp {self.d_mlp}")
             object.__setattr__(self, "value_norm", vn)
+        if (self.n_experts > 0) != (self.expert_of is not None):
+            raise KvmemError("an MoE layer's statistics need both n_experts >= 1 and expert_of")
+        if self.expert_of is not None:
+            eo = torch.as_tensor(self.expert_of).to(device=self.device, dtype=torch.int64).reshape(-1)
+            if eo.numel() != self.d_mlp or bool((eo >= self.n_experts).any()):
+                raise KvmemError(f"expert_of must map each of the {self.d_mlp} neurons to an expert below "
+                                 f"n_experts {self.n_experts} (or a shared one, < 0)")
+            object.__setattr__(self, "expert_of", eo)
+
+    @property
+    def moe(self) -> bool:
+        """A mixture-of-experts layer: statistics relative to each expert's own tokens."""
+        return self.n_experts > 0
 
 
 @dataclass
@@ -66,7 +84,10 @@ class Batch:
 
     m [N, d] float32 contiguous; index [N] int64 global token index, strictly increasing; doc [N] int64
     global document id, non-decreasing; pos [N] int64 position in the model's input row; gate, up [N, d]
-    (gated layers, else None). first/last: index[0], index[-1]; monotone: every index exceeds every index
+    (gated layers, else None). router: MoE layers' routing (kvmem.stats.routing.Router), else None; active
+    [N, d] bool: MoE layers, whether the token is routed to the neuron's expert (m is 0 where not), else
+    None; a component of an MoE layer counts a neuron only on its active tokens.
+    first/last: index[0], index[-1]; monotone: every index exceeds every index
     seen before (ties with stored entries then lose on the index, so bounds may be strict).
     Sync-free updates (``update_dense``) get first = last = None and monotone False: nothing host-side.
     ``stats``: the LayerStats being updated (for components that read others', e.g. context windows)."""
@@ -82,6 +103,8 @@ class Batch:
     monotone: bool
     stats: object = None
     paths: dict = field(default_factory=dict)  # code paths taken (diagnostics, tests)
+    router: object = None  # kvmem.stats.routing.Router (MoE layers)
+    active: torch.Tensor | None = None  # [N, d] bool (MoE layers): token routed to the neuron's expert
 
     @property
     def n(self) -> int:
@@ -92,7 +115,16 @@ class Batch:
         """Store keys [N, d] int64 of (m, token index) (kvmem.stats.keys), shared by the sync-free updates."""
         from kvmem.stats.keys import encode
 
-        return encode(self.m, self.index[:, None])
+        return self.masked(encode(self.m, self.index[:, None]))
+
+    def masked(self, keys: torch.Tensor) -> torch.Tensor:
+        """Store keys [N, d] with EMPTY where the token is not active for the neuron (MoE layers: not routed
+        to its expert), so that it never enters a store; unchanged for dense layers."""
+        if self.active is None:
+            return keys
+        from kvmem.stats.keys import EMPTY
+
+        return torch.where(self.active, keys, torch.full_like(keys, EMPTY))
 
     @cached_property
     def positives(self) -> torch.Tensor:

@@ -111,7 +111,8 @@ def count_above(hist: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tens
 
 
 class Histogram(Counters):
-    """The component (kvmem.stats.base): ``count`` [d, N_BINS] int64, tokens per neuron and bin of HIST_EDGES.
+    """The component (kvmem.stats.base): ``count`` [d, N_BINS] int64, tokens per neuron and bin of HIST_EDGES
+    (MoE layers: only the tokens routed to the neuron's expert, whose m is 0 elsewhere; sync-free path).
     Read-outs: ``above(t)`` / ``below(t)``: estimated tokens with m > t / m < -t per neuron, with error bounds."""
 
     FIELDS = {"count": (lambda s: (s.d_mlp, N_BINS), torch.int64)}
@@ -129,7 +130,11 @@ class Histogram(Counters):
         n, d = m.shape
         code = work_buffer("i32_a", (n, d), torch.int32, m.device)
         flat = work_buffer("i32_b", (n, d), torch.int32, m.device)
-        self.count = self.count + batch_hist(m, code, flat, fixed=True).T  # out of place: see LayerStats
+        count = batch_hist(m, code, flat, fixed=True).T  # [d, N_BINS]
+        if batch.active is not None:  # MoE layers: m = 0 at the tokens not routed to the expert: not counted
+            outside = n - (torch.ones(1, n, device=m.device) @ batch.active.to(torch.float32))[0].to(torch.int64)
+            count[:, ZERO_BIN] -= outside
+        self.count = self.count + count  # out of place: see LayerStats
 
     def above(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(estimate, bound) float64 [d] of the number of tokens with m > threshold [d]."""

@@ -32,7 +32,15 @@ sync_free unless that is set) runs each component's update_dense through torch.c
 function per component class, shared by all layers; the first batches pay the compilation: about 40 s for
 all components on 2 CPU cores; the same state as eager, tested on CPU).
 
-state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` and ``{component}.{key}`` for each
+Mixture-of-experts layers (``n_experts``, ``expert_of``: the expert of each flat neuron, kvmem.stats.base.
+LayerSpec): every update also takes the batch's routing (kvmem.stats.routing.Router), kept by the
+``routing`` component, and the neuron statistics are relative to each expert's own tokens: m is set to 0
+where the token is not routed to the neuron's expert (the contract's raw m is 0 there already), the stores
+see those pairs as empty keys, the histogram leaves them out, and the rates, means and the neuron table's
+``n`` divide by ``neuron_n()``, the tokens routed to the expert. Every component takes its update_dense
+(both paths; no fused CPU pass). Token-level figures (L0, mass-L0) count every token of the layer.
+
+state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` (MoE layers: and ``meta.n_experts``) and ``{component}.{key}`` for each
 component. Naming contract: a tensor whose name ends in ``.index`` holds global token indices (-1 = none),
 ``top_docs.doc`` global document ids (-1 = none); ``shifted`` moves exactly those. Format 1 (kvmem 0.2,
 unprefixed moments and counts) is read and converted.
@@ -79,14 +87,18 @@ class LayerStats:
     def __init__(self, d_mlp: int, k: int = 20, gated: bool = False, max_pos: int = 1024, device="cpu",
                  backend: str = "auto", context: ContextWindows | None = None,
                  value_norm: torch.Tensor | None = None, components=None, sign_preserving_act: bool = False,
-                 sync_free: bool | None = None, compile: bool = False):
+                 sync_free: bool | None = None, compile: bool = False, n_experts: int = 0,
+                 expert_of: torch.Tensor | None = None):
         if backend not in BACKENDS:
             raise KvmemError(f"LayerStats backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         # "auto": the fused one-pass kernel on CPU (kvmem.stats.fused), torch elsewhere; "torch": torch only
         self.backend = backend
         # sign_preserving_act: see LayerSpec (m = act(gate) * up with act keeping gate's sign)
+        # n_experts, expert_of: a mixture-of-experts layer (kvmem.stats.base.LayerSpec; module docstring)
         self.spec = LayerSpec(int(d_mlp), int(k), bool(gated), int(max_pos), torch.device(device), value_norm,
-                              bool(sign_preserving_act))
+                              bool(sign_preserving_act), int(n_experts), expert_of)
+        if self.spec.moe and self.spec.gated:
+            raise KvmemError("MoE layers' statistics take m only (gated=False): gate and up are not kept for experts")
         self.parts = build(self.spec, components)
         self.n = 0
         self._last_index = -1  # largest token index seen (decides strict vs widened thresholds)
@@ -129,12 +141,15 @@ class LayerStats:
     device = property(lambda self: self.spec.device)
 
     # ------------------------------------------------------------------ update
-    def update(self, coef, token_index, doc_id, pos_in_seq, gate=None, up=None) -> None:
+    def update(self, coef, token_index, doc_id, pos_in_seq, gate=None, up=None, router=None) -> None:
         """Add one batch. coef [N, d_mlp] (any float dtype; computed in float32), token_index [N] int64
         (global, strictly increasing, < 2**32 - 1), doc_id [N] int64 (>= 0, non-decreasing), pos_in_seq [N]
         int64 (< max_pos); gated layers also gate, up [N, d_mlp] (m = act(gate) * up). With context windows,
-        every token of a model row that enters the statistics comes in the same update (kvmem.stats.context)."""
+        every token of a model row that enters the statistics comes in the same update (kvmem.stats.context).
+        MoE layers (and only they) also take router, a kvmem.stats.routing.Router of the same N tokens."""
         d, dev = self.d_mlp, self.device
+        if (router is None) == self.spec.moe:
+            raise ValueError("router is required for the statistics of MoE layers and only for them")
         if coef.dim() != 2 or coef.shape[1] != d:
             raise ValueError(f"coef must be [N, {d}], got {tuple(coef.shape)}")
         n = coef.shape[0]
@@ -151,7 +166,7 @@ class LayerStats:
         doc = doc_id.to(device=dev, dtype=torch.int64).reshape(n)
         pos = pos_in_seq.to(device=dev, dtype=torch.int64).reshape(n)
         if self.sync_free:
-            return self._update_fixed(m, ti, doc, pos, gate, up)
+            return self._update_fixed(m, ti, doc, pos, gate, up, router)
         checks = torch.stack(
             [ti[0], ti[-1], (ti[1:] > ti[:-1]).all().long(), (doc[1:] >= doc[:-1]).all().long(), doc[0],
              pos.min(), pos.max()]
@@ -166,25 +181,35 @@ class LayerStats:
         if self.gated:
             gate, up = gate.to(dev), up.to(dev)
         batch = Batch(m, ti, doc, pos, gate, up, first, last, first > self._last_index, stats=self)
-        done = fused.update(self.parts, batch) if self._fused(m) else ()
-        batch.paths["dense"] = "fused" if done else "torch"
+        if self.spec.moe:  # the components' fixed-shape updates honour Batch.active (module docstring)
+            from kvmem.stats.routing import check, route
+
+            check(router, self.spec.n_experts, n)
+            route(batch, router, self.spec)
+            done = ()
+            for part in self.parts.values():
+                part.update_dense(batch)
+            batch.paths["dense"] = "moe"
+        else:
+            done = fused.update(self.parts, batch) if self._fused(m) else ()
+            batch.paths["dense"] = "fused" if done else "torch"
         for name, part in self.parts.items():
-            if name not in done:
+            if name not in done and not self.spec.moe:
                 part.update(batch)
         self.n += n
         self._last_index = max(self._last_index, last)
         if self.context is not None:  # a row's counted tokens come in one batch (kvmem.stats.context)
-            self.context.update(self, m, ti, pos)
+            self.context.update(self, batch.m, ti, pos)
         self._paths = batch.paths
 
-    def _update_fixed(self, m, ti, doc, pos, gate, up) -> None:
+    def _update_fixed(self, m, ti, doc, pos, gate, up, router=None) -> None:
         """update without host synchronisation (module docstring): checks into self._bad, dense updates.
         All or nothing: the components assign new state tensors (Stat.update_dense), so on any exception
         (out of memory half way) the old references are put back and the batch can be retried."""
         saved = ([dict(vars(p)) for p in self.parts.values()], self.n, self._last, self._bad,
                  None if self.context is None else dict(vars(self.context)))
         try:
-            self._update_fixed_parts(m, ti, doc, pos, gate, up)
+            self._update_fixed_parts(m, ti, doc, pos, gate, up, router)
         except BaseException:
             for p, state in zip(self.parts.values(), saved[0]):
                 vars(p).clear()
@@ -195,7 +220,7 @@ class LayerStats:
                 vars(self.context).update(saved[4])
             raise
 
-    def _update_fixed_parts(self, m, ti, doc, pos, gate, up) -> None:
+    def _update_fixed_parts(self, m, ti, doc, pos, gate, up, router=None) -> None:
         bad = torch.stack([(ti[0] < 0) | (ti[-1] > MAX_TOKEN_INDEX) | ~(ti[1:] > ti[:-1]).all(),
                            (doc[0] < 0) | ~(doc[1:] >= doc[:-1]).all(),
                            (pos.min() < 0) | (pos.max() >= self.max_pos)])
@@ -204,6 +229,11 @@ class LayerStats:
         if self.gated:
             gate, up = gate.to(self.device), up.to(self.device)
         batch = Batch(m, ti, doc, pos, gate, up, None, None, False, stats=self)
+        if self.spec.moe:
+            from kvmem.stats.routing import route
+
+            route(batch, router, self.spec)
+            m = batch.m
         for part in self.parts.values():
             if self.compile:
                 compiled(type(part))(part, batch)
@@ -280,11 +310,28 @@ class LayerStats:
         this layer does not keep it (no value norms given, or a run of an older kvmem)."""
         return self.parts.get("mass")
 
+    @property
+    def moe(self) -> bool:
+        """A mixture-of-experts layer: neuron statistics relative to each expert's own tokens."""
+        return self.spec.moe
+
+    @property
+    def routing(self):
+        """kvmem.stats.routing.Routing of an MoE layer (load, weights, entropy, co-selection), else None."""
+        return self.parts.get("routing")
+
+    def neuron_n(self) -> torch.Tensor:
+        """The tokens each neuron's statistics count, int64 [d]: every token of the layer (n) for a dense
+        layer; for an MoE layer the tokens routed to the neuron's expert (shared experts: every token)."""
+        if self.spec.moe:
+            return self.parts["routing"].neuron_n()
+        return torch.full((self.d_mlp,), self.n, dtype=torch.int64, device=self.device)
+
     def mean(self) -> torch.Tensor:
-        return self.parts["moments"].mean(self.n)
+        return self.parts["moments"].mean(self.neuron_n() if self.spec.moe else self.n)
 
     def std(self) -> torch.Tensor:
-        return self.parts["moments"].std(self.n)
+        return self.parts["moments"].std(self.neuron_n() if self.spec.moe else self.n)
 
     firing_rate = readout.firing_rate
     count_above = readout.count_above
@@ -302,6 +349,8 @@ class LayerStats:
         sd = {"meta.version": i64(STATE_VERSION), "meta.d_mlp": i64(self.d_mlp), "meta.k": i64(self.k),
               "meta.gated": i64(self.gated), "meta.max_pos": i64(self.max_pos),
               "meta.last_index": i64(self._last_index), "meta.n": i64(self.n)}
+        if self.spec.moe:
+            sd["meta.n_experts"] = i64(self.spec.n_experts)
         for name, part in self.parts.items():
             sd.update({f"{name}.{key}": t for key, t in part.state_dict().items()})
         if self.context is not None:
@@ -334,7 +383,13 @@ class LayerStats:
         spec = self.spec
         if "mass" in prefixes and "mass.value_norm" in sd:
             spec = LayerSpec(spec.d_mlp, spec.k, spec.gated, spec.max_pos, spec.device, sd["mass.value_norm"],
-                             spec.sign_preserving_act)
+                             spec.sign_preserving_act, spec.n_experts, spec.expert_of)
+            self.spec = spec
+        if ("routing" in prefixes) != ("meta.n_experts" in sd):
+            raise KvmemError("LayerStats state: routing statistics and meta.n_experts come together (MoE layers)")
+        if "meta.n_experts" in sd:  # an MoE layer: the experts are the state's
+            spec = LayerSpec(spec.d_mlp, spec.k, spec.gated, spec.max_pos, spec.device, spec.value_norm,
+                             spec.sign_preserving_act, int(sd["meta.n_experts"]), sd["routing.expert"])
             self.spec = spec
         self.parts = build(spec, [name for name in COMPONENTS if name in prefixes])
         for name, part in self.parts.items():

@@ -36,12 +36,19 @@ class Moments(Counters):
         x.mul_(x)
         self.sum, self.sumsq = self.sum + s, self.sumsq + (ones @ x)[0]
 
-    def mean(self, n: int) -> torch.Tensor:
-        """Mean of m per neuron, float64 [d] (NaN before any token)."""
+    def mean(self, n) -> torch.Tensor:
+        """Mean of m per neuron, float64 [d] (NaN before any token). n: the token count, an int or per
+        neuron [d] (MoE layers: the tokens routed to the neuron's expert; NaN where 0)."""
+        if isinstance(n, torch.Tensor):
+            return torch.where(n > 0, self.sum / n.clamp(min=1), float("nan"))
         return self.sum / n if n else torch.full_like(self.sum, float("nan"))
 
-    def std(self, n: int) -> torch.Tensor:
-        """Population standard deviation of m per neuron, float64 [d] (NaN before any token)."""
+    def std(self, n) -> torch.Tensor:
+        """Population standard deviation of m per neuron, float64 [d] (NaN before any token; n as in mean)."""
+        if isinstance(n, torch.Tensor):
+            c = n.clamp(min=1).to(torch.float64)
+            mu = self.sum / c
+            return torch.where(n > 0, (self.sumsq / c - mu * mu).clamp(min=0.0).sqrt(), float("nan"))
         if not n:
             return torch.full_like(self.sum, float("nan"))
         mu = self.sum / n

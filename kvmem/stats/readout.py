@@ -3,13 +3,20 @@ count_below, to_frame."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
+
+from kvmem.neurons import NeuronId
 
 
 
 def firing_rate(self) -> torch.Tensor:
-    """Fraction of tokens with m > 0 per neuron, float64 [d] (NaN before any token)."""
+    """Fraction of tokens with m > 0 per neuron, float64 [d] (NaN before any token); MoE layers: of the
+    tokens routed to the neuron's expert (NaN where none)."""
+    if self.moe:
+        n = self.neuron_n()
+        return torch.where(n > 0, self.count_pos.double() / n.clamp(min=1), float("nan"))
     return self.count_pos.double() / self.n if self.n else torch.full_like(self.sum, float("nan"))
 
 
@@ -37,9 +44,12 @@ def count_below(self, threshold, return_bound: bool = False):
 
 
 def to_frame(self, layer: int | None = None) -> pd.DataFrame:
-    """One row per neuron: neuron (and layer, neuron_id "layer.neuron" if layer is given), n, count_pos,
+    """One row per neuron: neuron (and layer, neuron_id "layer.neuron" if layer is given), n (the tokens the
+    neuron's statistics count: the layer's, or for an MoE layer those routed to the neuron's expert), count_pos,
     firing_rate, mean, std, min, max, top_value/top_index, bottom_value/bottom_index, top_doc/top_doc_value,
-    n_docs (filled top_docs slots), n_sample, and for gated layers the quadrant counts q_pp, q_pn, q_np,
+    n_docs (filled top_docs slots), n_sample, for MoE layers expert, shared, expert_neuron (the neuron's index
+    in its expert; neuron_id then "layer.eE.N" / "layer.sS.N") and expert_share (n / the layer's tokens),
+    and for gated layers the quadrant counts q_pp, q_pn, q_np,
     q_nn (gate sign, up sign; p = > 0, n = <= 0)."""
     d = self.d_mlp
     top, bot, docs, smp = self.top, self.bottom, self.top_docs, self.sample
@@ -53,7 +63,7 @@ def to_frame(self, layer: int | None = None) -> pd.DataFrame:
         cols["neuron_id"] = [f"{layer}.{i}" for i in range(d)]
     cols.update(
         neuron=range(d),
-        n=[self.n] * d,
+        n=np_(self.neuron_n()) if self.moe else [self.n] * d,
         count_pos=np_(self.count_pos),
         firing_rate=np_(self.firing_rate()),
         mean=np_(self.mean()),
@@ -69,8 +79,28 @@ def to_frame(self, layer: int | None = None) -> pd.DataFrame:
         n_docs=np_((docs.index >= 0).sum(1)),
         n_sample=np_((smp.index >= 0).sum(1)),
     )
+    if self.moe:
+        cols.update(expert_columns(self.spec.expert_of.cpu()))
+        if layer is not None:
+            cols["neuron_id"] = [str(NeuronId(int(layer), int(i), int(e), bool(sh))) for i, e, sh in
+                                 zip(cols["expert_neuron"], cols["expert"], cols["shared"])]
+        cols["expert_share"] = np_(self.neuron_n()) / self.n if self.n else np.full(d, np.nan)
     if self.gated:
         q = np_(self.quadrant_count)
         for j, name in enumerate(("q_pp", "q_pn", "q_np", "q_nn")):
             cols[name] = q[:, j]
     return pd.DataFrame(cols)
+
+
+def expert_columns(expert_of: torch.Tensor) -> dict:
+    """expert [d] int64 (the routed or shared expert's index), shared [d] bool and expert_neuron [d] int64 (the
+    neuron's index within its expert) of the flat neurons of an MoE layer, from its map expert_of [d] (routed
+    e: e; shared s: -1 - s; each expert's neurons contiguous, as kvmem.models' MoELayout lays them out)."""
+    e = expert_of.to(torch.int64)
+    d = e.numel()
+    start = torch.ones(d, dtype=torch.bool)
+    start[1:] = e[1:] != e[:-1]
+    first = torch.cummax(torch.where(start, torch.arange(d), torch.zeros(d, dtype=torch.int64)), 0).values
+    shared = e < 0
+    return {"expert": torch.where(shared, -1 - e, e).numpy(), "shared": shared.numpy(),
+            "expert_neuron": (torch.arange(d) - first).numpy()}

@@ -3,6 +3,7 @@
 
 Adding a statistic: its module (a kvmem.stats.base.Stat), its test, and one line here. A component whose
 ``applies(spec)`` is false for a layer (quadrants of a non-gated FFN; mass without value norms) is not kept.
+MoE layers (a spec with n_experts) also keep ``routing`` (load, weights, entropy, co-selection of experts).
 The context windows of the report's examples (kvmem.stats.context) are not listed: they read the other
 components' stores and have settings of their own, so LayerStats adds them last, under ``context.``.
 """
@@ -24,6 +25,7 @@ COMPONENTS: dict[str, str] = {
     "counts": "kvmem.stats.counts:PositiveCounts",
     "quadrants": "kvmem.stats.quadrants:Quadrants",
     "mass": "kvmem.stats.mass:MassCounts",
+    "routing": "kvmem.stats.routing:Routing",
 }
 RESERVED = ("meta", "context")
 

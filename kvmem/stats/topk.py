@@ -91,7 +91,7 @@ class Top(Stat):
 
     def update_dense(self, batch: Batch) -> None:
         """update without host synchronisation (module docstring)."""
-        key = batch.keys if self.sign > 0 else encode(-batch.m, batch.index[:, None])  # [N, d]
+        key = batch.keys if self.sign > 0 else batch.masked(encode(-batch.m, batch.index[:, None]))  # [N, d]
         cand = torch.topk(key, min(self.spec.k, key.shape[0]), dim=0).values.T  # [d, kk]
         self.keys, _ = merge_dense(self.keys, cand)
         batch.paths[self.name] = "fixed"
