@@ -29,8 +29,9 @@ from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import Corpus
 from kvmem.profile.runner import (CONTEXT_FIELDS, Profiler, ProfileConfig, bos_id, find_batch_size, layout_of,
                                   parse_shard, remove_checkpoint, shard_of)
+from kvmem.profile import schema
 from kvmem.profile.schema import RUN_FORMAT
-from kvmem.profile.tables import layer_table, neuron_table
+from kvmem.profile.tables import layer_table, neuron_table, routing_table
 from kvmem.profile.tokens import TokenStore, tokenize
 
 
@@ -189,6 +190,9 @@ def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corp
     runfiles.save_stats(out / "stats.safetensors", stats)
     runfiles.write_parquet(out / "neurons.parquet", neurons)
     runfiles.write_parquet(out / "layers.parquet", layer_table(stats))
+    moe = moe_section(stats)
+    if moe is not None:  # mixture-of-experts layers: their routing table (kvmem.profile.schema.ROUTING)
+        runfiles.write_parquet(out / schema.ROUTING_FILE, routing_table(stats))
     manifest = {
         "format": RUN_FORMAT,  # kvmem.profile.schema: what a run folder of this format holds
         "kvmem_version": kvmem.__version__,
@@ -202,11 +206,34 @@ def finalize(model_or_meta, settings: dict, store: TokenStore, stats: dict, corp
         "time": {"seconds": round(elapsed, 3),
                  "tokens_per_second": round(store.n_tokens / elapsed, 1) if elapsed > 0 else None},
     }
+    if moe is not None:
+        manifest["moe"] = moe
     if stages:
         stages["writing"] = time.perf_counter() - t_write
         manifest["time"]["stages"] = {k: round(v, 3) for k, v in stages.items()}
     runfiles.write_json(out / runfiles.MANIFEST, manifest)
     return runfiles.open_run(out)
+
+
+def moe_section(stats: dict) -> dict | None:
+    """The manifest's "moe" (kvmem.profile.schema) from the profiled layers' statistics; None without MoE
+    layers. The MoE layers must share one layout of routed and shared experts."""
+    moe = {layer: s for layer, s in stats.items() if s.moe}
+    if not moe:
+        return None
+    shapes = {(s.spec.n_experts, int(s.spec.expert_of.min().clamp(max=0).neg())) for s in moe.values()}
+    if len(shapes) > 1:
+        raise KvmemError(f"MoE layers with different numbers of routed / shared experts {sorted(shapes)}: not supported")
+    (n_experts, n_shared), = shapes
+    k = {round(s.routing.summary()["top_k"]) for s in moe.values() if int(s.routing.n)}
+    return {"layers": sorted(moe), "n_experts": n_experts, "top_k": k.pop() if len(k) == 1 else None,
+            "n_shared": n_shared, "neuron": NEURON_NOTE, "entropy": ENTROPY_NOTE}
+
+
+NEURON_NOTE = ("raw m at moe.expert.coef (the expert's own activation, before the routing weight), over the "
+               "tokens routed to the neuron's expert only")
+ENTROPY_NOTE = ("router_entropy: softmax over all routed experts' router logits; sel_entropy: the chosen experts' "
+                "routing weights renormalised to sum 1 (nats)")
 
 
 def merge(paths, out, *, force: bool = False) -> runfiles.Run:

@@ -6,6 +6,7 @@ of its statistics.
     run.tokens     TokenStore (global indices: ``offset``, ``doc_of``, ``doc_start`` always there)
     run.layout     RowLayout: the model rows (BOS, document-aligned rows, position 0 skipped), ``batch``/``prefix``
     run.vocab      list[str];  run.neurons, run.layers: DataFrames with the schema's columns
+    run.moe, run.moe_layers, run.routing   mixture-of-experts layers and their routing table
     slots(stats, kind)   a LayerStats' example store by name (schema.STORES)
 
 The report, the analyses and the CLI read runs only through this module: nothing else opens the
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from kvmem.atomic import write_file, write_json, write_parquet  # noqa: F401  (the run's writers)
 from kvmem.errors import KvmemError
-from kvmem.neurons import parse_neuron
+from kvmem.neurons import NeuronId, parse_neuron
 from kvmem.profile import schema
 from kvmem.profile.tokens import RowLayout, TokenStore
 
@@ -149,6 +150,17 @@ class Run:
     def profiled_layers(self) -> list[int]:
         return [int(x) for x in self.manifest["settings"]["layers"]]
 
+    @property
+    def moe(self) -> bool:
+        """Whether mixture-of-experts layers were profiled (the manifest's "moe"; then ``routing`` exists and
+        the neuron table has expert columns)."""
+        return isinstance(self.manifest.get("moe"), dict)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The profiled MoE layers (empty for a dense run)."""
+        return [int(x) for x in self.manifest["moe"]["layers"]] if self.moe else []
+
     # --- the files ------------------------------------------------------------------------------
     @property
     def analysis_dir(self) -> Path:
@@ -162,7 +174,7 @@ class Run:
         except (OSError, ValueError) as e:  # a missing, truncated or foreign file
             raise KvmemError(f"{path}: unreadable ({_first_line(e)}); "
                              f"{profile_again(self.path, self.manifest)}") from None
-        table.check(df.columns, path, self.gated, profile_again(self.path, self.manifest))
+        table.check(df.columns, path, self.gated, profile_again(self.path, self.manifest), moe=self.moe)
         return df
 
     @property
@@ -174,6 +186,14 @@ class Run:
     def layers(self) -> pd.DataFrame:
         """One row per profiled layer: the columns of schema.LAYERS."""
         return self._lazy("layers", lambda: self._table(schema.LAYERS))
+
+    @property
+    def routing(self) -> pd.DataFrame:
+        """One row per (MoE layer, routed expert): the columns of schema.ROUTING (load with its Wilson
+        interval, routing weight, co-selection); an empty table with those columns for a dense run."""
+        if not self.moe:
+            return pd.DataFrame({c: [] for c in schema.ROUTING.known})
+        return self._lazy("routing", lambda: self._table(schema.ROUTING))
 
     @property
     def tokens(self) -> TokenStore:
@@ -252,11 +272,26 @@ class Run:
                              f"({m.get('model')}): their weights differ")
 
     def neuron(self, text: str) -> tuple[int, int]:
-        """Parse and check 'L.N' against this run."""
-        layer, neuron = parse_neuron(text, self.n_layers, self.d_mlp)
+        """Parse and check 'L.N' (or an expert neuron 'L.eE.N' / 'L.sS.N' of an MoE layer) against this run:
+        (layer, the neuron's flat index in the layer)."""
+        nid = NeuronId.parse(text)
+        if nid.dense and not self.moe:
+            layer, neuron = parse_neuron(text, self.n_layers, self.d_mlp)
+        else:
+            layer = nid.check(self.n_layers).layer
         if layer not in self.profiled_layers:
             raise KvmemError(f"layer {layer} was not profiled in this run (layers: {self.profiled_layers})")
-        return layer, neuron
+        if nid.dense and not self.moe:
+            return layer, neuron
+        df = self.neurons
+        rows = df[df["layer"] == layer]
+        if nid.dense != (layer not in self.moe_layers):
+            what = "an expert neuron, but layer {} is dense" if not nid.dense else "layer {} is an MoE layer: name the expert"
+            raise KvmemError(f"neuron {nid}: {what.format(layer)} (LAYER.eEXPERT.NEURON / LAYER.sSHARED.NEURON)")
+        hit = rows[rows["id"] == str(nid)]
+        if hit.empty:
+            raise KvmemError(f"neuron {nid}: no such neuron in layer {layer} of this run")
+        return layer, int(hit["neuron"].iloc[0])
 
     def examples(self, layer: int, neuron: int, kind: str = "top", before: int = 12, after: int = 4) -> pd.DataFrame:
         """A neuron's stored examples with their context: kind is top, bottom, top_docs or sample."""
@@ -291,14 +326,16 @@ def open_run(path: str | os.PathLike) -> Run:
         missing = ["layout"]
     if missing:
         raise KvmemError(f"{path / MANIFEST}: no field {missing[0]!r}; {profile_again(path, manifest)}")
-    for name in schema.FILES:
+    moe = isinstance(manifest.get("moe"), dict)
+    for name in list(schema.FILES) + (list(schema.MOE_FILES) if moe else []):
         if not (path / name).is_file():
             raise KvmemError(f"{path}: {name} is missing; {profile_again(path, manifest)}")
     run = Run(path, manifest)
     gated = run.gated
-    for table in (schema.NEURONS, schema.LAYERS, schema.VOCAB):  # column names only: the files' footers
+    tables = (schema.NEURONS, schema.LAYERS, schema.VOCAB) + ((schema.ROUTING,) if moe else ())
+    for table in tables:  # column names only: the files' footers
         table.check(_columns(path / table.file, path, manifest), path / table.file, gated,
-                    profile_again(path, manifest))
+                    profile_again(path, manifest), moe=moe)
     return run
 
 

@@ -15,6 +15,8 @@ runs/NAME/
                        lacking one that applies to it (``LayerStats.missing()``) is refused
   neurons.parquet      NEURONS below: one row per (layer, neuron)
   layers.parquet       LAYERS below: one row per profiled layer
+  routing.parquet      ROUTING below, only when mixture-of-experts layers were profiled (the manifest's "moe"):
+                       one row per (MoE layer, routed expert)
   analysis/            optional: written by ``kvmem analyze`` (kvmem.analysis.analyze lists its files)
   checkpoint/          only while a run is in progress (in ``NAME.partial/``), never in a finished run
 
@@ -56,6 +58,10 @@ FILES = {
     STATS_FILE: "every layer's LayerStats state, tensor names L{layer}.{component}.{key} (kvmem.stats)",
     NEURONS_FILE: "one row per (layer, neuron): m > 0 rate, moments, magnitude shares, top example (NEURONS)",
     LAYERS_FILE: "one row per layer: m > 0 figures, magnitude figures, mass-L0, sign quadrants (LAYERS)",
+}
+ROUTING_FILE = "routing.parquet"
+MOE_FILES = {  # required when the manifest has "moe" (mixture-of-experts layers profiled)
+    ROUTING_FILE: "one row per (MoE layer, routed expert): load with interval, routing weight, co-selection (ROUTING)",
 }
 OPTIONAL_FILES = {
     "explanations.parquet": "one row per (neuron, side, sign, explainer): descriptions and scores (columns: "
@@ -153,6 +159,15 @@ MANIFEST_OPTIONAL = {
     "time.stages": ("dict", "seconds per stage (load, tokenize, profile, value_projection, writing)"),
     "time.seconds_summed_over_ranks": ("float64", "torchrun: seconds of all ranks' passes added up"),
     "time.stages_rank0": ("dict", "torchrun: seconds per stage on rank 0"),
+    # present when the profiled layers include mixture-of-experts layers (then MOE_FILES and the MoE columns)
+    "moe.layers": ("list[int64]", "the profiled MoE layers; their neuron statistics are relative to the tokens "
+                                  "routed to each neuron's expert"),
+    "moe.n_experts": ("int64", "routed experts per MoE layer"),
+    "moe.top_k": ("int64", "experts chosen per token"),
+    "moe.n_shared": ("int64", "shared experts per MoE layer (every token goes to them)"),
+    "moe.neuron": ("string", "what an MoE neuron's statistics are of: raw m, the expert's own activation "
+                             "(hook point moe.expert.coef), before the routing weight"),
+    "moe.entropy": ("string", "the distributions of the routing entropies (kvmem.stats.routing)"),
 }
 
 
@@ -189,20 +204,22 @@ class Table:
     columns: dict  # always present
     gated: dict = field(default_factory=dict)  # present when the model's FFN is gated
     optional: dict = field(default_factory=dict)  # may be absent
+    moe: dict = field(default_factory=dict)  # present when MoE layers were profiled (the manifest's "moe")
 
-    def required(self, gated: bool) -> list[str]:
-        return list(self.columns) + (list(self.gated) if gated else [])
+    def required(self, gated: bool, moe: bool = False) -> list[str]:
+        return list(self.columns) + (list(self.gated) if gated else []) + (list(self.moe) if moe else [])
 
     @property
     def known(self) -> dict:
         """Every documented column: {name: (dtype, description)}."""
-        return {**self.columns, **self.gated, **self.optional}
+        return {**self.columns, **self.gated, **self.optional, **self.moe}
 
-    def check(self, names, where, gated: bool, hint: str = "the run was written by another kvmem") -> None:
+    def check(self, names, where, gated: bool, hint: str = "the run was written by another kvmem",
+              moe: bool = False) -> None:
         """Raise a one-line KvmemError naming the file (``where``) and the first required column missing from
         ``names``, ending in ``hint``."""
         have = set(names)
-        for name in self.required(gated):
+        for name in self.required(gated, moe):
             if name not in have:
                 raise KvmemError(f"{where}: no column {name!r} ({self.rows}); {hint}")
 
@@ -225,7 +242,7 @@ NEURON_COLUMNS = {
     "layer": ("int64", "layer (0-based)"),
     "id": ("string", "the neuron as 'layer.neuron'"),
     "neuron": ("int64", "neuron within its layer (0-based)"),
-    "n": ("int64", "tokens seen by the layer"),
+    "n": ("int64", "tokens the neuron's statistics count: the layer's (MoE layers: those routed to its expert)"),
     "count_pos": ("int64", "tokens with m > 0 (exact count)"),
     "firing_rate": ("float64", "count_pos / n: share of tokens with m > 0 (exact)"),
     "mean": ("float64", "mean of m over the tokens"),
@@ -250,6 +267,14 @@ NEURON_COLUMNS_GATED = {
     "q_pn": ("int64", "tokens with gate > 0 and up <= 0"),
     "q_np": ("int64", "tokens with gate <= 0 and up > 0"),
     "q_nn": ("int64", "tokens with gate <= 0 and up <= 0"),
+}
+NEURON_COLUMNS_MOE = {
+    "expert": ("int64", "the neuron's expert (routed: eE, shared: sS; -1 for the rows of dense layers)"),
+    "shared": ("bool", "the expert is a shared one (every token goes to it)"),
+    "expert_neuron": ("int64", "the neuron's index within its expert (dense layers: the neuron); 'neuron' is "
+                               "the flat index e*d_expert + i (shared: after the routed experts)"),
+    "expert_share": ("float64", "n / the layer's tokens: the share of tokens routed to the neuron's expert "
+                                "(every rate of an MoE neuron is of its expert's n tokens; dense layers: 1)"),
 }
 NEURON_COLUMNS_OPTIONAL = {
     "value_top_tokens": ("list[string]", "the 5 tokens with the largest v_i·W_U (raw, no final norm); absent in "
@@ -290,11 +315,39 @@ LAYER_COLUMNS = {
     "mass90_median": ("int64", "median over tokens of that count (null: no mass statistic)"),
     "mass90_p90": ("int64", "90th percentile over tokens of that count (null: no mass statistic)"),
 }
+LAYER_COLUMNS_MOE = {
+    "n_experts": ("int64", "routed experts of the layer (null: a dense layer)"),
+    "top_k": ("float64", "experts per token (the routing's Σ load / n; NaN: a dense layer)"),
+    "router_entropy_mean": ("float64", "mean over tokens of H(softmax(router logits)), nats, over all routed "
+                                       "experts whatever the family's scoring (NaN: dense)"),
+    "router_entropy_std": ("float64", "population standard deviation over tokens of that entropy"),
+    "router_entropy_max": ("float64", "log n_experts, its largest value"),
+    "sel_entropy_mean": ("float64", "mean over tokens of the entropy of the chosen experts' routing weights "
+                                    "renormalised to sum 1, nats"),
+    "sel_entropy_std": ("float64", "population standard deviation over tokens of that entropy"),
+    "sel_entropy_max": ("float64", "log top_k, its largest value"),
+}
 LAYER_COLUMNS_GATED = {
     "gate_pos_up_pos": ("float64", "share of (token, neuron) pairs with gate > 0 and up > 0"),
     "gate_pos_up_neg": ("float64", "share with gate > 0 and up <= 0"),
     "gate_neg_up_pos": ("float64", "share with gate <= 0 and up > 0"),
     "gate_neg_up_neg": ("float64", "share with gate <= 0 and up <= 0"),
+}
+
+ROUTING_COLUMNS = {
+    "layer": ("int64", "the MoE layer (0-based)"),
+    "expert": ("int64", "routed expert (0-based)"),
+    "n": ("int64", "tokens seen by the layer"),
+    "load": ("int64", "tokens routed to the expert (exact count)"),
+    "share": ("float64", "load / n: share of the tokens routed to the expert (shares sum to top_k)"),
+    "share_lo": ("float64", "Wilson 95% interval of share, low end (tokens taken as independent)"),
+    "share_hi": ("float64", "Wilson 95% interval of share, high end"),
+    "slot_share": ("float64", "load / Σ load: share of the n·top_k token-slots"),
+    "uniform": ("float64", "top_k / n_experts: the share of every expert under an even load"),
+    "mean_weight": ("float64", "mean routing weight of the expert over its tokens (NaN: no token)"),
+    "std_weight": ("float64", "population standard deviation of that weight (NaN: no token)"),
+    "coselected": ("list[int64]", "tokens routed to both this expert and expert j, for j = 0 .. n_experts-1 "
+                                  "(entry j = expert: load)"),
 }
 
 VOCAB_COLUMNS = {
@@ -303,7 +356,8 @@ VOCAB_COLUMNS = {
 }
 
 NEURONS = Table(NEURONS_FILE, "one row per (layer, neuron)", NEURON_COLUMNS, NEURON_COLUMNS_GATED,
-                NEURON_COLUMNS_OPTIONAL)
-LAYERS = Table(LAYERS_FILE, "one row per layer", LAYER_COLUMNS, LAYER_COLUMNS_GATED)
+                NEURON_COLUMNS_OPTIONAL, NEURON_COLUMNS_MOE)
+LAYERS = Table(LAYERS_FILE, "one row per layer", LAYER_COLUMNS, LAYER_COLUMNS_GATED, moe=LAYER_COLUMNS_MOE)
 VOCAB = Table(VOCAB_FILE, "one row per token id", VOCAB_COLUMNS)
-TABLES = {NEURONS_FILE: NEURONS, LAYERS_FILE: LAYERS, VOCAB_FILE: VOCAB}
+ROUTING = Table(ROUTING_FILE, "one row per (MoE layer, routed expert)", {}, moe=ROUTING_COLUMNS)
+TABLES = {NEURONS_FILE: NEURONS, LAYERS_FILE: LAYERS, VOCAB_FILE: VOCAB, ROUTING_FILE: ROUTING}

@@ -15,12 +15,18 @@ Two kinds of figures, side by side for every family, so that models can be compa
 - **mass-L0** per token (layers table, from ``LayerStats.mass``; None for runs of older kvmem): the
   number of neurons that carry 50% / 90% of Σ_i |m_i|·‖v_i‖ at a token (an L0 that means something
   when coefficients are dense): mean, median and 90th percentile over tokens.
+- **mixture-of-experts layers**: every neuron figure is relative to the tokens routed to the neuron's expert
+  (``n`` is their number, kvmem.stats.layer), ids print as ``layer.eE.N`` / ``layer.sS.N`` (NeuronId), and
+  the routing table has one row per (layer, routed expert) (kvmem.stats.routing).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 import torch
+
+from kvmem.neurons import NeuronId
+from kvmem.stats.readout import expert_columns
 
 from kvmem.stats.mass import FRACTIONS as MASS  # shares of Σ_i |m_i|·‖v_i‖ for mass-L0
 
@@ -76,7 +82,7 @@ def magnitude_shares(s, fractions=FRACTIONS) -> dict[str, torch.Tensor]:
     """Per neuron, for each fraction f: shares of tokens with m > f·max|m| (pos), m < -f·max|m| (neg) and
     |m| > f·max|m| (active), each with its bound (``_err``); and max_abs. float64 [d] (float32 max_abs).
     A neuron whose m is 0 on every token is active on none (exactly)."""
-    n = max(int(s.n), 1)
+    n = s.neuron_n().cpu().clamp(min=1).double()  # MoE layers: the tokens routed to the neuron's expert
     ma = max_abs(s).cpu()
     zero = ma == 0
     out: dict[str, torch.Tensor] = {"max_abs": ma}
@@ -124,15 +130,59 @@ def _context_strings(store, index: torch.Tensor, vocab: list[str]) -> tuple[list
     return tokens, contexts
 
 
+MOE_NEURON_FILL = {"expert": -1, "shared": False, "expert_share": 1.0}  # dense layers' rows of an MoE run
+
+
 def neuron_table(stats: dict, store, vocab: list[str]) -> pd.DataFrame:
-    """One row per (layer, neuron): m > 0 rate, moments, magnitude shares with bounds, top example."""
+    """One row per (layer, neuron): m > 0 rate, moments, magnitude shares with bounds, top example; with MoE
+    layers also expert, shared, expert_neuron, expert_share (dense layers' rows: expert -1, the neuron)."""
     frames = []
     for layer, s in stats.items():
         df = s.to_frame(layer).rename(columns={"neuron_id": "id"})
         df = pd.concat([df, magnitude_frame(s)], axis=1)
         df["top_token"], df["top_context"] = _context_strings(store, s.top.index[:, 0].cpu(), vocab)
         frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    if any(s.moe for s in stats.values()):
+        for col, fill in MOE_NEURON_FILL.items():
+            out[col] = out[col].fillna(fill).astype(type(fill))
+        out["expert_neuron"] = out["expert_neuron"].fillna(out["neuron"]).astype("int64")
+    return out
+
+
+def neuron_label(s, layer: int, i: int) -> str:
+    """The id of flat neuron i of a layer's statistics s, as NeuronId prints it."""
+    if not s.moe:
+        return str(NeuronId(int(layer), int(i)))
+    c = expert_columns(s.spec.expert_of.cpu())
+    return str(NeuronId(int(layer), int(c["expert_neuron"][i]), int(c["expert"][i]), bool(c["shared"][i])))
+
+
+def routing_table(stats: dict) -> pd.DataFrame:
+    """One row per (MoE layer, routed expert): kvmem.stats.routing.Routing.table() with the layer and the
+    co-selection row (``coselected``: tokens routed to both this expert and expert j, for every j)."""
+    frames = []
+    for layer, s in stats.items():
+        if not s.moe:
+            continue
+        t = s.routing.table()
+        t.insert(0, "layer", int(layer))
+        t["coselected"] = [row for row in s.routing.cosel.cpu().tolist()]
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def moe_layer_row(s) -> dict:
+    """The routing summary of an MoE layer for the layers table (NaN / null for dense layers)."""
+    if not s.moe:
+        return {"n_experts": None, "top_k": float("nan"), "router_entropy_mean": float("nan"),
+                "router_entropy_std": float("nan"), "router_entropy_max": float("nan"),
+                "sel_entropy_mean": float("nan"), "sel_entropy_std": float("nan"), "sel_entropy_max": float("nan")}
+    sm = s.routing.summary()
+    return {"n_experts": sm["n_experts"], "top_k": sm["top_k"], "router_entropy_mean": sm["entropy_mean"],
+            "router_entropy_std": sm["entropy_std"], "router_entropy_max": sm["entropy_max"],
+            "sel_entropy_mean": sm["sel_entropy_mean"], "sel_entropy_std": sm["sel_entropy_std"],
+            "sel_entropy_max": sm["sel_entropy_max"]}
 
 
 def _quantile(hist: torch.Tensor, q: float) -> int:
@@ -171,8 +221,9 @@ def layer_table(stats: dict) -> pd.DataFrame:
         active, ma = sh[f"active{p}"], sh["max_abs"]
         row = {
             "layer": layer, "d_mlp": int(rate.numel()), "n_tokens": int(s.n),
-            "firing_rate": float(rate.mean()), "dead": int((rate == 0).sum()), "dense": int((rate > 0.5).sum()),
-            "densest": f"{layer}.{int(rate.argmax())}", "densest_rate": float(rate.max()),
+            "firing_rate": float(rate.nanmean()), "dead": int((rate == 0).sum()), "dense": int((rate > 0.5).sum()),
+            "densest": neuron_label(s, layer, int(rate.nan_to_num(-1.0).argmax())),
+            "densest_rate": float(rate.nan_to_num(-1.0).max()),
             "l0_mean": float((hist * counts).sum() / total),
             "l0_median": _quantile(hist, 0.5),
             "l0_p90": _quantile(hist, 0.9),
@@ -183,9 +234,11 @@ def layer_table(stats: dict) -> pd.DataFrame:
             row[f"{kind}_{p}pct_maxabs_err"] = float(sh[f"{kind}_err{p}"].mean())
         row.update({
             f"dense_{p}pct": int((active > DENSE).sum()), f"rare_{p}pct": int((active < RARE).sum()),
-            "max_abs_activation": float(ma.max()), "max_abs_neuron": f"{layer}.{int(ma.argmax())}",
+            "max_abs_activation": float(ma.max()), "max_abs_neuron": neuron_label(s, layer, int(ma.argmax())),
         })
         row.update(mass_row(s))
+        if any(x.moe for x in stats.values()):
+            row.update(moe_layer_row(s))
         if s.gated:
             q = s.quadrant_count.double().sum(0).cpu()
             q = q / q.sum().clamp(min=1)
@@ -193,6 +246,8 @@ def layer_table(stats: dict) -> pd.DataFrame:
                        gate_neg_up_pos=float(q[2]), gate_neg_up_neg=float(q[3]))
         rows.append(row)
     df = pd.DataFrame(rows)
+    if "n_experts" in df:
+        df["n_experts"] = df["n_experts"].astype("Int64")
     for f in MASS:
         for stat in ("median", "p90"):
             df[f"mass{pct(f)}_{stat}"] = df[f"mass{pct(f)}_{stat}"].astype("Int64")

@@ -1,0 +1,99 @@
+"""The run folder of a profile with mixture-of-experts layers (a synthetic run: tests/profile/moe_run.py):
+the routing table and the neuron table's expert columns against brute force, the schema against what is
+written (both ways), expert ids through Run.neuron, the refusal of a run missing its routing table."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import kvmem
+from kvmem.analysis.ci import wilson
+from kvmem.errors import KvmemError
+from kvmem.profile import schema
+from tests.profile.moe_run import DENSE_D, DENSE_LAYER, K, MOE_LAYER, synthetic_moe_run
+from tests.profile.test_run_contract import _arrow_dtype
+from tests.stats.moe_reference import D, D_EXPERT, E, EXPERT_OF, neuron_ref, routing_ref
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    return synthetic_moe_run(tmp_path_factory.mktemp("moe") / "run")
+
+
+def test_routing_table_against_loops(moe_run):
+    run, st = moe_run
+    run = kvmem.open_run(run.path)
+    assert run.moe and run.moe_layers == [MOE_LAYER]
+    m = run.manifest["moe"]
+    assert (m["n_experts"], m["top_k"], m["n_shared"]) == (E, 2, 1)
+    ref = routing_ref(st)
+    r = run.routing
+    assert r["layer"].tolist() == [MOE_LAYER] * E and r["expert"].tolist() == list(range(E))
+    assert r["load"].tolist() == ref["load"].tolist() and (r["n"] == ref["n"]).all()
+    assert np.array(r["coselected"].tolist()).tolist() == ref["cosel"].tolist()
+    for e in range(E):
+        assert (r["share_lo"][e], r["share_hi"][e]) == wilson(int(ref["load"][e]), ref["n"])
+    np.testing.assert_allclose(r["mean_weight"], ref["wsum"] / np.where(ref["load"] > 0, ref["load"], np.nan))
+    layers = run.layers.set_index("layer")
+    assert layers.loc[MOE_LAYER, "router_entropy_mean"] == pytest.approx(ref["h"].mean(), rel=1e-6)
+    assert layers.loc[MOE_LAYER, "sel_entropy_mean"] == pytest.approx(ref["hs"].mean(), rel=1e-6)
+    assert np.isnan(layers.loc[DENSE_LAYER, "router_entropy_mean"]) and layers["n_experts"].isna()[DENSE_LAYER]
+
+
+def test_neuron_table_is_relative_to_the_experts_tokens(moe_run):
+    run, st = moe_run
+    df = run.neurons
+    moe = df[df["layer"] == MOE_LAYER].reset_index(drop=True)
+    ref = neuron_ref(st, K)
+    assert moe["n"].tolist() == ref["n"].tolist()
+    assert moe["count_pos"].tolist() == ref["pos"].tolist()
+    np.testing.assert_array_equal(moe["top_index"], ref["top_i"][:, 0])
+    np.testing.assert_array_equal(moe["max"].fillna(-99), np.nan_to_num(ref["top_v"][:, 0], nan=-99))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.testing.assert_allclose(moe["firing_rate"], ref["pos"] / ref["n"], equal_nan=True)
+    assert moe["id"].iloc[D_EXPERT + 2] == f"{MOE_LAYER}.e1.2" and moe["id"].iloc[-1] == f"{MOE_LAYER}.s0.1"
+    assert moe["expert"].tolist() == [e if e >= 0 else -1 - e for e in EXPERT_OF.tolist()]
+    dense = df[df["layer"] == DENSE_LAYER]
+    assert len(dense) == DENSE_D and (dense["expert"] == -1).all() and not dense["shared"].any()
+    assert dense["id"].tolist() == [f"{DENSE_LAYER}.{i}" for i in range(DENSE_D)]
+    assert (dense["n"] == len(st.ti)).all()
+
+
+def test_expert_ids_through_the_run(moe_run):
+    run, _ = moe_run
+    assert run.neuron(f"{MOE_LAYER}.e2.1") == (MOE_LAYER, 2 * D_EXPERT + 1)
+    assert run.neuron(f"{MOE_LAYER}.s0.0") == (MOE_LAYER, E * D_EXPERT)
+    assert run.neuron(f"{DENSE_LAYER}.3") == (DENSE_LAYER, 3)
+    with pytest.raises(KvmemError, match="name the expert"):
+        run.neuron(f"{MOE_LAYER}.3")
+    with pytest.raises(KvmemError, match="no such neuron"):
+        run.neuron(f"{MOE_LAYER}.e1.{D_EXPERT}")
+    with pytest.raises(KvmemError, match="dense"):
+        run.neuron(f"{DENSE_LAYER}.e0.1")
+
+
+def test_the_schema_lists_exactly_what_an_moe_run_writes(moe_run):
+    run, _ = moe_run
+    assert {p.name for p in run.path.iterdir()} == set(schema.FILES) | set(schema.MOE_FILES)
+    for table in (schema.NEURONS, schema.LAYERS, schema.ROUTING):
+        written = {f.name: _arrow_dtype(f.type) for f in pq.read_schema(run.path / table.file)}
+        missing = [c for c in table.required(False, moe=True) if c not in written]
+        undocumented = [c for c in written if c not in table.known]
+        assert not missing and not undocumented, (table.file, missing, undocumented)
+        wrong = {c: (table.known[c][0], t) for c, t in written.items() if table.known[c][0] != t}
+        assert not wrong, (table.file, wrong)
+    for key in run.manifest["moe"]:
+        assert f"moe.{key}" in schema.MANIFEST_OPTIONAL
+
+
+def test_an_moe_run_without_its_routing_table_is_refused(moe_run, tmp_path):
+    run, _ = moe_run
+    broken = tmp_path / "broken"
+    shutil.copytree(run.path, broken)
+    (broken / schema.ROUTING_FILE).unlink()
+    with pytest.raises(KvmemError, match="routing.parquet is missing"):
+        kvmem.open_run(broken)
