@@ -197,8 +197,9 @@ def neuron_index(run: Run, projection=None, n_value_tokens: int = 3) -> dict:
     idx = torch.tensor(df["top_index"].to_numpy(), dtype=torch.long)
     trig = token_at(store, idx)
     cols = {"layer": df["layer"].astype(int).tolist(), "neuron": df["neuron"].astype(int).tolist(),
-            "rate": _round(torch.tensor(df["firing_rate"].to_numpy(dtype=np.float64)), 3),
-            "max": _round(torch.tensor(df["max"].to_numpy(dtype=np.float64)), 3),
+            # NaN (an MoE expert no token was routed to) shows as 0
+            "rate": _round(torch.tensor(df["firing_rate"].to_numpy(dtype=np.float64)).nan_to_num(0.0), 3),
+            "max": _round(torch.tensor(df["max"].to_numpy(dtype=np.float64)).nan_to_num(0.0), 3),
             "trig": trig.tolist()}
     if projection is not None:
         ids = projection["top_ids"][:, :, :n_value_tokens]  # [n_layers, d_mlp, n]

@@ -35,7 +35,7 @@ import plotly.io as pio
 import kvmem
 from kvmem.atomic import MARKER, check_target, staged, write_file, write_json, write_text
 from kvmem.report import data as rdata
-from kvmem.report import figures, overview
+from kvmem.report import figures, overview, routing
 
 STATIC = ("report.js", "report.css")
 REPORT_FILE, REPORT_FORMAT = "report.json", "kvmem-report/1"
@@ -170,6 +170,8 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
         vocab += [f"<id {i}>" for i in range(len(vocab), hi)]
     _script(out / "data" / "vocab.js", f"KV.vocab = {rdata.safe_json(vocab)};\n")
     table = rdata.neuron_index(run, projection, opts.n_vocab) | overview.neuron_columns(run.neurons)
+    if run.moe:  # expert neuron ids (L.eE.N) for the overview table
+        table["id"] = run.neurons["id"].astype(str).tolist()
     _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(table)}");\n')
 
     stats, store = run.stats, run.tokens
@@ -183,6 +185,9 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
         side = rdata.vocab_side(projection, layer, opts.n_vocab) if projection is not None else None
         payload = rdata.layer_payload(layer, s, store, opts, vocab_side=side,
                                       shading=shading.per_layer.get(layer) if shading else None)
+        facts = routing.layer_facts(run, layer)  # MoE layers: each neuron's expert and its tokens
+        if facts is not None:
+            payload["moe"] = facts
         _script(out / "data" / f"layer-{int(layer)}.js", f'KV.addPacked("layer-{int(layer)}", "{rdata.packed(payload)}");\n')
         if progress is not None:
             progress(layer)
@@ -220,11 +225,13 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
         **common, card=card, sections=sections, gated=bool(m["gated"]), value_note=value_note,
         has_findings=(Path(run.path) / "analysis" / "findings.json").is_file(),
         has_values=projection is not None, n_search=opts.n_vocab, d_mlp=m["d_mlp"], n_neurons=len(neurons_df),
-        top_k=settings["top_k"]), encoding="utf-8")
+        top_k=settings["top_k"], routing_pages=[(int(x), routing.page_name(x)) for x in run.moe_layers]),
+        encoding="utf-8")
     (out / "neuron.html").write_text(t.get_template("neuron.html").render(**common), encoding="utf-8")
     from kvmem.report.findings import findings_page
 
     pages = ["index.html", "neuron.html"] + [p for p in [findings_page(run, out, t, figure_json)] if p]
+    pages += routing.routing_pages(run, out, t, figure_json, common)
     files = [p for p in out.rglob("*") if p.is_file() and p.name != MARKER]
     stages["writing"] = time.perf_counter() - t0 - stages["value_projection"] - stages["shading"]
     return Report(out, pages, sum(p.stat().st_size for p in files), len(files) + 1,

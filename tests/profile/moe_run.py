@@ -1,6 +1,6 @@
 """A synthetic run folder with one dense and one mixture-of-experts layer, written by the run's own writer
 (kvmem.profile.job.finalize) from statistics fed with the synthetic MoE stream of tests/stats/moe_reference.py:
-the run side (schema, open_run, report) tested without a model. Vocabulary strings are hostile HTML."""
+the run side (schema, open_run, report) tested without a model. Every token of the corpus is a hostile HTML string."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DENSE_LAYER, MOE_LAYER = 0, 1
 def synthetic_moe_run(out: Path):
     """(run, stream): the run opened with kvmem.open_run, and the MoE layer's MoEStream (token i = index i)."""
     g = torch.Generator().manual_seed(11)
-    ids = torch.randint(0, len(VOCAB), (N,), generator=g, dtype=torch.int64).to(torch.int32)
+    ids = torch.randint(0, len(HOSTILE), (N,), generator=g, dtype=torch.int64).to(torch.int32)  # all hostile
     offsets = torch.tensor([0, 40, 41, 130, 200, N], dtype=torch.int64)
     store = TokenStore(ids, offsets)
     layout = RowLayout.build(store, SEQ, None, doc_rows=True, skip_first=False)

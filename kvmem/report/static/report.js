@@ -97,11 +97,13 @@
     function filter() {
       var text = q.value.trim(), lay = layerSel.value, mr = parseFloat(minrate.value) || 0, rows = [], share = N[ratecol.value];
       var idm = /^(\d+)\.(\d+)$/.exec(text), t = text.toLowerCase(), mode = qmode.value, exact = qexact.checked;
+      var eid = /^\d+\.[es]\d+\.\d+$/.test(text) ? text : null;  // an expert neuron (MoE runs: N.id)
       function match(id) { var s = norm[id]; return s !== undefined && (exact ? s === t : s.indexOf(t) >= 0); }
       for (var i = 0; i < n; i++) {
         if (lay !== "" && N.layer[i] !== +lay) continue;
         if (share[i] < mr || (hidedead.checked && N.rate[i] === 0)) continue;
-        if (idm) { if (N.layer[i] !== +idm[1] || N.neuron[i] !== +idm[2]) continue; }
+        if (eid) { if (!N.id || N.id[i] !== eid) continue; }
+        else if (idm) { if (N.layer[i] !== +idm[1] || N.neuron[i] !== +idm[2]) continue; }
         else if (t) {
           var ok = (mode !== "val" && match(N.trig[i]));
           if (!ok && mode !== "trig" && hasVal) for (var j = 0; j < N.val[i].length && !ok; j++) ok = match(N.val[i][j]);
@@ -125,7 +127,7 @@
       thead.appendChild(tr); table.appendChild(thead);
       var tbody = el("tbody"), start = state.page * PAGE, rows = state.rows.slice(start, start + PAGE);
       rows.forEach(function (i) {
-        var r = el("tr"), id = N.layer[i] + "." + N.neuron[i], a = el("a", null, id);
+        var r = el("tr"), id = N.id ? N.id[i] : N.layer[i] + "." + N.neuron[i], a = el("a", null, id);
         a.href = "neuron.html#" + id;
         var td = el("td"); td.appendChild(a); r.appendChild(td);
         td = el("td", "num", pct(N.act[i]));
@@ -191,7 +193,7 @@
       r.appendChild(el("td", "num", fmt(p[1], 3))); t.appendChild(r);
     });
   }
-  function histFigure(h) {
+  function histFigure(h, nTok, whose) {
     var E = KV.meta.edges, lo = h[0], counts = h[1], x = [], col = [], text = [];
     function e(i) { var v = E[i]; return v === null ? (i === 0 ? "-\u221e" : "\u221e") : (Math.abs(v) < 1e-30 ? "0" : fmt(v, 3)); }
     for (var i = 0; i < counts.length; i++) {
@@ -202,7 +204,7 @@
     for (var t = lo; t <= lo + counts.length; t += step) { tv.push(t - 0.5); tt.push(e(t)); }
     return { data: [{ type: "bar", x: x, y: counts, marker: { color: col, line: { width: 0 } }, customdata: text,
       hovertemplate: "m in %{customdata}: %{y:,} tokens<extra></extra>" }],
-      layout: { title: { text: "Activation histogram (all " + KV.meta.n_tokens.toLocaleString() + " tokens)", font: { size: 14 }, x: 0.01, xanchor: "left" }, height: 300, margin: { l: 60, r: 20, t: 50, b: 45 }, bargap: 0.05,
+      layout: { title: { text: "Activation histogram (" + whose + " " + nTok.toLocaleString() + " tokens)", font: { size: 14 }, x: 0.01, xanchor: "left" }, height: 300, margin: { l: 60, r: 20, t: 50, b: 45 }, bargap: 0.05,
         xaxis: { title: { text: "activation m (bins log-spaced in |m|)" }, tickvals: tv, ticktext: tt },
         yaxis: { title: { text: "tokens (log)" }, type: "log" } } };
   }
@@ -215,14 +217,23 @@
         height: 280, margin: { l: 60, r: 20, t: 50, b: 45 }, yaxis: { tickformat: ".0%", range: [0, 1], title: { text: "share of tokens" } } } };
   }
   function showNeuron(layer, neuron) {
-    var L = KV.layers[layer], d = L.neurons[neuron], M = KV.meta, id = layer + "." + neuron;
+    var L = KV.layers[layer], d = L.neurons[neuron], M = KV.meta, X = L.moe;
+    var id = X ? X.ids[neuron] : layer + "." + neuron;
     var maxv = L.max[neuron], minv = L.min[neuron];
     var scale = Math.max(Math.abs(maxv), Math.abs(minv)) || 1;
     document.title = "neuron " + id + " \u00b7 kvmem report";
     document.getElementById("nid").textContent = "neuron " + id;
-    var rate = L.rate[neuron];
-    document.getElementById("summary").textContent = "layer " + layer + " of " + M.n_layers + " \u00b7 firing rate " + pct(rate) +
-      " (m > 0 on " + Math.round(rate * M.n_tokens).toLocaleString() + " of " + M.n_tokens.toLocaleString() + " tokens) \u00b7 max m " +
+    var rate = L.rate[neuron], nTok = X ? X.n[neuron] : M.n_tokens, whose = X ? "its expert's" : "all";
+    var routed = "", ex = document.getElementById("expert");
+    if (X) {  // MoE: every figure of this neuron is of the tokens routed to its expert
+      var e = (X.shared[neuron] ? "shared expert s" : "routed expert e") + X.expert[neuron];
+      routed = " \u00b7 " + e + ": " + nTok.toLocaleString() + " of " + M.n_tokens.toLocaleString() + " tokens routed to it (" +
+        pct(nTok / M.n_tokens) + (X.share_lo[neuron] === null ? ", every token" : ", 95% interval " + pct(X.share_lo[neuron]) + "\u2013" + pct(X.share_hi[neuron])) + ")";
+      ex.replaceChildren(document.createTextNode("Rates, histogram and examples are of the tokens routed to this neuron's expert only (raw m, before the routing weight). "));
+      var a = el("a", null, "routing of layer " + layer); a.href = X.page; ex.appendChild(a); ex.hidden = false;
+    } else if (ex) { ex.hidden = true; }
+    document.getElementById("summary").textContent = "layer " + layer + " of " + M.n_layers + routed + " \u00b7 firing rate " + (rate === null ? "\u2013" : pct(rate)) +
+      " (m > 0 on " + Math.round(rate * nTok).toLocaleString() + " of " + nTok.toLocaleString() + (X ? " of its expert's" : "") + " tokens) \u00b7 max m " +
       fmt(maxv, 4) + " \u00b7 min m " + fmt(minv, 4);
     document.getElementById("shadenote").textContent = "Each token is shaded by m of this neuron (orange > 0, blue < 0, relative to max |m| = " +
       fmt(scale, 3) + "); the activating token is boxed. " + M.shade_note.charAt(0).toUpperCase() + M.shade_note.slice(1) + ".";
@@ -239,7 +250,7 @@
     document.getElementById("valuenote").textContent = M.has_values ? "Tokens whose logit v \u00b7 W_U is largest / smallest for this neuron's value vector v, " + M.value_note + "." : "Value side " + M.value_note + ".";
     vocabTable("vtop", d.vt); vocabTable("vbottom", d.vb);
     document.getElementById("gatednote").textContent = M.gated_note ? "Note: " + M.gated_note + "." : "";
-    plot(document.getElementById("hist"), histFigure(d.h));
+    plot(document.getElementById("hist"), histFigure(d.h, nTok, whose));
     document.getElementById("histnote").textContent = "Bins are log-spaced in |m| (4 per octave), symmetric around 0; the middle grey bin holds exact zeros.";
     var qdiv = document.getElementById("quad"), qex = document.getElementById("quadex");
     qex.replaceChildren();
@@ -253,23 +264,29 @@
       });
     } else { qdiv.hidden = true; }
     var nl = L.neurons.length;
-    document.getElementById("prevn").href = "neuron.html#" + (neuron > 0 ? layer + "." + (neuron - 1) : id);
-    document.getElementById("nextn").href = "neuron.html#" + (neuron + 1 < nl ? layer + "." + (neuron + 1) : id);
+    function nid(j) { return X ? X.ids[j] : layer + "." + j; }
+    document.getElementById("prevn").href = "neuron.html#" + (neuron > 0 ? nid(neuron - 1) : id);
+    document.getElementById("nextn").href = "neuron.html#" + (neuron + 1 < nl ? nid(neuron + 1) : id);
     document.getElementById("error").hidden = true;
   }
   function fail(msg) { var e = document.getElementById("error"); e.textContent = msg; e.hidden = false; }
   KV.neuronPage = function () {
     function go() {
-      var m = /^#?(\d+)\.(\d+)$/.exec(decodeURIComponent(location.hash));
-      var id = m ? [+m[1], +m[2]] : [KV.meta.layers[0], 0];
-      var layer = id[0], neuron = id[1];
+      var text = decodeURIComponent(location.hash).replace(/^#/, "");
+      var m = /^(\d+)\.(?:([es])(\d+)\.)?(\d+)$/.exec(text);
+      var layer = m ? +m[1] : KV.meta.layers[0], neuron = m ? +m[4] : 0, expert = m && m[2] ? text : null;
       if (KV.meta.layers.indexOf(layer) < 0) return fail("layer " + layer + " was not profiled in this run");
-      if (neuron >= KV.meta.d_mlp) return fail("neuron " + neuron + " is out of range (d_mlp = " + KV.meta.d_mlp + ")");
-      if (KV.layers[layer]) return showNeuron(layer, neuron);
+      function show() {  // an expert id (L.eE.N / L.sS.N) is looked up in its layer's ids
+        var L = KV.layers[layer], j = neuron;
+        if (expert) { j = L.moe ? L.moe.ids.indexOf(expert) : -1; if (j < 0) return fail("no neuron " + expert + " in this run"); }
+        if (j >= L.neurons.length) return fail("neuron " + j + " is out of range (d_mlp = " + L.neurons.length + ")");
+        showNeuron(layer, j);
+      }
+      if (KV.layers[layer]) return show();
       var s = document.createElement("script");
       s.src = "data/layer-" + layer + ".js";
       s.onload = function () {
-        KV.unpack("layer-" + layer).then(function (d) { KV.layers[layer] = d; showNeuron(layer, neuron); })
+        KV.unpack("layer-" + layer).then(function (d) { KV.layers[layer] = d; show(); })
           .catch(function (e) { fail("could not read data/layer-" + layer + ".js: " + e); });
       };
       s.onerror = function () { fail("could not load data/layer-" + layer + ".js"); };
