@@ -37,10 +37,12 @@ from kvmem import tuning
 from kvmem.capture import capture, check_layers
 from kvmem.errors import KvmemError
 from kvmem.models.load import DEFAULT_MODEL
+from kvmem.profile import moe
 from kvmem.profile import run as runfiles
 from kvmem.profile.corpus import DEFAULT_CORPUS
 from kvmem.profile.tokens import RowLayout, TokenStore
 from kvmem.stats import placement
+from kvmem.stats.routing import Router
 
 
 SYNC_FREE: bool | None = None  # LayerStats(sync_free=...): None = on unless the device is the CPU
@@ -209,13 +211,15 @@ def sign_preserving(model) -> bool:
         return False
 
 
-def context_windows(model, cfg: ProfileConfig, device=None):
-    """A layer's ContextWindows for the settings of ``cfg`` (None when ``cfg.context`` is off)."""
+def context_windows(model, cfg: ProfileConfig, device=None, d_mlp: int | None = None):
+    """A layer's ContextWindows for the settings of ``cfg`` (None when ``cfg.context`` is off); d_mlp: the
+    layer's width (default the model's)."""
     from kvmem.stats.context import DTYPES, ContextWindows
 
     if not cfg.context:
         return None
-    return ContextWindows(model.d_mlp, before=cfg.context_before, after=cfg.context_after, n_top=cfg.context_top,
+    return ContextWindows(model.d_mlp if d_mlp is None else d_mlp, before=cfg.context_before, after=cfg.context_after,
+                          n_top=cfg.context_top,
                           n_docs=cfg.context_docs, n_bottom=cfg.context_bottom, dtype=DTYPES[cfg.context_dtype],
                           device=model.device if device is None else device)
 
@@ -246,8 +250,6 @@ class Profiler:
     """One profiling job over a token store (or a shard of it). ``run()`` returns the stats."""
 
     def __init__(self, model, cfg: ProfileConfig, store: TokenStore, out: Path, *, progress=None):
-        from kvmem.stats import LayerStats
-
         self.model, self.cfg, self.store, self.out = model, cfg, store, out
         self.layers = check_layers(model, cfg.layers)
         self.progress = progress
@@ -255,13 +257,8 @@ class Profiler:
         self.layout = layout_of(model, cfg, store)
         # each layer's statistics on that layer's device (one device, or spread by --device-map auto)
         self.devices = placement.layer_devices(model, self.layers)
-        self.stats = {layer: LayerStats(model.d_mlp, k=cfg.top_k, gated=model.gated, max_pos=cfg.seq_len,
-                                        device=self.devices[layer],
-                                        context=context_windows(model, cfg, self.devices[layer]),
-                                        value_norm=model.value_norms(layer),
-                                        sign_preserving_act=sign_preserving(model), sync_free=SYNC_FREE,
-                                        compile=cfg.compile)
-                      for layer in self.layers}
+        self.moe = moe.moe_layers(model, self.layers)  # mixture-of-experts layers (kvmem.profile.moe)
+        self.stats = {layer: self.layer_stats(layer) for layer in self.layers}
         self.state = Progress()
         self.tuning = tuning.state()  # what kvmem.tuning has in effect (set by run() on CPU)
         self.batch_size = cfg.batch_size or auto_batch_size(model, cfg.seq_len)
@@ -271,6 +268,23 @@ class Profiler:
         self.backoffs = 0  # out-of-memory back-offs taken
         self.skip: frozenset = frozenset()  # layers the current step leaves out (they took the batch already)
         self.done: set | None = None  # layers whose update of the current step completed
+
+    def layer_stats(self, layer: int):
+        """Fresh statistics of one layer. MoE layers: raw m of the flat expert neurons (not gated: gate and
+        up are not captured for experts), the routing, no mass-L0 (raw m does not carry the routing weight
+        that scales what a neuron writes)."""
+        from kvmem.stats import LayerStats
+
+        model, cfg, dev = self.model, self.cfg, self.devices[layer]
+        common = dict(k=cfg.top_k, max_pos=cfg.seq_len, device=dev, sync_free=SYNC_FREE, compile=cfg.compile)
+        if layer in self.moe:
+            layout = moe.layout_of(model, layer)
+            d = layout.n_experts * layout.d_expert + layout.n_shared * layout.d_shared
+            return LayerStats(d, context=context_windows(model, cfg, dev, d), n_experts=layout.n_experts,
+                              expert_of=moe.expert_of(layout), **common)
+        d = moe.layer_width(model, layer)
+        return LayerStats(d, gated=model.layers[layer].gated, context=context_windows(model, cfg, dev, d),
+                          value_norm=model.value_norms(layer), sign_preserving_act=sign_preserving(model), **common)
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -397,12 +411,16 @@ class Profiler:
                 flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
                 if sel is not None:
                     flat = {k: v.index_select(0, sel) for k, v in flat.items()}
+                router = Router(flat["logits"], flat["idx"], flat["weight"]) if layer in self.moe else None
                 self.stats[layer].update(flat["coef"], b.index, b.doc, b.pos, gate=flat.get("gate"),
-                                         up=flat.get("pre"))
+                                         up=flat.get("pre"), router=router)
             if done is not None:
                 done.add(layer)
 
-        with torch.inference_mode(), capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer):
+        # dense models: kvmem.capture; with MoE layers one capture over both kinds (kvmem.profile.moe)
+        cap = (moe.capture_layers(self.model, self.layers, self.what, on_layer=on_layer) if self.moe else
+               capture(self.model, self.layers, self.what, stop=True, on_layer=on_layer))
+        with torch.inference_mode(), cap:
             self.model.hf(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
 
     def run(self) -> float:
