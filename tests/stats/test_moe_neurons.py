@@ -97,3 +97,29 @@ def test_merge_of_halves_and_shift():
     moved = a.shifted(1000, 10)
     assert moved.moe and torch.equal(moved.neuron_n(), a.neuron_n())
     assert torch.equal(moved.top.index, torch.where(a.top.index >= 0, a.top.index + 1000, -1))
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_context_windows_of_an_moe_layer(sync_free):
+    """The shown examples' windows hold the expert's raw m over the row, 0 at tokens not routed to it."""
+    from kvmem.stats import ContextWindows
+
+    st = make_moe_stream(seed=8, n=320, max_pos=32)
+    st.ti = torch.arange(320)  # rows of 32 consecutive tokens, each row in one update
+    st.bounds = [0, 64, 160, 320]
+    ctx = ContextWindows(D, before=3, after=2, n_top=4, n_docs=2, n_bottom=2, dtype=torch.float32)
+    s = st.feed(LayerStats(D, k=6, max_pos=32, n_experts=E, expert_of=EXPERT_OF, context=ctx, sync_free=sync_free))
+    top = s.top
+    j = 1  # a neuron of routed expert 0: its windows cross tokens not routed to it
+    assert not st.active[:, j].all() and (top.index[j] >= 0).all()
+    for slot in range(4):
+        i = int(top.index[j, slot])
+        if i < 0:
+            continue
+        win = s.context.lookup(torch.tensor([j]), torch.tensor([i]))[0]
+        for w, t in enumerate(range(i - 3, i + 3)):
+            same_row = 0 <= t < 320 and t // 32 == i // 32
+            if same_row:
+                assert float(win[w]) == float(st.m[t, j]) * float(st.active[t, j]), (slot, w)
+            else:
+                assert torch.isnan(win[w])
