@@ -262,6 +262,11 @@ class LayerStats:
         other.check()
         if a != b:
             raise KvmemError(f"cannot merge LayerStats with (d_mlp, k, gated, max_pos) {b} into {a}")
+        if self.spec.moe != other.spec.moe:
+            raise KvmemError("cannot merge the statistics of an MoE layer with those of a dense one")
+        if self.spec.moe and (self.spec.n_experts != other.spec.n_experts or
+                              not torch.equal(self.spec.expert_of, other.spec.expert_of.to(self.device))):
+            raise KvmemError("cannot merge routing statistics of layers with different experts")
         for name in list(self.parts):
             if name in other.parts:
                 self.parts[name].merge(other.parts[name])

@@ -122,3 +122,16 @@ def test_bad_router_input_is_refused():
     with pytest.raises(KvmemError, match="gated"):
         LayerStats(D, gated=True, n_experts=E, expert_of=EXPERT_OF)
     assert s.n == 0
+
+
+def test_moe_and_dense_statistics_do_not_merge():
+    st = make_moe_stream()
+    moe = st.feed(moe_stats())
+    dense = LayerStats(D, k=4, max_pos=32)
+    with pytest.raises(KvmemError, match="dense"):
+        moe.merge(dense)
+    with pytest.raises(KvmemError, match="dense"):
+        dense.merge(moe)
+    other = LayerStats(D, k=4, max_pos=32, n_experts=E, expert_of=EXPERT_OF.flip(0).clamp(max=E - 1))
+    with pytest.raises(KvmemError, match="different experts"):
+        moe.merge(other)
