@@ -219,6 +219,11 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
              + (f" ({run.manifest['time']['tokens_per_second']:,.0f} tokens/s)"
                 if run.manifest["time"].get("tokens_per_second") else "")),
             ("kvmem", run.manifest.get("kvmem_version", "?"))]
+    if run.moe:  # mixture of experts: the layout and what its neuron figures are relative to
+        moe = run.manifest["moe"]
+        card.insert(5, ("experts", f"{moe['n_experts']} routed (top-{moe.get('top_k')}) + {moe.get('n_shared', 0)} shared "
+                                   f"in MoE layers {_ranges(run.moe_layers)}; their neuron figures are of the tokens "
+                                   "routed to each neuron's expert"))
     t = env()
     common = {"title": m["model"], "version": kvmem.__version__, "n_tokens": n_tokens}
     (out / "index.html").write_text(t.get_template("index.html").render(

@@ -126,6 +126,7 @@ def test_overview_links_the_routing_pages_and_links_resolve(moe_report):
     run, st, out, _ = moe_report
     index = (out / "index.html").read_text(encoding="utf-8")
     assert f'href="routing-{MOE_LAYER}.html"' in index
+    assert f"{E} routed (top-2) + 1 shared in MoE layers {MOE_LAYER}" in index  # the model card
     for page in pages(out):
         parser = Links()
         parser.feed(page.read_text(encoding="utf-8"))
