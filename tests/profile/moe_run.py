@@ -21,20 +21,24 @@ N, SEQ, DENSE_D, K = 300, 16, 8, 6
 DENSE_LAYER, MOE_LAYER = 0, 1
 
 
-def synthetic_moe_run(out: Path):
-    """(run, stream): the run opened with kvmem.open_run, and the MoE layer's MoEStream (token i = index i)."""
+def synthetic_moe_run(out: Path, lo: int = 0, hi: int = N):
+    """(run, stream): the run opened with kvmem.open_run, and the MoE layer's MoEStream (token i = index i).
+    lo, hi: a shard of the stream, local tokens [lo, hi) (cut at a document boundary), as kvmem profile
+    --shard writes it."""
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, len(HOSTILE), (N,), generator=g, dtype=torch.int64).to(torch.int32)  # all hostile
     offsets = torch.tensor([0, 40, 41, 130, 200, N], dtype=torch.int64)
-    store = TokenStore(ids, offsets)
-    layout = RowLayout.build(store, SEQ, None, doc_rows=True, skip_first=False)
+    whole = TokenStore(ids, offsets)
+    store = whole if (lo, hi) == (0, N) else whole.slice_tokens(lo, hi)
+    layout = RowLayout.build(whole, SEQ, None, doc_rows=True, skip_first=False)
     index = torch.arange(N)
     st = make_moe_stream(seed=12, n=N, max_pos=SEQ)
-    st = MoEStream(st.m, index, store.doc_of(index), layout.position(index), st.logits, st.idx, st.weight,
+    st = MoEStream(st.m, index, whole.doc_of(index), layout.position(index), st.logits, st.idx, st.weight,
                    [0, 37, 150, N])
+    dense_m = torch.randn(N, DENSE_D, generator=g)
     dense = LayerStats(DENSE_D, k=K, max_pos=SEQ)
-    dense.update(torch.randn(N, DENSE_D, generator=g), st.ti, st.doc, st.pos)
-    moe = st.feed(LayerStats(D, k=K, max_pos=SEQ, n_experts=E, expert_of=EXPERT_OF))
+    dense.update(dense_m[lo:hi], st.ti[lo:hi], st.doc[lo:hi], st.pos[lo:hi])
+    moe = st.feed(LayerStats(D, k=K, max_pos=SEQ, n_experts=E, expert_of=EXPERT_OF), lo, hi)
     meta = {"model": "synthetic-moe", "source": "tests", "family": "synthetic", "model_type": "synthetic",
             "n_layers": 2, "d_model": 4, "d_mlp": D, "d_vocab": len(VOCAB), "activation": "silu", "gated": False,
             "fingerprint": "0", "dtype": "float32", "device": "cpu"}
@@ -43,5 +47,5 @@ def synthetic_moe_run(out: Path):
     corpus = {"source": "synthetic", "description": "random ids", "n_docs": store.n_docs, "invalid_utf8_docs": 0,
               "ran_out": False}
     run = finalize(meta, settings, store, {DENSE_LAYER: dense, MOE_LAYER: moe}, corpus, Path(out), 1.0,
-                   vocab=VOCAB, layout=layout.settings())
+                   vocab=VOCAB, layout=RowLayout.build(store, SEQ, None, doc_rows=True, skip_first=False).settings())
     return run, st

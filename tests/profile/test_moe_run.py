@@ -97,3 +97,18 @@ def test_an_moe_run_without_its_routing_table_is_refused(moe_run, tmp_path):
     (broken / schema.ROUTING_FILE).unlink()
     with pytest.raises(KvmemError, match="routing.parquet is missing"):
         kvmem.open_run(broken)
+
+
+def test_merged_shards_equal_the_whole_run(moe_run, tmp_path):
+    from kvmem.profile.job import merge
+
+    run, _ = moe_run
+    a, _ = synthetic_moe_run(tmp_path / "a", 0, 130)
+    b, _ = synthetic_moe_run(tmp_path / "b", 130)
+    merged = merge([a.path, b.path], tmp_path / "merged")
+    assert merged.moe and merged.moe_layers == [MOE_LAYER] and merged.manifest["moe"] == run.manifest["moe"]
+    for col in ("load", "n", "coselected"):
+        assert [np.asarray(v).tolist() for v in merged.routing[col]] == [np.asarray(v).tolist() for v in run.routing[col]]
+    np.testing.assert_allclose(merged.routing["mean_weight"], run.routing["mean_weight"], rtol=1e-12)
+    for col in ("n", "count_pos", "top_index", "expert", "id"):
+        assert merged.neurons[col].tolist() == run.neurons[col].tolist(), col
