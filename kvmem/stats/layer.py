@@ -315,29 +315,12 @@ class LayerStats:
         this layer does not keep it (no value norms given, or a run of an older kvmem)."""
         return self.parts.get("mass")
 
-    @property
-    def moe(self) -> bool:
-        """A mixture-of-experts layer: neuron statistics relative to each expert's own tokens."""
-        return self.spec.moe
-
-    @property
-    def routing(self):
-        """kvmem.stats.routing.Routing of an MoE layer (load, weights, entropy, co-selection), else None."""
-        return self.parts.get("routing")
-
-    def neuron_n(self) -> torch.Tensor:
-        """The tokens each neuron's statistics count, int64 [d]: every token of the layer (n) for a dense
-        layer; for an MoE layer the tokens routed to the neuron's expert (shared experts: every token)."""
-        if self.spec.moe:
-            return self.parts["routing"].neuron_n()
-        return torch.full((self.d_mlp,), self.n, dtype=torch.int64, device=self.device)
-
-    def mean(self) -> torch.Tensor:
-        return self.parts["moments"].mean(self.neuron_n() if self.spec.moe else self.n)
-
-    def std(self) -> torch.Tensor:
-        return self.parts["moments"].std(self.neuron_n() if self.spec.moe else self.n)
-
+    moe = property(lambda self: self.spec.moe, doc="An MoE layer: neuron statistics relative to each expert's tokens")
+    routing = property(lambda self: self.parts.get("routing"),
+                       doc="kvmem.stats.routing.Routing of an MoE layer (load, weights, entropy, co-selection), else None")
+    neuron_n = readout.neuron_n
+    mean = readout.mean
+    std = readout.std
     firing_rate = readout.firing_rate
     count_above = readout.count_above
     count_below = readout.count_below

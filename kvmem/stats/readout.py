@@ -1,5 +1,5 @@
-"""Read-outs of a LayerStats that combine components (bound as its methods): firing_rate, count_above,
-count_below, to_frame."""
+"""Read-outs of a LayerStats that combine components (bound as its methods): neuron_n, mean, std,
+firing_rate, count_above, count_below, to_frame."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ import torch
 
 from kvmem.neurons import NeuronId
 
+
+
+def neuron_n(self) -> torch.Tensor:
+    """The tokens each neuron's statistics count, int64 [d]: every token of the layer (n) for a dense layer;
+    for an MoE layer the tokens routed to the neuron's expert (shared experts: every token)."""
+    if self.moe:
+        return self.parts["routing"].neuron_n()
+    return torch.full((self.d_mlp,), self.n, dtype=torch.int64, device=self.device)
+
+
+def mean(self) -> torch.Tensor:
+    """Mean of m per neuron over the tokens it counts (neuron_n), float64 [d] (NaN where none)."""
+    return self.parts["moments"].mean(self.neuron_n() if self.moe else self.n)
+
+
+def std(self) -> torch.Tensor:
+    """Population standard deviation of m per neuron over the tokens it counts, float64 [d]."""
+    return self.parts["moments"].std(self.neuron_n() if self.moe else self.n)
 
 
 def firing_rate(self) -> torch.Tensor:
