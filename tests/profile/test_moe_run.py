@@ -112,3 +112,23 @@ def test_merged_shards_equal_the_whole_run(moe_run, tmp_path):
     np.testing.assert_allclose(merged.routing["mean_weight"], run.routing["mean_weight"], rtol=1e-12)
     for col in ("n", "count_pos", "top_index", "expert", "id"):
         assert merged.neurons[col].tolist() == run.neurons[col].tolist(), col
+
+
+def test_expert_map_follows_the_flat_order_of_the_contract():
+    from types import SimpleNamespace
+
+    from kvmem.neurons import NeuronId
+    from kvmem.profile.moe import expert_of
+    from kvmem.stats.readout import expert_columns
+
+    layout = SimpleNamespace(n_experts=3, d_expert=4, n_shared=2, d_shared=5)
+    e = expert_of(layout)
+    assert e.numel() == 3 * 4 + 2 * 5
+    c = expert_columns(e)
+    for flat in range(e.numel()):  # routed e, neuron i at e*d_expert + i; shared s at n_experts*d_expert + s*d_shared + i
+        if flat < 12:
+            want = NeuronId(7, flat % 4, flat // 4)
+        else:
+            want = NeuronId(7, (flat - 12) % 5, (flat - 12) // 5, True)
+        got = NeuronId(7, int(c["expert_neuron"][flat]), int(c["expert"][flat]), bool(c["shared"][flat]))
+        assert got == want, flat
