@@ -258,7 +258,7 @@ def merge(
 @handle_errors
 def top(
     run: RunArg,
-    neuron: Annotated[str, typer.Argument(help="The neuron, LAYER.NEURON (e.g. 17.1234).")],
+    neuron: Annotated[str, typer.Argument(help="The neuron, LAYER.NEURON (e.g. 17.1234; MoE layers: 12.e3.45, 12.s0.45).")],
     kind: Annotated[str, typer.Option(help="top (per token), top_docs (one per document), bottom (most negative m), sample.")] = "top",
     before: Annotated[int, typer.Option(help="Context tokens shown before the activating token.")] = 12,
     after: Annotated[int, typer.Option(help="Context tokens shown after it.")] = 4,
@@ -269,10 +269,11 @@ def top(
 
     r = open_run(run)
     layer, n = r.neuron(neuron)
+    label = r.neuron_label(layer, n)  # L.N, or L.eE.N for an expert neuron of an MoE layer
     df = r.examples(layer, n, kind, before=before, after=after)
     if json_out:
-        return print_json({"neuron": f"{layer}.{n}", "kind": kind, "examples": df.to_dict(orient="records")})
-    table = Table("#", "m", "doc", "context (activating token in brackets)", title=f"{layer}.{n}: {kind} examples")
+        return print_json({"neuron": label, "kind": kind, "examples": df.to_dict(orient="records")})
+    table = Table("#", "m", "doc", "context (activating token in brackets)", title=f"{label}: {kind} examples")
     for row in df.itertuples():
         text = Text()
         for j, tok in enumerate(row.context):

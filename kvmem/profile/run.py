@@ -293,6 +293,13 @@ class Run:
             raise KvmemError(f"neuron {nid}: no such neuron in layer {layer} of this run")
         return layer, int(hit["neuron"].iloc[0])
 
+    def neuron_label(self, layer: int, neuron: int) -> str:
+        """The id of flat neuron ``neuron`` of ``layer`` as NeuronId prints it (L.N; MoE layers L.eE.N / L.sS.N)."""
+        if layer not in self.moe_layers:
+            return f"{int(layer)}.{int(neuron)}"
+        df = self.neurons
+        return str(df[(df["layer"] == layer) & (df["neuron"] == neuron)]["id"].iloc[0])
+
     def examples(self, layer: int, neuron: int, kind: str = "top", before: int = 12, after: int = 4) -> pd.DataFrame:
         """A neuron's stored examples with their context: kind is top, bottom, top_docs or sample."""
         from kvmem.profile.examples import examples

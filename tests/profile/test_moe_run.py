@@ -132,3 +132,19 @@ def test_expert_map_follows_the_flat_order_of_the_contract():
             want = NeuronId(7, (flat - 12) % 5, (flat - 12) // 5, True)
         got = NeuronId(7, int(c["expert_neuron"][flat]), int(c["expert"][flat]), bool(c["shared"][flat]))
         assert got == want, flat
+
+
+def test_cli_top_takes_and_prints_expert_ids(moe_run, capsys):
+    import json
+
+    from tests.cli.test_core_cli import run as cli
+
+    run, st = moe_run
+    ref = neuron_ref(st, K)
+    code, out, err = cli(capsys, "top", str(run.path), f"{MOE_LAYER}.e1.2", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["neuron"] == f"{MOE_LAYER}.e1.2"
+    assert [e["index"] for e in got["examples"]] == [int(i) for i in ref["top_i"][D_EXPERT + 2] if i >= 0]
+    code, out, err = cli(capsys, "top", str(run.path), f"{MOE_LAYER}.e9.0")
+    assert code == 2 and err.startswith("error: ")
