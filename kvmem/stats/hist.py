@@ -123,6 +123,8 @@ class Histogram(Counters):
         code = work_buffer("i32_a", (n, d), torch.int32, m.device)
         flat = work_buffer("i32_b", (n, d), torch.int32, m.device)
         self.count += batch_hist(m, code, flat).T
+        if batch.active is not None:  # MoE layers: m = 0 at the tokens not routed to the expert: not counted
+            self.count[:, ZERO_BIN] -= n - batch.active.sum(0)
 
     def update_dense(self, batch: Batch) -> None:
         """update without host synchronisation (an index_add_ for the bincount)."""

@@ -37,8 +37,8 @@ LayerSpec): every update also takes the batch's routing (kvmem.stats.routing.Rou
 ``routing`` component, and the neuron statistics are relative to each expert's own tokens: m is set to 0
 where the token is not routed to the neuron's expert (the contract's raw m is 0 there already), the stores
 see those pairs as empty keys, the histogram leaves them out, and the rates, means and the neuron table's
-``n`` divide by ``neuron_n()``, the tokens routed to the expert. Every component takes its update_dense
-(both paths; no fused CPU pass). Token-level figures (L0, mass-L0) count every token of the layer.
+``n`` divide by ``neuron_n()``, the tokens routed to the expert. No fused CPU pass: the components' torch
+updates (or their sync-free ones) honour the mask. Token-level figures (L0, mass-L0) count every token of the layer.
 
 state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` (MoE layers: and ``meta.n_experts``) and ``{component}.{key}`` for each
 component. Naming contract: a tensor whose name ends in ``.index`` holds global token indices (-1 = none),
@@ -181,20 +181,18 @@ class LayerStats:
         if self.gated:
             gate, up = gate.to(dev), up.to(dev)
         batch = Batch(m, ti, doc, pos, gate, up, first, last, first > self._last_index, stats=self)
-        if self.spec.moe:  # the components' fixed-shape updates honour Batch.active (module docstring)
+        if self.spec.moe:  # the components' torch updates honour Batch.active (module docstring)
             from kvmem.stats.routing import check, route
 
             check(router, self.spec.n_experts, n)
             route(batch, router, self.spec)
             done = ()
-            for part in self.parts.values():
-                part.update_dense(batch)
             batch.paths["dense"] = "moe"
         else:
             done = fused.update(self.parts, batch) if self._fused(m) else ()
             batch.paths["dense"] = "fused" if done else "torch"
         for name, part in self.parts.items():
-            if name not in done and not self.spec.moe:
+            if name not in done:
                 part.update(batch)
         self.n += n
         self._last_index = max(self._last_index, last)

@@ -69,10 +69,15 @@ class Top(Stat):
 
     def update(self, batch: Batch) -> None:
         m, ti = batch.m, batch.index
+        if batch.active is not None:  # MoE layers: pairs not routed to the expert rank last and are dropped
+            m = torch.where(batch.active, m, -self.sign * float("inf"))
         full = is_full(self.keys)
         batch.paths[self.name] = "sparse" if full else "dense"
         if not full:
             rows, cols = batch_topk_rows(m, self.spec.k, largest=self.sign > 0)
+            if batch.active is not None:
+                keep = pick(batch.active, rows, cols)
+                rows, cols = rows[keep], cols[keep]
             key = encode(self.sign * pick(m, rows, cols), ti[rows])
         else:
             bound = kth_bound(self.keys, batch.monotone)
@@ -140,10 +145,15 @@ class TopDocs(Stat):
 
     def update(self, batch: Batch) -> None:
         m, ti, doc = batch.m, batch.index, batch.doc
+        if batch.active is not None:  # MoE layers: pairs not routed to the expert are never a document's best
+            m = torch.where(batch.active, m, float("-inf"))
         full = is_full(self.keys)
         batch.paths[self.name] = "sparse" if full else "dense"
         if not full:
             cols, key, docs = batch_doc_rows(m, ti, doc, self.spec.k)
+            if batch.active is not None:  # a document none of whose tokens went to the expert
+                keep = decode_value(key) > float("-inf")
+                cols, key, docs = cols[keep], key[keep], docs[keep]
         else:
             mask = work_buffer("mask_a", tuple(m.shape), torch.bool, m.device)
             torch.gt(m, kth_bound(self.keys, batch.monotone), out=mask)
