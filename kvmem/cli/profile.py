@@ -147,7 +147,8 @@ def run_summary(run) -> dict:
         "invalid_utf8_docs": m["corpus"]["invalid_utf8_docs"],
         "stages": m["time"].get("stages", {}),
         "layers": layers.to_dict(orient="records"),
-    }
+    } | ({"routing": [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+                      for r in run.routing.to_dict(orient="records")]} if run.moe else {})
 
 
 def print_summary(run, s: dict) -> None:
@@ -169,6 +170,26 @@ def print_summary(run, s: dict) -> None:
                       markup=False, highlight=False)
     for table in layer_tables(run, console):
         console.print(table)
+    for line in routing_lines(run):
+        console.print(line, markup=False, highlight=False)
+
+
+def routing_lines(run) -> list[str]:
+    """One line per MoE layer: the router entropy and the busiest and idlest experts' load with intervals."""
+    if not run.moe:
+        return []
+    out, layers = [], run.layers.set_index("layer")
+    for layer in run.moe_layers:
+        t = run.routing[run.routing["layer"] == layer]
+        if not len(t):
+            continue
+        hi, lo, row = t.loc[t["share"].idxmax()], t.loc[t["share"].idxmin()], layers.loc[layer]
+        out.append(f"layer {layer} routing over {int(t['n'].iloc[0]):,} tokens: router entropy "
+                   f"{row['router_entropy_mean']:.3f} of max {row['router_entropy_max']:.3f} nats; busiest expert "
+                   f"e{int(hi['expert'])} {hi['share']:.1%} [{hi['share_lo']:.1%}, {hi['share_hi']:.1%}], idlest "
+                   f"e{int(lo['expert'])} {lo['share']:.1%} [{lo['share_lo']:.1%}, {lo['share_hi']:.1%}] of tokens "
+                   f"(even: {t['uniform'].iloc[0]:.1%}; 95% Wilson intervals)")
+    return out
 
 
 def _share(x: float) -> str:

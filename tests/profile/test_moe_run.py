@@ -148,3 +148,19 @@ def test_cli_top_takes_and_prints_expert_ids(moe_run, capsys):
     assert [e["index"] for e in got["examples"]] == [int(i) for i in ref["top_i"][D_EXPERT + 2] if i >= 0]
     code, out, err = cli(capsys, "top", str(run.path), f"{MOE_LAYER}.e9.0")
     assert code == 2 and err.startswith("error: ")
+
+
+def test_closing_summary_states_the_routing(moe_run):
+    from kvmem.cli.profile import routing_lines, run_summary
+
+    run, st = moe_run
+    ref = routing_ref(st)
+    (line,) = routing_lines(run)
+    busiest, idlest = int(np.argmax(ref["load"])), int(np.argmin(ref["load"]))
+    lo, hi = wilson(int(ref["load"][busiest]), ref["n"])
+    assert f"busiest expert e{busiest} {ref['load'][busiest] / ref['n']:.1%} [{lo:.1%}, {hi:.1%}]" in line
+    assert f"idlest e{idlest} 0.0%" in line and f"router entropy {ref['h'].mean():.3f}" in line
+    summary = run_summary(run)
+    assert [r["load"] for r in summary["routing"]] == ref["load"].tolist()
+    import json
+    json.dumps(summary)  # JSON-able
