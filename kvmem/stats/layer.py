@@ -38,10 +38,11 @@ LayerSpec): every update also takes the batch's routing (kvmem.stats.routing.Rou
 where the token is not routed to the neuron's expert (the contract's raw m is 0 there already), the stores
 see those pairs as empty keys, the histogram leaves them out, and the rates, means and the neuron table's
 ``n`` divide by ``neuron_n()``, the tokens routed to the expert. No fused CPU pass: the components' torch
-updates (or their sync-free ones) honour the mask. Token-level figures (L0, mass-L0) count every token of the layer.
+updates (or their sync-free ones) honour the mask. Token-level figures (L0, mass-L0) count every token of the
+layer. The sync-free path checks the routing's expert indices on the device like its other input checks.
 
-state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` (MoE layers: and ``meta.n_experts``) and ``{component}.{key}`` for each
-component. Naming contract: a tensor whose name ends in ``.index`` holds global token indices (-1 = none),
+state_dict(): ``meta.{version,d_mlp,k,gated,max_pos,last_index,n}`` (MoE layers: and ``meta.n_experts``) and
+``{component}.{key}`` for each component. Naming contract: a tensor whose name ends in ``.index`` holds global token indices (-1 = none),
 ``top_docs.doc`` global document ids (-1 = none); ``shifted`` moves exactly those. Format 1 (kvmem 0.2,
 unprefixed moments and counts) is read and converted.
 """
@@ -108,7 +109,7 @@ class LayerStats:
         self._paths: dict = {}  # code paths taken by the last update (diagnostics, tests)
         # no host synchronisation in update (module docstring); None: on unless the device is the CPU
         self.sync_free = (self.spec.device.type != "cpu" or compile) if sync_free is None else bool(sync_free)
-        self._bad: torch.Tensor | None = None  # [3] bool: invalid token_index / doc_id / pos_in_seq seen (sync-free)
+        self._bad: torch.Tensor | None = None  # [4] bool: invalid token_index / doc_id / pos_in_seq / router idx seen
         self.compile = bool(compile)  # torch.compile the sync-free component updates (module docstring)
 
     @property
@@ -133,6 +134,9 @@ class LayerStats:
             raise ValueError("doc_id must be non-negative and non-decreasing")
         if bad[2]:
             raise ValueError(f"pos_in_seq must lie in [0, {self.max_pos})")
+        if bad[3]:
+            raise KvmemError(f"router idx must lie in [0, {self.spec.n_experts}) and name each chosen expert once "
+                             "per token")
 
     d_mlp = property(lambda self: self.spec.d_mlp)
     k = property(lambda self: self.spec.k)
@@ -218,10 +222,23 @@ class LayerStats:
                 vars(self.context).update(saved[4])
             raise
 
+    def _bad_router(self, router) -> torch.Tensor:
+        """MoE layers: whether the routing's expert indices are out of range or repeated within a token (a
+        device flag, no synchronisation); False for dense layers."""
+        if not self.spec.moe:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        from kvmem.stats.routing import one_hot
+
+        idx = router.idx.to(device=self.device, dtype=torch.int64)
+        out = ((idx < 0) | (idx >= self.spec.n_experts)).any()
+        hot = one_hot(idx.clamp(0, self.spec.n_experts - 1), self.spec.n_experts)
+        return out | (hot.sum(1) != idx.shape[1]).any()
+
     def _update_fixed_parts(self, m, ti, doc, pos, gate, up, router=None) -> None:
         bad = torch.stack([(ti[0] < 0) | (ti[-1] > MAX_TOKEN_INDEX) | ~(ti[1:] > ti[:-1]).all(),
                            (doc[0] < 0) | ~(doc[1:] >= doc[:-1]).all(),
-                           (pos.min() < 0) | (pos.max() >= self.max_pos)])
+                           (pos.min() < 0) | (pos.max() >= self.max_pos),
+                           self._bad_router(router)])
         self._bad = bad if self._bad is None else self._bad | bad
         pos = pos.clamp(0, self.max_pos - 1)
         if self.gated:

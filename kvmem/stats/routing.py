@@ -218,7 +218,8 @@ def route(batch: Batch, router: Router, spec: LayerSpec) -> None:
     mask [N, d] (token routed to the neuron's expert; shared experts: every token) and m set to 0 where not
     active. Fixed shapes, no host synchronisation."""
     dev, n_e = spec.device, spec.n_experts
-    router = Router(router.logits.to(dev), router.idx.to(device=dev, dtype=torch.int64), router.weight.to(dev))
+    idx = router.idx.to(device=dev, dtype=torch.int64).clamp(0, n_e - 1)  # out of range: flagged (LayerStats.check)
+    router = Router(router.logits.to(dev), idx, router.weight.to(dev))
     hot = one_hot(router.idx, n_e + 1, dtype=torch.bool)  # column n_e: the shared experts, always on
     hot[:, n_e] = True
     col = torch.where(spec.expert_of >= 0, spec.expert_of, n_e)

@@ -135,3 +135,18 @@ def test_moe_and_dense_statistics_do_not_merge():
     other = LayerStats(D, k=4, max_pos=32, n_experts=E, expert_of=EXPERT_OF.flip(0).clamp(max=E - 1))
     with pytest.raises(KvmemError, match="different experts"):
         moe.merge(other)
+
+
+def test_sync_free_path_flags_bad_router_input_at_the_next_check():
+    st = make_moe_stream()
+    s = moe_stats(sync_free=True)
+    args = (st.m[:4], st.ti[:4], st.doc[:4], st.pos[:4])
+    with no_host_sync():
+        s.update(*args, router=Router(st.logits[:4], st.idx[:4] + E, st.weight[:4]))
+    with pytest.raises(KvmemError, match="router idx"):
+        s.check()
+    with no_host_sync():
+        s.update(*args, router=Router(st.logits[:4], st.idx[:4, :1].expand(4, K), st.weight[:4]))
+    with pytest.raises(KvmemError, match="once"):
+        s.check()
+    s.check()  # cleared
