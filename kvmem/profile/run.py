@@ -157,6 +157,12 @@ class Run:
         return isinstance(self.manifest.get("moe"), dict)
 
     @property
+    def quadrants(self) -> bool:
+        """Whether the run holds sign-quadrant statistics (their columns): a gated model with a profiled dense
+        layer (the experts of MoE layers keep none; in a run with both, their rows hold -1 there)."""
+        return self.gated and any(layer not in self.moe_layers for layer in self.profiled_layers)
+
+    @property
     def moe_layers(self) -> list[int]:
         """The profiled MoE layers (empty for a dense run)."""
         return [int(x) for x in self.manifest["moe"]["layers"]] if self.moe else []
@@ -174,7 +180,7 @@ class Run:
         except (OSError, ValueError) as e:  # a missing, truncated or foreign file
             raise KvmemError(f"{path}: unreadable ({_first_line(e)}); "
                              f"{profile_again(self.path, self.manifest)}") from None
-        table.check(df.columns, path, self.gated, profile_again(self.path, self.manifest), moe=self.moe)
+        table.check(df.columns, path, self.quadrants, profile_again(self.path, self.manifest), moe=self.moe)
         return df
 
     @property
@@ -338,7 +344,7 @@ def open_run(path: str | os.PathLike) -> Run:
         if not (path / name).is_file():
             raise KvmemError(f"{path}: {name} is missing; {profile_again(path, manifest)}")
     run = Run(path, manifest)
-    gated = run.gated
+    gated = run.quadrants
     tables = (schema.NEURONS, schema.LAYERS, schema.VOCAB) + ((schema.ROUTING,) if moe else ())
     for table in tables:  # column names only: the files' footers
         table.check(_columns(path / table.file, path, manifest), path / table.file, gated,

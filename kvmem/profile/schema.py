@@ -263,7 +263,8 @@ NEURON_COLUMNS = {
     "top_context": ("string", "up to 6 tokens before the top example in its document, then its token in ⟦ ⟧"),
 }
 NEURON_COLUMNS_GATED = {
-    "q_pp": ("int64", "tokens with gate > 0 and up > 0 (gate = x·W_gate + b, up = x·W_in + b)"),
+    "q_pp": ("int64", "tokens with gate > 0 and up > 0 (gate = x·W_gate + b, up = x·W_in + b; -1: an MoE layer's "
+                      "expert neuron, for which they are not kept; present when a gated dense layer was profiled)"),
     "q_pn": ("int64", "tokens with gate > 0 and up <= 0"),
     "q_np": ("int64", "tokens with gate <= 0 and up > 0"),
     "q_nn": ("int64", "tokens with gate <= 0 and up <= 0"),

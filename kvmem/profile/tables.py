@@ -147,6 +147,9 @@ def neuron_table(stats: dict, store, vocab: list[str]) -> pd.DataFrame:
         for col, fill in MOE_NEURON_FILL.items():
             out[col] = out[col].fillna(fill).astype(type(fill))
         out["expert_neuron"] = out["expert_neuron"].fillna(out["neuron"]).astype("int64")
+        for col in ("q_pp", "q_pn", "q_np", "q_nn"):  # gated dense layers beside MoE ones: experts keep none
+            if col in out:
+                out[col] = out[col].fillna(-1).astype("int64")
     return out
 
 
