@@ -164,3 +164,15 @@ def test_closing_summary_states_the_routing(moe_run):
     assert [r["load"] for r in summary["routing"]] == ref["load"].tolist()
     import json
     json.dumps(summary)  # JSON-able
+
+
+def test_a_gated_dense_layer_beside_an_moe_layer_keeps_its_quadrants(tmp_path):
+    written, _ = synthetic_moe_run(tmp_path / "gated", gated=True)
+    gate, up = written.dense_gate_up
+    run = kvmem.open_run(written.path)
+    assert run.gated and run.quadrants
+    df = run.neurons
+    dense, moe = df[df["layer"] == DENSE_LAYER], df[df["layer"] == MOE_LAYER]
+    assert dense["q_pp"].tolist() == ((gate > 0) & (up > 0)).sum(0).tolist()
+    assert (moe[["q_pp", "q_pn", "q_np", "q_nn"]] == -1).all().all()
+    assert str(df["q_pp"].dtype) == "int64"

@@ -1,0 +1,131 @@
+"""End to end on tiny random MoE models (saved to a folder, loaded by path like any model): ``kvmem profile`` +
+``kvmem report`` from the CLI, and the numbers checked against an independent computation over the Hugging
+Face modules themselves (the router's own weight, the experts' own 3-D weights and the shared expert's MLP,
+one row at a time, unpadded): the load of every expert, one routed expert neuron's count, top example, max and
+mean over its expert's tokens, and one shared-expert neuron's (Qwen2-MoE) over every token."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
+
+import kvmem
+from tests.cli.test_core_cli import run as cli
+from tests.conftest import VOCAB
+
+N_EXPERTS, TOP_K, D_EXPERT, D_SHARED = 4, 2, 12, 8
+COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+              max_position_embeddings=128)
+CONFIGS = {  # family -> (config, MoE layers)
+    "mixtral": (lambda: MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=D_EXPERT,
+                                      num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K), [0, 1]),
+    # all layers MoE: a dense layer of another width beside them (mlp_only_layers) breaks kvmem.vocab's
+    # value projection, which stacks layers of one width (the run side of mixed layers: tests/profile/test_moe_run.py)
+    "qwen2_moe": (lambda: Qwen2MoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=20,
+                                         moe_intermediate_size=D_EXPERT, num_experts=N_EXPERTS,
+                                         num_experts_per_tok=TOP_K, shared_expert_intermediate_size=D_SHARED,
+                                         norm_topk_prob=False), [0, 1]),
+}
+
+
+def save_tiny(family: str, path):
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family][0]())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+
+
+def brute_force(path, run, moe_layers):
+    """Per MoE layer: load [E] over the run's counted tokens, and raw m {(expert, neuron): {global index: m}}
+    of the routed experts' neurons on their counted tokens ("s" for the shared expert's, on every counted token),
+    from the HF modules (rows run alone, unpadded)."""
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    layout, store = run.layout, run.tokens
+    load = {layer: np.zeros(N_EXPERTS, np.int64) for layer in moe_layers}
+    m = {layer: {} for layer in moe_layers}
+    silu = torch.nn.functional.silu
+    for row in range(layout.n_rows):
+        b = layout.batch(store, [row])
+        xs = {}
+        hooks = [hf.model.layers[layer].mlp.register_forward_pre_hook(
+            lambda mod, a, layer=layer: xs.__setitem__(layer, a[0].detach())) for layer in moe_layers]
+        try:
+            with torch.no_grad():
+                hf(input_ids=b.ids, attention_mask=b.mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            for layer in moe_layers:
+                block = hf.model.layers[layer].mlp
+                x = xs[layer][0]  # [L, d_model]
+                idx = torch.topk(torch.softmax(x @ block.gate.weight.T, -1), TOP_K, -1).indices  # [L, k]
+                for p in range(x.shape[0]):
+                    if not b.counted[0, p]:
+                        continue
+                    t = int(b.index[0, p])
+                    for e in idx[p].tolist():
+                        load[layer][e] += 1
+                        gate, up = (block.experts.gate_up_proj[e] @ x[p]).chunk(2)
+                        act = silu(gate) * up  # the expert's own activation [d_expert]
+                        for i in range(D_EXPERT):
+                            m[layer].setdefault((e, i), {})[t] = float(act[i])
+                    if hasattr(block, "shared_expert"):
+                        sh = block.shared_expert
+                        act = silu(sh.gate_proj.weight @ x[p]) * (sh.up_proj.weight @ x[p])
+                        for i in range(D_SHARED):
+                            m[layer].setdefault(("s", i), {})[t] = float(act[i])
+    return load, m
+
+
+def check_neuron(row, vals: dict):
+    assert row["n"] == len(vals)
+    assert row["count_pos"] == sum(v > 0 for v in vals.values())
+    best = max(vals.items(), key=lambda kv: (kv[1], -kv[0]))
+    assert row["top_index"] == best[0]
+    assert row["max"] == pytest.approx(best[1], rel=1e-4, abs=1e-5)
+    assert row["mean"] == pytest.approx(np.mean(list(vals.values())), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_profile_and_report_of_a_tiny_moe_model(family, tmp_path, tiny_tokenizer, corpus, capsys):
+    path, out, rep = tmp_path / family, tmp_path / "run", tmp_path / "report"
+    save_tiny(family, path)
+    tiny_tokenizer.save_pretrained(path)
+    moe_layers = CONFIGS[family][1]
+    code, _, err = cli(capsys, "profile", str(path), "--corpus", str(corpus), "--seq-len", "16", "--top-k", "4",
+                       "--batch-size", "4", "--out", str(out))
+    assert code == 0, err
+    code, _, err = cli(capsys, "report", str(out), "--out", str(rep))
+    assert code == 0, err
+    run = kvmem.open_run(out)
+    assert run.moe and run.moe_layers == moe_layers
+    load, m = brute_force(path, run, moe_layers)
+    n_counted = int(run.layers.set_index("layer").loc[0, "n_tokens"])
+    neurons = run.neurons.set_index("id")
+    for layer in moe_layers:
+        got = run.routing[run.routing["layer"] == layer].sort_values("expert")
+        assert got["load"].tolist() == load[layer].tolist()
+        assert int(load[layer].sum()) == TOP_K * n_counted
+    layer = moe_layers[-1]
+    e = int(np.argmax(load[layer]))  # one neuron of the busiest expert: count, top example, max, mean
+    check_neuron(neurons.loc[f"{layer}.e{e}.3"], m[layer][(e, 3)])
+    assert neurons.loc[f"{layer}.e{e}.3", "n"] == load[layer][e]
+    if family == "qwen2_moe":  # the shared expert: every token
+        check_neuron(neurons.loc[f"{layer}.s0.5"], m[layer][("s", 5)])
+        assert neurons.loc[f"{layer}.s0.5", "n"] == n_counted
+        assert neurons.loc[f"{layer}.s0.5", "shared"] and run.manifest["moe"]["n_shared"] == 1
+    # the report: a routing page per MoE layer with the loads, linked from the overview
+    index = (rep / "index.html").read_text(encoding="utf-8")
+    for layer in moe_layers:
+        assert f'href="routing-{layer}.html"' in index
+        page = (rep / f"routing-{layer}.html").read_text(encoding="utf-8")
+        cells = re.findall(r'<tr class="expert" data-expert="(\d+)"><td>e\d+</td><td class="num">([\d,]+)</td>', page)
+        assert [int(c.replace(",", "")) for _, c in cells] == load[layer].tolist()
