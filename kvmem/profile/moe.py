@@ -67,8 +67,8 @@ def capture_layers(model, layers: list[int], what: tuple[str, ...], *,
                    on_layer: Callable[[int, dict[str, torch.Tensor]], None]):
     """Hand each layer's tensors (detached) to ``on_layer(layer, tensors)`` once its block has run; the pass
     stops after the last layer. Dense layers: ``what`` of coef / gate / pre (their ffn.* points; gate and pre
-    only where the layer is gated). MoE layers: coef (raw m at moe.expert.coef), logits, and the routing
-    ``idx`` and ``weight`` (from ``route``)."""
+    only where the layer is gated). MoE layers: coef (raw m at moe.expert.coef), logits (moe.router) and x
+    (ffn.x), from which ``route`` gives the routing (the caller does, inside its host-sync guard)."""
     moe = set(moe_layers(model, layers))
     pending: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -80,11 +80,8 @@ def capture_layers(model, layers: list[int], what: tuple[str, ...], *,
     def finish(layer: int):
         def fn(t: torch.Tensor) -> None:
             got = pending.pop(layer, None)
-            if got is None:
-                return
-            if layer in moe:
-                got["idx"], got["weight"] = route(model, layer, got["logits"], got.pop("x"))
-            on_layer(layer, got)
+            if got is not None:
+                on_layer(layer, got)
         return fn
 
     fns: dict = {}

@@ -408,6 +408,8 @@ class Profiler:
             if layer in skip:
                 return
             with HOOK_GUARD():
+                if layer in self.moe:  # the family's routing rule, from the logits as the forward saw them
+                    t["idx"], t["weight"] = moe.route(self.model, layer, t["logits"], t.pop("x"))
                 flat = {k: v.reshape(-1, v.shape[-1]) for k, v in t.items()}
                 if sel is not None:
                     flat = {k: v.index_select(0, sel) for k, v in flat.items()}
