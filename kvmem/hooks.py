@@ -9,6 +9,12 @@ Points of layer l, in the order the forward pass reaches them (``POINTS``), each
   ffn.out     the FFN output m·W_out + b_out (before any post-FFN norm)          [batch, pos, d_model]
   resid.post  the block's output (the residual stream after block l)            [batch, pos, d_model]
 (For gated FFNs, ffn.gate and ffn.pre may run in either order: families differ.)
+At a mixture-of-experts layer (kvmem.models.moe; d_mlp = the flat width of all expert neurons):
+  moe.router       the router logits (editable: an edit changes the routing)       [batch, pos, n_experts]
+  moe.expert.coef  raw m of every expert neuron, zero where not routed              [batch, pos, d_mlp]
+  ffn.coef         c = w·m (w the token's routing weight of that expert)            [batch, pos, d_mlp]
+and ffn.x / ffn.out / resid.*; no ffn.pre or ffn.gate. One forward hook on the MoE block recomputes these
+from the block input (``kvmem.models.moe.recompute``); the block's own output stands unless a function edited.
 
 The one primitive::
 
@@ -51,11 +57,16 @@ import torch
 from torch import nn
 
 from kvmem.errors import KvmemError
+from kvmem.models.moe import MOE_POINTS, is_moe, recompute
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel
 
-POINTS = ("resid.pre", "ffn.x", "ffn.gate", "ffn.pre", "ffn.coef", "ffn.out", "resid.post")
+POINTS = ("resid.pre", "ffn.x", "ffn.gate", "ffn.pre", "ffn.coef", "ffn.out", "resid.post")  # a dense layer's
+MOE_ONLY = ("moe.router", "moe.expert.coef")
+ORDER = ("resid.pre", "ffn.x", "moe.router", "ffn.gate", "ffn.pre", "moe.expert.coef", "ffn.coef", "ffn.out",
+         "resid.post")  # every point, in forward order
+DENSE_ONLY = ("ffn.gate", "ffn.pre")
 Point = tuple[str, int]  # (name, layer)
 Fn = Callable[[torch.Tensor], Union[torch.Tensor, None]]
 
@@ -101,18 +112,24 @@ def check_points(model: KVModel, points: Iterable[Point]) -> list[Point]:
         if not (isinstance(point, tuple) and len(point) == 2):
             raise KvmemError(f"hook point {point!r}: write it as (name, layer), e.g. ('ffn.coef', 3)")
         name, layer = point
-        if name not in POINTS:
-            raise KvmemError(f"unknown hook point {name!r}; choose from {', '.join(POINTS)}")
+        if name not in ORDER:
+            raise KvmemError(f"unknown hook point {name!r}; choose from {', '.join(ORDER)}")
         try:
             layer = operator.index(layer)  # ints, numpy and 0-d torch integers
         except TypeError:
             raise KvmemError(f"hook point {name}: layer {layer!r} is not an integer") from None
         if not 0 <= layer < model.n_layers:
             raise KvmemError(f"hook point {name}: layer {layer} out of range (the model has layers 0..{model.n_layers - 1})")
+        moe = is_moe(model.layers[layer])
+        if moe and name in DENSE_ONLY:
+            raise KvmemError(f"hook point {name}: layer {layer} is a mixture of experts (no {name}; use "
+                             "moe.expert.coef or ffn.coef)")
+        if not moe and name.startswith("moe."):
+            raise KvmemError(f"hook point {name}: layer {layer} is not a mixture of experts")
         if name == "ffn.gate" and not model.gated:
             raise KvmemError(f"{model.family} FFNs are not gated: there is no 'ffn.gate' point")
         out.append((name, layer))
-    return sorted(set(out), key=lambda p: (p[1], POINTS.index(p[0])))
+    return sorted(set(out), key=lambda p: (p[1], ORDER.index(p[0])))
 
 
 def _chain(fns) -> list[Fn]:
@@ -143,7 +160,7 @@ def hooks(model: KVModel, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
     else:
         stop_set = set()
     stop_layer = next(iter(stop_set))[1] if stop_set else None
-    run = HookRun(tuple(sorted(chains, key=lambda p: (p[1], POINTS.index(p[0])))))
+    run = HookRun(tuple(sorted(chains, key=lambda p: (p[1], ORDER.index(p[0])))))
     shapes: dict[int, torch.Size] = {}  # layer -> [batch, pos] of the current pass's block input
     handles = []
 
@@ -214,12 +231,37 @@ def hooks(model: KVModel, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return hook
 
+    def moe_hook(layer: int):
+        lay = model.layers[layer]
+        wanted = {name for name, lyr in chains if lyr == layer and name in MOE_POINTS}
+
+        def point(name: str, t: torch.Tensor) -> torch.Tensor | None:
+            new = apply((name, layer), t)
+            after((name, layer))
+            return new
+
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            new = recompute(lay, x, y, point, wanted)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
     try:
         for layer in sorted({layer for _, layer in chains}):
             where = sites(model, layer)
             # the block pre-hook records [batch, pos] for OPT-style flattened FFNs (and serves resid.pre)
             handles.append(where["resid.pre"][0].register_forward_pre_hook(
                 input_hook(("resid.pre", layer), block=True), with_kwargs=True))
+            if is_moe(model.layers[layer]):
+                if any(p[1] == layer and p[0] in MOE_POINTS for p in chains):
+                    handles.append(model.layers[layer].ffn_module.register_forward_hook(moe_hook(layer),
+                                                                                        with_kwargs=True))
+                if ("resid.post", layer) in chains:
+                    handles.append(where["resid.post"][0].register_forward_hook(output_hook(("resid.post", layer))))
+                continue
             for name in POINTS[1:]:
                 point = (name, layer)
                 if point not in chains:
@@ -235,6 +277,15 @@ def hooks(model: KVModel, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
     finally:
         for h in handles:
             h.remove()
+
+
+def routing(model: KVModel, layer: int, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing rule of MoE layer ``layer``: (idx [..., k] long, weight [..., k]) from router logits
+    [..., n_experts] (as seen at moe.router, edits included) and the block input x [..., d_model]."""
+    lay = model.layers[layer]
+    if not is_moe(lay):
+        raise KvmemError(f"layer {layer} is not a mixture of experts: it has no routing")
+    return lay.route(logits, x)
 
 
 # --- edits built on the primitive: dicts of point functions -----------------------------------------------
@@ -258,6 +309,20 @@ def zero_ffn(layer: int) -> PointFns:
 
 def _at(m: torch.Tensor, positions) -> tuple:
     return (Ellipsis,) if positions is None else (slice(None), positions)
+
+
+def ablate_experts(layer: int, experts, positions=None) -> PointFns:
+    """Drop routed experts from the routing of an MoE layer: their router logits become -inf at moe.router, so
+    the family's rule routes each token to its next experts (renormalised as the family does)."""
+    idx = torch.as_tensor(list(experts), dtype=torch.long)
+
+    def fn(logits):
+        logits = logits.clone()
+        sel = logits[_at(logits, positions)]
+        sel[..., idx.to(logits.device)] = float("-inf")
+        logits[_at(logits, positions)] = sel
+        return logits
+    return {("moe.router", layer): [fn]}
 
 
 def zero_coefs(layer: int, neurons, positions=None) -> PointFns:

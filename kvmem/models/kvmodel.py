@@ -142,7 +142,8 @@ class KVModel:
 
     def info(self) -> dict:
         n_params = sum(p.numel() for p in self.hf.parameters())
-        ffn = {id(p): p.numel() for lay in self.layers for m in (lay.in_module, lay.gate_module, lay.out_module)
+        ffn = {id(p): p.numel() for lay in self.layers for m in (lay.in_module, lay.gate_module, lay.out_module,
+                                                           getattr(lay, "layout", None) and lay.ffn_module)
                if m is not None for p in m.parameters()}
         return {
             "model": self.spec,
@@ -163,6 +164,7 @@ class KVModel:
             "n_params": n_params,
             "ffn_params": sum(ffn.values()),
             "ffn_param_share": sum(ffn.values()) / n_params,
+            **({"moe": self.adapter.moe_layout()} if hasattr(self.adapter, "moe_layout") else {}),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }

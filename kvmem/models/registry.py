@@ -7,13 +7,12 @@ from torch import nn
 from kvmem.errors import KvmemError
 
 _ADAPTERS: dict[str, type] = {}
-_MOE = "its FFNs are mixtures of experts; expert neurons are not supported yet"
+_MOE = "its FFNs are mixtures of experts of a kind kvmem's MoE adapters do not cover yet"
 # Families kvmem knows it cannot represent exactly (yet), with the reason given when one is loaded.
 REFUSED = {
     "gemma3": "the multimodal Gemma 3 wrapper; load its text model (model_type 'gemma3_text', Gemma3ForCausalLM)",
     "gemma3n": "Gemma 3n's AltUp and per-layer inputs mix several streams: a neuron's write is not one vector",
     "falcon_h1": "a hybrid of attention and Mamba blocks; its FFN view is not implemented",
-    "mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE, "olmoe": _MOE, "deepseek_v3": _MOE, "gpt_oss": _MOE,
     "granitemoe": _MOE, "phimoe": _MOE,
 }
 
@@ -53,5 +52,6 @@ def adapter_for(model: nn.Module):
 
 
 def _load_families() -> None:
-    from kvmem.models import (cohere, falcon, gemma, gemma2, gpt2, gptj, granite, llama, neox, olmo2, opt,  # noqa: F401
-                              phi3, qwen3, smollm3, starcoder2)  # (registration)
+    from kvmem.models import (cohere, deepseek_v3, falcon, gemma, gemma2, gpt2, gpt_oss, gptj, granite,  # noqa: F401
+                              llama, mixtral, neox, olmo2, olmoe, opt, phi3, qwen3, qwen_moe, smollm3,
+                              starcoder2)  # (registration)

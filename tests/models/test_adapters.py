@@ -80,10 +80,10 @@ def test_info_counts_ffn_parameters(tiny_models):
 
 
 def test_a_known_unrepresentable_family_is_refused_with_its_reason():
-    from transformers import MixtralConfig
+    from transformers import GraniteMoeConfig
 
-    tiny = AutoModelForCausalLM.from_config(MixtralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=24,
-                                                          num_attention_heads=2, num_key_value_heads=1,
-                                                          num_local_experts=2, vocab_size=50))
-    with pytest.raises(KvmemError, match="unsupported architecture 'mixtral': .*mixtures of experts"):
+    tiny = AutoModelForCausalLM.from_config(GraniteMoeConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=24,
+                                                             num_attention_heads=2, num_key_value_heads=1,
+                                                             num_local_experts=2, vocab_size=50))
+    with pytest.raises(KvmemError, match="unsupported architecture 'granitemoe': .*mixtures of experts"):
         kvmem.from_hf(tiny, None)
