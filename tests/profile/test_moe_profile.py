@@ -129,3 +129,29 @@ def test_profile_and_report_of_a_tiny_moe_model(family, tmp_path, tiny_tokenizer
         page = (rep / f"routing-{layer}.html").read_text(encoding="utf-8")
         cells = re.findall(r'<tr class="expert" data-expert="(\d+)"><td>e\d+</td><td class="num">([\d,]+)</td>', page)
         assert [int(c.replace(",", "")) for _, c in cells] == load[layer].tolist()
+
+
+def test_moe_profile_hooks_make_no_host_sync(tmp_path, tiny_tokenizer, corpus, monkeypatch):
+    """The sync-free statistics path with the routing rule and every MoE statistic under the host-sync guard
+    (kvmem.stats.syncguard): the same statistics as the checked CPU path."""
+    from kvmem.profile import runner
+    from kvmem.stats.syncguard import no_host_sync
+    from tests.profile.test_sync_free_profile import same_stats
+
+    path = tmp_path / "qwen2_moe"
+    save_tiny("qwen2_moe", path)
+    tiny_tokenizer.save_pretrained(path)
+    model = kvmem.load(str(path))
+    cfg = kvmem.ProfileConfig(corpus=str(corpus), seq_len=16, batch_size=3, top_k=5, checkpoint_every=1e9)
+    ref = kvmem.profile(cfg, tmp_path / "ref", model=model)
+    calls = []
+
+    def guard():
+        calls.append(1)
+        return no_host_sync()
+
+    monkeypatch.setattr(runner, "SYNC_FREE", True)
+    monkeypatch.setattr(runner, "HOOK_GUARD", guard)
+    run = kvmem.profile(cfg, tmp_path / "run", model=model)
+    assert len(calls) >= 2 * model.n_layers and run.moe
+    same_stats(run.stats, ref.stats)
