@@ -19,7 +19,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from kvmem.errors import KvmemError
 from kvmem.hooks import hooks
 
 DENSE_POINT = {"coef": "ffn.coef", "gate": "ffn.gate", "pre": "ffn.pre"}
@@ -27,7 +26,10 @@ DENSE_POINT = {"coef": "ffn.coef", "gate": "ffn.gate", "pre": "ffn.pre"}
 
 def layout_of(model, layer: int):
     """The MoELayout of an MoE layer (n_experts, d_expert, top_k, n_shared, d_shared), None for a dense one."""
-    return getattr(model.layers[layer], "layout", None)
+    from kvmem.models.moe import is_moe
+
+    lay = model.layers[layer]
+    return lay.layout if is_moe(lay) else None
 
 
 def moe_layers(model, layers: Iterable[int]) -> list[int]:
@@ -53,13 +55,7 @@ def route(model, layer: int, logits: torch.Tensor, x: torch.Tensor) -> tuple[tor
     (idx [b, L, k] int64, weight [b, L, k])."""
     from kvmem import hooks as hook_layer
 
-    fn = getattr(hook_layer, "routing", None)
-    if fn is not None:
-        return fn(model, layer, logits, x)
-    lay = model.layers[layer]
-    if hasattr(lay, "route"):
-        return lay.route(logits, x)
-    raise KvmemError(f"layer {layer}: the model's MoE adapter exposes no routing rule (kvmem.hooks.routing)")
+    return hook_layer.routing(model, layer, logits, x)
 
 
 @contextmanager
