@@ -199,7 +199,10 @@ def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_
     mean = v·μ and E[x²] = vᵀ G v with μ = W_U.mean(1), G = W_U W_Uᵀ / d_vocab (float64; a fifth
     of the projection's time saved on CPU)."""
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    d_mlp, d_vocab = model.d_mlp, model.d_vocab
+    d_mlp, d_vocab = model.layers[layers[0]].d_mlp if layers else model.d_mlp, model.d_vocab
+    if len({model.layers[layer].d_mlp for layer in layers}) > 1:
+        raise KvmemError("the layers differ in width (an MoE model with dense layers): a whole-model projection "
+                         "needs one width; choose layers of one kind, or name neurons (vocab LAYER.eE.N)")
     if not 1 <= k <= d_vocab:
         raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}")
     c = chunk_rows(d_vocab, chunk_mb, d_mlp)
@@ -336,16 +339,11 @@ class NeuronVocab:
 
 
 def parse_neurons(model, neurons) -> list[tuple[int, int]]:
-    """'L.N' strings or (layer, neuron) pairs, checked against the model."""
-    from kvmem.neurons import parse_neuron
+    """'L.N' ('L.eE.N' / 'L.sS.N' at MoE layers) strings or (layer, index) pairs, checked against the model:
+    (layer, index into the layer's d_mlp, flat at MoE layers) pairs."""
+    from kvmem.neurons import parse_model_neuron
 
-    pairs = []
-    for n in neurons:
-        if isinstance(n, str):
-            pairs.append(parse_neuron(n, model.n_layers, model.d_mlp))
-        else:
-            layer, neuron = (int(v) for v in n)
-            pairs.append(parse_neuron(f"{layer}.{neuron}", model.n_layers, model.d_mlp))
+    pairs = [parse_model_neuron(model, n) for n in neurons]
     if not pairs:
         raise KvmemError("no neuron given: write one or more as LAYER.NEURON, e.g. 17.1234")
     return pairs
@@ -364,8 +362,10 @@ def neuron_vocab(model, neurons, *, k: int = 10, through_norm: bool = False) -> 
     top, bottom = logits.topk(k, dim=1), logits.masked_fill(~defined, float("inf")).topk(k, dim=1, largest=False)
     std, mean = torch.std_mean(logits[:, defined], dim=1, correction=0)
     strings = vocab_strings(model)
+    from kvmem.neurons import neuron_name
+
     table = pd.DataFrame({
-        "id": [f"{a}.{b}" for a, b in pairs],
+        "id": [neuron_name(model, a, b) for a, b in pairs],
         "layer": [a for a, _ in pairs],
         "neuron": [b for _, b in pairs],
         "norm": [model.value_norms(a)[b].item() for a, b in pairs],
