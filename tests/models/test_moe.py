@@ -246,3 +246,25 @@ def test_an_unsupported_value_is_refused_by_name(name, field, value):
 
 def test_configs_are_the_families():
     assert set(MOE_CONFIGS) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"}
+
+
+def test_query_trace_and_vocab_on_layers_of_different_widths(tiny_tokenizer):
+    """DeepSeek-V3 with a dense layer 0 (40 neurons) before MoE layers (96): the commands' library calls pad
+    the narrower layer (padding is never a neuron) and print dense and expert ids by layer."""
+    from kvmem.query import query
+    from kvmem.trace import trace
+    from kvmem.vocab import neuron_vocab, project_values
+
+    model = kvmem.from_hf(make_tiny_moe("deepseek_v3"), tiny_tokenizer)
+    res = query(model, "The value of x is", top=200)
+    ids = res.neurons["id"].tolist()
+    assert len(ids) == 200 == len(set(ids))
+    for nid, layer, n in zip(ids, res.neurons["layer"], res.neurons["neuron"]):
+        parsed = NeuronId.parse(nid)
+        assert parsed.dense == (layer == 0) and n < model.layers[layer].d_mlp
+    assert res.neurons["contribution"].is_monotonic_decreasing
+    tr = trace(model, "The value of x is", n_neurons=50)
+    assert all(NeuronId.parse(i).dense == (layer == 0) for i, layer in zip(tr.neurons["id"], tr.neurons["layer"]))
+    assert neuron_vocab(model, ["0.39", "2.s1.15"], k=3).neurons["id"].tolist() == ["0.39", "2.s1.15"]
+    with pytest.raises(KvmemError, match="layers differ in width"):
+        project_values(model, k=3)
