@@ -120,7 +120,8 @@ def parse_model_neuron(model, neuron) -> tuple[int, int]:
         return nid.layer, nid.neuron
     if nid.dense and isinstance(neuron, str):
         raise KvmemError(f"neuron {nid}: layer {nid.layer} is a mixture of experts; write its neurons as "
-                         f"{nid.layer}.eEXPERT.NEURON or {nid.layer}.sSHARED.NEURON (e.g. {layout.neuron_id(nid.layer, 0)})")
+                         f"{nid.layer}.eEXPERT.NEURON or {nid.layer}.sSHARED.NEURON "
+                         f"(e.g. {layout.neuron_id(nid.layer, 0)})")
     return nid.layer, layout.flat(nid)
 
 

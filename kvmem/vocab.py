@@ -142,6 +142,7 @@ class ValueProjection:
     seconds: float = 0.0  # time the projection took to compute
     cached: bool = False  # loaded from disk
     path: Path | None = None  # cache folder, if written or read
+    ids: list[str] | None = field(default=None, repr=False)  # printed neuron ids, layer-major (MoE: L.eE.N)
     _table: pd.DataFrame | None = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -159,7 +160,7 @@ class ValueProjection:
     def table(self) -> pd.DataFrame:
         """One row per neuron (layer-major), with token strings; built on first use."""
         if self._table is None:
-            self._table = _table(self.tensors, self.strings)
+            self._table = _table(self.tensors, self.strings, self.ids)
         return self._table
 
     def manifest(self) -> dict:
@@ -169,7 +170,16 @@ class ValueProjection:
                 "cached": self.cached}
 
 
-def _table(t: dict[str, torch.Tensor], strings: np.ndarray) -> pd.DataFrame:
+def _ids(model) -> list[str] | None:
+    """Printed ids of every neuron, layer-major, for a model with MoE layers (None: dense ids 'L.N')."""
+    from kvmem.neurons import neuron_name
+
+    if not any(hasattr(lay, "layout") for lay in model.layers):
+        return None
+    return [neuron_name(model, i, n) for i, lay in enumerate(model.layers) for n in range(lay.d_mlp)]
+
+
+def _table(t: dict[str, torch.Tensor], strings: np.ndarray, ids: list[str] | None = None) -> pd.DataFrame:
     n_layers, d_mlp = t["norm"].shape
     layer = np.repeat(np.arange(n_layers), d_mlp)
     neuron = np.tile(np.arange(d_mlp), n_layers)
@@ -177,7 +187,7 @@ def _table(t: dict[str, torch.Tensor], strings: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({
         "layer": layer,
         "neuron": neuron,
-        "id": [f"{a}.{b}" for a, b in zip(layer.tolist(), neuron.tolist())],
+        "id": ids if ids is not None else [f"{a}.{b}" for a, b in zip(layer.tolist(), neuron.tolist())],
         "norm": t["norm"].flatten().numpy(),
         "mean": t["mean"].flatten().numpy(),
         "std": t["std"].flatten().numpy(),
@@ -248,12 +258,14 @@ def project_values(model, *, k: int = 10, through_norm: bool = False, chunk_mb: 
         found = _find_cached(fp, model.dtype, through_norm, k)
         if found is not None:
             tensors, seconds, path = found
-            return ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds, cached=True, path=path)
+            return ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds, cached=True, path=path,
+                                   ids=_ids(model))
     t0 = time.perf_counter()
     tensors = compute_projection(model, k=k, through_norm=through_norm, chunk_mb=chunk_mb, progress=progress)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    proj = ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds=time.perf_counter() - t0)
+    proj = ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds=time.perf_counter() - t0,
+                           ids=_ids(model))
     if cache:
         proj.path = _write_cache(proj, model)
     return proj

@@ -1,8 +1,8 @@
 """TransformerLens 4 (TransformerBridge over the same HF weights) agrees with kvmem's MoE view.
 
 TL's bridge exposes, per MoE block, the router output (``mlp.gate.hook_out`` / ``mlp.router.hook_out``: the
-router logits), the chosen experts (``mlp.hook_expert_indices``, not in its DeepSeek-V3 bridge), the shared experts' activation
-(``mlp.shared_expert(s).hook_post``) and the block output (``mlp.hook_out``); it has no per-expert
+router logits), the chosen experts (``mlp.hook_expert_indices``, not in its DeepSeek-V3 bridge), the shared
+experts' activation (``mlp.shared_expert(s).hook_post``) and the block output (``mlp.hook_out``); it has no per-expert
 activation (transformers fuses the routed experts into 3-D weights), so kvmem's routed m is checked against
 the brute force in test_moe.py instead. Eager vs sdpa attention: agreement to ~1e-5, not bit for bit.
 """
