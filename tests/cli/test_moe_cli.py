@@ -175,7 +175,7 @@ def test_info_and_models_show_the_moe_layout(capsys, moe_dir):
     assert code == 0, err
     res = json.loads(out)
     assert res["moe"] == {"n_experts": 4, "top_k": 2, "d_expert": 16, "n_shared": 1, "d_shared": 24,
-                          "dense_layers": []}
+                          "d_mlp": 88, "dense_layers": []}
     assert res["d_mlp"] == 4 * 16 + 24
 
 
