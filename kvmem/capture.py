@@ -7,6 +7,9 @@ What can be recorded per layer (all [batch, pos, ...], detached, in the model's 
   "gate"  x·W_gate + b_gate (gated FFNs only)         [batch, pos, d_mlp]
   "x"     the FFN input (after the block's norm)      [batch, pos, d_model]
   "out"   the FFN output m·W_out + b_out              [batch, pos, d_model]
+At mixture-of-experts layers "coef" is c = w·m, and also (MoE layers only):
+  "router"       the router logits (moe.router)       [batch, pos, n_experts]
+  "expert_coef"  raw m of the experts (moe.expert.coef)  [batch, pos, d_mlp]
 
 ``stop=True`` ends the forward pass right after the last requested layer's FFN (no later
 layers, no LM head). Hooks are removed on exit, also on error. With ``on_layer`` the
@@ -27,8 +30,9 @@ from kvmem.hooks import hooks
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel
 
-KINDS = ("coef", "pre", "gate", "x", "out")
-POINT = {kind: f"ffn.{kind}" for kind in KINDS}  # capture kind -> kvmem.hooks point
+KINDS = ("coef", "pre", "gate", "x", "out", "router", "expert_coef")
+POINT = {**{kind: f"ffn.{kind}" for kind in KINDS[:5]}, "router": "moe.router",
+         "expert_coef": "moe.expert.coef"}  # capture kind -> kvmem.hooks point
 
 
 @dataclass

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from kvmem.errors import KvmemError
-from kvmem.models.moe import MOE_POINTS, is_moe, recompute
+from kvmem.models.moe import MOE_POINTS, block_hook, is_moe
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel
@@ -231,23 +231,12 @@ def hooks(model: KVModel, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return hook
 
-    def moe_hook(layer: int):
-        lay = model.layers[layer]
-        wanted = {name for name, lyr in chains if lyr == layer and name in MOE_POINTS}
-
+    def moe_point(layer: int):
         def point(name: str, t: torch.Tensor) -> torch.Tensor | None:
             new = apply((name, layer), t)
             after((name, layer))
             return new
-
-        def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, tuple) else output
-            new = recompute(lay, x, y, point, wanted)
-            if new is None:
-                return None
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-        return hook
+        return point
 
     try:
         for layer in sorted({layer for _, layer in chains}):
@@ -257,8 +246,9 @@ def hooks(model: KVModel, fns: Mapping[Point, Fn | Sequence[Fn] | None], *,
                 input_hook(("resid.pre", layer), block=True), with_kwargs=True))
             if is_moe(model.layers[layer]):
                 if any(p[1] == layer and p[0] in MOE_POINTS for p in chains):
-                    handles.append(model.layers[layer].ffn_module.register_forward_hook(moe_hook(layer),
-                                                                                        with_kwargs=True))
+                    wanted = {name for name, lyr in chains if lyr == layer and name in MOE_POINTS}
+                    hook = block_hook(model.layers[layer], moe_point(layer), wanted)
+                    handles.append(model.layers[layer].ffn_module.register_forward_hook(hook, with_kwargs=True))
                 if ("resid.post", layer) in chains:
                     handles.append(where["resid.post"][0].register_forward_hook(output_hook(("resid.post", layer))))
                 continue

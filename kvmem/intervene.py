@@ -27,7 +27,7 @@ import torch
 import kvmem.hooks as hk
 from kvmem.capture import check_layers
 from kvmem.errors import KvmemError
-from kvmem.neurons import parse_neuron
+from kvmem.neurons import neuron_name, parse_expert, parse_model_neuron, parse_neuron
 from kvmem.query import resolve_position
 from kvmem.vocab import vocab_strings
 
@@ -35,11 +35,11 @@ if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel
 
 
-def _parse_assignment(text: str, what: str, value_name: str, n_layers, d_mlp) -> tuple[tuple[int, int], float]:
+def _parse_assignment(text: str, what: str, value_name: str, n_layers, d_mlp, model) -> tuple[tuple[int, int], float]:
     neuron, sep, value = text.partition("=")
     if not sep:
         raise KvmemError(f"malformed {what} {text!r}: write it as LAYER.NEURON={value_name}, e.g. 20.99=3.0")
-    pair = parse_neuron(neuron, n_layers, d_mlp)
+    pair = parse_model_neuron(model, neuron) if model is not None else parse_neuron(neuron, n_layers, d_mlp)
     try:
         number = float(value)
     except ValueError:
@@ -49,14 +49,17 @@ def _parse_assignment(text: str, what: str, value_name: str, n_layers, d_mlp) ->
     return pair, number
 
 
-def parse_scale(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[tuple[int, int], float]:
-    """'20.99=3.0' -> ((20, 99), 3.0): multiply m_99 of layer 20 by 3."""
-    return _parse_assignment(text, "scale", "FACTOR", n_layers, d_mlp)
+def parse_scale(text: str, n_layers: int | None = None, d_mlp: int | None = None, *,
+                model: KVModel | None = None) -> tuple[tuple[int, int], float]:
+    """'20.99=3.0' -> ((20, 99), 3.0): multiply m_99 of layer 20 by 3. With ``model``, ids are checked against
+    it and expert ids 'L.eE.N' at its MoE layers give their flat index."""
+    return _parse_assignment(text, "scale", "FACTOR", n_layers, d_mlp, model)
 
 
-def parse_set(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[tuple[int, int], float]:
-    """'20.99=5' -> ((20, 99), 5.0): set m_99 of layer 20 to 5."""
-    return _parse_assignment(text, "set", "VALUE", n_layers, d_mlp)
+def parse_set(text: str, n_layers: int | None = None, d_mlp: int | None = None, *,
+              model: KVModel | None = None) -> tuple[tuple[int, int], float]:
+    """'20.99=5' -> ((20, 99), 5.0): set m_99 of layer 20 to 5 (at an MoE layer: c = w·m of that neuron)."""
+    return _parse_assignment(text, "set", "VALUE", n_layers, d_mlp, model)
 
 
 def _pairs(items, parse, model) -> list[tuple[tuple[int, int], float]]:
@@ -65,10 +68,10 @@ def _pairs(items, parse, model) -> list[tuple[tuple[int, int], float]]:
     out = []
     for item in items:
         if isinstance(item, str):
-            out.append(parse(item, model.n_layers, model.d_mlp))
+            out.append(parse(item, model=model))
         else:
             (layer, neuron), v = item
-            pair = parse_neuron(f"{int(layer)}.{int(neuron)}", model.n_layers, model.d_mlp)
+            pair = parse_model_neuron(model, neuron if isinstance(neuron, str) else (layer, neuron))
             if not math.isfinite(float(v)):
                 raise KvmemError(f"neuron {layer}.{neuron}: the value must be a finite number")
             out.append((pair, float(v)))
@@ -79,34 +82,51 @@ def _factors(model, ablate, scale) -> dict[int, torch.Tensor]:
     """layer -> factor [d_mlp] (float32, on the model's device); scale is ((layer, neuron), factor) pairs."""
     factors: dict[int, torch.Tensor] = {}
     for (layer, neuron), s in scale:
-        factors.setdefault(layer, torch.ones(model.d_mlp, device=model.device))[neuron] *= s
+        factors.setdefault(layer, torch.ones(model.layers[layer].d_mlp, device=model.device))[neuron] *= s
     for layer, neuron in ablate:
-        factors.setdefault(layer, torch.ones(model.d_mlp, device=model.device))[neuron] = 0.0
+        factors.setdefault(layer, torch.ones(model.layers[layer].d_mlp, device=model.device))[neuron] = 0.0
     return factors
 
 
 @contextmanager
-def intervention(model: KVModel, *, ablate=(), scale=(), set_coef=(), linearize=(), positions=None):
+def intervention(model: KVModel, *, ablate=(), scale=(), set_coef=(), linearize=(), positions=None,
+                 experts=()):
     """Install the edits (see the module docstring) for the duration of the block.
 
-    ``ablate``: (layer, neuron) pairs; ``scale`` and ``set_coef``: {(layer, neuron): value} or
-    ((layer, neuron), value) pairs; ``linearize``: layers; ``positions``: position indices (default all)."""
+    ``ablate``: (layer, neuron) pairs (neuron: the index in the layer's d_mlp, flat at MoE layers); ``scale``
+    and ``set_coef``: {(layer, neuron): value} or ((layer, neuron), value) pairs; ``linearize``: layers;
+    ``experts``: (layer, expert) pairs dropped from the routing (kvmem.hooks.ablate_experts); ``positions``:
+    position indices (default all)."""
     scale = _pairs(scale, parse_scale, model)
     sets = _pairs(set_coef, parse_set, model)
-    ablate = [parse_neuron(f"{int(a)}.{int(b)}", model.n_layers, model.d_mlp) for a, b in ablate]
+    ablate = [parse_model_neuron(model, (a, b)) for a, b in ablate]
+    experts = [_check_expert(model, layer, e) for layer, e in experts]
     both = sorted(set(p for p, _ in sets) & (set(ablate) | set(p for p, _ in scale)))
     if both:
-        raise KvmemError(f"neuron {both[0][0]}.{both[0][1]} is both set (set_coef) and ablated or scaled: choose one")
+        raise KvmemError(f"neuron {neuron_name(model, *both[0])} is both set (set_coef) and ablated or scaled: "
+                         "choose one")
     factors = _factors(model, ablate, scale)
     values: dict[int, dict[int, float]] = {}
     for (layer, neuron), c in sets:
         values.setdefault(layer, {})[neuron] = c
     linear = check_layers(model, linearize) if linearize else []
-    fns = hk.merge(*(hk.linearize(model, layer) for layer in linear),
+    fns = hk.merge(*(hk.ablate_experts(layer, [e], positions) for layer, e in experts),
+                   *(hk.linearize(model, layer) for layer in linear),
                    *(hk.scale_coefs(layer, f, positions) for layer, f in factors.items()),
                    *(hk.set_coefs(layer, v, positions) for layer, v in values.items()))
     with hk.hooks(model, fns):
         yield
+
+
+def _check_expert(model, layer: int, expert: int) -> tuple[int, int]:
+    if not 0 <= layer < model.n_layers:
+        raise KvmemError(f"expert {layer}.e{expert}: layer {layer} out of range (the model has layers "
+                         f"0..{model.n_layers - 1})")
+    layout = getattr(model.layers[layer], "layout", None)
+    if layout is None:
+        raise KvmemError(f"expert {layer}.e{expert}: layer {layer} is not a mixture of experts")
+    layout.expert_range(expert)  # raises when out of range
+    return layer, expert
 
 
 @dataclass
@@ -114,7 +134,7 @@ class InterventionResult:
     prompt: str
     tokens: list[str]
     position: int
-    ablated: list[str]  # neuron ids
+    ablated: list[str]  # neuron ids, and whole experts 'L.eE' (dropped from the routing)
     scaled: dict[str, float]  # neuron id -> factor
     set_coef: dict[str, float]  # neuron id -> the value its coefficient was set to
     linearized: list[int]  # layers
@@ -154,7 +174,8 @@ def intervene(model: KVModel, prompt: str, *, ablate=(), scale=(), set_coef=(), 
               only_position: bool = False, target: str | int | None = None, n_tokens: int = 10) -> InterventionResult:
     """Next-token prediction at ``position`` without and with the intervention.
 
-    ``ablate``: 'L.N' strings or (layer, neuron) pairs; ``scale``: 'L.N=F' strings, or a dict /
+    ``ablate``: 'L.N' / 'L.eE.N' strings or (layer, neuron) pairs, or whole experts 'L.eE' (dropped from the
+    routing: its router logit -inf, the token goes to its next experts); ``scale``: 'L.N=F' strings, or a dict /
     pairs ((layer, neuron), factor); ``set_coef``: 'L.N=C' strings, or a dict / pairs ((layer, neuron),
     value); ``linearize``: layers; ``only_position``: change coefficients at ``position`` only (default:
     at every position of the prompt)."""
@@ -162,8 +183,8 @@ def intervene(model: KVModel, prompt: str, *, ablate=(), scale=(), set_coef=(), 
 
     if n_tokens < 1:
         raise KvmemError("--tokens must be at least 1")
-    ablate = [parse_neuron(a, model.n_layers, model.d_mlp) if isinstance(a, str)
-              else parse_neuron(f"{int(a[0])}.{int(a[1])}", model.n_layers, model.d_mlp) for a in ablate]
+    experts = [_check_expert(model, *parse_expert(a)) for a in ablate if parse_expert(a) is not None]
+    ablate = [parse_model_neuron(model, a) for a in ablate if parse_expert(a) is None]
     scale = _pairs(scale, parse_scale, model)
     set_coef = _pairs(set_coef, parse_set, model)
     linearize = check_layers(model, linearize) if linearize else []
@@ -173,13 +194,14 @@ def intervene(model: KVModel, prompt: str, *, ablate=(), scale=(), set_coef=(), 
     t = resolve_target(model, target, before)
     positions = [pos] if only_position else None
     with intervention(model, ablate=ablate, scale=scale, set_coef=set_coef, linearize=linearize,
-                      positions=positions):
+                      positions=positions, experts=experts):
         after = model.hf(input_ids=ids, use_cache=False).logits[0, pos].float()
     lp_before, lp_after = before.log_softmax(-1), after.log_softmax(-1)
     return InterventionResult(
         prompt, model.token_strings(ids[0]), pos,
-        [f"{a}.{b}" for a, b in ablate], {f"{a}.{b}": f for (a, b), f in scale},
-        {f"{a}.{b}": c for (a, b), c in set_coef}, linearize, positions,
+        [neuron_name(model, a, b) for a, b in ablate] + [f"{a}.e{e}" for a, e in experts],
+        {neuron_name(model, a, b): f for (a, b), f in scale},
+        {neuron_name(model, a, b): c for (a, b), c in set_coef}, linearize, positions,
         str(vocab_strings(model)[t]), t,
         lp_before[t].exp().item(), lp_after[t].exp().item(), before[t].item(), after[t].item(),
         int((after > after[t]).sum().item()) + 1,

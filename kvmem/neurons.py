@@ -97,3 +97,42 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
 def neuron_id(layer: int, neuron: int, expert: int | None = None, shared: bool = False) -> str:
     """The written form of a neuron id ('17.1234', '12.e3.45', '12.s0.45')."""
     return str(NeuronId(layer, neuron, expert, shared))
+
+
+def parse_model_neuron(model, neuron) -> tuple[int, int]:
+    """A neuron of ``model`` (a KVModel) -> (layer, index into that layer's d_mlp). ``neuron``: 'L.N' at a
+    dense layer, 'L.eE.N' / 'L.sS.N' at a mixture-of-experts layer (the index is then the flat one of
+    kvmem.models.moe.MoELayout), or a (layer, index) pair. Malformed or out-of-range ids are KvmemErrors."""
+    if isinstance(neuron, str):
+        nid = NeuronId.parse(neuron)
+    else:
+        layer, index = (int(v) for v in neuron)
+        nid = NeuronId(layer, index)
+    nid.check(model.n_layers)
+    lay = model.layers[nid.layer]
+    layout = getattr(lay, "layout", None)
+    if layout is None:
+        if not nid.dense:
+            raise KvmemError(f"neuron {nid}: layer {nid.layer} is a dense FFN; write its neurons as LAYER.NEURON")
+        if nid.neuron >= lay.d_mlp:
+            raise KvmemError(f"neuron {nid}: index {nid.neuron} out of range (layer {nid.layer} has neurons "
+                             f"0..{lay.d_mlp - 1})")
+        return nid.layer, nid.neuron
+    if nid.dense and isinstance(neuron, str):
+        raise KvmemError(f"neuron {nid}: layer {nid.layer} is a mixture of experts; write its neurons as "
+                         f"{nid.layer}.eEXPERT.NEURON or {nid.layer}.sSHARED.NEURON "
+                         f"(e.g. {layout.neuron_id(nid.layer, 0)})")
+    return nid.layer, layout.flat(nid)
+
+
+def neuron_name(model, layer: int, index: int) -> str:
+    """The printed id of neuron ``index`` of layer ``layer`` of ``model``: 'L.N', or 'L.eE.N' / 'L.sS.N' at a
+    mixture-of-experts layer (``index`` the flat one)."""
+    layout = getattr(model.layers[layer], "layout", None)
+    return f"{layer}.{index}" if layout is None else str(layout.neuron_id(layer, index))
+
+
+def parse_expert(text: str):
+    """'12.e3' -> (12, 3), a whole routed expert; anything else -> None."""
+    match = re.fullmatch(r"\s*(\d+)\.e(\d+)\s*", text) if isinstance(text, str) else None
+    return None if match is None else (int(match[1]), int(match[2]))

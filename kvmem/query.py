@@ -21,6 +21,7 @@ import torch
 
 from kvmem.capture import capture, check_layers
 from kvmem.errors import KvmemError
+from kvmem.neurons import neuron_name
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel
@@ -55,6 +56,13 @@ def resolve_position(position: int, n_tokens: int) -> int:
     return position % n_tokens
 
 
+def stack_padded(rows: list[torch.Tensor], fill: float = 0.0, dim: int = 0) -> torch.Tensor:
+    """Stack [..., d_i] tensors along ``dim``, padding the last axis to the widest with ``fill`` (layers of an
+    MoE model with dense layers differ in width; a padded entry is no neuron)."""
+    width = max(r.shape[-1] for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=fill) for r in rows], dim)
+
+
 def forward_coefficients(model: KVModel, ids: torch.Tensor, layers: list[int], *, with_scale: bool = False):
     """One forward pass of ids [1, pos]: (logits [pos, d_vocab] float32, m [pos, n_layers, d_mlp] float32), and
     with ``with_scale`` also s [pos, n_layers, 1] float32, each layer's post-norm token scale (ones without)."""
@@ -62,7 +70,7 @@ def forward_coefficients(model: KVModel, ids: torch.Tensor, layers: list[int], *
     what = ("coef",) + (("out", "x") if with_scale and post else ())
     with torch.inference_mode(), capture(model, layers, what) as cap:
         logits = model.hf(input_ids=ids, use_cache=False).logits[0].float()
-    m = torch.stack([cap.coef[layer][0].float() for layer in layers], 1)
+    m = stack_padded([cap.coef[layer][0].float() for layer in layers], 0.0, 1)  # ffn.coef: c at MoE layers
     if not with_scale:
         return logits, m
     scales = []
@@ -86,7 +94,7 @@ def written_norms(model: KVModel, layers: list[int]) -> torch.Tensor:
             out.append(model.value_norms(layer).float())
         else:
             out.append(lay.value_vectors_written().norm(dim=1))
-    return torch.stack(out)
+    return stack_padded(out)
 
 
 def contributions(model: KVModel, m: torch.Tensor, layers: list[int], scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,15 +146,19 @@ def query(model: KVModel, prompt: str, *, position: int = -1, top: int = 20, by:
     logits, m = all_logits[pos], all_m[pos]  # [d_vocab], [n_layers, d_mlp]
     contribution = contributions(model, m, layers, all_s[pos])
     score = contribution if by == "contribution" else m.abs()
-    k = min(top, score.numel())
+    width = score.shape[-1]
+    valid = torch.arange(width, device=score.device) < torch.tensor([model.layers[i].d_mlp for i in layers],
+                                                                     device=score.device)[:, None]
+    score = score.masked_fill(~valid, -1.0)  # padding (narrower layers) is never picked
+    k = min(top, int(valid.sum()))
     best = score.flatten().topk(k).indices
-    picks = [divmod(flat, model.d_mlp) for flat in best.tolist()]  # (layer index, neuron)
+    picks = [divmod(flat, width) for flat in best.tolist()]  # (layer index, neuron)
     acts = torch.stack([m[li, n] for li, n in picks])
     neurons = [(layers[li], n) for li, n in picks]
     table = pd.DataFrame({
         "layer": [layer for layer, _ in neurons],
         "neuron": [n for _, n in neurons],
-        "id": [f"{layer}.{n}" for layer, n in neurons],
+        "id": [neuron_name(model, layer, n) for layer, n in neurons],
         "activation": acts.tolist(),
         "contribution": contribution.flatten()[best].tolist(),
         "top_tokens": promoted_tokens(model, neurons, acts, n_tokens=n_tokens, through_norm=through_norm),

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvmem.neurons import neuron_name
 from kvmem.capture import check_layers
 from kvmem.errors import KvmemError
 from kvmem.vocab import ValueProjection, project_values, value_matrix, vocab_strings
@@ -139,7 +140,7 @@ def search(model, token: str, *, layers=None, top: int = 20, suppress: bool = Fa
     n_show = min(10, model.d_vocab)
     strings = vocab_strings(model)
     table = pd.DataFrame({
-        "id": [f"{a}.{b}" for a, b in pairs],
+        "id": [neuron_name(model, a, b) for a, b in pairs],
         "layer": [a for a, _ in pairs],
         "neuron": [b for _, b in pairs],
         "sign": sign,

@@ -39,7 +39,8 @@ from torch import nn
 
 from kvmem.errors import KvmemError
 from kvmem.hooks import hooks, record
-from kvmem.query import resolve_position
+from kvmem.neurons import neuron_name
+from kvmem.query import resolve_position, stack_padded
 from kvmem.vocab import float32_norm, vocab_mask, vocab_strings
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def run_residuals(model: KVModel, ids: torch.Tensor, pos: int, *, with_input: bo
     got: dict = {}
     with torch.inference_mode(), hooks(model, record([(name, i) for name in names for i in layers], got)):
         logits = model.hf(input_ids=ids, use_cache=False).logits[0, pos].float()
-    return (logits, *(torch.stack([got[(name, i)][0, pos] for i in layers]) for name in names))
+    return (logits, *(stack_padded([got[(name, i)][0, pos] for i in layers]) for name in names))
 
 
 def layer_writes(model: KVModel, coef: torch.Tensor, ffn_out: torch.Tensor, after: torch.Tensor, x: torch.Tensor):
@@ -162,7 +163,7 @@ def layer_writes(model: KVModel, coef: torch.Tensor, ffn_out: torch.Tensor, afte
         if lay.post_norm_reads_residual:
             before.append(x[i].float())  # N(r + y) replaced the stream; r is the FFN's own input
         else:
-            before.append(after[i].float() - lay.write(coef[i], ffn_out[i]))
+            before.append(after[i].float() - lay.write(coef[i, :lay.d_mlp], ffn_out[i]))
         scale.append(s.float().reshape(1))
     before = torch.stack(before)
     return before, after.float() - before, torch.stack(scale)
@@ -194,8 +195,10 @@ def trace(model: KVModel, prompt: str, *, position: int = -1, target: str | int 
     ffn_top = ffn_dla.topk(k, dim=-1).indices.cpu().numpy()
     # per-neuron DLA on the target: m_i·s · f(w_i)·u, one [d_mlp, d_model] map per layer
     written = [model.layers[i].value_vectors_written() for i in range(n_layers)]
-    neuron_dla = torch.stack([coef[i].float() * scale[i] * (f(written[i]) @ u) for i in range(n_layers)])
-    layer_best = neuron_dla.topk(min(per_layer, model.d_mlp), dim=-1)
+    widths = [w.shape[0] for w in written]
+    neuron_dla = stack_padded([coef[i, :widths[i]].float() * scale[i] * (f(written[i]) @ u) for i in range(n_layers)],
+                              float("-inf"))  # padding (narrower layers of MoE models) is never picked
+    layer_best = [neuron_dla[i, :widths[i]].topk(min(per_layer, widths[i])) for i in range(n_layers)]
 
     layers = pd.DataFrame({
         "layer": list(range(n_layers)),
@@ -207,17 +210,17 @@ def trace(model: KVModel, prompt: str, *, position: int = -1, target: str | int 
         "target_prob_after": probs[1, :, t].cpu().tolist(),
         "ffn_dla": ffn_dla[:, t].cpu().tolist(),
         "ffn_tokens": [list(strings[r[:n_tokens]]) for r in ffn_top],
-        "neurons": [[f"{i}.{n}" for n in row] for i, row in enumerate(layer_best.indices.cpu().tolist())],
-        "neuron_dla": layer_best.values.cpu().tolist(),
+        "neurons": [[neuron_name(model, i, n) for n in b.indices.cpu().tolist()] for i, b in enumerate(layer_best)],
+        "neuron_dla": [b.values.cpu().tolist() for b in layer_best],
     })
 
-    best = neuron_dla.flatten().topk(min(n_neurons, neuron_dla.numel()))
-    pairs = [divmod(i, model.d_mlp) for i in best.indices.cpu().tolist()]
+    best = neuron_dla.flatten().topk(min(n_neurons, sum(widths)))
+    pairs = [divmod(i, neuron_dla.shape[1]) for i in best.indices.cpu().tolist()]
     m = torch.stack([coef[a, b] for a, b in pairs]).float()
     v = torch.stack([written[a][b] for a, b in pairs]) * torch.sign(m)[:, None]
     promoted = _to_vocab(model, f(v)).topk(n_tokens, dim=-1).indices.cpu().numpy()
     neurons = pd.DataFrame({
-        "id": [f"{a}.{b}" for a, b in pairs],
+        "id": [neuron_name(model, a, b) for a, b in pairs],
         "layer": [a for a, _ in pairs],
         "neuron": [b for _, b in pairs],
         "coef": m.cpu().tolist(),

@@ -142,6 +142,7 @@ class ValueProjection:
     seconds: float = 0.0  # time the projection took to compute
     cached: bool = False  # loaded from disk
     path: Path | None = None  # cache folder, if written or read
+    ids: list[str] | None = field(default=None, repr=False)  # printed neuron ids, layer-major (MoE: L.eE.N)
     _table: pd.DataFrame | None = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -159,7 +160,7 @@ class ValueProjection:
     def table(self) -> pd.DataFrame:
         """One row per neuron (layer-major), with token strings; built on first use."""
         if self._table is None:
-            self._table = _table(self.tensors, self.strings)
+            self._table = _table(self.tensors, self.strings, self.ids)
         return self._table
 
     def manifest(self) -> dict:
@@ -169,7 +170,16 @@ class ValueProjection:
                 "cached": self.cached}
 
 
-def _table(t: dict[str, torch.Tensor], strings: np.ndarray) -> pd.DataFrame:
+def _ids(model) -> list[str] | None:
+    """Printed ids of every neuron, layer-major, for a model with MoE layers (None: dense ids 'L.N')."""
+    from kvmem.neurons import neuron_name
+
+    if not any(hasattr(lay, "layout") for lay in model.layers):
+        return None
+    return [neuron_name(model, i, n) for i, lay in enumerate(model.layers) for n in range(lay.d_mlp)]
+
+
+def _table(t: dict[str, torch.Tensor], strings: np.ndarray, ids: list[str] | None = None) -> pd.DataFrame:
     n_layers, d_mlp = t["norm"].shape
     layer = np.repeat(np.arange(n_layers), d_mlp)
     neuron = np.tile(np.arange(d_mlp), n_layers)
@@ -177,7 +187,7 @@ def _table(t: dict[str, torch.Tensor], strings: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({
         "layer": layer,
         "neuron": neuron,
-        "id": [f"{a}.{b}" for a, b in zip(layer.tolist(), neuron.tolist())],
+        "id": ids if ids is not None else [f"{a}.{b}" for a, b in zip(layer.tolist(), neuron.tolist())],
         "norm": t["norm"].flatten().numpy(),
         "mean": t["mean"].flatten().numpy(),
         "std": t["std"].flatten().numpy(),
@@ -199,7 +209,10 @@ def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_
     mean = v·μ and E[x²] = vᵀ G v with μ = W_U.mean(1), G = W_U W_Uᵀ / d_vocab (float64; a fifth
     of the projection's time saved on CPU)."""
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    d_mlp, d_vocab = model.d_mlp, model.d_vocab
+    d_mlp, d_vocab = model.layers[layers[0]].d_mlp if layers else model.d_mlp, model.d_vocab
+    if len({model.layers[layer].d_mlp for layer in layers}) > 1:
+        raise KvmemError("the layers differ in width (an MoE model with dense layers): a whole-model projection "
+                         "needs one width; choose layers of one kind, or name neurons (vocab LAYER.eE.N)")
     if not 1 <= k <= d_vocab:
         raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}")
     c = chunk_rows(d_vocab, chunk_mb, d_mlp)
@@ -245,12 +258,14 @@ def project_values(model, *, k: int = 10, through_norm: bool = False, chunk_mb: 
         found = _find_cached(fp, model.dtype, through_norm, k)
         if found is not None:
             tensors, seconds, path = found
-            return ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds, cached=True, path=path)
+            return ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds, cached=True, path=path,
+                                   ids=_ids(model))
     t0 = time.perf_counter()
     tensors = compute_projection(model, k=k, through_norm=through_norm, chunk_mb=chunk_mb, progress=progress)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    proj = ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds=time.perf_counter() - t0)
+    proj = ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds=time.perf_counter() - t0,
+                           ids=_ids(model))
     if cache:
         proj.path = _write_cache(proj, model)
     return proj
@@ -336,16 +351,11 @@ class NeuronVocab:
 
 
 def parse_neurons(model, neurons) -> list[tuple[int, int]]:
-    """'L.N' strings or (layer, neuron) pairs, checked against the model."""
-    from kvmem.neurons import parse_neuron
+    """'L.N' ('L.eE.N' / 'L.sS.N' at MoE layers) strings or (layer, index) pairs, checked against the model:
+    (layer, index into the layer's d_mlp, flat at MoE layers) pairs."""
+    from kvmem.neurons import parse_model_neuron
 
-    pairs = []
-    for n in neurons:
-        if isinstance(n, str):
-            pairs.append(parse_neuron(n, model.n_layers, model.d_mlp))
-        else:
-            layer, neuron = (int(v) for v in n)
-            pairs.append(parse_neuron(f"{layer}.{neuron}", model.n_layers, model.d_mlp))
+    pairs = [parse_model_neuron(model, n) for n in neurons]
     if not pairs:
         raise KvmemError("no neuron given: write one or more as LAYER.NEURON, e.g. 17.1234")
     return pairs
@@ -364,8 +374,10 @@ def neuron_vocab(model, neurons, *, k: int = 10, through_norm: bool = False) -> 
     top, bottom = logits.topk(k, dim=1), logits.masked_fill(~defined, float("inf")).topk(k, dim=1, largest=False)
     std, mean = torch.std_mean(logits[:, defined], dim=1, correction=0)
     strings = vocab_strings(model)
+    from kvmem.neurons import neuron_name
+
     table = pd.DataFrame({
-        "id": [f"{a}.{b}" for a, b in pairs],
+        "id": [neuron_name(model, a, b) for a, b in pairs],
         "layer": [a for a, _ in pairs],
         "neuron": [b for _, b in pairs],
         "norm": [model.value_norms(a)[b].item() for a, b in pairs],

@@ -35,7 +35,8 @@ def _configs():
                                                   q_lora_rank=16, qk_rope_head_dim=4, v_head_dim=8,
                                                   qk_nope_head_dim=4),
         "gpt_oss": lambda: T.GptOssConfig(**common, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
-                                          head_dim=8, sliding_window=8, swiglu_limit=1.5),
+                                          head_dim=8, sliding_window=8, swiglu_limit=1.5,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     }
 
 

@@ -12,7 +12,8 @@ prediction heads) is not part of transformers' causal LM: ignored.
 
 from kvmem.errors import KvmemError
 from kvmem.models.fields import ANY, NUMBER, POSITIVE
-from kvmem.models.moe import MoELayout, grouped_sigmoid
+from kvmem.models.moe import MoELayout
+from kvmem.models.routing import grouped_sigmoid
 from kvmem.models.moe_adapter import MOE_IGNORED, MoEAdapter
 from kvmem.models.registry import register
 

@@ -10,7 +10,8 @@ ignored; ``swiglu_alpha`` / ``swiglu_limit`` are read by the experts module itse
 """
 
 from kvmem.models.fields import ANY, POSITIVE
-from kvmem.models.moe import MoELayout, topk_softmax
+from kvmem.models.moe import MoELayout
+from kvmem.models.routing import topk_softmax
 from kvmem.models.moe_adapter import MOE_IGNORED, MoEAdapter
 from kvmem.models.registry import register
 

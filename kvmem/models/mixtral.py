@@ -6,7 +6,8 @@ router_jitter_noise only acts in training mode (kvmem runs models in eval mode).
 """
 
 from kvmem.models.fields import ANY, POSITIVE
-from kvmem.models.moe import MoELayout, softmax_topk
+from kvmem.models.moe import MoELayout
+from kvmem.models.routing import softmax_topk
 from kvmem.models.moe_adapter import MOE_IGNORED, MoEAdapter
 from kvmem.models.registry import register
 

@@ -17,7 +17,8 @@ transformers computes up to float summation order.
 
 ``recompute`` runs the hook points of one MoE block from its input (kvmem.hooks calls it from a forward
 hook on the block): ffn.x -> moe.router (logits [.., E]) -> routing -> moe.expert.coef (m) -> ffn.coef (c)
--> output -> ffn.out. When no point function edited anything the block's own output is kept.
+-> output -> ffn.out. When no point function edited anything the block's own output is kept. The routing
+rules (``route_fn``) are in kvmem.models.routing.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ class MoELayer(FFNLayer):
     @_cached
     def W_out(self) -> torch.Tensor:
         dp = self.experts.down_proj
-        routed = (dp.transpose(1, 2) if self.storage == "concat" else dp).reshape(-1, dp.shape[1 if self.storage == "concat" else 2])
+        per_expert = dp.transpose(1, 2) if self.storage == "concat" else dp  # [E, I, d_model]
+        routed = per_expert.reshape(-1, per_expert.shape[2])
         return self._flat(routed, None if self.shared is None else self.shared.down_proj.weight.T, 0)
 
     def _flat_bias(self, half: int) -> torch.Tensor | None:
@@ -320,6 +322,19 @@ def is_moe(layer: FFNLayer) -> bool:
     return isinstance(layer, MoELayer)
 
 
+def block_hook(lay: MoELayer, point: Callable[[str, torch.Tensor], torch.Tensor | None], wanted: set):
+    """The forward hook (with kwargs) kvmem.hooks installs on an MoE block: ``recompute`` from its input; the
+    output replaced only when a point function edited something (GPT-OSS's (output, scores) tuple kept)."""
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        y = output[0] if isinstance(output, tuple) else output
+        new = recompute(lay, x, y, point, wanted)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return hook
+
+
 def recompute(lay: MoELayer, x: torch.Tensor, y: torch.Tensor,
               point: Callable[[str, torch.Tensor], torch.Tensor | None], wanted: set) -> torch.Tensor | None:
     """Run one MoE block's hook points from its input x [b, p, d_model] and output y [b, p, d_model].
@@ -350,50 +365,3 @@ def recompute(lay: MoELayer, x: torch.Tensor, y: torch.Tensor,
                 y = lay.output(c, gates).to(y.dtype)
     y = at("ffn.out", y)
     return y if edited else None
-
-
-# --- routing rules (one per family kind; ``route_fn`` of a MoELayer) ---------------------------------------
-
-def softmax_topk(top_k: int, normalize: bool, cast: bool) -> Route:
-    """Mixtral (normalize=True, weights float32), Qwen2/3-MoE and OLMoE (normalize=norm_topk_prob, weights cast
-    to the logits' dtype): softmax over all experts in float32, top-k, optionally renormalised."""
-    def route(logits, x):
-        probs = torch.softmax(logits.float(), dim=-1)
-        top, idx = torch.topk(probs, top_k, dim=-1)
-        if normalize:
-            top = top / top.sum(-1, keepdim=True)
-        return idx, (top.to(logits.dtype) if cast else top)
-    return route
-
-
-def topk_softmax(top_k: int) -> Route:
-    """GPT-OSS: top-k of the logits, then a softmax over those k (in the logits' dtype)."""
-    def route(logits, x):
-        top, idx = torch.topk(logits, top_k, dim=-1)
-        return idx, torch.softmax(top, dim=-1, dtype=top.dtype)
-    return route
-
-
-def grouped_sigmoid(router: nn.Module, top_k: int, n_group: int, topk_group: int, normalize: bool,
-                    scaling: float) -> Route:
-    """DeepSeek-V3: scores = sigmoid(logits); choice by scores + e_score_correction_bias, restricted to the
-    topk_group groups (of n_group) with the largest sum of their two best choice scores; weights = the chosen
-    scores, renormalised when norm_topk_prob, times routed_scaling_factor. A logit of -inf is never chosen
-    (sigmoid would give it score 0, which the correction bias could still lift above others)."""
-    def route(logits, x):
-        logits = logits.float()
-        n = logits.shape[-1]
-        scores = logits.sigmoid()
-        choice = scores + router.e_score_correction_bias.float()
-        choice = choice.masked_fill(torch.isneginf(logits), float("-inf"))
-        groups = choice.view(-1, n_group, n // n_group).topk(2, dim=-1)[0].sum(-1)
-        gidx = torch.topk(groups, k=topk_group, dim=-1, sorted=False)[1]
-        gmask = torch.zeros_like(groups).scatter_(1, gidx, 1)
-        mask = gmask.unsqueeze(-1).expand(-1, n_group, n // n_group).reshape(-1, n)
-        choice = choice.masked_fill(~mask.bool(), float("-inf"))
-        idx = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
-        w = scores.gather(1, idx)
-        if normalize:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, w * scaling
-    return route

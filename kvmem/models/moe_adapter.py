@@ -67,6 +67,6 @@ class MoEAdapter(LlamaAdapter):
         return {
             "n_experts": lay.n_experts if lay else 0, "top_k": lay.top_k if lay else 0,
             "d_expert": lay.d_expert if lay else 0, "n_shared": lay.n_shared if lay else 0,
-            "d_shared": lay.d_shared if lay else 0,
+            "d_shared": lay.d_shared if lay else 0, "d_mlp": lay.d_flat if lay else 0,  # the flat width
             "dense_layers": [x.index for x in self.layers if not is_moe(x)],
         }

@@ -5,7 +5,8 @@ logits' dtype. Experts: gate_up_proj [E, 2I, d_model], down_proj [E, d_model, I]
 """
 
 from kvmem.models.fields import ANY, POSITIVE
-from kvmem.models.moe import MoELayout, softmax_topk
+from kvmem.models.moe import MoELayout
+from kvmem.models.routing import softmax_topk
 from kvmem.models.moe_adapter import MOE_IGNORED, MoEAdapter
 from kvmem.models.registry import register
 

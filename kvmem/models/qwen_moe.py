@@ -8,7 +8,8 @@ that sigmoid is its routing weight w, so its c = w·m. Layers listed in ``mlp_on
 """
 
 from kvmem.models.fields import ANY, POSITIVE, Rule
-from kvmem.models.moe import MoELayout, softmax_topk
+from kvmem.models.moe import MoELayout
+from kvmem.models.routing import softmax_topk
 from kvmem.models.moe_adapter import MOE_IGNORED, MoEAdapter
 from kvmem.models.registry import register
 

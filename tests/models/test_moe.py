@@ -246,3 +246,43 @@ def test_an_unsupported_value_is_refused_by_name(name, field, value):
 
 def test_configs_are_the_families():
     assert set(MOE_CONFIGS) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"}
+
+
+def test_query_trace_and_vocab_on_layers_of_different_widths(tiny_tokenizer):
+    """DeepSeek-V3 with a dense layer 0 (40 neurons) before MoE layers (96): the commands' library calls pad
+    the narrower layer (padding is never a neuron) and print dense and expert ids by layer."""
+    from kvmem.query import query
+    from kvmem.trace import trace
+    from kvmem.vocab import neuron_vocab, project_values
+
+    model = kvmem.from_hf(make_tiny_moe("deepseek_v3"), tiny_tokenizer)
+    res = query(model, "The value of x is", top=200)
+    ids = res.neurons["id"].tolist()
+    assert len(ids) == 200 == len(set(ids))
+    for nid, layer, n in zip(ids, res.neurons["layer"], res.neurons["neuron"]):
+        parsed = NeuronId.parse(nid)
+        assert parsed.dense == (layer == 0) and n < model.layers[layer].d_mlp
+    assert res.neurons["contribution"].is_monotonic_decreasing
+    tr = trace(model, "The value of x is", n_neurons=50)
+    assert all(NeuronId.parse(i).dense == (layer == 0) for i, layer in zip(tr.neurons["id"], tr.neurons["layer"]))
+    assert neuron_vocab(model, ["0.39", "2.s1.15"], k=3).neurons["id"].tolist() == ["0.39", "2.s1.15"]
+    with pytest.raises(KvmemError, match="layers differ in width"):
+        project_values(model, k=3)
+
+
+def test_capture_kinds_and_projection_ids_at_moe_layers(tiny_tokenizer):
+    from kvmem.capture import run_capture
+    from kvmem.vocab import project_values
+
+    model = kvmem.from_hf(make_tiny_moe("mixtral"), tiny_tokenizer)
+    cap = run_capture(model, IDS, what=("coef", "router", "expert_coef"), stop=False)
+    seen = {}
+    with hooks(model, record([(p, 1) for p in ("moe.router", "moe.expert.coef", "ffn.coef")], seen)):
+        model.hf(input_ids=IDS, use_cache=False)
+    assert torch.equal(cap["router"][1], seen[("moe.router", 1)]) and cap["router"][1].shape == (*IDS.shape, 4)
+    assert torch.equal(cap["expert_coef"][1], seen[("moe.expert.coef", 1)])
+    assert torch.equal(cap.coef[1], seen[("ffn.coef", 1)])
+    proj = project_values(model, k=3, cache=False)
+    row = proj.table.set_index("id").loc["1.e2.3"]
+    want = (model.hf.model.layers[1].mlp.experts.down_proj[2][:, 3] @ model.hf.lm_head.weight.T).topk(3).indices
+    assert list(row["top_ids"]) == want.tolist() and row["layer"] == 1 and row["neuron"] == 2 * 16 + 3
