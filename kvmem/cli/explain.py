@@ -214,3 +214,40 @@ def score_cmd(run_path: RunArg, neurons: NeuronsOpt = None, layers: LayersOpt = 
     store.write(run, store.merge(store.read(run), df))
     show(df)
     console.print(Text(f"written: {run.path / store.FILE}"))
+
+
+def rank_by_score(run, top_n: int, layers: list[int] | None, scorer: str, explainer: str | None,
+                  json_out: bool) -> None:
+    """``kvmem rank RUN --by score``: neurons by the ``scorer`` score of ``explainer``'s descriptions (the best
+    sign for gated FFNs; kvmem.explain.store.neuron_scores), the baseline's score of the same neuron and sign
+    beside it; neurons without that score are left out (their count printed)."""
+    from kvmem.cli.common import print_json
+    from kvmem.explain import store
+
+    table = run.explanations
+    if table.empty:
+        raise KvmemError(f"--by score: {run.path} has no descriptions yet: run kvmem explain {run.path} first")
+    if scorer not in store.SCORERS:
+        raise KvmemError(f"--scorer must be one of {', '.join(store.SCORERS)}, not {scorer!r}")
+    names = sorted(set(table["explainer"]))
+    if explainer is not None and explainer not in names:
+        raise KvmemError(f"--explainer {explainer!r}: no descriptions by it (explainers: {', '.join(names)})")
+    df = store.neuron_scores(table, scorer, explainer)
+    if layers is not None:
+        df = df[df["layer"].isin(layers)]
+    total = len(df)
+    df = df.head(top_n)
+    who = explainer or store.default_explainer(table)
+    if json_out:
+        recs = df.to_dict(orient="records")
+        for rec in recs:  # JSON has no NaN
+            rec.update({k: None for k, v in rec.items() if isinstance(v, float) and math.isnan(v)})
+        return print_json({"by": "score", "scorer": scorer, "explainer": who, "scored": total, "neurons": recs})
+    t = Table("neuron", "sign", f"{scorer} [95%] (n)", "baseline [95%] (n)", "description",
+              title=f"top {len(df)} of {total} neurons by the {scorer} score of {who}'s descriptions"
+                    + (" (balanced accuracy, 0.5 = chance)" if scorer != "simulation" else " (Pearson r)"))
+    for r in df.to_dict("records"):
+        t.add_row(r["neuron"], r["sign"], Text(f"{_fmt(r['score'], r['score_lo'], r['score_hi'])} ({r['score_n']})"),
+                  Text(f"{_fmt(r['baseline'], r['baseline_lo'], r['baseline_hi'])} ({r['baseline_n']})"),
+                  Text(r["description"][:120]))
+    console.print(t)
