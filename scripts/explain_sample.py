@@ -60,6 +60,29 @@ def summary(df: pd.DataFrame, neurons: list[str] | None = None, seed: int = 0) -
     return pd.DataFrame(out)
 
 
+def paired(df: pd.DataFrame, explainer: str, neurons: list[str] | None = None) -> pd.DataFrame:
+    """Per scorer: the mean of (explainer's score - the baseline's) over rows of the same neuron, side and sign
+    where both are scored, with a 95% t interval; n pairs."""
+    from scipy import stats as st
+
+    from kvmem.explain.store import SCORERS, side_of
+
+    if neurons is not None:
+        df = df[df.neuron.isin(neurons)]
+    out = []
+    for s in SCORERS:
+        rows = df[df.side == side_of(s)]
+        a = rows[rows.explainer == explainer].set_index(["neuron", "sign"])[s]
+        b = rows[rows.explainer == "baseline"].set_index(["neuron", "sign"])[s]
+        d = (a - b.reindex(a.index)).dropna().to_numpy(dtype=float)
+        rec = {"scorer": s, "pairs": len(d), "diff": math.nan, "lo": math.nan, "hi": math.nan}
+        if len(d) >= 2:
+            h = st.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+            rec.update(diff=d.mean(), lo=d.mean() - h, hi=d.mean() + h)
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
 def markdown(t: pd.DataFrame) -> str:
     lines = ["| explainer | scorer | mean | 95% t interval | 95% bootstrap (neurons) | rows scored / rows | neurons "
              "| items per row | NaN rows |", "|---|---|---|---|---|---|---|---|---|"]
@@ -116,6 +139,10 @@ def main(argv=None) -> int:
     print(f"neurons described by {a.local}: {len(done_ids)} of the seeded sample of {len(ids)} (seed {a.seed})")
     t = summary(df, done_ids, a.seed)
     print(markdown(t))
+    d = paired(df, a.local, done_ids)
+    print(f"\n{a.local} minus baseline, same neuron, side and sign (mean difference, 95% t interval, n pairs):")
+    for r in d.itertuples():
+        print(f"- {r.scorer}: {r.diff:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}], n = {r.pairs}")
     return 0
 
 
