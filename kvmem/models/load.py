@@ -129,13 +129,41 @@ def _load_hub(repo_id: str):
         raise KvmemError(f"could not load Hub model {repo_id!r}{hint}: {str(e).split(': ', 2)[-1]}") from None
 
 
+def gguf_cache(path: Path) -> Path:
+    """The cached Hugging Face folder of a GGUF file (keyed by its path, size and mtime; may not exist yet)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def hf_folder(spec: str) -> Path:
+    """A local Hugging Face folder (config, safetensors, tokenizer with its chat template) holding the model of
+    ``spec``: the dequantized cache of the bundled alias or a ``.gguf`` file (written now if missing), or a
+    model directory as it is. What ``transformers serve FOLDER`` needs to serve the bundled model."""
+    if spec in BUNDLED:
+        path = bundled_path(spec)
+        if path is None:
+            raise KvmemError(f"bundled model {spec!r} is not installed; run: {BUNDLED[spec][2]}")
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():
+            return path
+        if not (path.is_file() and path.suffix == ".gguf"):
+            raise KvmemError(f"{spec}: no local folder for it (give the bundled alias, a .gguf file or a model "
+                             "directory)")
+    cached = gguf_cache(path)
+    if not (cached / "config.json").is_file():
+        _load_gguf(path)
+        if not (cached / "config.json").is_file():
+            raise KvmemError(f"{spec}: could not write its folder under {cache_dir()} (KVMEM_CACHE)")
+    return cached
+
+
 def _load_gguf(path: Path):
     """Dequantize a GGUF file once into a cached HF folder (safetensors), then load that folder: the
     first load returns the same model, config and tokenizer as every later one. If the cache cannot
     be written (read-only or full disk), the model built from the GGUF file is used as it is."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    cached = gguf_cache(path)
     if (cached / "config.json").is_file():
         return _load_dir(cached)
     from transformers import AutoModelForCausalLM, AutoTokenizer

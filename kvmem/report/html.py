@@ -11,7 +11,8 @@ reports/NAME/
   data/neurons.js       the overview table, columnar
   data/meta.js          run facts the neuron page needs (KV.meta = {...})
   data/layer-L.js       everything the neuron page shows for the neurons of layer L, loaded with a
-                        <script> tag when a neuron of L is opened
+                        <script> tag when a neuron of L is opened (with the run's descriptions and
+                        their scores, kvmem.report.explained, where kvmem explain wrote some)
   report.json           written last: the run, kvmem version, files, notes, seconds per stage
 neurons.js and layer-L.js hold gzip-compressed JSON as base64 (KV.addPacked(name, "...")), inflated
 by the browser's DecompressionStream: 4-6x smaller than the JSON.
@@ -35,7 +36,7 @@ import plotly.io as pio
 import kvmem
 from kvmem.atomic import MARKER, check_target, staged, write_file, write_json, write_text
 from kvmem.report import data as rdata
-from kvmem.report import figures, overview, routing
+from kvmem.report import explained, figures, overview, routing
 
 STATIC = ("report.js", "report.css")
 REPORT_FILE, REPORT_FORMAT = "report.json", "kvmem-report/1"
@@ -172,6 +173,10 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
     table = rdata.neuron_index(run, projection, opts.n_vocab) | overview.neuron_columns(run.neurons)
     if run.moe:  # expert neuron ids (L.eE.N) for the overview table
         table["id"] = run.neurons["id"].astype(str).tolist()
+    described = run.explanations  # kvmem explain's descriptions and scores (empty: none)
+    entries = explained.by_neuron(described)
+    if entries:
+        table |= explained.overview_columns(described, table["layer"], table["neuron"])
     _script(out / "data" / "neurons.js", f'KV.addPacked("neurons", "{rdata.packed(table)}");\n')
 
     stats, store = run.stats, run.tokens
@@ -188,6 +193,7 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
         facts = routing.layer_facts(run, layer)  # MoE layers: each neuron's expert and its tokens
         if facts is not None:
             payload["moe"] = facts
+        explained.attach(payload, layer, entries)
         _script(out / "data" / f"layer-{int(layer)}.js", f'KV.addPacked("layer-{int(layer)}", "{rdata.packed(payload)}");\n')
         if progress is not None:
             progress(layer)
@@ -202,6 +208,7 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
                                                    for x in HIST_EDGES.tolist()],
         "value_note": value_note, "has_values": projection is not None, "shade_note": shade_note,
         "gated_note": rdata_gated_note() if m["gated"] else "",
+        "explain_note": explained.NOTE if entries else "",
     }
     _script(out / "data" / "meta.js", f"KV.meta = {rdata.safe_json(meta)};\n")
 
@@ -230,8 +237,8 @@ def _write_report(run, out: Path, model, opts, progress, stages: dict) -> Report
         **common, card=card, sections=sections, gated=bool(m["gated"]), value_note=value_note,
         has_findings=(Path(run.path) / "analysis" / "findings.json").is_file(),
         has_values=projection is not None, n_search=opts.n_vocab, d_mlp=m["d_mlp"], n_neurons=len(neurons_df),
-        top_k=settings["top_k"], routing_pages=[(int(x), routing.page_name(x)) for x in run.moe_layers]),
-        encoding="utf-8")
+        top_k=settings["top_k"], routing_pages=[(int(x), routing.page_name(x)) for x in run.moe_layers],
+        has_explanations=bool(entries)), encoding="utf-8")
     (out / "neuron.html").write_text(t.get_template("neuron.html").render(**common), encoding="utf-8")
     from kvmem.report.findings import findings_page
 

@@ -41,3 +41,21 @@ def test_query_json_on_the_bundled_model(capsys, smollm):
     assert res["tokens"] == ["The", " capital", " of", " France", " is"] and res["position"] == 4
     assert len(res["neurons"]) == 20
     assert all({"layer", "neuron", "activation", "contribution", "top_tokens"} <= set(n) for n in res["neurons"])
+
+
+def test_hf_folder_is_the_loaders_cache_and_loads_as_the_same_model(smollm, tiny_dirs):
+    """hf_folder (what `transformers serve` is given): the bundled model's dequantized cache, whose weights are the
+    loaded model's; a model directory as it is; anything else a KvmemError."""
+    from safetensors.torch import load_file
+
+    from kvmem.errors import KvmemError
+    from kvmem.models.load import hf_folder
+
+    folder = hf_folder("smollm2-135m")
+    assert (folder / "config.json").is_file() and (folder / "chat_template.jinja").is_file()
+    weights = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.3.mlp.down_proj.weight"
+    assert torch.equal(weights[name], smollm.hf.state_dict()[name])
+    assert hf_folder(str(tiny_dirs["llama"])) == tiny_dirs["llama"]
+    with pytest.raises(KvmemError, match="no local folder"):
+        hf_folder("/no/such/model")

@@ -82,6 +82,13 @@
                 ["rate", "m > 0", "firing rate: share of tokens with m > 0 (exact)", "c-num"],
                 ["trig", "top trigger token", "the token of the neuron's highest activation", "c-trig"]];
     if (hasVal) cols.push(["val", "top value tokens", "the top tokens of v \u00b7 W_U", "c-val"]);
+    var hasDesc = !!N.desc, descText = hasDesc ? N.desc.map(function (t) { return t.toLowerCase(); }) : null, descWords = null;
+    if (hasDesc) {
+      cols.push(["xd", "description", "kvmem explain's key-side description (the LLM's, else the baseline's)", "c-desc"]);
+      cols.push(["xs", "detection", "balanced accuracy of detection on held-out snippets with this description (0.5 = chance)", "c-num"]);
+      cols.push(["xb", "baseline", "the LLM-free baseline's detection score, same neuron and sign", "c-num"]);
+      descWords = descText.map(function (t) { var w = {}; t.split(/[^\p{L}\p{N}_]+/u).forEach(function (x) { if (x) w[x] = 1; }); return w; });
+    }
     var layerSel = document.getElementById("layer"), seen = {};
     N.layer.forEach(function (l) { if (!seen[l]) { seen[l] = 1; var o = el("option", null, "layer " + l); o.value = l; layerSel.appendChild(o); } });
     var q = document.getElementById("q"), qmode = document.getElementById("qmode"), qexact = document.getElementById("qexact");
@@ -92,6 +99,8 @@
       if (state.sort === "id") return N.layer[i] * 1e7 + N.neuron[i];
       if (state.sort === "trig") return norm[N.trig[i]] || "";
       if (state.sort === "val") return hasVal ? norm[N.val[i][0]] || "" : "";
+      if (state.sort === "xd") return descText ? (N.xd[i] || "\uffff").toLowerCase() : "";
+      if (state.sort === "xs" || state.sort === "xb") return N[state.sort][i] === null ? -1 : N[state.sort][i];
       return N[state.sort][i];
     }
     function filter() {
@@ -99,14 +108,20 @@
       var idm = /^(\d+)\.(\d+)$/.exec(text), t = text.toLowerCase(), mode = qmode.value, exact = qexact.checked;
       var eid = /^\d+\.[es]\d+\.\d+$/.test(text) ? text : null;  // an expert neuron (MoE runs: N.id)
       function match(id) { var s = norm[id]; return s !== undefined && (exact ? s === t : s.indexOf(t) >= 0); }
+      var words = t.split(/[^\p{L}\p{N}_]+/u).filter(function (w) { return w; });
+      function describes(i) {  // every word of the query in the neuron's descriptions
+        if (!hasDesc || !words.length || !descText[i]) return false;
+        return words.every(function (w) { return exact ? descWords[i][w] === 1 : descText[i].indexOf(w) >= 0; });
+      }
       for (var i = 0; i < n; i++) {
         if (lay !== "" && N.layer[i] !== +lay) continue;
         if (share[i] < mr || (hidedead.checked && N.rate[i] === 0)) continue;
         if (eid) { if (!N.id || N.id[i] !== eid) continue; }
         else if (idm) { if (N.layer[i] !== +idm[1] || N.neuron[i] !== +idm[2]) continue; }
         else if (t) {
-          var ok = (mode !== "val" && match(N.trig[i]));
-          if (!ok && mode !== "trig" && hasVal) for (var j = 0; j < N.val[i].length && !ok; j++) ok = match(N.val[i][j]);
+          var ok = mode === "desc" ? describes(i) : (mode !== "val" && match(N.trig[i]));
+          if (!ok && (mode === "both" || mode === "val") && hasVal) for (var j = 0; j < N.val[i].length && !ok; j++) ok = match(N.val[i][j]);
+          if (!ok && mode === "both") ok = describes(i);
           if (!ok) continue;
         }
         rows.push(i);
@@ -121,7 +136,7 @@
       cols.forEach(function (c) {
         var th = el("th", "sortable " + c[3], c[1] + (state.sort === c[0] ? (state.dir < 0 ? " \u25be" : " \u25b4") : ""));
         th.title = c[2]; th.setAttribute("data-col", c[0]);
-        th.addEventListener("click", function () { state.dir = state.sort === c[0] ? -state.dir : (c[0] === "id" || c[0] === "trig" || c[0] === "val" ? 1 : -1); state.sort = c[0]; filter(); });
+        th.addEventListener("click", function () { state.dir = state.sort === c[0] ? -state.dir : (c[0] === "id" || c[0] === "trig" || c[0] === "val" || c[0] === "xd" ? 1 : -1); state.sort = c[0]; filter(); });
         tr.appendChild(th);
       });
       thead.appendChild(tr); table.appendChild(thead);
@@ -139,6 +154,11 @@
         r.appendChild(el("td", "num", pct(N.rate[i])));
         td = el("td"); if (N.trig[i] >= 0) td.appendChild(tokenEl(vocab(N.trig[i]))); r.appendChild(td);
         if (hasVal) { td = el("td"); N.val[i].slice(0, 4).forEach(function (v) { td.appendChild(tokenEl(vocab(v))); }); r.appendChild(td); }
+        if (hasDesc) {
+          td = el("td", "desc", N.xd[i] || ""); td.title = N.desc[i]; r.appendChild(td);
+          r.appendChild(el("td", "num", N.xs[i] === null ? "\u2013" : N.xs[i].toFixed(2)));
+          r.appendChild(el("td", "num", N.xb[i] === null ? "\u2013" : N.xb[i].toFixed(2)));
+        }
         tbody.appendChild(r);
       });
       table.appendChild(tbody);
@@ -247,6 +267,7 @@
       var c = el("span", "chip"); c.appendChild(tokenEl(vocab(+k))); c.appendChild(el("span", "count", "\u00d7" + agg[k][0] + " max " + fmt(agg[k][1], 3)));
       chips.appendChild(c);
     });
+    described(d.x);
     document.getElementById("valuenote").textContent = M.has_values ? "Tokens whose logit v \u00b7 W_U is largest / smallest for this neuron's value vector v, " + M.value_note + "." : "Value side " + M.value_note + ".";
     vocabTable("vtop", d.vt); vocabTable("vbottom", d.vb);
     document.getElementById("gatednote").textContent = M.gated_note ? "Note: " + M.gated_note + "." : "";
@@ -268,6 +289,36 @@
     document.getElementById("prevn").href = "neuron.html#" + (neuron > 0 ? nid(neuron - 1) : id);
     document.getElementById("nextn").href = "neuron.html#" + (neuron + 1 < nl ? nid(neuron + 1) : id);
     document.getElementById("error").hidden = true;
+  }
+  var XSCORES = ["detection", "fuzzing", "simulation", "value"];
+  function scoreText(sc) {  // [score, n, lo, hi]
+    if (!sc) return "\u2013";
+    return sc[0].toFixed(2) + (sc[2] === null ? "" : " [" + sc[2].toFixed(2) + ", " + sc[3].toFixed(2) + "]") + " n=" + sc[1];
+  }
+  function described(x) {  // the neuron's descriptions and scores (kvmem.report.explained), as text only
+    var box = document.getElementById("described"), t = document.getElementById("xtable");
+    if (!x || !x.length) { box.hidden = true; t.replaceChildren(); return; }
+    box.hidden = false;
+    document.getElementById("explainnote").textContent = KV.meta.explain_note;
+    var head = el("tr");
+    ["side", "sign", "explainer", "description"].concat(XSCORES).forEach(function (c) { head.appendChild(el("th", null, c)); });
+    var thead = el("thead"); thead.appendChild(head);
+    var tbody = el("tbody");
+    x.forEach(function (r) {
+      var tr = el("tr", r.by === "baseline" ? "xrow baseline" : "xrow llm");
+      tr.appendChild(el("td", null, r.side === "key" ? "key (reads)" : "value (writes)"));
+      tr.appendChild(el("td", null, r.sign === "+" ? "m > 0" : "m < 0"));
+      var by = el("td", null, r.by); if (r.sc && r.sc !== r.by) by.title = "scored by " + r.sc; tr.appendChild(by);
+      var dtd = el("td", "desc", r.d || "(no usable reply)"); dtd.setAttribute("dir", "auto"); tr.appendChild(dtd);
+      XSCORES.forEach(function (s) {
+        var has = r.s.hasOwnProperty(s), td = el("td", "num score", has ? scoreText(r.s[s]) : "");
+        td.setAttribute("data-score", s);
+        if (r.note && r.note[s]) td.title = r.note[s];
+        tr.appendChild(td);
+      });
+      tbody.appendChild(tr);
+    });
+    t.replaceChildren(thead, tbody);
   }
   function fail(msg) { var e = document.getElementById("error"); e.textContent = msg; e.hidden = false; }
   KV.neuronPage = function () {
