@@ -16,8 +16,10 @@ Stages, each in its own process so that its peak resident set (VmHWM) is its own
              (kvmem's way), the same with TOKENIZERS_PARALLELISM=false (one thread), and a pool of
              ``--workers`` processes each encoding single-threaded batches, in order
   profile    ``kvmem.profile.runner.Profiler`` of a random-init Llama (d_model 64, 2 layers, d_mlp 256, the
-             tokenizer's vocabulary) over the first ``--profile-tokens`` tokens of the mapped store (0: skip;
-             all: the whole store), every statistic, on CPU; resident memory at start, end and peak
+             tokenizer's vocabulary) over about ``--profile-tokens`` tokens of the mapped store (0: skip; all:
+             the whole store): by default (``--profile-from spread``) rows evenly spaced over the whole store's
+             row layout, so that the pass reads pages from its start to its end; ``start``: its first tokens.
+             Every statistic, on CPU; resident memory at start, after set-up, sampled during, at the end, peak
 
 Files stay in ``--dir`` (default /tmp/kvmem-bench-tokens) only with ``--keep``.
 """
@@ -276,18 +278,26 @@ def stage_profile(args) -> dict:
                                       max_position_embeddings=args.seq_len))
     model = kvmem.from_hf(hf, tok, spec="random:llama-d64-l2")
     store = TokenStore.load(d / "tokens.safetensors")
-    n = store.n_tokens if args.profile_tokens == "all" else min(int(args.profile_tokens), store.n_tokens)
-    part = store.slice_tokens(0, n)
+    want = store.n_tokens if args.profile_tokens == "all" else min(int(args.profile_tokens), store.n_tokens)
     cfg = ProfileConfig(seq_len=args.seq_len, top_k=20, checkpoint_every=1e9)
     start = status()
     done = [0]
+    spread = args.profile_from == "spread" and want < store.n_tokens
+    part = store if spread else store.slice_tokens(0, want)
     prof = Profiler(model, cfg, part, d / "profile-out", progress=lambda k: done.__setitem__(0, done[0] + k))
+    if spread:  # rows evenly spaced over the whole store's layout, ascending, in batches of the auto size
+        prof.plan = spread_plan(prof.layout, want, prof.batch_size)
+    n = sum(int(prof.layout.lengths[r].sum()) for r in prof.plan)
+    rows = torch.cat(prof.plan)
+    reach = [int(prof.layout.starts[rows[0]]), int(prof.layout.starts[rows[-1]] + prof.layout.lengths[rows[-1]])]
     built = status()
     with Sampler(lambda: done[0], every=1.0) as s:
         seconds = prof.run()
     end = status()
     rss = [x[2]["VmRSS"] for x in s.samples]
-    return {"tokens": n, "store_tokens": store.n_tokens, "seq_len": args.seq_len, "batch_rows": prof.batch_size,
+    return {"tokens": n, "store_tokens": store.n_tokens, "from": "spread" if spread else "start",
+            "rows": int(rows.numel()), "store_rows": prof.layout.n_rows, "token_span": reach,
+            "seq_len": args.seq_len, "batch_rows": prof.batch_size,
             "layers": prof.layers, "d_mlp": model.d_mlp, "seconds": round(seconds, 1),
             "tok_per_s": round(n / seconds), "threads": torch.get_num_threads(),
             "rss_start_mib": round(start["VmRSS"], 1), "rss_after_setup_mib": round(built["VmRSS"], 1),
@@ -297,6 +307,16 @@ def stage_profile(args) -> dict:
             "milestones": _milestones(s.samples, n)}
 
 
+def spread_plan(layout, tokens: int, batch_size: int) -> list:
+    """Batches (ascending row numbers) of about ``tokens`` store tokens in rows evenly spaced over the layout."""
+    import torch
+
+    mean = float(layout.lengths.double().mean())
+    k = min(layout.n_rows, max(1, round(tokens / mean)))
+    rows = torch.unique(torch.linspace(0, layout.n_rows - 1, k).round().long())
+    return [rows[i:i + batch_size] for i in range(0, rows.numel(), batch_size)]
+
+
 STAGES = {"corpus": stage_corpus, "tokenize": stage_tokenize, "compare": stage_compare, "profile": stage_profile}
 
 
@@ -304,7 +324,8 @@ def run_stage(args, stage: str, **extra) -> dict:
     """Run one stage in a fresh process; its JSON result."""
     cmd = [sys.executable, str(HERE), "--stage", stage, "--dir", args.dir, "--tokens", str(args.tokens),
            "--compare", str(args.compare), "--profile-tokens", str(args.profile_tokens), "--seq-len",
-           str(args.seq_len), "--seed", str(args.seed), "--workers", str(args.workers)]
+           str(args.seq_len), "--seed", str(args.seed), "--workers", str(args.workers), "--profile-from",
+           args.profile_from]
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
     env = dict(os.environ)
@@ -321,6 +342,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000_000, help="tokens of the store")
     ap.add_argument("--compare", type=int, default=10_000_000, help="tokens per tokenization variant (0: skip)")
     ap.add_argument("--profile-tokens", default="5000000", help="tokens profiled from the store's start (0, N, all)")
+    ap.add_argument("--profile-from", choices=("spread", "start"), default="spread",
+                    help="profile rows evenly spaced over the whole mapped store (spread) or its first tokens (start)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2, help="processes of the pool variant")
     ap.add_argument("--seed", type=int, default=0)
@@ -356,7 +379,8 @@ def main() -> None:
                       f"peak RSS {r['peak_rss_mib']} MiB (the pool: the parent's)", flush=True)
         if args.profile_tokens not in ("0", ""):
             results["profile"] = p = run_stage(args, "profile")
-            print(f"profile: {p['tokens']:,} of {p['store_tokens']:,} tokens, layers {p['layers']} x {p['d_mlp']} "
+            print(f"profile: {p['tokens']:,} of {p['store_tokens']:,} tokens ({p['rows']:,} of {p['store_rows']:,} rows, "
+                  f"{p['from']}, store tokens {p['token_span'][0]:,}..{p['token_span'][1]:,}), layers {p['layers']} x {p['d_mlp']} "
                   f"neurons, seq_len {p['seq_len']}, {p['batch_rows']} rows/batch, {p['threads']} threads: "
                   f"{p['seconds']} s = {p['tok_per_s']:,} tok/s; RSS start {p['rss_start_mib']} MiB, after set-up "
                   f"{p['rss_after_setup_mib']}, at 10% {p['rss_at_10pct_mib']}, end {p['rss_end_mib']} MiB "
