@@ -26,6 +26,7 @@ import torch
 
 from kvmem.neurons import neuron_name
 from kvmem.capture import check_layers
+from kvmem.query import stack_padded
 from kvmem.errors import KvmemError
 from kvmem.vocab import ValueProjection, project_values, value_matrix, vocab_strings
 
@@ -114,19 +115,23 @@ def search(model, token: str, *, layers=None, top: int = 20, suppress: bool = Fa
 
     with torch.inference_mode():
         u = model.W_U[:, tid]
-        logit = torch.stack([value_matrix(model, layer, through_norm) @ u for layer in layers]).float().cpu()
-    z = (logit - projection["mean"][layers]) / projection["std"][layers].clamp_min(1e-12)  # [n_layers, d_mlp]
-    at_top = _rank_in(projection["top_ids"][layers], tid, k)
-    at_bottom = _rank_in(projection["bottom_ids"][layers], tid, k)
+        logit = stack_padded([(value_matrix(model, layer, through_norm) @ u).float().cpu() for layer in layers],
+                             float("nan"))  # layers of different widths: padded slots are no neuron
+    d_mlp = logit.shape[1]
+    z = (logit - projection["mean"][layers, :d_mlp]) / projection["std"][layers, :d_mlp].clamp_min(1e-12)
+    real = torch.stack([torch.arange(d_mlp) < model.layers[layer].d_mlp for layer in layers])
+    at_top = _rank_in(projection["top_ids"][layers, :d_mlp], tid, k).masked_fill(~real, k + 1)
+    at_bottom = _rank_in(projection["bottom_ids"][layers, :d_mlp], tid, k).masked_fill(~real, k + 1)
     scores, ranks = [], []
     for s in sign_list:
         up = s * direction == 1  # the token should sit at the top of v's row
-        scores.append(z if up else -z)
+        scores.append((z if up else -z).masked_fill(~real, float("-inf")))
         ranks.append(at_top if up else at_bottom)
     score = torch.stack(scores).flatten().numpy()  # [n_signs * n_layers * d_mlp]
     rank = torch.stack(ranks).flatten().numpy()
     pool = np.lexsort((-score, rank))[:max(4 * top, POOL)]  # the known top-k hits, then the best z-scores
-    n_layers, d_mlp = len(layers), model.d_mlp
+    pool = pool[np.tile(real.flatten().numpy(), len(sign_list))[pool]]  # never a padded slot
+    n_layers = len(layers)
     sign_idx, rest = np.divmod(pool, n_layers * d_mlp)
     layer_idx, neuron = np.divmod(rest, d_mlp)
     pairs = [(layers[a], int(b)) for a, b in zip(layer_idx.tolist(), neuron.tolist())]

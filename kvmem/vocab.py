@@ -12,6 +12,10 @@ value vector is normalised as if it were the residual stream), and keeps per neu
                                                    projection row over the whole vocabulary
   norm                       [n_layers, d_mlp]     ‖v_i‖ (of the raw value vector)
 
+Layers of different widths (an MoE model with dense layers: DeepSeek-V3's leading layers, Qwen2-MoE's
+``mlp_only_layers``) are padded to the widest layer, d_mlp = max width: a padded slot is no neuron (ids 0, the
+float tensors NaN); ``ValueProjection.widths`` holds each layer's own width and the table lists real neurons only.
+
 The product is computed in float32 whatever the model's dtype (value rows, the final norm and W_U
 cast to float32 before the matmul: a bf16 product rounds logits to 8 bits and reorders or ties top
 tokens), on the model's device, one layer at a time, in chunks of c neurons: [c, d_model] @
@@ -26,7 +30,7 @@ they do not depend on the neuron.
 On-disk cache (computed once per model): ``kvmem.models.load.cache_dir()/"vocab"/NAME/`` with
 NAME = ``{fingerprint}-{dtype}-{raw|norm}-k{k}`` (fingerprint = ``model.fingerprint()``):
   manifest.json        {"format": "kvmem-vocab/2", model, fingerprint, dtype, through_norm, k,
-                        n_layers, d_mlp, d_vocab, device, seconds, created}
+                        n_layers, d_mlp, widths, d_vocab, device, seconds, created}
   tensors.safetensors  the tensors above (ids int32, the rest float32)
   table.parquet        the same as one row per neuron: layer, neuron, id, norm, mean, std,
                        top_tokens, top_logits, top_ids, bottom_tokens, bottom_logits, bottom_ids
@@ -143,6 +147,7 @@ class ValueProjection:
     cached: bool = False  # loaded from disk
     path: Path | None = None  # cache folder, if written or read
     ids: list[str] | None = field(default=None, repr=False)  # printed neuron ids, layer-major (MoE: L.eE.N)
+    widths: list[int] | None = None  # each layer's width (None: all d_mlp); wider layers pad the others
     _table: pd.DataFrame | None = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -156,16 +161,21 @@ class ValueProjection:
     def d_mlp(self) -> int:
         return self.tensors["norm"].shape[1]
 
+    def width(self, layer: int) -> int:
+        """The number of neurons of ``layer`` (the rest of its d_mlp slots are padding)."""
+        return self.d_mlp if self.widths is None else self.widths[layer]
+
     @property
     def table(self) -> pd.DataFrame:
         """One row per neuron (layer-major), with token strings; built on first use."""
         if self._table is None:
-            self._table = _table(self.tensors, self.strings, self.ids)
+            self._table = _table(self.tensors, self.strings, self.ids, self.widths)
         return self._table
 
     def manifest(self) -> dict:
         return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint,
                 "through_norm": self.through_norm, "k": self.k, "n_layers": self.n_layers, "d_mlp": self.d_mlp,
+                "widths": self.widths,
                 "d_vocab": len(self.strings), "seconds": self.seconds, "path": str(self.path) if self.path else None,
                 "cached": self.cached}
 
@@ -179,18 +189,27 @@ def _ids(model) -> list[str] | None:
     return [neuron_name(model, i, n) for i, lay in enumerate(model.layers) for n in range(lay.d_mlp)]
 
 
-def _table(t: dict[str, torch.Tensor], strings: np.ndarray, ids: list[str] | None = None) -> pd.DataFrame:
+def _widths(model) -> list[int] | None:
+    """Each layer's width where they differ (None: one width)."""
+    widths = [lay.d_mlp for lay in model.layers]
+    return widths if len(set(widths)) > 1 else None
+
+
+def _table(t: dict[str, torch.Tensor], strings: np.ndarray, ids: list[str] | None = None,
+           widths: list[int] | None = None) -> pd.DataFrame:
     n_layers, d_mlp = t["norm"].shape
     layer = np.repeat(np.arange(n_layers), d_mlp)
     neuron = np.tile(np.arange(d_mlp), n_layers)
-    flat = {name: t[name].reshape(n_layers * d_mlp, -1).numpy() for name in TENSORS[:4]}
+    keep = neuron < np.repeat(np.asarray(widths if widths is not None else [d_mlp] * n_layers), d_mlp)
+    layer, neuron = layer[keep], neuron[keep]
+    flat = {name: t[name].reshape(n_layers * d_mlp, -1).numpy()[keep] for name in TENSORS[:4]}
     return pd.DataFrame({
         "layer": layer,
         "neuron": neuron,
         "id": ids if ids is not None else [f"{a}.{b}" for a, b in zip(layer.tolist(), neuron.tolist())],
-        "norm": t["norm"].flatten().numpy(),
-        "mean": t["mean"].flatten().numpy(),
-        "std": t["std"].flatten().numpy(),
+        "norm": t["norm"].flatten().numpy()[keep],
+        "mean": t["mean"].flatten().numpy()[keep],
+        "std": t["std"].flatten().numpy()[keep],
         "top_tokens": list(strings[flat["top_ids"]]),
         "top_logits": list(flat["top_logits"]),
         "top_ids": list(flat["top_ids"]),
@@ -207,15 +226,13 @@ def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_
     Per chunk: one matmul and two top-k on the device; results go to the CPU. The mean and std of a
     row v·W_U over the vocabulary come from W_U's moments instead of the [c, d_vocab] logits:
     mean = v·μ and E[x²] = vᵀ G v with μ = W_U.mean(1), G = W_U W_Uᵀ / d_vocab (float64; a fifth
-    of the projection's time saved on CPU)."""
+    of the projection's time saved on CPU). Layers narrower than the widest are padded (ids 0, floats NaN)."""
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    d_mlp, d_vocab = model.layers[layers[0]].d_mlp if layers else model.d_mlp, model.d_vocab
-    if len({model.layers[layer].d_mlp for layer in layers}) > 1:
-        raise KvmemError("the layers differ in width (an MoE model with dense layers): a whole-model projection "
-                         "needs one width; choose layers of one kind, or name neurons (vocab LAYER.eE.N)")
+    d_vocab = model.d_vocab
+    d_max = max((model.layers[layer].d_mlp for layer in layers), default=model.d_mlp)
     if not 1 <= k <= d_vocab:
         raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}")
-    c = chunk_rows(d_vocab, chunk_mb, d_mlp)
+    c = chunk_rows(d_vocab, chunk_mb, d_max)
     defined = vocab_mask(model).to(model.device)
     n_defined = int(defined.sum())
     if k > n_defined:
@@ -226,6 +243,7 @@ def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_
     del U64
     out = {name: [] for name in TENSORS}
     for layer in layers:
+        d_mlp = model.layers[layer].d_mlp
         parts = {name: [] for name in TENSORS[:6]}
         for start in range(0, d_mlp, c):
             v = value_matrix(model, layer, through_norm, slice(start, start + c))  # [c, d_model]
@@ -239,10 +257,14 @@ def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_
             mean = mean64.float()
             for name, value in zip(TENSORS[:6], (top.indices, top.values, bottom.indices, bottom.values, mean, std)):
                 parts[name].append(value.cpu())
+        parts["norm"] = [model.value_norms(layer).cpu()]
         for name, chunks in parts.items():
             value = torch.cat(chunks)
+            if value.shape[0] < d_max:  # a narrower layer: padded slots are no neuron
+                pad = torch.full((d_max - value.shape[0], *value.shape[1:]), 0 if name.endswith("ids") else
+                                 float("nan"), dtype=value.dtype)
+                value = torch.cat([value, pad])
             out[name].append(value)
-        out["norm"].append(model.value_norms(layer).cpu())
         if progress is not None:
             progress(layer)
     return {name: torch.stack(values) for name, values in out.items()}
@@ -259,13 +281,13 @@ def project_values(model, *, k: int = 10, through_norm: bool = False, chunk_mb: 
         if found is not None:
             tensors, seconds, path = found
             return ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds, cached=True, path=path,
-                                   ids=_ids(model))
+                                   ids=_ids(model), widths=_widths(model))
     t0 = time.perf_counter()
     tensors = compute_projection(model, k=k, through_norm=through_norm, chunk_mb=chunk_mb, progress=progress)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     proj = ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds=time.perf_counter() - t0,
-                           ids=_ids(model))
+                           ids=_ids(model), widths=_widths(model))
     if cache:
         proj.path = _write_cache(proj, model)
     return proj
@@ -321,7 +343,7 @@ def _write_cache(proj: ValueProjection, model) -> Path | None:
     target = _cache_root() / _name(proj.fingerprint, model.dtype, proj.through_norm, proj.k)
     manifest = {"format": FORMAT, "model": model.spec, "fingerprint": proj.fingerprint,
                 "dtype": str(model.dtype).removeprefix("torch."), "through_norm": proj.through_norm, "k": proj.k,
-                "n_layers": proj.n_layers, "d_mlp": proj.d_mlp, "d_vocab": model.d_vocab,
+                "n_layers": proj.n_layers, "d_mlp": proj.d_mlp, "widths": proj.widths, "d_vocab": model.d_vocab,
                 "device": str(model.device), "seconds": proj.seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         with staged(target, "vocab-cache") as tmp:

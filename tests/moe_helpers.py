@@ -28,7 +28,7 @@ def _configs():
                                               num_local_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
                                               head_dim=8),
         "olmoe": lambda: T.OlmoeConfig(**common, intermediate_size=I, num_experts=E, num_experts_per_tok=K),
-        "deepseek_v3": lambda: T.DeepseekV3Config(**common, intermediate_size=40, moe_intermediate_size=I,
+        "deepseek_v3": lambda: T.DeepseekV3Config(**(common | {"num_key_value_heads": H}), intermediate_size=40, moe_intermediate_size=I,
                                                   n_routed_experts=E, n_shared_experts=2, num_experts_per_tok=K,
                                                   n_group=2, topk_group=1, first_k_dense_replace=1,
                                                   routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=8,

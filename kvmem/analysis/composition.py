@@ -159,7 +159,8 @@ def _value_tops(model, rd: Readout, layers, W: dict, cache: bool) -> dict[int, t
         from kvmem.vocab import project_values
 
         p = project_values(model, k=10, through_norm=True, cache=True)
-        return {layer: (p["top_ids"][layer, :, 0].to(model.device), p["bottom_ids"][layer, :, 0].to(model.device))
+        return {layer: (p["top_ids"][layer, :p.width(layer), 0].to(model.device),
+                       p["bottom_ids"][layer, :p.width(layer), 0].to(model.device))
                 for layer in layers}
     return {layer: rd.value_tops(W[layer]) for layer in layers}
 

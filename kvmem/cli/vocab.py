@@ -63,7 +63,9 @@ def vocab(
     if all_neurons:
         m = out["projection"]
         how = "loaded from the cache" if m["cached"] else f"computed in {m['seconds']:.1f} s"
-        console.print(f"whole-model projection ({m['n_layers']} layers x {m['d_mlp']} neurons, top/bottom {m['k']}): "
+        shape = (f"{m['n_layers']} layers x {m['d_mlp']} neurons" if not m.get("widths") else
+                 f"{m['n_layers']} layers, {sum(m['widths'])} neurons, widths {', '.join(map(str, m['widths']))}")
+        console.print(f"whole-model projection ({shape}, top/bottom {m['k']}): "
                       f"{how}; folder: {m['path']}", markup=False, soft_wrap=True)
     if not neurons:
         return

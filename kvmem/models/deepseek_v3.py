@@ -37,6 +37,10 @@ class DeepseekV3Adapter(MoEAdapter):
         if config.n_routed_experts % config.n_group or config.n_routed_experts // config.n_group < 2:
             raise KvmemError(f"{self.family} adapter: config.n_group={config.n_group} must split "
                              f"n_routed_experts={config.n_routed_experts} into groups of at least 2")
+        heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+        if kv is not None and kv != heads:  # transformers' MLA repeats its per-head keys kv-fold: masked batches fail
+            raise KvmemError(f"{self.family} adapter: config.num_key_value_heads={kv} must equal "
+                             f"num_attention_heads={heads} (multi-head latent attention has one key per head)")
 
     def moe_layer(self, i, block):
         c = self.config

@@ -181,10 +181,10 @@ def layer_payload(layer: int, stats: LayerStats, store: TokenStore, opts: Report
 
 def vocab_side(projection, layer: int, n: int) -> dict:
     """Top and bottom value tokens [[id, logit], ...] per neuron of one layer, from a ValueProjection."""
-    out = {}
+    out, w = {}, projection.width(layer)  # a narrower layer's padded slots left out
     for side in ("top", "bottom"):
-        ids = projection[f"{side}_ids"][layer, :, :n].tolist()
-        logits = _round(projection[f"{side}_logits"][layer, :, :n].float())
+        ids = projection[f"{side}_ids"][layer, :w, :n].tolist()
+        logits = _round(projection[f"{side}_logits"][layer, :w, :n].float())
         out[side] = [[[i, v] for i, v in zip(a, b)] for a, b in zip(ids, logits)]
     return out
 

@@ -266,8 +266,61 @@ def test_query_trace_and_vocab_on_layers_of_different_widths(tiny_tokenizer):
     tr = trace(model, "The value of x is", n_neurons=50)
     assert all(NeuronId.parse(i).dense == (layer == 0) for i, layer in zip(tr.neurons["id"], tr.neurons["layer"]))
     assert neuron_vocab(model, ["0.39", "2.s1.15"], k=3).neurons["id"].tolist() == ["0.39", "2.s1.15"]
-    with pytest.raises(KvmemError, match="layers differ in width"):
-        project_values(model, k=3)
+
+
+def test_whole_model_projection_and_search_on_layers_of_different_widths(tiny_tokenizer):
+    """DeepSeek-V3's dense layer 0 (40 neurons) beside MoE layers (96): the whole-model projection lists every real
+    neuron once (padding never a row), each row's tokens equal the brute force v·W_U from the HF weights, and
+    search ranks dense and expert neurons together exactly like a brute-force ranking over every real neuron."""
+    from kvmem.search import search
+    from kvmem.vocab import project_values
+
+    hf = make_tiny_moe("deepseek_v3")
+    model = kvmem.from_hf(hf, tiny_tokenizer)
+    proj = project_values(model, k=3, cache=False)
+    assert proj.widths == [40, 96, 96] and len(proj.table) == 40 + 96 + 96
+    assert proj.table.groupby("layer").size().tolist() == [40, 96, 96]
+    W_U = hf.lm_head.weight.double().T
+    values = {}  # id -> the brute-force value vector from the HF modules
+    for layer, blk in enumerate(hf.model.layers):
+        mlp = blk.mlp
+        if layer == 0:
+            for i in range(40):
+                values[f"0.{i}"] = mlp.down_proj.weight[:, i].double()
+            continue
+        for e in range(4):
+            for i in range(16):
+                values[f"{layer}.e{e}.{i}"] = mlp.experts.down_proj[e][:, i].double()
+        for s in range(2):
+            for i in range(16):
+                values[f"{layer}.s{s}.{i}"] = mlp.shared_experts.down_proj.weight[:, s * 16 + i].double()
+    assert sorted(proj.table["id"]) == sorted(values)
+    table = proj.table.set_index("id")
+    for nid in ("0.39", "1.e3.15", "2.s1.15"):
+        logits = values[nid] @ W_U
+        assert list(table.loc[nid, "top_ids"]) == logits.topk(3).indices.tolist()
+        assert list(table.loc[nid, "bottom_ids"]) == (-logits).topk(3).indices.tolist()
+        assert table.loc[nid, "std"] == pytest.approx(float(logits.std(unbiased=False)), rel=1e-4)
+    res = search(model, " the", top=8, k=3, projection=proj, signs="positive")
+    tid = res.token_id
+    defined = sorted(set(tiny_tokenizer.get_vocab().values()))
+    brute = []
+    for nid, v in values.items():  # the token's rank in v's full row, then its z-score over the defined ids
+        row = v @ W_U
+        z = float((row[tid] - row[defined].mean()) / row[defined].std(unbiased=False))
+        brute.append((int((row > row[tid]).sum()) + 1, -z, nid))
+    brute.sort()
+    assert res.neurons["id"].tolist() == [nid for _, _, nid in brute[:8]]
+    assert res.neurons["logit"].tolist() == pytest.approx([float(values[n] @ W_U[:, tid]) for _, _, n in brute[:8]],
+                                                          rel=1e-4, abs=1e-6)
+
+
+def test_deepseek_v3_with_fewer_key_value_heads_is_refused_by_name():
+    """transformers' multi-head latent attention breaks on a padded batch when num_key_value_heads differs."""
+    hf = make_tiny_moe("deepseek_v3")
+    hf.config.num_key_value_heads = 2
+    with pytest.raises(KvmemError, match="num_key_value_heads=2"):
+        kvmem.from_hf(hf, None)
 
 
 def test_capture_kinds_and_projection_ids_at_moe_layers(tiny_tokenizer):

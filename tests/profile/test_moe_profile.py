@@ -17,18 +17,22 @@ import kvmem
 from tests.cli.test_core_cli import run as cli
 from tests.conftest import VOCAB
 
-N_EXPERTS, TOP_K, D_EXPERT, D_SHARED = 4, 2, 12, 8
+N_EXPERTS, TOP_K, D_EXPERT, D_SHARED, D_DENSE = 4, 2, 12, 8, 20
 COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
               max_position_embeddings=128)
 CONFIGS = {  # family -> (config, MoE layers)
     "mixtral": (lambda: MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=D_EXPERT,
                                       num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K), [0, 1]),
-    # all layers MoE: a dense layer of another width beside them (mlp_only_layers) breaks kvmem.vocab's
-    # value projection, which stacks layers of one width (the run side of mixed layers: tests/profile/test_moe_run.py)
     "qwen2_moe": (lambda: Qwen2MoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=20,
                                          moe_intermediate_size=D_EXPERT, num_experts=N_EXPERTS,
                                          num_experts_per_tok=TOP_K, shared_expert_intermediate_size=D_SHARED,
                                          norm_topk_prob=False), [0, 1]),
+    # a dense layer 0 of width 20 before an MoE layer of flat width 4*12+8 (like DeepSeek-V3's leading dense
+    # layers): the run's tables, the value projection and the report take layers of different widths
+    "qwen2_moe_mixed": (lambda: Qwen2MoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=D_DENSE,
+                                               moe_intermediate_size=D_EXPERT, num_experts=N_EXPERTS,
+                                               num_experts_per_tok=TOP_K, shared_expert_intermediate_size=D_SHARED,
+                                               norm_topk_prob=False, mlp_only_layers=[0]), [1]),
 }
 
 
@@ -49,13 +53,14 @@ def brute_force(path, run, moe_layers):
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     layout, store = run.layout, run.tokens
     load = {layer: np.zeros(N_EXPERTS, np.int64) for layer in moe_layers}
-    m = {layer: {} for layer in moe_layers}
+    m = {layer: {} for layer in range(len(hf.model.layers))}
+    dense = [layer for layer in range(len(hf.model.layers)) if layer not in moe_layers]
     silu = torch.nn.functional.silu
     for row in range(layout.n_rows):
         b = layout.batch(store, [row])
         xs = {}
         hooks = [hf.model.layers[layer].mlp.register_forward_pre_hook(
-            lambda mod, a, layer=layer: xs.__setitem__(layer, a[0].detach())) for layer in moe_layers]
+            lambda mod, a, layer=layer: xs.__setitem__(layer, a[0].detach())) for layer in m]
         try:
             with torch.no_grad():
                 hf(input_ids=b.ids, attention_mask=b.mask)
@@ -63,6 +68,13 @@ def brute_force(path, run, moe_layers):
             for h in hooks:
                 h.remove()
         with torch.no_grad():
+            for layer in dense:  # a dense SwiGLU layer: m = silu(x W_gate) * x W_up on every counted token
+                mlp, x = hf.model.layers[layer].mlp, xs[layer][0]
+                act = silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [L, d_mlp]
+                for p in range(x.shape[0]):
+                    if b.counted[0, p]:
+                        for i in range(act.shape[1]):
+                            m[layer].setdefault(i, {})[int(b.index[0, p])] = float(act[p, i])
             for layer in moe_layers:
                 block = hf.model.layers[layer].mlp
                 x = xs[layer][0]  # [L, d_model]
@@ -118,7 +130,18 @@ def test_profile_and_report_of_a_tiny_moe_model(family, tmp_path, tiny_tokenizer
     e = int(np.argmax(load[layer]))  # one neuron of the busiest expert: count, top example, max, mean
     check_neuron(neurons.loc[f"{layer}.e{e}.3"], m[layer][(e, 3)])
     assert neurons.loc[f"{layer}.e{e}.3", "n"] == load[layer][e]
-    if family == "qwen2_moe":  # the shared expert: every token
+    if family == "qwen2_moe_mixed":  # the dense layer 0 beside it: its own width, neurons over every token
+        widths = run.neurons.groupby("layer").size()
+        assert widths.tolist() == [D_DENSE, N_EXPERTS * D_EXPERT + D_SHARED]
+        check_neuron(neurons.loc["0.7"], m[0][7])
+        assert neurons.loc["0.7", "n"] == n_counted
+        hf = AutoModelForCausalLM.from_pretrained(path)
+        for nid, v in (("0.7", hf.model.layers[0].mlp.down_proj.weight[:, 7]),
+                       (f"1.e{e}.3", hf.model.layers[1].mlp.experts.down_proj[e][:, 3])):
+            top = (v.double() @ hf.lm_head.weight.double().T).topk(5).indices.tolist()  # the brute-force value tokens
+            assert neurons.loc[nid, "value_top_tokens"].tolist() == [tiny_tokenizer.decode([t]) for t in top]
+        assert 'href="routing-0.html"' not in (rep / "index.html").read_text(encoding="utf-8")
+    if family.startswith("qwen2_moe"):  # the shared expert: every token
         check_neuron(neurons.loc[f"{layer}.s0.5"], m[layer][("s", 5)])
         assert neurons.loc[f"{layer}.s0.5", "n"] == n_counted
         assert neurons.loc[f"{layer}.s0.5", "shared"] and run.manifest["moe"]["n_shared"] == 1
