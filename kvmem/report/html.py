@@ -92,6 +92,11 @@ def _script(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+VALUES = ("w_i · W_U, no final norm; w_i is what neuron i writes per unit of m_i: v_i, γ ⊙ v_i behind a post-FFN "
+          "RMSNorm (Gemma 2/3, OLMo 2; the token's 1/rms scale left out, it is positive), Granite's residual "
+          "multiplier times v_i")
+
+
 def load_projection(run, model=None, k: int = 10):
     """The value projection for the run's model: computed with ``model`` if given (and cached), else
     read from the vocab cache; None (and the reason) if neither is possible."""
@@ -99,7 +104,7 @@ def load_projection(run, model=None, k: int = 10):
 
     if model is not None:
         run.check_model(model, "the model given to the report")
-        return vocab.project_values(model, k=k), "computed from the model's weights (v_i · W_U, no final norm)"
+        return vocab.project_values(model, k=k), f"computed from the model's weights ({VALUES})"
     import torch
 
     m = run.manifest["model"]
@@ -112,8 +117,12 @@ def load_projection(run, model=None, k: int = 10):
         return None, ("not available: this report was built without the model and no cached value "
                       "projection was found (run `kvmem vocab` or pass --model to `kvmem report`)")
     tensors, _, path = found
+    try:  # layers of different widths (an MoE model with dense layers): padded slots are no neuron
+        widths = json.loads((path / "manifest.json").read_text()).get("widths")
+    except (OSError, ValueError):
+        widths = None
     return vocab.ValueProjection(m["model"], m["fingerprint"], False, k, tensors, strings=None, cached=True,
-                                 path=path), "read from the cached value projection (v_i · W_U, no final norm)"
+                                 path=path, widths=widths), f"read from the cached value projection ({VALUES})"
 
 
 def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = None, force: bool = False,
