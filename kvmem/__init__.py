@@ -6,14 +6,19 @@
     res.neurons                                    # pandas DataFrame
 """
 
-from kvmem.capture import capture, run_capture
+# kvmem.capture, .intervene, .profile, .query, .search and .trace are the modules, and calling one calls its
+# function of the same name (kvmem.callable_module): kvmem.query(model, prompt) and `import kvmem.query` both work.
+import kvmem.capture as capture
+import kvmem.intervene as intervene
+import kvmem.profile as profile
+import kvmem.query as query
+import kvmem.search as search
+import kvmem.trace as trace
+from kvmem.capture import run_capture
 from kvmem.errors import KvmemError
+from kvmem.intervene import intervention
 from kvmem.models import FFNLayer, KVModel, from_hf, load, supported
-from kvmem.profile import ProfileConfig, merge, open_run, profile
-from kvmem.intervene import intervene, intervention
-from kvmem.query import query
-from kvmem.search import search
-from kvmem.trace import trace
+from kvmem.profile import ProfileConfig, merge, open_run
 from kvmem.vocab import neuron_vocab, project_values
 
 __version__ = "0.2.0"

@@ -115,3 +115,8 @@ def run_capture(model: KVModel, input_ids: torch.Tensor, layers: Iterable[int] |
     with torch.inference_mode(), capture(model, layers, what, stop=stop) as cap:
         model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return cap
+
+
+from kvmem.callable_module import make_callable  # noqa: E402
+
+make_callable(__name__)  # kvmem.capture(...) calls capture(); `import kvmem.capture` stays the module

@@ -207,3 +207,8 @@ def intervene(model: KVModel, prompt: str, *, ablate=(), scale=(), set_coef=(), 
         int((after > after[t]).sum().item()) + 1,
         float((lp_before.exp() * (lp_before - lp_after)).sum().item()),
         _top(model, before, n_tokens), _top(model, after, n_tokens), before.cpu(), after.cpu())
+
+
+from kvmem.callable_module import make_callable  # noqa: E402
+
+make_callable(__name__)  # kvmem.intervene(...) calls intervene(); `import kvmem.intervene` stays the module

@@ -172,3 +172,8 @@ def query(model: KVModel, prompt: str, *, position: int = -1, top: int = 20, by:
         "logit": logits[nxt.indices].tolist(),
     })
     return QueryResult(prompt, model.token_strings(ids[0]), pos, by, next_tokens, table)
+
+
+from kvmem.callable_module import make_callable  # noqa: E402
+
+make_callable(__name__)  # kvmem.query(...) calls query(); `import kvmem.query` stays the module

@@ -159,3 +159,8 @@ def search(model, token: str, *, layers=None, top: int = 20, suppress: bool = Fa
     return SearchResult(model.spec, token, model.token_strings([tid])[0], int(tid), pieces, note,
                         "suppress" if suppress else "promote", sign_list, through_norm, k,
                         int((rank <= k).sum()), table)
+
+
+from kvmem.callable_module import make_callable  # noqa: E402
+
+make_callable(__name__)  # kvmem.search(...) calls search(); `import kvmem.search` stays the module

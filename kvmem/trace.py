@@ -250,3 +250,8 @@ def _checkpoint(in_top: list[bool], *, first: bool) -> dict | None:
     if idx is None:
         return None
     return {"layer": idx // 2, "after": "attention" if idx % 2 == 0 else "ffn"}
+
+
+from kvmem.callable_module import make_callable  # noqa: E402
+
+make_callable(__name__)  # kvmem.trace(...) calls trace(); `import kvmem.trace` stays the module

@@ -333,6 +333,14 @@ def _find_cached(fp, dtype, through_norm, k):
     return None
 
 
+def cached_widths(path: Path) -> list[int] | None:
+    """Each layer's width stored with a cached projection (None: one width, or an older entry)."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get("widths")
+    except (OSError, ValueError):
+        return None
+
+
 def _write_cache(proj: ValueProjection, model) -> Path | None:
     """Write manifest, tensors and table as one folder (kvmem.atomic.staged: a kill leaves no half
     entry, an older entry is replaced only by a complete one); a read-only or full disk only costs speed."""

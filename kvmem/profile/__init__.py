@@ -19,3 +19,8 @@ def merge(paths, out, **kwargs):
 
 
 __all__ = ["ProfileConfig", "Run", "merge", "open_run", "profile"]
+
+
+from kvmem.callable_module import make_callable  # noqa: E402
+
+make_callable(__name__)  # kvmem.profile(cfg, out) calls profile(); kvmem.profile stays the package

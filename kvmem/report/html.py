@@ -117,10 +117,7 @@ def load_projection(run, model=None, k: int = 10):
         return None, ("not available: this report was built without the model and no cached value "
                       "projection was found (run `kvmem vocab` or pass --model to `kvmem report`)")
     tensors, _, path = found
-    try:  # layers of different widths (an MoE model with dense layers): padded slots are no neuron
-        widths = json.loads((path / "manifest.json").read_text()).get("widths")
-    except (OSError, ValueError):
-        widths = None
+    widths = vocab.cached_widths(path)  # layers of different widths (an MoE model with dense layers)
     return vocab.ValueProjection(m["model"], m["fingerprint"], False, k, tensors, strings=None, cached=True,
                                  path=path, widths=widths), f"read from the cached value projection ({VALUES})"
 
