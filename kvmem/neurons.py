@@ -11,6 +11,10 @@ import re
 from dataclasses import dataclass
 
 from kvmem.errors import KvmemError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 _ID = re.compile(r"^\s*(\d+)\.(?:([es])(\d+)\.)?(\d+)\s*$")
 _FORMS = "LAYER.NEURON (e.g. 17.1234), or LAYER.eEXPERT.NEURON / LAYER.sSHARED.NEURON for experts (e.g. 12.e3.45)"
@@ -99,7 +103,7 @@ def neuron_id(layer: int, neuron: int, expert: int | None = None, shared: bool =
     return str(NeuronId(layer, neuron, expert, shared))
 
 
-def parse_model_neuron(model, neuron) -> tuple[int, int]:
+def parse_model_neuron(model: KVModel, neuron) -> tuple[int, int]:
     """A neuron of ``model`` (a KVModel) -> (layer, index into that layer's d_mlp). ``neuron``: 'L.N' at a
     dense layer, 'L.eE.N' / 'L.sS.N' at a mixture-of-experts layer (the index is then the flat one of
     kvmem.models.moe.MoELayout), or a (layer, index) pair. Malformed or out-of-range ids are KvmemErrors."""
@@ -125,7 +129,7 @@ def parse_model_neuron(model, neuron) -> tuple[int, int]:
     return nid.layer, layout.flat(nid)
 
 
-def neuron_name(model, layer: int, index: int) -> str:
+def neuron_name(model: KVModel, layer: int, index: int) -> str:
     """The printed id of neuron ``index`` of layer ``layer`` of ``model``: 'L.N', or 'L.eE.N' / 'L.sS.N' at a
     mixture-of-experts layer (``index`` the flat one)."""
     layout = getattr(model.layers[layer], "layout", None)

@@ -19,6 +19,7 @@ A string that tokenizes to several tokens is searched for its first token (``not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,9 @@ from kvmem.capture import check_layers
 from kvmem.query import stack_padded
 from kvmem.errors import KvmemError
 from kvmem.vocab import ValueProjection, project_values, value_matrix, vocab_strings
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 SIGNS = ("auto", "both", "positive")
 POOL = 256  # candidates whose exact rank is computed, at least
@@ -73,7 +77,7 @@ class SearchResult:
         return d
 
 
-def resolve_token(model, text: str) -> tuple[int, list[str], str]:
+def resolve_token(model: KVModel, text: str) -> tuple[int, list[str], str]:
     """(first token id, all token strings, note) for a query string."""
     if not text:
         raise KvmemError("the token is empty")
@@ -92,8 +96,8 @@ def _rank_in(ids: torch.Tensor, token: int, k: int) -> torch.Tensor:
     return torch.where(hit.any(-1), hit.int().argmax(-1) + 1, k + 1)
 
 
-def search(model, token: str, *, layers=None, top: int = 20, suppress: bool = False, through_norm: bool = False,
-           signs: str = "auto", k: int = 10, projection: ValueProjection | None = None,
+def search(model: KVModel, token: str, *, layers=None, top: int = 20, suppress: bool = False,
+           through_norm: bool = False, signs: str = "auto", k: int = 10, projection: ValueProjection | None = None,
            chunk_mb: float | None = 256) -> SearchResult:
     """The neurons whose value vectors promote (or, with ``suppress``, push down) ``token`` most."""
     if signs not in SIGNS:

@@ -50,6 +50,10 @@ import pandas as pd
 import torch
 
 from kvmem.errors import KvmemError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 FORMAT = "kvmem-vocab/2"  # 2: float32 products, undefined ids masked
 TENSORS = ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "mean", "std", "norm")
@@ -58,7 +62,7 @@ GATED_NOTE = ("gated FFN: the coefficient m_i = act(gate)·up is negative whenev
               "tokens are promoted and its top tokens suppressed")
 
 
-def vocab_strings(model) -> np.ndarray:
+def vocab_strings(model: KVModel) -> np.ndarray:
     """Every token id decoded on its own, [d_vocab] (object array, cached on the model).
     Ids past the tokenizer's vocabulary (padded unembeddings) read '<id N>'."""
     strings = model.__dict__.get("_vocab_strings")
@@ -70,7 +74,7 @@ def vocab_strings(model) -> np.ndarray:
     return strings
 
 
-def vocab_mask(model) -> torch.Tensor:
+def vocab_mask(model: KVModel) -> torch.Tensor:
     """[d_vocab] bool (CPU, cached on the model): True for ids the tokenizer defines (its vocabulary and
     added tokens). Ids past them -- unembedding rows padded to a multiple of 64/128 -- are False."""
     mask = model.__dict__.get("_vocab_mask")
@@ -85,14 +89,14 @@ def vocab_mask(model) -> torch.Tensor:
     return mask
 
 
-def float32_norm(model) -> torch.nn.Module:
+def float32_norm(model: KVModel) -> torch.nn.Module:
     """A float32 copy of the model's final norm (on the model's device; d_model parameters)."""
     import copy
 
     return copy.deepcopy(model.final_norm).to(dtype=torch.float32)
 
 
-def project_rows(model, v: torch.Tensor, through_norm: bool = False) -> torch.Tensor:
+def project_rows(model: KVModel, v: torch.Tensor, through_norm: bool = False) -> torch.Tensor:
     """v·W_U in float32 for rows v [n, d_model] (after the final norm when ``through_norm``), [n, d_vocab],
     undefined ids -inf. No LM-head bias."""
     with torch.inference_mode():
@@ -112,7 +116,7 @@ def chunk_rows(d_vocab: int, chunk_mb: float | None, d_mlp: int) -> int:
     return max(1, min(d_mlp, int(chunk_mb * 2**20 // (d_vocab * 4))))
 
 
-def value_matrix(model, layer: int, through_norm: bool, rows: slice | None = None) -> torch.Tensor:
+def value_matrix(model: KVModel, layer: int, through_norm: bool, rows: slice | None = None) -> torch.Tensor:
     """Written value vectors of one layer, [d_mlp, d_model] (or a slice of rows), in float32, after the
     final norm (a float32 copy of it) when ``through_norm``. Written: w_i = FFNLayer.value_vectors_written(),
     v_i itself for most families, γ⊙v_i behind a post-FFN norm (Gemma 2/3, OLMo 2), write_scale·v_i with a
@@ -124,7 +128,7 @@ def value_matrix(model, layer: int, through_norm: bool, rows: slice | None = Non
     return float32_norm(model)(W) if through_norm else W
 
 
-def value_rows(model, pairs, *, through_norm: bool = False, sign=None) -> torch.Tensor:
+def value_rows(model: KVModel, pairs, *, through_norm: bool = False, sign=None) -> torch.Tensor:
     """w_i·W_U (or final_norm(w_i)·W_U) in float32 for (layer, neuron) pairs, [n, d_vocab], undefined ids -inf;
     ``sign`` [n] flips rows (what a negative coefficient writes). The rows ``compute_projection`` ranks."""
     v = torch.stack([model.layers[layer].value_vectors_written()[neuron] for layer, neuron in pairs])
@@ -220,7 +224,7 @@ def _table(t: dict[str, torch.Tensor], strings: np.ndarray, ids: list[str] | Non
 
 
 @torch.inference_mode()
-def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_mb: float | None = 256,
+def compute_projection(model: KVModel, *, k: int = 10, through_norm: bool = False, chunk_mb: float | None = 256,
                        layers=None, progress=None) -> dict[str, torch.Tensor]:
     """The projection tensors for ``layers`` (default all), without any caching.
     Per chunk: one matmul and two top-k on the device; results go to the CPU. The mean and std of a
@@ -270,7 +274,7 @@ def compute_projection(model, *, k: int = 10, through_norm: bool = False, chunk_
     return {name: torch.stack(values) for name, values in out.items()}
 
 
-def project_values(model, *, k: int = 10, through_norm: bool = False, chunk_mb: float | None = 256,
+def project_values(model: KVModel, *, k: int = 10, through_norm: bool = False, chunk_mb: float | None = 256,
                    cache: bool = True, progress=None) -> ValueProjection:
     """Every neuron's top-k and bottom-k tokens, for the whole model; cached on disk per model.
     ``result.table`` is the pandas DataFrame (one row per neuron), ``result["top_ids"]`` etc. the tensors."""
@@ -380,7 +384,7 @@ class NeuronVocab:
                 "neurons": self.neurons.to_dict(orient="records")}
 
 
-def parse_neurons(model, neurons) -> list[tuple[int, int]]:
+def parse_neurons(model: KVModel, neurons) -> list[tuple[int, int]]:
     """'L.N' ('L.eE.N' / 'L.sS.N' at MoE layers) strings or (layer, index) pairs, checked against the model:
     (layer, index into the layer's d_mlp, flat at MoE layers) pairs."""
     from kvmem.neurons import parse_model_neuron
@@ -391,7 +395,7 @@ def parse_neurons(model, neurons) -> list[tuple[int, int]]:
     return pairs
 
 
-def neuron_vocab(model, neurons, *, k: int = 10, through_norm: bool = False) -> NeuronVocab:
+def neuron_vocab(model: KVModel, neurons, *, k: int = 10, through_norm: bool = False) -> NeuronVocab:
     """Top-k and bottom-k tokens of the given neurons' value vectors, computed directly
     (v_i·W_U in float32 for just these rows, undefined ids masked; no whole-model pass)."""
     pairs = parse_neurons(model, neurons)

@@ -47,19 +47,23 @@ from kvmem.analysis.result import AnalysisResult
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
 from kvmem.vocab import value_matrix, vocab_mask
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 RATES = ("ex1", "docs_any", "topk", "next_top10", "next_prob", "neg_any", "ex1_abs")  # the per-neuron rates
 OWN_CLUSTER = {"neg_any": "neg_doc", "ex1_abs": "abs_doc"}  # rates clustered on another trigger's document
 TOP10 = 10
 
 
-def n_defined(model) -> int:
+def n_defined(model: KVModel) -> int:
     """Vocabulary ids the tokenizer defines (kvmem.vocab.vocab_mask; the rest pad the unembedding)."""
     return int(vocab_mask(model).sum())
 
 
 @torch.inference_mode()
-def value_logits(model, layer: int, rows: slice, W_U: torch.Tensor | None = None) -> torch.Tensor:
+def value_logits(model: KVModel, layer: int, rows: slice, W_U: torch.Tensor | None = None) -> torch.Tensor:
     """v_i·W_U for the neurons ``rows`` of ``layer``: float32 [c, d_vocab] on the CPU (kvmem.vocab.value_matrix,
     raw: no final norm, no bias), -inf at the ids the tokenizer does not define. ``W_U``: a float32 copy of the
     unembedding to reuse across calls."""
@@ -115,7 +119,7 @@ def null_rates(value_ids: torch.Tensor, nxt: torch.Tensor, perms: list[torch.Ten
     return {r: (torch.cat(a).numpy(), torch.cat(b).numpy()) for r, (a, b) in out.items()}
 
 
-def agreement(model, run: Run, *, n_examples: int | None = None, k: int = 10, n_perm: int = 100, seed: int = 0,
+def agreement(model: KVModel, run: Run, *, n_examples: int | None = None, k: int = 10, n_perm: int = 100, seed: int = 0,
               layers=None, chunk: int = 256, keep_pairs: int = 5, n_boot: int = ci.N_BOOT,
               progress=None) -> AnalysisResult:
     """Per-layer agreement (module docstring) of ``model``'s values with ``run``'s per-document triggers.

@@ -28,6 +28,10 @@ import torch
 
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 MEASURES = ("sparsity", "coactivation", "composition", "knockouts", "agreement", "lexical", "mutation", "annotate")
 DEFAULT_MEASURES = MEASURES[:-1]  # annotate (a CSV sheet for human labelling) runs only when asked for
@@ -134,7 +138,8 @@ def plan(measures, n_layers_analysed: int, d_mlp: int, sizes: dict) -> list[Step
     return out
 
 
-def analyze(run: Run | str | Path, model=None, *, tokens: int | None = None, knockout_tokens: int | None = None,
+def analyze(run: Run | str | Path, model: KVModel | None = None, *, tokens: int | None = None,
+            knockout_tokens: int | None = None,
             composition_tokens: int | None = None, measures=DEFAULT_MEASURES, coactivation_neurons=None, layers=None,
             knockout_ks=None, n_random: int | None = None, n_perm: int | None = None, seed: int = 0,
             device: str = "auto", dtype: str = "auto", cache: bool = True, progress=None, on_plan=None,

@@ -34,6 +34,10 @@ from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import capture
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 LABELS = "shallow / semantic / none"
 NEWLINE = "⏎"
@@ -60,7 +64,7 @@ def trigger_text(run: Run, tokenizer, index: int, context: int) -> tuple[str, st
 
 
 @torch.inference_mode()
-def annotate(model, run: Run, *, layers=None, n_keys: int = 10, n_triggers: int = 25, n_random: int = 2,
+def annotate(model: KVModel, run: Run, *, layers=None, n_keys: int = 10, n_triggers: int = 25, n_random: int = 2,
              tokens: int = 20000, context: int = 20, seed: int = 0, tokens_per_batch: int = 2048) -> AnalysisResult:
     """The blinded annotation sheet, its key and the raw trigger scores (module docstring)."""
     for name, v in (("n_keys", n_keys), ("n_triggers", n_triggers), ("tokens", tokens), ("context", context)):

@@ -77,7 +77,7 @@ def _forward(model, layers, part):
 
 
 @torch.inference_mode()
-def max_abs_coef(model, sample: Sample, layers, tokens_per_batch: int = 1024) -> dict[int, torch.Tensor]:
+def max_abs_coef(model: KVModel, sample: Sample, layers, tokens_per_batch: int = 1024) -> dict[int, torch.Tensor]:
     """max |m_i| over the sample's counted tokens, per layer [d_mlp] float32 (the activity threshold's scale)."""
     out: dict[int, torch.Tensor] = {}
     for part in row_batches(sample, model.device, tokens_per_batch):

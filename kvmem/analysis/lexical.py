@@ -33,6 +33,10 @@ from kvmem.analysis.result import AnalysisResult
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
 from kvmem.profile.tokens import TokenStore
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 LENGTHS = (1, 2)
 KEPT = 0.5  # an example "keeps" its activation when m_truncated / m_stored >= KEPT
@@ -67,7 +71,8 @@ def _docs(store: TokenStore, index: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def truncation(model, run: Run, layer_examples: dict, tokens_per_batch: int = 4096, progress=None) -> pd.DataFrame:
+def truncation(model: KVModel, run: Run, layer_examples: dict, tokens_per_batch: int = 4096,
+               progress=None) -> pd.DataFrame:
     """layer_examples {layer: (neuron [e], global index [e], stored value [e])} -> one row per example and L
     (TRUNC_COLUMNS). The truncated input is the row's BOS (if any) + the last L real tokens of the example's
     prefix; examples whose prefix holds L real tokens or fewer are skipped."""
@@ -92,7 +97,8 @@ def truncation(model, run: Run, layer_examples: dict, tokens_per_batch: int = 40
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=TRUNC_COLUMNS)
 
 
-def lexical(model, run: Run, *, n_examples: int | None = None, n_neurons: int = 128, n_trunc: int = 5, seed: int = 0,
+def lexical(model: KVModel, run: Run, *, n_examples: int | None = None, n_neurons: int = 128, n_trunc: int = 5,
+            seed: int = 0,
             layers=None, tokens_per_batch: int = 4096, n_boot: int = ci.N_BOOT, progress=None) -> AnalysisResult:
     """Per-layer lexical shares (with a random-position baseline) and truncation retention (module docstring);
     ``progress(label)`` is called after each layer's truncation runs."""

@@ -31,6 +31,10 @@ from kvmem.analysis.prefixes import last_coef, layout_of, n_bos
 from kvmem.analysis.result import AnalysisResult
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 KINDS = ("first", "last", "random")
 MIN_PREFIX = 3  # real tokens a prefix needs so that first, last and an interior token are three different tokens
@@ -43,7 +47,7 @@ def mutants(real: list[int], j: int) -> dict[str, list[int]]:
     return {"first": real[1:], "last": real[:-1], "random": real[:j] + real[j + 1:]}
 
 
-def mutation(model, run: Run, *, n_neurons: int = 32, n_examples: int = 5, store: str = "top", seed: int = 0,
+def mutation(model: KVModel, run: Run, *, n_neurons: int = 32, n_examples: int = 5, store: str = "top", seed: int = 0,
              layers=None, tokens_per_batch: int = 4096, n_boot: int = ci.N_BOOT, progress=None) -> AnalysisResult:
     """Share of activation kept after each removal, by layer (module docstring). ``n_neurons`` sampled per layer
     (seeded, among neurons whose top example has m > 0), their top ``n_examples`` triggers from ``store`` (top:

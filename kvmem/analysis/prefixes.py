@@ -13,6 +13,10 @@ import torch
 
 from kvmem.profile.run import Run
 from kvmem.profile.tokens import RowLayout, TokenStore
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
 def layout_of(run: Run) -> RowLayout:
@@ -49,7 +53,7 @@ def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
     return ids, mask, mask.sum(1) - 1
 
 
-def pad_id(model) -> int:
+def pad_id(model: KVModel) -> int:
     """The id padding positions carry (never attended to): the tokenizer's pad, else EOS, else 0."""
     tok = model.tokenizer
     for v in (tok.pad_token_id, tok.eos_token_id):
@@ -59,7 +63,7 @@ def pad_id(model) -> int:
 
 
 @torch.inference_mode()
-def last_coef(model, layer: int, seqs: list[list[int]], neurons: torch.Tensor,
+def last_coef(model: KVModel, layer: int, seqs: list[list[int]], neurons: torch.Tensor,
               tokens_per_batch: int = 4096) -> torch.Tensor:
     """m of ``neurons`` [n] (one per sequence) at the last token of each of ``seqs`` (n id lists, each run alone
     with right padding and an attention mask), float32 [n]. Sequences are batched by length (about

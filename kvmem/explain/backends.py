@@ -20,9 +20,12 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvmem.errors import KvmemError
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
 class LLM(Protocol):
@@ -253,7 +256,7 @@ class LocalBackend:
 
 def backend_from_options(endpoint: str | None = None, explainer: str | None = None, *, local: str | None = None,
                          api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4, timeout: float = 60.0,
-                         retries: int = 3, seed: int = 0, model=None):
+                         retries: int = 3, seed: int = 0, model: KVModel | None = None):
     """The backend the CLI options ask for: an endpoint (with --explainer NAME), --local MODEL, or None
     (the baseline only)."""
     if endpoint and local:

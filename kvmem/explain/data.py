@@ -27,6 +27,11 @@ import numpy as np
 import torch
 
 from kvmem.explain.scorers import scale
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
+    from kvmem.profile.run import Run
 
 QUIET = 0.1
 
@@ -115,7 +120,7 @@ def _value_side(model, layer: int, neuron: int, sign: str, k: int, rng, vocab_st
     return [s[i] for i in top[0::2]], [s[i] for i in bottom], [s[i] for i in held], [s[i] for i in dis]
 
 
-def gather(run, model, layer: int, neuron: int, sign: str = "+", *, seed: int = 0, n_top: int = 10,
+def gather(run: Run, model: KVModel, layer: int, neuron: int, sign: str = "+", *, seed: int = 0, n_top: int = 10,
            n_bands: int = 3, per_band: int = 2, before: int = 12, after: int = 4, k_value: int = 10,
            n_quiet: int | None = None) -> NeuronData:
     """The NeuronData of one neuron and sign (see the module docstring)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,10 @@ from kvmem.explain import prompts as P
 from kvmem.explain.cache import Cache, key
 from kvmem.explain.data import QUIET, NeuronData, gather, rng_for
 from kvmem.explain.scorers import SCALE, balanced_accuracy, correlation, expected_value, nan_score
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
+    from kvmem.profile.run import Run
 
 CHOICES = [str(k) for k in range(SCALE + 1)]
 
@@ -49,11 +53,11 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def signs_of(run) -> list[str]:
+def signs_of(run: Run) -> list[str]:
     return ["+", "-"] if run.gated else ["+"]
 
 
-def select(run, neurons=None, layers=None, sample: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
+def select(run: Run, neurons=None, layers=None, sample: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
     """(layer, neuron) pairs: ``neurons`` ('L.N' strings) if given, else every neuron of ``layers``
     (default: all profiled), then a seeded sample of ``sample`` of them (sorted)."""
     if neurons:
@@ -224,14 +228,14 @@ def _row(d: NeuronData, side: str, description: str, explainer: str, backend: st
             "created": now(), "scorer": "", "split_seed": seed}
 
 
-def gather_all(run, model, pairs, cfg: ExplainConfig, seed: int | None = None) -> dict:
+def gather_all(run: Run, model: KVModel, pairs, cfg: ExplainConfig, seed: int | None = None) -> dict:
     s = cfg.seed if seed is None else seed
     return {(layer, n, sign): gather(run, model, layer, n, sign, seed=s, n_top=cfg.n_top, n_bands=cfg.n_bands,
                                      per_band=cfg.per_band, before=cfg.before, after=cfg.after, k_value=cfg.k_value)
             for layer, n in pairs for sign in signs_of(run)}
 
 
-def plan(run, data: dict, backend, count_tokens: Callable[[str], int] | None = None) -> dict:
+def plan(run: Run, data: dict, backend, count_tokens: Callable[[str], int] | None = None) -> dict:
     """Requests and prompt tokens an explain pass will send (tokens: ``count_tokens`` or chars/4)."""
     count = count_tokens or (lambda text: max(1, len(text) // 4))
     msgs = [m for d in data.values() for m in (key_messages(d, run.gated), value_messages(d))]
@@ -240,7 +244,7 @@ def plan(run, data: dict, backend, count_tokens: Callable[[str], int] | None = N
             "neurons": len({(k[0], k[1]) for k in data}), "descriptions": len(msgs)}
 
 
-def explain(run, model, pairs, backend=None, cfg: ExplainConfig = ExplainConfig(), *, score: bool = True,
+def explain(run: Run, model: KVModel, pairs, backend=None, cfg: ExplainConfig = ExplainConfig(), *, score: bool = True,
             cache: Cache | None = None, data: dict | None = None,
             progress: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
     """Describe ``pairs`` (baseline always, and ``backend``'s descriptions); with ``score`` the LLM rows are
@@ -279,7 +283,7 @@ def explain(run, model, pairs, backend=None, cfg: ExplainConfig = ExplainConfig(
     return conform(pd.DataFrame(rows))
 
 
-def score(run, model, table: pd.DataFrame, pairs, backend=None, cfg: ExplainConfig = ExplainConfig(), *,
+def score(run: Run, model: KVModel, table: pd.DataFrame, pairs, backend=None, cfg: ExplainConfig = ExplainConfig(), *,
           cache: Cache | None = None, progress=None) -> pd.DataFrame:
     """Score the stored descriptions of ``pairs`` (rows of ``table``) on their held-out examples (the split
     re-drawn from each row's split_seed): baseline rows by the lexical rules, the others by ``backend``

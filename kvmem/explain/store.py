@@ -14,6 +14,10 @@ from __future__ import annotations
 import pandas as pd
 
 from kvmem.atomic import write_parquet
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.profile.run import Run
 
 FILE = "explanations.parquet"
 SCORERS = ("detection", "fuzzing", "simulation", "value")
@@ -47,11 +51,11 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]].reset_index(drop=True)
 
 
-def path_of(run) -> object:
+def path_of(run: Run) -> object:
     return run.path / FILE
 
 
-def read(run) -> pd.DataFrame:
+def read(run: Run) -> pd.DataFrame:
     """The run's explanations (an empty table with COLUMNS if none were written)."""
     p = path_of(run)
     if not p.is_file():
@@ -71,7 +75,7 @@ def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(KEY, kind="stable").reset_index(drop=True)
 
 
-def write(run, df: pd.DataFrame) -> None:
+def write(run: Run, df: pd.DataFrame) -> None:
     """Replace RUN/explanations.parquet with ``df`` (atomically)."""
     write_parquet(path_of(run), conform(df))
 

@@ -33,13 +33,17 @@ from kvmem.profile import schema
 from kvmem.profile.schema import RUN_FORMAT
 from kvmem.profile.tables import layer_table, neuron_table, routing_table
 from kvmem.profile.tokens import TokenStore, tokenize
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
 # settings a checkpoint may be continued with although they differ (they do not change the result)
 _FREE_SETTINGS = ("checkpoint_every", "batch_size", "cpu_tuning", "device_map", "compile")
 
 
-def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = False, model=None,
+def profile(cfg: ProfileConfig, out, *, resume: bool = False, force: bool = False, model: KVModel | None = None,
             progress_factory=None, stages: dict | None = None, notes: list | None = None) -> runfiles.Run:
     """Profile every neuron of ``cfg.layers`` over the corpus; write and return the run in ``out``.
 
@@ -290,7 +294,7 @@ def merge(paths, out, *, force: bool = False) -> runfiles.Run:
     return runfiles.open_run(out)
 
 
-def value_tokens(model, n: int = 5):
+def value_tokens(model: KVModel, n: int = 5):
     """Top and bottom tokens of every neuron's value vector (the cached whole-model projection)."""
     from kvmem.vocab import project_values
 

@@ -15,16 +15,19 @@ Axes: b rows, L positions, E routed experts, k chosen per token, d flat neurons 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from kvmem.hooks import hooks
 
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
+
 DENSE_POINT = {"coef": "ffn.coef", "gate": "ffn.gate", "pre": "ffn.pre"}
 
 
-def layout_of(model, layer: int):
+def layout_of(model: KVModel, layer: int):
     """The MoELayout of an MoE layer (n_experts, d_expert, top_k, n_shared, d_shared), None for a dense one."""
     from kvmem.models.moe import is_moe
 
@@ -32,7 +35,7 @@ def layout_of(model, layer: int):
     return lay.layout if is_moe(lay) else None
 
 
-def moe_layers(model, layers: Iterable[int]) -> list[int]:
+def moe_layers(model: KVModel, layers: Iterable[int]) -> list[int]:
     """The MoE layers among ``layers``."""
     return [layer for layer in layers if layout_of(model, layer) is not None]
 
@@ -45,12 +48,12 @@ def expert_of(layout) -> torch.Tensor:
     return torch.cat([routed, shared]).to(torch.int64)
 
 
-def layer_width(model, layer: int) -> int:
+def layer_width(model: KVModel, layer: int) -> int:
     """d_mlp of one layer (an MoE layer's flat width; dense layers of MoE models may differ from it)."""
     return int(getattr(model.layers[layer], "d_mlp", model.d_mlp))
 
 
-def route(model, layer: int, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def route(model: KVModel, layer: int, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The family's routing of the layer from its router logits [b, L, E] and block input x [b, L, d_model]:
     (idx [b, L, k] int64, weight [b, L, k])."""
     from kvmem import hooks as hook_layer
@@ -59,7 +62,7 @@ def route(model, layer: int, logits: torch.Tensor, x: torch.Tensor) -> tuple[tor
 
 
 @contextmanager
-def capture_layers(model, layers: list[int], what: tuple[str, ...], *,
+def capture_layers(model: KVModel, layers: list[int], what: tuple[str, ...], *,
                    on_layer: Callable[[int, dict[str, torch.Tensor]], None]):
     """Hand each layer's tensors (detached) to ``on_layer(layer, tensors)`` once its block has run; the pass
     stops after the last layer. Dense layers: ``what`` of coef / gate / pre (their ffn.* points; gate and pre

@@ -43,6 +43,10 @@ from kvmem.profile.corpus import DEFAULT_CORPUS
 from kvmem.profile.tokens import RowLayout, TokenStore
 from kvmem.stats import placement
 from kvmem.stats.routing import Router
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
 SYNC_FREE: bool | None = None  # LayerStats(sync_free=...): None = on unless the device is the CPU
@@ -112,7 +116,7 @@ ROWS = ("doc", "stream")
 LAYOUT_FIELDS = ("rows", "skip_first", "bos")  # settings that decide the rows (with seq_len and the tokenizer's BOS)
 
 
-def bos_id(model, cfg: ProfileConfig) -> int | None:
+def bos_id(model: KVModel, cfg: ProfileConfig) -> int | None:
     """The BOS prepended to every row (document rows only; stream rows have none): with ``bos`` auto the
     tokenizer's ``bos_token_id`` (None if it defines none), none, or the id of the token string given."""
     if cfg.rows != "doc" or cfg.bos == "none":
@@ -127,7 +131,7 @@ def bos_id(model, cfg: ProfileConfig) -> int | None:
     return int(ids[0])
 
 
-def layout_of(model, cfg: ProfileConfig, store: TokenStore) -> RowLayout:
+def layout_of(model: KVModel, cfg: ProfileConfig, store: TokenStore) -> RowLayout:
     """The RowLayout ``cfg`` gives ``store`` with this model's tokenizer (pad: its pad, else eos, else BOS id)."""
     tok = model.tokenizer
     pad = next((int(x) for x in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
@@ -203,7 +207,7 @@ class Progress:
 SIGN_PRESERVING_ACTS = frozenset({"silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu"})
 
 
-def sign_preserving(model) -> bool:
+def sign_preserving(model: KVModel) -> bool:
     """Whether the model's FFN activation keeps its input's sign (only the known names; anything else: no)."""
     try:
         return str(model.activation) in SIGN_PRESERVING_ACTS
@@ -211,7 +215,7 @@ def sign_preserving(model) -> bool:
         return False
 
 
-def context_windows(model, cfg: ProfileConfig, device=None, d_mlp: int | None = None):
+def context_windows(model: KVModel, cfg: ProfileConfig, device=None, d_mlp: int | None = None):
     """A layer's ContextWindows for the settings of ``cfg`` (None when ``cfg.context`` is off); d_mlp: the
     layer's width (default the model's)."""
     from kvmem.stats.context import DTYPES, ContextWindows
@@ -231,7 +235,7 @@ STATS_BYTES_PER_ENTRY = 64
 GPU_TOKENS = (1024, 32768)  # the range of tokens per batch the free-memory rule picks from
 
 
-def auto_batch_size(model, seq_len: int) -> int:
+def auto_batch_size(model: KVModel, seq_len: int) -> int:
     """Rows per batch. On a GPU from the free memory (torch.cuda.mem_get_info, read once before the pass):
     half of it over STATS_BYTES_PER_ENTRY * d_mlp bytes per token, within GPU_TOKENS (the caller backs off
     on out-of-memory: find_batch_size, Profiler.run_batch). On CPU 4k tokens (the statistics' fixed costs
@@ -445,7 +449,7 @@ class Profiler:
         return self.state.elapsed + time.monotonic() - start
 
 
-def find_batch_size(model, cfg: ProfileConfig, store: TokenStore, out: Path) -> int:
+def find_batch_size(model: KVModel, cfg: ProfileConfig, store: TokenStore, out: Path) -> int:
     """Largest rows-per-batch (from the auto guess down) whose forward pass and statistics update
     fit in GPU memory, probed on throw-away statistics. On CPU the guess is used as is."""
     guess = auto_batch_size(model, cfg.seq_len)

@@ -29,6 +29,10 @@ from kvmem.neurons import NeuronId
 from kvmem.stats.readout import expert_columns
 
 from kvmem.stats.mass import FRACTIONS as MASS  # shares of Σ_i |m_i|·‖v_i‖ for mass-L0
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.profile.tokens import TokenStore
 
 FRACTIONS = (0.01, 0.1, 0.5)  # τ as fractions of each neuron's max |m|
 HEADLINE = 0.1  # the τ of the headline figures (summary, overview, layers table)
@@ -133,7 +137,7 @@ def _context_strings(store, index: torch.Tensor, vocab: list[str]) -> tuple[list
 MOE_NEURON_FILL = {"expert": -1, "shared": False, "expert_share": 1.0}  # dense layers' rows of an MoE run
 
 
-def neuron_table(stats: dict, store, vocab: list[str]) -> pd.DataFrame:
+def neuron_table(stats: dict, store: TokenStore, vocab: list[str]) -> pd.DataFrame:
     """One row per (layer, neuron): m > 0 rate, moments, magnitude shares with bounds, top example; with MoE
     layers also expert, shared, expert_neuron, expert_share (dense layers' rows: expert -1, the neuron)."""
     frames = []

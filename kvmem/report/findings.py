@@ -20,6 +20,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 import kvmem
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.profile.run import Run
 
 VERDICT_CLASS = {"supported": "ok", "not supported": "bad", "inconclusive": "mixed", "mixed": "mixed",
                  "not tested": "untested"}
@@ -68,7 +72,7 @@ def distribution_figure(units: pd.DataFrame, y: str, title: str) -> go.Figure:
     return fig
 
 
-def load_findings(run) -> dict | None:
+def load_findings(run: Run) -> dict | None:
     """findings.json as {"findings", "paper", "rules", "kvmem_version"} (a kvmem 0.2 list: findings only)."""
     path = Path(run.path) / "analysis" / "findings.json"
     if not path.is_file():
@@ -114,7 +118,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def findings_page(run, out: Path, env, figure_json) -> str | None:
+def findings_page(run: Run, out: Path, env, figure_json) -> str | None:
     """Write ``findings.html`` into ``out`` if the run has been analysed; returns its name or None."""
     data = load_findings(run)
     if data is None:

@@ -37,6 +37,10 @@ import kvmem
 from kvmem.atomic import MARKER, check_target, staged, write_file, write_json, write_text
 from kvmem.report import data as rdata
 from kvmem.report import explained, figures, overview, routing
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 STATIC = ("report.js", "report.css")
 REPORT_FILE, REPORT_FORMAT = "report.json", "kvmem-report/1"
@@ -97,7 +101,7 @@ VALUES = ("w_i · W_U, no final norm; w_i is what neuron i writes per unit of m_
           "multiplier times v_i")
 
 
-def load_projection(run, model=None, k: int = 10):
+def load_projection(run: Run, model: KVModel | None = None, k: int = 10):
     """The value projection for the run's model: computed with ``model`` if given (and cached), else
     read from the vocab cache; None (and the reason) if neither is possible."""
     from kvmem import vocab
@@ -122,7 +126,8 @@ def load_projection(run, model=None, k: int = 10):
                                  path=path, widths=widths), f"read from the cached value projection ({VALUES})"
 
 
-def build_report(run, out, *, model=None, options: rdata.ReportOptions | None = None, force: bool = False,
+def build_report(run: Run | str | Path, out, *, model: KVModel | None = None,
+                 options: rdata.ReportOptions | None = None, force: bool = False,
                  progress=None) -> Report:
     """Write the report of ``run`` (a Run or a run folder) into ``out``; return what was written.
     With ``model`` (the run's model) the value side is computed from its weights.

@@ -10,9 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from kvmem.profile import tables
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.profile.run import Run
 
 
-def mass_data(run) -> dict | None:
+def mass_data(run: Run) -> dict | None:
     """{"distribution": {layer: {f: tokens by mass-L0 [d_mlp + 1]}}, "by_position": {layer: {f: mean mass-L0
     by position [max_pos] (NaN: no token)}}} for f in (0.5, 0.9), as numpy arrays; None when the run kept
     no mass statistic (profiled by an older kvmem) in some layer."""

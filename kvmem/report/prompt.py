@@ -16,9 +16,13 @@ import torch
 
 import kvmem
 from kvmem.query import contributions, forward_coefficients, promoted_tokens
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
-def prompt_data(model, prompt: str, *, per_layer: int = 5, top: int = 20, n_tokens: int = 5,
+def prompt_data(model: KVModel, prompt: str, *, per_layer: int = 5, top: int = 20, n_tokens: int = 5,
                 through_norm: bool = False) -> dict:
     """JSON-able: tokens, and per position the next-token prediction, the top neurons over all layers
     and the top neurons of each layer. One forward pass; scores as in ``kvmem.query``."""
@@ -63,7 +67,7 @@ def slug(text: str) -> str:
     return s or "prompt"
 
 
-def prompt_page(model, prompt: str, out, *, linked_layers=None,
+def prompt_page(model: KVModel, prompt: str, out, *, linked_layers=None,
                 per_layer: int = 5, top: int = 20, through_norm: bool = False) -> Path:
     """Write ``prompt-SLUG.html`` into ``out`` (with its static files); neuron ids link to
     ``neuron.html#L.N`` when ``linked_layers`` (the layers a run report in ``out`` covers) is given."""

@@ -21,6 +21,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from kvmem.report.figures import _layout
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.profile.run import Run
 
 EVEN = "#868e96"
 
@@ -100,7 +104,7 @@ def _num(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.4g}"
 
 
-def routing_pages(run, out: Path, env, figure_json, common: dict) -> list[str]:
+def routing_pages(run: Run, out: Path, env, figure_json, common: dict) -> list[str]:
     """Write routing-L.html for every profiled MoE layer of ``run`` into ``out``; returns the page names."""
     if not run.moe:
         return []
@@ -131,7 +135,7 @@ def routing_pages(run, out: Path, env, figure_json, common: dict) -> list[str]:
     return pages
 
 
-def layer_facts(run, layer: int) -> dict | None:
+def layer_facts(run: Run, layer: int) -> dict | None:
     """What a neuron page of an MoE layer shows about its expert: per flat neuron its id, expert, shared,
     n (tokens routed to the expert) and the expert's load interval; None for a dense layer."""
     if layer not in run.moe_layers:

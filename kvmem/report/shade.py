@@ -33,6 +33,7 @@ from kvmem.capture import capture
 from kvmem.profile.run import Run
 
 if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
     from kvmem.stats import LayerStats
 
 NO_CONTEXT = ("only the activating token is shaded: the run stores no activations of the context tokens "
@@ -64,7 +65,7 @@ def needed(run: Run, index: torch.Tensor, before: int, after: int) -> torch.Tens
     return ok.reshape(*index.shape, -1)
 
 
-def shade(model, run: Run, examples: dict, before: int, after: int, budget_tokens: int, batch_rows: int = 8
+def shade(model: KVModel, run: Run, examples: dict, before: int, after: int, budget_tokens: int, batch_rows: int = 8
           ) -> Shading:
     """``examples[layer][kind] = (values [d_mlp, n], index [d_mlp, n])``; returns the shading of each window."""
     lay = run.layout
@@ -165,7 +166,7 @@ def stored(run: Run, examples: dict, before: int, after: int) -> Shading | None:
     return result
 
 
-def context_shading(run: Run, examples: dict, before: int, after: int, model=None,
+def context_shading(run: Run, examples: dict, before: int, after: int, model: KVModel | None = None,
                     rerun_tokens: int = 100_000) -> tuple[Shading | None, str]:
     """The report's shading and its note: the stored windows where they cover an example; with ``model``,
     the model re-run (``shade``) over the rows of the other examples only; otherwise those show only the

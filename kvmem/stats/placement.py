@@ -35,6 +35,10 @@ from __future__ import annotations
 import torch
 
 from kvmem.errors import KvmemError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.models.kvmodel import KVModel
 
 
 def device_of(value) -> torch.device:
@@ -74,7 +78,7 @@ def block_names(hf) -> dict[int, str]:
     return names
 
 
-def layer_devices(model, layers) -> dict[int, torch.device]:
+def layer_devices(model: KVModel, layers) -> dict[int, torch.device]:
     """Per profiled layer the device its statistics live on: from accelerate's ``hf_device_map`` when the
     model was dispatched (the entry holding the layer's block), else the device of the layer's W_out.
     Refuses a layer whose weights accelerate offloaded (CPU or disk offload: "disk", or W_out on "meta")."""
