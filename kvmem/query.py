@@ -136,9 +136,9 @@ def query(model: KVModel, prompt: str, *, position: int = -1, top: int = 20, by:
           n_tokens: int = 5, through_norm: bool = False, layers=None) -> QueryResult:
     """The top neurons at one position of ``prompt`` across ``layers`` (default all)."""
     if by not in BY:
-        raise KvmemError(f"--by must be one of {', '.join(BY)}, not {by!r}")
+        raise KvmemError(f"by must be one of {', '.join(BY)}, not {by!r}", param="by")
     if top < 1:
-        raise KvmemError("--top must be at least 1")
+        raise KvmemError("top must be at least 1", param="top")
     layers = check_layers(model, layers)
     ids = model.encode(prompt)
     pos = resolve_position(position, ids.shape[1])

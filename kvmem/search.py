@@ -101,9 +101,9 @@ def search(model: KVModel, token: str, *, layers=None, top: int = 20, suppress: 
            chunk_mb: float | None = 256) -> SearchResult:
     """The neurons whose value vectors promote (or, with ``suppress``, push down) ``token`` most."""
     if signs not in SIGNS:
-        raise KvmemError(f"--signs must be one of {', '.join(SIGNS)}, not {signs!r}")
+        raise KvmemError(f"signs must be one of {', '.join(SIGNS)}, not {signs!r}", param="signs")
     if top < 1:
-        raise KvmemError("--top must be at least 1")
+        raise KvmemError("top must be at least 1", param="top")
     tid, pieces, note = resolve_token(model, token)
     layers = check_layers(model, layers)
     if projection is None:

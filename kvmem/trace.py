@@ -174,8 +174,9 @@ def trace(model: KVModel, prompt: str, *, position: int = -1, target: str | int 
           per_layer: int = 3, n_neurons: int = 10, n_tokens: int = 5) -> TraceResult:
     """Layer by layer at one position: what each FFN's update promotes, the logit lens before and
     after it, and the neurons whose sub-updates add most to the target's final logit (DLA)."""
-    if min(top_n, per_layer, n_neurons, n_tokens) < 1:
-        raise KvmemError("--top, --per-layer, --neurons and --tokens must be at least 1")
+    for name, value in (("top_n", top_n), ("per_layer", per_layer), ("n_neurons", n_neurons), ("n_tokens", n_tokens)):
+        if value < 1:
+            raise KvmemError(f"{name} must be at least 1", param=name)
     ids = model.encode(prompt)
     pos = resolve_position(position, ids.shape[1])
     logits, coef, ffn_out, after, x = run_residuals(model, ids, pos, with_input=True)

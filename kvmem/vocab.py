@@ -235,12 +235,12 @@ def compute_projection(model: KVModel, *, k: int = 10, through_norm: bool = Fals
     d_vocab = model.d_vocab
     d_max = max((model.layers[layer].d_mlp for layer in layers), default=model.d_mlp)
     if not 1 <= k <= d_vocab:
-        raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}")
+        raise KvmemError(f"k must be between 1 and the vocabulary size {d_vocab}", param="k")
     c = chunk_rows(d_vocab, chunk_mb, d_max)
     defined = vocab_mask(model).to(model.device)
     n_defined = int(defined.sum())
     if k > n_defined:
-        raise KvmemError(f"k must be between 1 and the number of ids the tokenizer defines ({n_defined})")
+        raise KvmemError(f"k must be between 1 and the number of ids the tokenizer defines ({n_defined})", param="k")
     W_U = model.W_U.to(torch.float32)  # [d_model, d_vocab]
     U64 = W_U[:, defined].double()  # moments over the defined ids only
     mu, gram = U64.mean(1), (U64 @ U64.T) / n_defined  # [d_model], [d_model, d_model]
@@ -400,11 +400,11 @@ def neuron_vocab(model: KVModel, neurons, *, k: int = 10, through_norm: bool = F
     (v_i·W_U in float32 for just these rows, undefined ids masked; no whole-model pass)."""
     pairs = parse_neurons(model, neurons)
     if not 1 <= k <= model.d_vocab:
-        raise KvmemError(f"--top must be between 1 and the vocabulary size {model.d_vocab}")
+        raise KvmemError(f"k must be between 1 and the vocabulary size {model.d_vocab}", param="k")
     logits = value_rows(model, pairs, through_norm=through_norm)  # [n, d_vocab] float32, -inf masked
     defined = vocab_mask(model).to(logits.device)
     if k > int(defined.sum()):
-        raise KvmemError(f"--top must be at most the number of ids the tokenizer defines ({int(defined.sum())})")
+        raise KvmemError(f"k must be at most the number of ids the tokenizer defines ({int(defined.sum())})", param="k")
     top, bottom = logits.topk(k, dim=1), logits.masked_fill(~defined, float("inf")).topk(k, dim=1, largest=False)
     std, mean = torch.std_mean(logits[:, defined], dim=1, correction=0)
     strings = vocab_strings(model)

@@ -30,15 +30,19 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def handle_errors(fn):
-    """Turn a KvmemError into a one-line message on stderr and exit code 2 (Ctrl-C: one line, 130)."""
+def handle_errors(fn=None, *, flags: dict[str, str] | None = None):
+    """Turn a KvmemError into a one-line message on stderr and exit code 2 (Ctrl-C: one line, 130). A library
+    error naming a parameter is shown with the command's flag: ``flags`` maps library parameter -> flag where
+    they differ (``@handle_errors(flags={"n_neurons": "--neurons"})``), else --param-with-dashes."""
+    if fn is None:
+        return functools.partial(handle_errors, flags=flags)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except KvmemError as e:
-            raise fail(str(e)) from None
+            raise fail(e.for_flag(flags)) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: nothing finished was replaced; run the same command again to continue "
                               "or redo it", markup=False, highlight=False, soft_wrap=True)

@@ -31,7 +31,7 @@ def _split(values: list[str]) -> list[str]:
 
 
 @app.command()
-@handle_errors
+@handle_errors(flags={"k": "--top"})
 def vocab(
     model: ModelArg,
     neurons: Annotated[list[str] | None, typer.Argument(help="Neurons as LAYER.NEURON, e.g. 17.1234.")] = None,
@@ -127,7 +127,7 @@ def search(
 
 
 @app.command()
-@handle_errors
+@handle_errors(flags={"top_n": "--top", "n_neurons": "--neurons", "n_tokens": "--tokens"})
 def trace(
     model: ModelArg,
     prompt: PromptArg,

@@ -90,20 +90,20 @@ class ProfileConfig:
     def validate(self) -> "ProfileConfig":
         for name in ("seq_len", "top_k"):
             if getattr(self, name) < 1:
-                raise KvmemError(f"--{name.replace('_', '-')} must be at least 1")
+                raise KvmemError(f"{name} must be at least 1", param=name)
         for name in CONTEXT_FIELDS[1:-1]:
             if getattr(self, name) < 0:
                 raise KvmemError(f"{name} must be at least 0")
         if self.context_dtype not in CONTEXT_DTYPES:
             raise KvmemError(f"context_dtype must be one of {', '.join(CONTEXT_DTYPES)} (got {self.context_dtype!r})")
         if self.tokens is not None and self.tokens < 1:
-            raise KvmemError("--tokens must be at least 1")
+            raise KvmemError("tokens must be at least 1", param="tokens")
         if self.batch_size is not None and self.batch_size < 1:
-            raise KvmemError("--batch-size must be at least 1")
+            raise KvmemError("batch_size must be at least 1", param="batch_size")
         if self.device_map not in (None, "auto"):
-            raise KvmemError(f"--device-map must be auto (got {self.device_map!r})")
+            raise KvmemError(f"device_map must be auto (got {self.device_map!r})", param="device_map")
         if self.rows not in ROWS:
-            raise KvmemError(f"--rows must be one of {', '.join(ROWS)} (got {self.rows!r})")
+            raise KvmemError(f"rows must be one of {', '.join(ROWS)} (got {self.rows!r})", param="rows")
         if self.shard is not None:
             parse_shard(self.shard)
         return self

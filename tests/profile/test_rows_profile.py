@@ -74,8 +74,9 @@ def test_stream_rows_are_the_legacy_layout(tmp_path, corpus, tiny_models):
     lay = run.layout
     assert lay.bos_id is None and not lay.doc_rows
     assert lay.starts.tolist() == list(range(0, run.tokens.n_tokens, SEQ))
-    with pytest.raises(KvmemError, match="--rows"):
+    with pytest.raises(KvmemError, match="^rows must be one of") as info:
         ProfileConfig(rows="docs").validate()
+    assert info.value.for_flag().startswith("--rows must be one of")
 
 
 def test_layout_of_format_2_and_a_format_3_manifest_without_it(tmp_path, corpus, tiny_models):
