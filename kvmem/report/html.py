@@ -96,9 +96,19 @@ def _script(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-VALUES = ("w_i · W_U, no final norm; w_i is what neuron i writes per unit of m_i: v_i, γ ⊙ v_i behind a post-FFN "
-          "RMSNorm (Gemma 2/3, OLMo 2; the token's 1/rms scale left out, it is positive), Granite's residual "
-          "multiplier times v_i")
+POST_NORM_FAMILIES = ("gemma2", "gemma3", "olmo2")
+
+
+def values_note(family: str, model=None) -> str:
+    """What the value side projects, for the run's model (its layers, where given) or its family."""
+    post = (any(lay.post_norm is not None for lay in model.layers) if model is not None
+            else family in POST_NORM_FAMILIES)
+    if post:
+        return ("(γ ⊙ v_i) · W_U, no final norm: what neuron i writes per unit of m_i, γ ⊙ v_i behind a post-FFN "
+                "norm (v_i centred first under a LayerNorm; the token's 1/σ scale left out: it is positive)")
+    if family == "granite":
+        return "(residual multiplier · v_i) · W_U, no final norm: what neuron i writes per unit of m_i"
+    return "v_i · W_U, no final norm"
 
 
 def load_projection(run: Run, model: KVModel | None = None, k: int = 10):
@@ -108,7 +118,7 @@ def load_projection(run: Run, model: KVModel | None = None, k: int = 10):
 
     if model is not None:
         run.check_model(model, "the model given to the report")
-        return vocab.project_values(model, k=k), f"computed from the model's weights ({VALUES})"
+        return vocab.project_values(model, k=k), f"computed from the model's weights ({values_note(run.manifest['model'].get('family', ''), model)})"
     import torch
 
     m = run.manifest["model"]
@@ -123,7 +133,7 @@ def load_projection(run: Run, model: KVModel | None = None, k: int = 10):
     tensors, _, path = found
     widths = vocab.cached_widths(path)  # layers of different widths (an MoE model with dense layers)
     return vocab.ValueProjection(m["model"], m["fingerprint"], False, k, tensors, strings=None, cached=True,
-                                 path=path, widths=widths), f"read from the cached value projection ({VALUES})"
+                                 path=path, widths=widths), f"read from the cached value projection ({values_note(m.get('family', ''))})"
 
 
 def build_report(run: Run | str | Path, out, *, model: KVModel | None = None,

@@ -168,7 +168,7 @@ def test_profile_and_report_of_a_post_norm_model(capsys, gemma, tmp_path):
     assert code == 0, err
     code, _, err = run(capsys, "report", out, "--out", rep)
     assert code == 0, err
-    assert (rep / "index.html").is_file() and "γ ⊙ v_i behind a post-FFN" in (rep / "data" / "meta.js").read_text()
+    assert (rep / "index.html").is_file() and "γ ⊙ v_i behind a post-FFN norm" in (rep / "data" / "meta.js").read_text()
     r = kvmem.open_run(out)
     layout, store = r.layout, r.tokens
     vals = {}  # global token index -> m of neuron 1.5, every counted token, rows run alone (unpadded)
