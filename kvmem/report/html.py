@@ -99,7 +99,7 @@ def _script(path: Path, text: str) -> None:
 POST_NORM_FAMILIES = ("gemma2", "gemma3", "olmo2")
 
 
-def values_note(family: str, model=None) -> str:
+def values_note(family: str, model: KVModel | None = None) -> str:
     """What the value side projects, for the run's model (its layers, where given) or its family."""
     post = (any(lay.post_norm is not None for lay in model.layers) if model is not None
             else family in POST_NORM_FAMILIES)
