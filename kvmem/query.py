@@ -63,6 +63,12 @@ def stack_padded(rows: list[torch.Tensor], fill: float = 0.0, dim: int = 0) -> t
     return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=fill) for r in rows], dim)
 
 
+def real_slots(model: KVModel, layers: list[int], width: int, device=None) -> torch.Tensor:
+    """[len(layers), width] bool: True where a slot of ``stack_padded``'s layers is a neuron, False on padding."""
+    widths = torch.tensor([model.layers[layer].d_mlp for layer in layers], device=device)
+    return torch.arange(width, device=device) < widths[:, None]
+
+
 def forward_coefficients(model: KVModel, ids: torch.Tensor, layers: list[int], *, with_scale: bool = False):
     """One forward pass of ids [1, pos]: (logits [pos, d_vocab] float32, m [pos, n_layers, d_mlp] float32), and
     with ``with_scale`` also s [pos, n_layers, 1] float32, each layer's post-norm token scale (ones without)."""
@@ -147,8 +153,7 @@ def query(model: KVModel, prompt: str, *, position: int = -1, top: int = 20, by:
     contribution = contributions(model, m, layers, all_s[pos])
     score = contribution if by == "contribution" else m.abs()
     width = score.shape[-1]
-    valid = torch.arange(width, device=score.device) < torch.tensor([model.layers[i].d_mlp for i in layers],
-                                                                     device=score.device)[:, None]
+    valid = real_slots(model, layers, width, score.device)
     score = score.masked_fill(~valid, -1.0)  # padding (narrower layers) is never picked
     k = min(top, int(valid.sum()))
     best = score.flatten().topk(k).indices

@@ -27,7 +27,7 @@ import torch
 
 from kvmem.neurons import neuron_name
 from kvmem.capture import check_layers
-from kvmem.query import stack_padded
+from kvmem.query import real_slots, stack_padded
 from kvmem.errors import KvmemError
 from kvmem.vocab import ValueProjection, project_values, value_matrix, vocab_strings
 
@@ -123,7 +123,7 @@ def search(model: KVModel, token: str, *, layers=None, top: int = 20, suppress: 
                              float("nan"))  # layers of different widths: padded slots are no neuron
     d_mlp = logit.shape[1]
     z = (logit - projection["mean"][layers, :d_mlp]) / projection["std"][layers, :d_mlp].clamp_min(1e-12)
-    real = torch.stack([torch.arange(d_mlp) < model.layers[layer].d_mlp for layer in layers])
+    real = real_slots(model, layers, d_mlp)
     at_top = _rank_in(projection["top_ids"][layers, :d_mlp], tid, k).masked_fill(~real, k + 1)
     at_bottom = _rank_in(projection["bottom_ids"][layers, :d_mlp], tid, k).masked_fill(~real, k + 1)
     scores, ranks = [], []

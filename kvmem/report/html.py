@@ -96,13 +96,13 @@ def _script(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-POST_NORM_FAMILIES = ("gemma2", "gemma3", "olmo2")
-
-
 def values_note(family: str, model: KVModel | None = None) -> str:
-    """What the value side projects, for the run's model (its layers, where given) or its family."""
+    """What the value side projects, for the run's model (its layers, where given) or its family (the adapters'
+    declared norm placement)."""
+    from kvmem.models.registry import adapters
+
     post = (any(lay.post_norm is not None for lay in model.layers) if model is not None
-            else family in POST_NORM_FAMILIES)
+            else any(cls.family == family and cls.placement == "post-ffn" for cls in adapters().values()))
     if post:
         return ("(γ ⊙ v_i) · W_U, no final norm: what neuron i writes per unit of m_i, γ ⊙ v_i behind a post-FFN "
                 "norm (v_i centred first under a LayerNorm; the token's 1/σ scale left out: it is positive)")
