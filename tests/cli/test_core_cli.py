@@ -9,7 +9,8 @@ from kvmem.cli import main
 
 
 def run(capsys, *argv):
-    code = main(list(argv))
+    """(exit code, stdout, stderr) of ``kvmem ARGV`` in this process (paths given as Path are fine)."""
+    code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 

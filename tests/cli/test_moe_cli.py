@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kvmem.cli import main
 from kvmem.neurons import NeuronId
 from tests.moe_helpers import MOE_CONFIGS, brute_block, brute_expert, brute_route, brute_shared
+from tests.cli.test_core_cli import run
 
 PROMPT = "The value of x is"
 
@@ -28,12 +28,6 @@ def moe_dir(tmp_path_factory, tiny_tokenizer):
     hf.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path, hf, tiny_tokenizer
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _block_inputs(hf, ids, replace=None):

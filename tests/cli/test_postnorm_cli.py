@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kvmem
-from kvmem.cli import main
 from tests.conftest import make_tiny_new
+from tests.cli.test_core_cli import run
 
 PROMPT = "The value of x is"
 
@@ -28,12 +28,6 @@ def gemma(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
     return path, hf, tiny_tokenizer
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def forward(hf, ids, mask=None, zero=None):
@@ -70,6 +64,13 @@ def inv_rms(x, eps):
     return 1 / torch.sqrt(x.double().pow(2).mean() + eps)
 
 
+def updates(hf, rec, layer):
+    """(m [d_mlp], the neurons' updates [d_mlp, d_model]) of ``layer`` at the last position: m_i·(1+γ)⊙v_i/rms(y)."""
+    m, y = rec[("m", layer)][-1].double(), rec[("y", layer)][-1]
+    s = inv_rms(y, hf.model.layers[layer].post_feedforward_layernorm.eps)
+    return m, m[:, None] * written(hf, layer) * s
+
+
 def test_query_contributions_are_the_post_norm_updates(capsys, gemma):
     path, hf, tok = gemma
     code, out, err = run(capsys, "query", path, PROMPT, "--json", "--top", "8")
@@ -79,9 +80,8 @@ def test_query_contributions_are_the_post_norm_updates(capsys, gemma):
     logits, rec = forward(hf, ids)
     want = []
     for layer in range(len(hf.model.layers)):
-        m, y = rec[("m", layer)][-1].double(), rec[("y", layer)][-1]
-        s = inv_rms(y, hf.model.layers[layer].post_feedforward_layernorm.eps)
-        norms = (m[:, None] * written(hf, layer) * s).norm(dim=1)
+        m, upd = updates(hf, rec, layer)
+        norms = upd.norm(dim=1)
         want += [(float(norms[i]), f"{layer}.{i}", float(m[i])) for i in range(m.numel())]
     want.sort(reverse=True)
     assert [n["id"] for n in res["neurons"]] == [name for _, name, _ in want[:8]]
@@ -131,9 +131,8 @@ def test_trace_attributes_the_post_norm_updates(capsys, gemma):
     u = (1 + fn.weight.double()) * inv_rms(h, fn.eps) * hf.lm_head.weight[t].double()  # frozen final norm, then W_U
     dla = {}
     for layer in range(len(hf.model.layers)):
-        m, y = rec[("m", layer)][-1].double(), rec[("y", layer)][-1]
-        s = inv_rms(y, hf.model.layers[layer].post_feedforward_layernorm.eps)
-        for i, d in enumerate((m[:, None] * written(hf, layer) * s) @ u):
+        _, upd = updates(hf, rec, layer)
+        for i, d in enumerate(upd @ u):
             dla[f"{layer}.{i}"] = float(d)
     best = sorted(dla, key=dla.get, reverse=True)[:6]
     assert [n["id"] for n in res["neurons"]] == best

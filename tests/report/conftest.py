@@ -66,3 +66,15 @@ def plain_report_dir(tmp_path_factory, tiny_models, hostile_corpus):
     with mock.patch("kvmem.vocab._cache_root", lambda: empty):
         build_report(run, rep)
     return rep
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """Headless Chromium for the browser tests, one per test module; a missing browser fails, never skips."""
+    from report_browser import available, chromium
+
+    why = available()
+    if why is not None:
+        pytest.fail(f"the browser test needs Chromium and Selenium: {why} (scripts/install.sh --test installs them)")
+    with chromium() as d:
+        yield d

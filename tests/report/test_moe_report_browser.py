@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from report_browser import available, chromium, console_errors, wait_for
+from report_browser import console_errors, wait_for
 from test_moe_report import moe_report  # noqa: F401  (the fixture)
 from tests.profile.moe_run import MOE_LAYER
 from tests.stats.moe_reference import D_EXPERT, neuron_ref
 
 PWNED = "window.__pwned === undefined ? null : String(window.__pwned)"
 PLOTS = "Array.from(document.querySelectorAll('.js-plotly-plot')).filter(d => d.data && d.data.length).length"
-
-
-@pytest.fixture(scope="module")
-def driver():
-    why = available()
-    if why is not None:
-        pytest.fail(f"the browser test needs Chromium and Selenium: {why} (scripts/install.sh --test installs them)")
-    with chromium() as d:
-        yield d
 
 
 def test_routing_overview_and_expert_neuron_pages(driver, moe_report):  # noqa: F811

@@ -8,20 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from report_browser import available, chromium, console_errors, wait_for
+from report_browser import console_errors, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 PWNED = "window.__pwned === undefined ? null : String(window.__pwned)"
 PLOTS = "Array.from(document.querySelectorAll('.js-plotly-plot')).filter(d => d.data && d.data.length).length"
-
-
-@pytest.fixture(scope="module")
-def driver():
-    why = available()
-    if why is not None:
-        pytest.fail(f"the browser test needs Chromium and Selenium: {why} (scripts/install.sh --test installs them)")
-    with chromium() as d:
-        yield d
 
 
 def url(path: Path, fragment: str = "") -> str:

@@ -11,7 +11,7 @@ import math
 import pandas as pd
 import pytest
 
-from report_browser import available, chromium, console_errors, wait_for
+from report_browser import console_errors, wait_for
 from test_report_build import load_data
 
 PWNED = "window.__pwned === undefined ? null : String(window.__pwned)"
@@ -87,15 +87,6 @@ def test_data_files_hold_the_descriptions_and_scores(described):
     assert x[5]["d"] == b.description.iloc[0] and x[5]["s"]["value"][1] == int(b.value_n.iloc[0])
     assert "x" not in layer1["neurons"][6]
     assert load_data(out / "data" / "meta.js")["explain_note"].startswith("Descriptions")
-
-
-@pytest.fixture(scope="module")
-def driver():
-    why = available()
-    if why is not None:
-        pytest.fail(f"the browser test needs Chromium and Selenium: {why} (scripts/install.sh --test installs them)")
-    with chromium() as d:
-        yield d
 
 
 def test_neuron_page_shows_descriptions_beside_the_baseline(driver, described):
