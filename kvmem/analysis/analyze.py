@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,6 @@ import torch
 
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

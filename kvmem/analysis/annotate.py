@@ -25,6 +25,7 @@ Tables:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -34,7 +35,6 @@ from kvmem.analysis.result import AnalysisResult
 from kvmem.capture import capture
 from kvmem.errors import KvmemError
 from kvmem.profile.run import Run
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

@@ -9,11 +9,12 @@ padding) and ``last [b]`` (the position of each prefix's last real token).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvmem.profile.run import Run
 from kvmem.profile.tokens import RowLayout, TokenStore
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvmem.explain.scorers import scale
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

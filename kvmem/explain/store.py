@@ -11,10 +11,11 @@ atomically (kvmem.atomic); read through ``kvmem.open_run(path).explanations``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 
 from kvmem.atomic import write_parquet
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.profile.run import Run

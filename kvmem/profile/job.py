@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -33,7 +34,6 @@ from kvmem.profile import schema
 from kvmem.profile.schema import RUN_FORMAT
 from kvmem.profile.tables import layer_table, neuron_table, routing_table
 from kvmem.profile.tokens import TokenStore, tokenize
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

@@ -30,6 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,7 +44,6 @@ from kvmem.profile.corpus import DEFAULT_CORPUS
 from kvmem.profile.tokens import RowLayout, TokenStore
 from kvmem.stats import placement
 from kvmem.stats.routing import Router
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

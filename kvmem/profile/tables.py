@@ -22,6 +22,8 @@ Two kinds of figures, side by side for every family, so that models can be compa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 import torch
 
@@ -29,7 +31,6 @@ from kvmem.neurons import NeuronId
 from kvmem.stats.readout import expert_columns
 
 from kvmem.stats.mass import FRACTIONS as MASS  # shares of Σ_i |m_i|·‖v_i‖ for mass-L0
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.profile.tokens import TokenStore

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
 
 import kvmem
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.profile.run import Run

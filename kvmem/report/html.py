@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import plotly.io as pio
@@ -37,7 +38,6 @@ import kvmem
 from kvmem.atomic import MARKER, check_target, staged, write_file, write_json, write_text
 from kvmem.report import data as rdata
 from kvmem.report import explained, figures, overview, routing
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

@@ -7,10 +7,11 @@ number of neurons carrying 50% / 90% of Σ_i |m_i|·‖v_i‖ at a token (kvmem.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from kvmem.profile import tables
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.profile.run import Run

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import kvmem
 from kvmem.query import contributions, forward_coefficients, promoted_tokens
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel

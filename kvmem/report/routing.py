@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from kvmem.report.figures import _layout
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.profile.run import Run

@@ -32,10 +32,11 @@ How a 70B model (Llama-3-70B: 80 layers, d_mlp 28672, bf16 weights about 140 GB)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvmem.errors import KvmemError
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmem.models.kvmodel import KVModel
