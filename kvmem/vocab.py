@@ -283,7 +283,7 @@ def project_values(model: KVModel, *, k: int = 10, through_norm: bool = False, c
     if cache:
         found = _find_cached(fp, model.dtype, through_norm, k)
         if found is not None:
-            tensors, seconds, path = found
+            tensors, seconds, path, _ = found
             return ValueProjection(model.spec, fp, through_norm, k, tensors, strings, seconds, cached=True, path=path,
                                    ids=_ids(model), widths=_widths(model))
     t0 = time.perf_counter()
@@ -333,16 +333,22 @@ def _find_cached(fp, dtype, through_norm, k):
             t[name] = t[name][..., :k].contiguous()
         for name in ("top_ids", "bottom_ids"):
             t[name] = t[name].long()
-        return t, float(manifest.get("seconds", 0.0)), path
+        return t, float(manifest.get("seconds", 0.0)), path, manifest.get("widths")
     return None
 
 
-def cached_widths(path: Path) -> list[int] | None:
-    """Each layer's width stored with a cached projection (None: one width, or an older entry)."""
+def cached_projection(model: str, fp: str, dtype: torch.dtype, through_norm: bool, k: int) -> ValueProjection | None:
+    """The cached projection of the model with fingerprint ``fp``, without the model (no token strings; the
+    layer widths from its manifest), or None when none is cached (or the cache cannot be read)."""
     try:
-        return json.loads((Path(path) / "manifest.json").read_text()).get("widths")
-    except (OSError, ValueError):
+        found = _find_cached(fp, dtype, through_norm, k)
+    except OSError:
         return None
+    if found is None:
+        return None
+    tensors, seconds, path, widths = found
+    return ValueProjection(model, fp, through_norm, k, tensors, strings=None, seconds=seconds, cached=True,
+                           path=path, widths=widths)
 
 
 def _write_cache(proj: ValueProjection, model) -> Path | None:

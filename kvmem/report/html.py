@@ -118,22 +118,17 @@ def load_projection(run: Run, model: KVModel | None = None, k: int = 10):
 
     if model is not None:
         run.check_model(model, "the model given to the report")
-        return vocab.project_values(model, k=k), f"computed from the model's weights ({values_note(run.manifest['model'].get('family', ''), model)})"
+        note = values_note(run.manifest["model"].get("family", ""), model)
+        return vocab.project_values(model, k=k), f"computed from the model's weights ({note})"
     import torch
 
     m = run.manifest["model"]
     dtype = getattr(torch, str(m.get("dtype", "float32")).removeprefix("torch."), torch.float32)
-    try:
-        found = vocab._find_cached(m["fingerprint"], dtype, False, k)
-    except OSError:
-        found = None
-    if found is None:
+    proj = vocab.cached_projection(m["model"], m["fingerprint"], dtype, False, k)
+    if proj is None:
         return None, ("not available: this report was built without the model and no cached value "
                       "projection was found (run `kvmem vocab` or pass --model to `kvmem report`)")
-    tensors, _, path = found
-    widths = vocab.cached_widths(path)  # layers of different widths (an MoE model with dense layers)
-    return vocab.ValueProjection(m["model"], m["fingerprint"], False, k, tensors, strings=None, cached=True,
-                                 path=path, widths=widths), f"read from the cached value projection ({values_note(m.get('family', ''))})"
+    return proj, f"read from the cached value projection ({values_note(m.get('family', ''))})"
 
 
 def build_report(run: Run | str | Path, out, *, model: KVModel | None = None,
